@@ -1,0 +1,253 @@
+//! Reason codes: one enum for local replies, decision records and metrics.
+//!
+//! The string codes are a stable public contract: dashboards, alerts and
+//! policy test cases refer to them. Add new variants; never rename old ones.
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Every check passed.
+    Allowed,
+
+    // --- identity (401) ---
+    TokenMissing,
+    TokenMalformed,
+    AlgNotAllowed,
+    TypNotAllowed,
+    CritNotAllowed,
+    KidMissing,
+    KidUnknown,
+    SignatureInvalid,
+    TokenExpired,
+    TokenNotYetValid,
+    IssuedInFuture,
+    AudienceMismatch,
+    SubjectMissing,
+    SpiffeIdInvalid,
+    TrustDomainUnknown,
+    IssuerUnknown,
+    BundleUnavailable,
+
+    // --- request shape (400) ---
+    IntentMalformed,
+    TaskMalformed,
+    PathAmbiguous,
+
+    // --- policy (403) ---
+    IntentRequired,
+    IntentUnknown,
+    IntentMismatch,
+    IntentTokenRequired,
+    IntentTokenInvalid,
+    SensitivityExceeded,
+    TokenLifetimeExceeded,
+    StandingSecretPresented,
+    DeniedByRule,
+    NoRuleMatched,
+    TaskRevoked,
+
+    // --- availability (503) ---
+    CredentialUnavailable,
+    NotConfigured,
+    InternalError,
+}
+
+/// The broad family a reason belongs to; used for the HTTP status and metric grouping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Allow,
+    Identity,
+    BadRequest,
+    Policy,
+    Unavailable,
+}
+
+impl Reason {
+    pub const ALL: &'static [Reason] = &[
+        Reason::Allowed,
+        Reason::TokenMissing,
+        Reason::TokenMalformed,
+        Reason::AlgNotAllowed,
+        Reason::TypNotAllowed,
+        Reason::CritNotAllowed,
+        Reason::KidMissing,
+        Reason::KidUnknown,
+        Reason::SignatureInvalid,
+        Reason::TokenExpired,
+        Reason::TokenNotYetValid,
+        Reason::IssuedInFuture,
+        Reason::AudienceMismatch,
+        Reason::SubjectMissing,
+        Reason::SpiffeIdInvalid,
+        Reason::TrustDomainUnknown,
+        Reason::IssuerUnknown,
+        Reason::BundleUnavailable,
+        Reason::IntentMalformed,
+        Reason::TaskMalformed,
+        Reason::PathAmbiguous,
+        Reason::IntentRequired,
+        Reason::IntentUnknown,
+        Reason::IntentMismatch,
+        Reason::IntentTokenRequired,
+        Reason::IntentTokenInvalid,
+        Reason::SensitivityExceeded,
+        Reason::TokenLifetimeExceeded,
+        Reason::StandingSecretPresented,
+        Reason::DeniedByRule,
+        Reason::NoRuleMatched,
+        Reason::TaskRevoked,
+        Reason::CredentialUnavailable,
+        Reason::NotConfigured,
+        Reason::InternalError,
+    ];
+
+    /// Stable snake_case code, identical to the serde form.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::TokenMissing => "token_missing",
+            Reason::TokenMalformed => "token_malformed",
+            Reason::AlgNotAllowed => "alg_not_allowed",
+            Reason::TypNotAllowed => "typ_not_allowed",
+            Reason::CritNotAllowed => "crit_not_allowed",
+            Reason::KidMissing => "kid_missing",
+            Reason::KidUnknown => "kid_unknown",
+            Reason::SignatureInvalid => "signature_invalid",
+            Reason::TokenExpired => "token_expired",
+            Reason::TokenNotYetValid => "token_not_yet_valid",
+            Reason::IssuedInFuture => "issued_in_future",
+            Reason::AudienceMismatch => "audience_mismatch",
+            Reason::SubjectMissing => "subject_missing",
+            Reason::SpiffeIdInvalid => "spiffe_id_invalid",
+            Reason::TrustDomainUnknown => "trust_domain_unknown",
+            Reason::IssuerUnknown => "issuer_unknown",
+            Reason::BundleUnavailable => "bundle_unavailable",
+            Reason::IntentMalformed => "intent_malformed",
+            Reason::TaskMalformed => "task_malformed",
+            Reason::PathAmbiguous => "path_ambiguous",
+            Reason::IntentRequired => "intent_required",
+            Reason::IntentUnknown => "intent_unknown",
+            Reason::IntentMismatch => "intent_mismatch",
+            Reason::IntentTokenRequired => "intent_token_required",
+            Reason::IntentTokenInvalid => "intent_token_invalid",
+            Reason::SensitivityExceeded => "sensitivity_exceeded",
+            Reason::TokenLifetimeExceeded => "token_lifetime_exceeded",
+            Reason::StandingSecretPresented => "standing_secret_presented",
+            Reason::DeniedByRule => "denied_by_rule",
+            Reason::NoRuleMatched => "no_rule_matched",
+            Reason::TaskRevoked => "task_revoked",
+            Reason::CredentialUnavailable => "credential_unavailable",
+            Reason::NotConfigured => "not_configured",
+            Reason::InternalError => "internal_error",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| r.code() == code)
+    }
+
+    pub fn family(self) -> Family {
+        use Reason::*;
+        match self {
+            Allowed => Family::Allow,
+            TokenMissing | TokenMalformed | AlgNotAllowed | TypNotAllowed | CritNotAllowed
+            | KidMissing | KidUnknown | SignatureInvalid | TokenExpired | TokenNotYetValid
+            | IssuedInFuture | AudienceMismatch | SubjectMissing | SpiffeIdInvalid
+            | TrustDomainUnknown | IssuerUnknown | BundleUnavailable => Family::Identity,
+            IntentMalformed | TaskMalformed | PathAmbiguous => Family::BadRequest,
+            IntentRequired | IntentUnknown | IntentMismatch | IntentTokenRequired
+            | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
+            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked => {
+                Family::Policy
+            }
+            CredentialUnavailable | NotConfigured | InternalError => Family::Unavailable,
+        }
+    }
+
+    /// HTTP status of the local reply for a denial with this reason.
+    pub fn http_status(self) -> u16 {
+        match self.family() {
+            Family::Allow => 200,
+            Family::Identity => 401,
+            Family::BadRequest => 400,
+            Family::Policy => 403,
+            Family::Unavailable => 503,
+        }
+    }
+
+    /// Human-readable message for reply bodies. Never contains request data.
+    pub fn message(self) -> &'static str {
+        use Reason::*;
+        match self {
+            Allowed => "allowed",
+            TokenMissing => "a bearer token is required",
+            TokenMalformed => "the token is not a well-formed compact JWS",
+            AlgNotAllowed => "the token's signature algorithm is not allowed",
+            TypNotAllowed => "the token's typ header is not allowed",
+            CritNotAllowed => "the token carries critical header extensions",
+            KidMissing => "the token header has no key id",
+            KidUnknown => "no trusted key matches the token's key id",
+            SignatureInvalid => "the token signature is invalid",
+            TokenExpired => "the token has expired",
+            TokenNotYetValid => "the token is not valid yet",
+            IssuedInFuture => "the token was issued in the future",
+            AudienceMismatch => "the token audience is not accepted here",
+            SubjectMissing => "the token has no subject",
+            SpiffeIdInvalid => "the token subject is not a valid SPIFFE ID",
+            TrustDomainUnknown => "the token's trust domain is not trusted",
+            IssuerUnknown => "the token issuer is not trusted",
+            BundleUnavailable => "no trust bundle is available to verify the token",
+            IntentMalformed => "the x-agent-intent header is malformed",
+            TaskMalformed => "the x-agent-task header is malformed",
+            PathAmbiguous => "the request path is ambiguous",
+            IntentRequired => "an intent is required for this workload",
+            IntentUnknown => "the declared intent is not defined",
+            IntentMismatch => "the operation is not permitted for the declared intent",
+            IntentTokenRequired => "a signed intent token is required",
+            IntentTokenInvalid => "the signed intent token is invalid",
+            SensitivityExceeded => "the resource is more sensitive than permitted",
+            TokenLifetimeExceeded => "the token lifetime exceeds what this workload class allows",
+            StandingSecretPresented => "static credentials are not accepted from this workload",
+            DeniedByRule => "denied by policy",
+            NoRuleMatched => "no policy rule allows this request",
+            TaskRevoked => "the task has ended or was revoked",
+            CredentialUnavailable => "a credential for the destination could not be obtained",
+            NotConfigured => "the filter is not configured",
+            InternalError => "internal error",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            assert!(seen.insert(r.code()), "duplicate code {}", r.code());
+            assert_eq!(Reason::from_code(r.code()), Some(*r));
+            let json = serde_json::to_string(r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.code()));
+        }
+    }
+
+    #[test]
+    fn statuses_follow_families() {
+        assert_eq!(Reason::TokenMissing.http_status(), 401);
+        assert_eq!(Reason::PathAmbiguous.http_status(), 400);
+        assert_eq!(Reason::IntentMismatch.http_status(), 403);
+        assert_eq!(Reason::CredentialUnavailable.http_status(), 503);
+        assert_eq!(Reason::Allowed.http_status(), 200);
+    }
+}
