@@ -49,12 +49,91 @@ pub struct IdentityConfig {
     /// Forward the caller's token upstream. Off by default: the service never sees it.
     #[serde(default)]
     pub forward_token: bool,
+    /// Audiences accepted in JWT-SVIDs (the token must name at least one).
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Tolerated clock skew for `exp`, `nbf` and `iat`, seconds.
+    #[serde(default = "default_skew")]
+    pub clock_skew_s: u64,
+    /// Longest token accepted, bytes.
+    #[serde(default = "default_max_token")]
+    pub max_token_bytes: usize,
+    /// Verified-token cache entries per worker (0 disables the cache).
+    #[serde(default = "default_cache_size")]
+    pub cache_size: usize,
+    /// Trust domains whose JWT-SVIDs are accepted, each with its own bundle.
+    #[serde(default)]
+    pub trust_domains: Vec<TrustDomainConfig>,
+    /// OIDC issuers whose tokens are accepted (e.g. Kubernetes service-account tokens).
+    #[serde(default)]
+    pub oidc_issuers: Vec<OidcIssuerConfig>,
+    /// If set, the verified identity is sent upstream in this header.
+    #[serde(default)]
+    pub upstream_header: Option<String>,
 }
 
 impl Default for IdentityConfig {
     fn default() -> Self {
-        IdentityConfig { header: default_token_header(), scheme: default_scheme(), forward_token: false }
+        IdentityConfig {
+            header: default_token_header(),
+            scheme: default_scheme(),
+            forward_token: false,
+            audiences: Vec::new(),
+            clock_skew_s: default_skew(),
+            max_token_bytes: default_max_token(),
+            cache_size: default_cache_size(),
+            trust_domains: Vec::new(),
+            oidc_issuers: Vec::new(),
+            upstream_header: None,
+        }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustDomainConfig {
+    /// Trust domain name, e.g. `example.org`.
+    pub name: String,
+    pub bundle: BundleSourceConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcIssuerConfig {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Audiences accepted from this issuer.
+    pub audiences: Vec<String>,
+    pub jwks: BundleSourceConfig,
+    /// Maps the token to a SPIFFE-style ID: `{sub}` is the subject, `{sub:N}` its
+    /// N-th `:`-separated part (0-based). E.g. `spiffe://cluster.local/ns/{sub:2}/sa/{sub:3}`.
+    #[serde(default)]
+    pub spiffe_template: Option<String>,
+}
+
+/// Where a bundle comes from: inline JSON, or fetched through an Envoy cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSourceConfig {
+    /// The bundle itself (SPIFFE bundle or plain JWKS).
+    #[serde(default)]
+    pub inline: Option<serde_json::Value>,
+    /// Envoy cluster serving the bundle over HTTP.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default = "default_bundle_path")]
+    pub path: String,
+    /// `:authority` of the fetch; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Refresh interval when the bundle carries no `spiffe_refresh_hint`, seconds.
+    #[serde(default = "default_refresh")]
+    pub refresh_s: u64,
+    /// Retry interval after a failed fetch, seconds.
+    #[serde(default = "default_retry")]
+    pub retry_s: u64,
+    #[serde(default = "default_fetch_timeout")]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +155,27 @@ fn default_token_header() -> String {
 }
 fn default_scheme() -> String {
     "Bearer".into()
+}
+fn default_skew() -> u64 {
+    30
+}
+fn default_max_token() -> usize {
+    8192
+}
+fn default_cache_size() -> usize {
+    4096
+}
+fn default_bundle_path() -> String {
+    "/".into()
+}
+fn default_refresh() -> u64 {
+    300
+}
+fn default_retry() -> u64 {
+    10
+}
+fn default_fetch_timeout() -> u64 {
+    1000
 }
 fn default_decision_header() -> String {
     "x-mandate-decision-id".into()
@@ -101,12 +201,96 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
 }
 
 fn validate(c: &Config) -> Result<(), ConfigError> {
-    check_header_name("identity.header", &c.identity.header)?;
-    if c.identity.scheme.chars().any(|ch| !ch.is_ascii_alphanumeric() && ch != '-') {
+    let id = &c.identity;
+    check_header_name("identity.header", &id.header)?;
+    if id.scheme.chars().any(|ch| !ch.is_ascii_alphanumeric() && ch != '-') {
         return Err(ConfigError::new("identity.scheme", "must be an auth scheme token such as `Bearer`"));
+    }
+    if let Some(h) = &id.upstream_header {
+        check_header_name("identity.upstream_header", h)?;
+        if h == &id.header {
+            return Err(ConfigError::new("identity.upstream_header", "must differ from identity.header"));
+        }
+    }
+    if id.clock_skew_s > 600 {
+        return Err(ConfigError::new("identity.clock_skew_s", "must be at most 600 seconds"));
+    }
+    if !(64..=65536).contains(&id.max_token_bytes) {
+        return Err(ConfigError::new("identity.max_token_bytes", "must be between 64 and 65536"));
+    }
+    if id.cache_size > 1_000_000 {
+        return Err(ConfigError::new("identity.cache_size", "must be at most 1000000"));
+    }
+    if !id.trust_domains.is_empty() && id.audiences.is_empty() {
+        return Err(ConfigError::new("identity.audiences", "at least one audience is required to accept JWT-SVIDs"));
+    }
+    for (i, a) in id.audiences.iter().enumerate() {
+        if a.is_empty() {
+            return Err(ConfigError::new(format!("identity.audiences[{i}]"), "must not be empty"));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, td) in id.trust_domains.iter().enumerate() {
+        let field = format!("identity.trust_domains[{i}]");
+        if crate::identity::spiffe_id::validate_trust_domain(&td.name).is_err() {
+            return Err(ConfigError::new(format!("{field}.name"), format!("`{}` is not a valid trust domain name", td.name)));
+        }
+        if !seen.insert(td.name.as_str()) {
+            return Err(ConfigError::new(format!("{field}.name"), format!("trust domain `{}` is listed twice", td.name)));
+        }
+        validate_source(&format!("{field}.bundle"), &td.bundle)?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, o) in id.oidc_issuers.iter().enumerate() {
+        let field = format!("identity.oidc_issuers[{i}]");
+        if o.issuer.is_empty() {
+            return Err(ConfigError::new(format!("{field}.issuer"), "must not be empty"));
+        }
+        if !seen.insert(o.issuer.as_str()) {
+            return Err(ConfigError::new(format!("{field}.issuer"), "issuer is listed twice"));
+        }
+        if o.audiences.is_empty() || o.audiences.iter().any(String::is_empty) {
+            return Err(ConfigError::new(format!("{field}.audiences"), "at least one non-empty audience is required"));
+        }
+        if let Some(t) = &o.spiffe_template {
+            crate::identity::check_template(t)
+                .map_err(|m| ConfigError::new(format!("{field}.spiffe_template"), m))?;
+        }
+        validate_source(&format!("{field}.jwks"), &o.jwks)?;
     }
     check_header_name("upstream.decision_id_header", &c.upstream.decision_id_header)?;
     Ok(())
+}
+
+fn validate_source(field: &str, s: &BundleSourceConfig) -> Result<(), ConfigError> {
+    match (&s.inline, &s.cluster) {
+        (Some(_), Some(_)) => Err(ConfigError::new(field, "set either `inline` or `cluster`, not both")),
+        (None, None) => Err(ConfigError::new(field, "one of `inline` or `cluster` is required")),
+        (Some(v), None) => {
+            let raw = serde_json::to_vec(v).map_err(|e| ConfigError::new(format!("{field}.inline"), e.to_string()))?;
+            crate::identity::jwks::parse_bundle(&raw)
+                .map(|_| ())
+                .map_err(|e| ConfigError::new(format!("{field}.inline"), e.to_string()))
+        }
+        (None, Some(cluster)) => {
+            if cluster.is_empty() {
+                return Err(ConfigError::new(format!("{field}.cluster"), "must not be empty"));
+            }
+            if !s.path.starts_with('/') {
+                return Err(ConfigError::new(format!("{field}.path"), "must start with `/`"));
+            }
+            if s.refresh_s < 5 || s.refresh_s > 86_400 {
+                return Err(ConfigError::new(format!("{field}.refresh_s"), "must be between 5 and 86400"));
+            }
+            if s.retry_s < 1 || s.retry_s > s.refresh_s {
+                return Err(ConfigError::new(format!("{field}.retry_s"), "must be between 1 and refresh_s"));
+            }
+            if s.timeout_ms < 10 || s.timeout_ms > 60_000 {
+                return Err(ConfigError::new(format!("{field}.timeout_ms"), "must be between 10 and 60000"));
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Header names must be lowercase HTTP tokens: Envoy hands names to filters in lowercase.

@@ -11,7 +11,10 @@ pub mod config;
 pub mod decision;
 pub mod engine;
 pub mod headers;
+pub mod identity;
 pub mod reason;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 #[cfg(target_arch = "wasm32")]
 mod shell;

@@ -24,6 +24,8 @@ pub enum Reason {
     TokenNotYetValid,
     IssuedInFuture,
     AudienceMismatch,
+    AudienceMissing,
+    ExpMissing,
     SubjectMissing,
     SpiffeIdInvalid,
     TrustDomainUnknown,
@@ -80,6 +82,8 @@ impl Reason {
         Reason::TokenNotYetValid,
         Reason::IssuedInFuture,
         Reason::AudienceMismatch,
+        Reason::AudienceMissing,
+        Reason::ExpMissing,
         Reason::SubjectMissing,
         Reason::SpiffeIdInvalid,
         Reason::TrustDomainUnknown,
@@ -120,6 +124,8 @@ impl Reason {
             Reason::TokenNotYetValid => "token_not_yet_valid",
             Reason::IssuedInFuture => "issued_in_future",
             Reason::AudienceMismatch => "audience_mismatch",
+            Reason::AudienceMissing => "audience_missing",
+            Reason::ExpMissing => "exp_missing",
             Reason::SubjectMissing => "subject_missing",
             Reason::SpiffeIdInvalid => "spiffe_id_invalid",
             Reason::TrustDomainUnknown => "trust_domain_unknown",
@@ -155,7 +161,7 @@ impl Reason {
             Allowed => Family::Allow,
             TokenMissing | TokenMalformed | AlgNotAllowed | TypNotAllowed | CritNotAllowed
             | KidMissing | KidUnknown | SignatureInvalid | TokenExpired | TokenNotYetValid
-            | IssuedInFuture | AudienceMismatch | SubjectMissing | SpiffeIdInvalid
+            | IssuedInFuture | AudienceMismatch | AudienceMissing | ExpMissing | SubjectMissing | SpiffeIdInvalid
             | TrustDomainUnknown | IssuerUnknown | BundleUnavailable => Family::Identity,
             IntentMalformed | TaskMalformed | PathAmbiguous => Family::BadRequest,
             IntentRequired | IntentUnknown | IntentMismatch | IntentTokenRequired
@@ -195,6 +201,8 @@ impl Reason {
             TokenNotYetValid => "the token is not valid yet",
             IssuedInFuture => "the token was issued in the future",
             AudienceMismatch => "the token audience is not accepted here",
+            AudienceMissing => "the token has no audience",
+            ExpMissing => "the token has no expiry",
             SubjectMissing => "the token has no subject",
             SpiffeIdInvalid => "the token subject is not a valid SPIFFE ID",
             TrustDomainUnknown => "the token's trust domain is not trusted",

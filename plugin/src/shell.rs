@@ -6,14 +6,18 @@
 
 use crate::config;
 use crate::decision::{DecisionIds, LocalReply};
-use crate::engine::{Engine, Verdict};
+use crate::engine::{Engine, Request, Verdict};
+use crate::identity::bundles::{FetchReport, SourceId};
+use crate::identity::jwks::MAX_BUNDLE_BYTES;
 use crate::headers::{serialize_pairs, Headers};
 use crate::reason::Reason;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -42,18 +46,99 @@ fn random_seed() -> u64 {
     u64::from_le_bytes(buf)
 }
 
+/// Host time in Unix seconds; `None` if the host cannot tell (callers fail closed).
+fn now_secs() -> Option<u64> {
+    hostcalls::get_current_time().ok()?.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
 struct Root {
     engine: SharedEngine,
     seed: u64,
+    /// Bundle fetches in flight: callout token → bundle source.
+    fetches: HashMap<u32, SourceId>,
 }
 
 impl Root {
     fn new() -> Root {
-        Root { engine: Rc::new(RefCell::new(None)), seed: random_seed() }
+        Root { engine: Rc::new(RefCell::new(None)), seed: random_seed(), fetches: HashMap::new() }
+    }
+
+    /// Dispatches every bundle fetch that is due.
+    fn dispatch_fetches(&mut self) {
+        let Some(now) = now_secs() else { return };
+        let Ok(mut slot) = self.engine.try_borrow_mut() else { return };
+        let Some(engine) = slot.as_mut() else { return };
+        for plan in engine.identity.bundles.due_fetches(now) {
+            let headers = vec![
+                (":method", "GET"),
+                (":path", plan.path.as_str()),
+                (":authority", plan.authority.as_str()),
+                ("accept", "application/json"),
+            ];
+            let timeout = Duration::from_millis(plan.timeout_ms);
+            match hostcalls::dispatch_http_call(&plan.cluster, headers, None, vec![], timeout) {
+                Ok(token) => {
+                    self.fetches.insert(token, plan.source);
+                }
+                Err(status) => {
+                    let error = format!("cannot call cluster `{}`: {status:?}", plan.cluster);
+                    if let Some(report) = engine.identity.bundles.on_fetch(plan.source, Err(error), now) {
+                        log_fetch(&report);
+                    }
+                }
+            }
+        }
     }
 }
 
-impl Context for Root {}
+fn log_fetch(report: &FetchReport) {
+    match report {
+        FetchReport::Updated { label, keys, skipped } => {
+            let skipped = if skipped.is_empty() { String::new() } else { format!(", skipped unusable keys {skipped:?}") };
+            log(LogLevel::Info, &format!("mandate: bundle for `{label}` updated: {keys} key(s){skipped}"));
+        }
+        FetchReport::Unchanged { .. } => {}
+        FetchReport::Failed { label, error, kept_previous } => {
+            let consequence = if *kept_previous {
+                "keeping the last good bundle"
+            } else {
+                "no bundle yet: its tokens are refused"
+            };
+            log(LogLevel::Warn, &format!("mandate: bundle fetch for `{label}` failed ({error}); {consequence}"));
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(source) = self.fetches.remove(&token_id) else { return };
+        let Some(now) = now_secs() else { return };
+        // Envoy answers a failed or timed-out callout with no headers at all.
+        let result: Result<Vec<u8>, String> = if num_headers == 0 {
+            Err("no response (timeout or connection failure)".into())
+        } else {
+            let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            if status != b"200" {
+                Err(format!("HTTP status {}", String::from_utf8_lossy(&status)))
+            } else if body_size > MAX_BUNDLE_BYTES {
+                Err(format!("bundle of {body_size} bytes is too large"))
+            } else {
+                hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                    .map(Option::unwrap_or_default)
+                    .map_err(|s| format!("cannot read body: {s:?}"))
+            }
+        };
+        let Ok(mut slot) = self.engine.try_borrow_mut() else { return };
+        let Some(engine) = slot.as_mut() else { return };
+        let result = result.as_deref().map_err(String::clone);
+        if let Some(report) = engine.identity.bundles.on_fetch(source, result, now) {
+            log_fetch(&report);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -71,11 +156,29 @@ impl RootContext for Root {
         match config::parse(&raw) {
             Ok(config) => {
                 self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let Ok(mut slot) = self.engine.try_borrow_mut() else {
-                    log(LogLevel::Error, "mandate: configuration update while a request is in flight");
-                    return false;
+                let engine = match Engine::new(config, self.seed) {
+                    Ok(engine) => engine,
+                    Err(e) => {
+                        log(LogLevel::Error, &format!("mandate: invalid configuration: {e}"));
+                        return false;
+                    }
                 };
-                *slot = Some(Engine::new(config, self.seed));
+                let remote = engine.identity.bundles.has_remote();
+                {
+                    let Ok(mut slot) = self.engine.try_borrow_mut() else {
+                        log(LogLevel::Error, "mandate: configuration update while a request is in flight");
+                        return false;
+                    };
+                    *slot = Some(engine);
+                }
+                self.fetches.clear();
+                if remote {
+                    // Ticks drive bundle refresh; the first fetch goes out now.
+                    if hostcalls::set_tick_period(Duration::from_secs(1)).is_err() {
+                        log(LogLevel::Warn, "mandate: cannot set tick period; bundles will not refresh");
+                    }
+                    self.dispatch_fetches();
+                }
                 log(LogLevel::Info, &format!("mandate {}: configured", crate::VERSION));
                 true
             }
@@ -84,6 +187,10 @@ impl RootContext for Root {
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        self.dispatch_fetches();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -108,6 +215,7 @@ impl HttpContext for Http {
             Err(_) => return fail_closed(Reason::InternalError),
         };
         let headers = Headers::new(pairs);
+        let Some(now) = now_secs() else { return fail_closed(Reason::InternalError) };
         let outcome = {
             let Ok(mut slot) = self.engine.try_borrow_mut() else {
                 return fail_closed(Reason::InternalError);
@@ -115,7 +223,7 @@ impl HttpContext for Http {
             let Some(engine) = slot.as_mut() else {
                 return fail_closed(Reason::NotConfigured);
             };
-            engine.on_request(&headers)
+            engine.on_request(&Request { headers: &headers, now })
         };
         match outcome.verdict {
             Verdict::Forward(edits) => {

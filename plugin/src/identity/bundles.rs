@@ -1,0 +1,182 @@
+//! Bundle store: the current bundle of every trust domain and OIDC issuer,
+//! with refresh scheduling for bundles fetched through an Envoy cluster.
+//!
+//! The store plans fetches and takes their results; the shell does the I/O.
+//! A failed fetch keeps the last good bundle; with no bundle yet, tokens of
+//! that domain are refused.
+
+use super::jwks::{parse_bundle, Bundle};
+use crate::config::BundleSourceConfig;
+use std::collections::HashMap;
+
+pub type SourceId = usize;
+
+/// Shortest refresh honoured from a bundle's `spiffe_refresh_hint`, seconds.
+pub const MIN_REFRESH_HINT_S: u64 = 5;
+
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub refresh_s: u64,
+    pub retry_s: u64,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct Source {
+    /// Trust domain name or issuer URL.
+    pub label: String,
+    pub remote: Option<Remote>,
+    bundle: Option<Bundle>,
+    /// Bumped whenever the accepted key material changes.
+    generation: u64,
+    next_fetch_at: u64,
+    in_flight: bool,
+    pub fetches_ok: u64,
+    pub fetches_failed: u64,
+    pub last_error: Option<String>,
+}
+
+/// A fetch the shell should dispatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPlan {
+    pub source: SourceId,
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+}
+
+/// What a fetch result did, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchReport {
+    Updated { label: String, keys: usize, skipped: Vec<String> },
+    Unchanged { label: String },
+    Failed { label: String, error: String, kept_previous: bool },
+}
+
+#[derive(Debug, Default)]
+pub struct BundleStore {
+    sources: Vec<Source>,
+    by_trust_domain: HashMap<String, SourceId>,
+}
+
+impl BundleStore {
+    fn add(&mut self, label: &str, cfg: &BundleSourceConfig) -> Result<SourceId, String> {
+        let (bundle, remote) = match (&cfg.inline, &cfg.cluster) {
+            (Some(v), None) => {
+                let raw = serde_json::to_vec(v).map_err(|e| e.to_string())?;
+                (Some(parse_bundle(&raw).map_err(|e| e.to_string())?), None)
+            }
+            (None, Some(cluster)) => (
+                None,
+                Some(Remote {
+                    cluster: cluster.clone(),
+                    path: cfg.path.clone(),
+                    authority: cfg.authority.clone().unwrap_or_else(|| cluster.clone()),
+                    refresh_s: cfg.refresh_s,
+                    retry_s: cfg.retry_s,
+                    timeout_ms: cfg.timeout_ms,
+                }),
+            ),
+            _ => return Err(format!("bundle source for `{label}` needs exactly one of inline or cluster")),
+        };
+        let id = self.sources.len();
+        self.sources.push(Source {
+            label: label.to_string(),
+            remote,
+            generation: u64::from(bundle.is_some()),
+            bundle,
+            next_fetch_at: 0,
+            in_flight: false,
+            fetches_ok: 0,
+            fetches_failed: 0,
+            last_error: None,
+        });
+        Ok(id)
+    }
+
+    pub fn add_trust_domain(&mut self, name: &str, cfg: &BundleSourceConfig) -> Result<SourceId, String> {
+        let id = self.add(name, cfg)?;
+        self.by_trust_domain.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    pub fn add_issuer(&mut self, issuer: &str, cfg: &BundleSourceConfig) -> Result<SourceId, String> {
+        self.add(issuer, cfg)
+    }
+
+    pub fn trust_domain(&self, name: &str) -> Option<SourceId> {
+        self.by_trust_domain.get(name).copied()
+    }
+
+    pub fn current(&self, id: SourceId) -> Option<(&Bundle, u64)> {
+        let s = self.sources.get(id)?;
+        s.bundle.as_ref().map(|b| (b, s.generation))
+    }
+
+    pub fn generation(&self, id: SourceId) -> Option<u64> {
+        self.sources.get(id).map(|s| s.generation)
+    }
+
+    pub fn sources(&self) -> &[Source] {
+        &self.sources
+    }
+
+    pub fn has_remote(&self) -> bool {
+        self.sources.iter().any(|s| s.remote.is_some())
+    }
+
+    /// Fetches due at `now`; each is marked in flight until its result arrives.
+    pub fn due_fetches(&mut self, now: u64) -> Vec<FetchPlan> {
+        let mut plans = Vec::new();
+        for (id, s) in self.sources.iter_mut().enumerate() {
+            let Some(r) = &s.remote else { continue };
+            if s.in_flight || now < s.next_fetch_at {
+                continue;
+            }
+            s.in_flight = true;
+            plans.push(FetchPlan {
+                source: id,
+                cluster: r.cluster.clone(),
+                path: r.path.clone(),
+                authority: r.authority.clone(),
+                timeout_ms: r.timeout_ms,
+            });
+        }
+        plans
+    }
+
+    /// Takes a fetch result: `Ok(body)` for a 200 answer, else a description.
+    pub fn on_fetch(&mut self, id: SourceId, result: Result<&[u8], String>, now: u64) -> Option<FetchReport> {
+        let s = self.sources.get_mut(id)?;
+        let r = s.remote.clone()?;
+        s.in_flight = false;
+        let parsed = result.and_then(|body| parse_bundle(body).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(bundle) => {
+                s.fetches_ok += 1;
+                s.last_error = None;
+                let refresh = bundle.refresh_hint.map_or(r.refresh_s, |h| h.max(MIN_REFRESH_HINT_S));
+                s.next_fetch_at = now.saturating_add(refresh);
+                let changed = s.bundle.as_ref().is_none_or(|b| b.digest != bundle.digest);
+                let report = if changed {
+                    s.generation += 1;
+                    FetchReport::Updated { label: s.label.clone(), keys: bundle.len(), skipped: bundle.skipped.clone() }
+                } else {
+                    FetchReport::Unchanged { label: s.label.clone() }
+                };
+                s.bundle = Some(bundle);
+                Some(report)
+            }
+            Err(error) => {
+                s.fetches_failed += 1;
+                s.last_error = Some(error.clone());
+                s.next_fetch_at = now.saturating_add(r.retry_s);
+                Some(FetchReport::Failed { label: s.label.clone(), error, kept_previous: s.bundle.is_some() })
+            }
+        }
+    }
+}

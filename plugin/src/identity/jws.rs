@@ -1,0 +1,106 @@
+//! JWS compact serialization: strict split, decode and header/claims parsing.
+//!
+//! Nothing here is trusted yet: it only gives the verifier what it needs to
+//! pick a key and to refuse cheap-to-detect bad tokens before any signature work.
+
+use super::jwks::Alg;
+use crate::reason::Reason;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::Deserialize;
+
+/// Largest JOSE header accepted (bytes, encoded).
+pub const MAX_HEADER_B64: usize = 2048;
+
+#[derive(Debug, Clone)]
+pub struct Parsed<'t> {
+    pub token: &'t str,
+    pub alg: Alg,
+    pub kid: String,
+    /// `typ` as sent (already checked to be JWT or JOSE), for the signature library.
+    pub typ: Option<String>,
+    pub claims: Claims,
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+    typ: Option<String>,
+    // Any `crit` at all is refused; its value is irrelevant.
+    crit: Option<serde_json::Value>,
+    // `jku`, `x5u`, `jwk`, `x5c` are never read: keys come only from configured bundles.
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    pub fn contains_any(&self, accepted: &[String]) -> bool {
+        match self {
+            Audience::One(a) => accepted.iter().any(|x| x == a),
+            Audience::Many(list) => list.iter().any(|a| accepted.iter().any(|x| x == a)),
+        }
+    }
+}
+
+/// The registered claims mandate reads. Known fields appearing twice make
+/// the JSON invalid (serde refuses duplicate fields), so a token cannot say
+/// one `sub` to us and another to a laxer parser.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Claims {
+    pub sub: Option<String>,
+    pub iss: Option<String>,
+    pub aud: Option<Audience>,
+    pub exp: Option<u64>,
+    pub nbf: Option<u64>,
+    pub iat: Option<u64>,
+    pub jti: Option<String>,
+}
+
+/// Splits, decodes and checks the header and claims. Header checks come first
+/// (`alg` before anything else), then the claims are decoded.
+pub fn parse(token: &[u8], max_len: usize) -> Result<Parsed<'_>, Reason> {
+    if token.len() > max_len {
+        return Err(Reason::TokenMalformed);
+    }
+    let token = std::str::from_utf8(token).map_err(|_| Reason::TokenMalformed)?;
+    let mut parts = token.split('.');
+    let (Some(h64), Some(c64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Reason::TokenMalformed);
+    };
+    if h64.is_empty() || h64.len() > MAX_HEADER_B64 {
+        return Err(Reason::TokenMalformed);
+    }
+    let header_json = URL_SAFE_NO_PAD.decode(h64).map_err(|_| Reason::TokenMalformed)?;
+    let header: RawHeader = serde_json::from_slice(&header_json).map_err(|_| Reason::TokenMalformed)?;
+
+    let alg = header.alg.as_deref().and_then(Alg::parse).ok_or(Reason::AlgNotAllowed)?;
+    if let Some(typ) = header.typ.as_deref() {
+        if typ != "JWT" && typ != "JOSE" {
+            return Err(Reason::TypNotAllowed);
+        }
+    }
+    if header.crit.is_some() {
+        return Err(Reason::CritNotAllowed);
+    }
+    let kid = match header.kid {
+        Some(k) if !k.is_empty() => k,
+        _ => return Err(Reason::KidMissing),
+    };
+    if c64.is_empty() || s64.is_empty() {
+        return Err(Reason::TokenMalformed);
+    }
+    // The signature must at least be valid base64url; its content is checked later.
+    if !s64.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(Reason::TokenMalformed);
+    }
+    let claims_json = URL_SAFE_NO_PAD.decode(c64).map_err(|_| Reason::TokenMalformed)?;
+    let claims: Claims = serde_json::from_slice(&claims_json).map_err(|_| Reason::TokenMalformed)?;
+    Ok(Parsed { token, alg, kid, typ: header.typ, claims })
+}

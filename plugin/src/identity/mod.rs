@@ -1,0 +1,292 @@
+//! Workload identity: SPIFFE JWT-SVIDs and OIDC tokens, verified inline
+//! against trust bundles, to the JWT-SVID specification.
+//!
+//! Order of checks: size and shape, `alg` (before anything else), `typ`,
+//! `crit`, `kid`; then the claims pick the bundle (`sub`'s trust domain, or an
+//! exact `iss` match for OIDC); then the cheap claim checks (`exp`, `nbf`,
+//! `iat`, `aud`); the signature last. A verified token is cached by hash
+//! until its `exp`, tied to the bundle generation that verified it.
+
+pub mod bundles;
+pub mod jwks;
+pub mod jws;
+pub mod spiffe_id;
+
+use crate::config::IdentityConfig;
+use crate::reason::Reason;
+use bundles::{BundleStore, SourceId};
+use jwks::{Alg, TrustedKey, VerifyingKey};
+use jwt_simple::prelude::{Duration, NoCustomClaims, RSAPublicKeyLike, ECDSAP256PublicKeyLike, ECDSAP384PublicKeyLike, VerificationOptions};
+use lru::LruCache;
+use sha2::{Digest, Sha256};
+use spiffe_id::SpiffeId;
+use std::num::NonZeroUsize;
+use std::rc::Rc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    JwtSvid,
+    Oidc,
+}
+
+/// A verified caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub kind: IdentityKind,
+    /// SPIFFE ID (SVIDs, or OIDC mapped by template), else `iss#sub`.
+    pub principal: String,
+    pub trust_domain: Option<String>,
+    pub issuer: Option<String>,
+    pub subject: String,
+    pub iat: Option<u64>,
+    pub exp: u64,
+    /// Short hash of the token, for logs. Never the token.
+    pub token_hash: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdentityStats {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+struct Cached {
+    identity: Rc<Identity>,
+    source: SourceId,
+    generation: u64,
+}
+
+struct Issuer {
+    issuer: String,
+    audiences: Vec<String>,
+    source: SourceId,
+    template: Option<String>,
+}
+
+pub struct Verifier {
+    audiences: Vec<String>,
+    skew: u64,
+    max_token_bytes: usize,
+    issuers: Vec<Issuer>,
+    pub bundles: BundleStore,
+    cache: Option<LruCache<[u8; 16], Cached>>,
+    pub stats: IdentityStats,
+}
+
+/// First 16 bytes of SHA-256: the cache key.
+pub fn token_digest(token: &[u8]) -> [u8; 16] {
+    let full: [u8; 32] = Sha256::digest(token).into();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(full.get(..16).unwrap_or(&[0u8; 16]));
+    out
+}
+
+/// Short printable token hash for logs and records (`sha256:` + 12 hex digits).
+pub fn short_hash(digest: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(19);
+    s.push_str("sha256:");
+    for b in digest.iter().take(6) {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+impl Verifier {
+    pub fn new(config: &IdentityConfig) -> Result<Verifier, String> {
+        let mut bundles = BundleStore::default();
+        for td in &config.trust_domains {
+            bundles.add_trust_domain(&td.name, &td.bundle)?;
+        }
+        let mut issuers = Vec::new();
+        for o in &config.oidc_issuers {
+            let source = bundles.add_issuer(&o.issuer, &o.jwks)?;
+            issuers.push(Issuer {
+                issuer: o.issuer.clone(),
+                audiences: o.audiences.clone(),
+                source,
+                template: o.spiffe_template.clone(),
+            });
+        }
+        Ok(Verifier {
+            audiences: config.audiences.clone(),
+            skew: config.clock_skew_s,
+            max_token_bytes: config.max_token_bytes,
+            issuers,
+            bundles,
+            cache: NonZeroUsize::new(config.cache_size).map(LruCache::new),
+            stats: IdentityStats::default(),
+        })
+    }
+
+    /// Verifies a bearer token at time `now` (Unix seconds).
+    pub fn verify(&mut self, token: &[u8], now: u64) -> Result<Rc<Identity>, Reason> {
+        if token.len() > self.max_token_bytes {
+            return Err(Reason::TokenMalformed);
+        }
+        let digest = token_digest(token);
+        if let Some(hit) = self.cached(&digest, now)? {
+            self.stats.cache_hits += 1;
+            return Ok(hit);
+        }
+        self.stats.cache_misses += 1;
+
+        let parsed = jws::parse(token, self.max_token_bytes)?;
+        let claims = &parsed.claims;
+
+        // Which bundle may verify this token: OIDC by exact issuer, else the
+        // trust domain named in the SPIFFE ID `sub` — never another one.
+        let issuer = claims.iss.as_deref().and_then(|iss| self.issuers.iter().find(|i| i.issuer == iss));
+        let subject = claims.sub.as_deref().filter(|s| !s.is_empty()).ok_or(Reason::SubjectMissing)?;
+        let (source, audiences, kind, principal, trust_domain) = match issuer {
+            Some(issuer) => {
+                let (principal, td) = match &issuer.template {
+                    Some(t) => {
+                        let id = render_template(t, subject).ok_or(Reason::SpiffeIdInvalid)?;
+                        let id = SpiffeId::parse(&id).map_err(|_| Reason::SpiffeIdInvalid)?;
+                        (id.as_str().to_string(), Some(id.trust_domain().to_string()))
+                    }
+                    None => (format!("{}#{}", issuer.issuer, subject), None),
+                };
+                (issuer.source, &issuer.audiences, IdentityKind::Oidc, principal, td)
+            }
+            None => {
+                let id = SpiffeId::parse(subject).map_err(|_| Reason::SpiffeIdInvalid)?;
+                let source = self.bundles.trust_domain(id.trust_domain()).ok_or(Reason::TrustDomainUnknown)?;
+                let td = id.trust_domain().to_string();
+                (source, &self.audiences, IdentityKind::JwtSvid, id.as_str().to_string(), Some(td))
+            }
+        };
+        let (bundle, generation) = self.bundles.current(source).ok_or(Reason::BundleUnavailable)?;
+        let key = bundle.key(&parsed.kid).ok_or(Reason::KidUnknown)?;
+        if !key.accepts(parsed.alg) {
+            return Err(Reason::SignatureInvalid);
+        }
+
+        let exp = claims.exp.ok_or(Reason::ExpMissing)?;
+        if now > exp.saturating_add(self.skew) {
+            return Err(Reason::TokenExpired);
+        }
+        if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(self.skew)) {
+            return Err(Reason::TokenNotYetValid);
+        }
+        if claims.iat.is_some_and(|iat| iat > now.saturating_add(self.skew)) {
+            return Err(Reason::IssuedInFuture);
+        }
+        let aud = claims.aud.as_ref().ok_or(Reason::AudienceMissing)?;
+        if !aud.contains_any(audiences) {
+            return Err(Reason::AudienceMismatch);
+        }
+
+        verify_signature(&parsed, key, now, self.skew)?;
+
+        let identity = Rc::new(Identity {
+            kind,
+            principal,
+            trust_domain,
+            issuer: claims.iss.clone(),
+            subject: subject.to_string(),
+            iat: claims.iat,
+            exp,
+            token_hash: short_hash(&digest),
+        });
+        if let Some(cache) = self.cache.as_mut() {
+            cache.put(digest, Cached { identity: identity.clone(), source, generation });
+        }
+        Ok(identity)
+    }
+
+    fn cached(&mut self, digest: &[u8; 16], now: u64) -> Result<Option<Rc<Identity>>, Reason> {
+        let Some(cache) = self.cache.as_mut() else { return Ok(None) };
+        let Some(entry) = cache.get(digest) else { return Ok(None) };
+        let fresh = self.bundles.generation(entry.source) == Some(entry.generation);
+        if !fresh {
+            // The bundle changed (rotation or revocation): verify again.
+            cache.pop(digest);
+            return Ok(None);
+        }
+        if now > entry.identity.exp.saturating_add(self.skew) {
+            cache.pop(digest);
+            return Err(Reason::TokenExpired);
+        }
+        Ok(Some(entry.identity.clone()))
+    }
+
+    pub fn cache_len(&self) -> usize {
+        self.cache.as_ref().map_or(0, LruCache::len)
+    }
+
+    /// Drops every cached verification (e.g. on reconfiguration).
+    pub fn clear_cache(&mut self) {
+        if let Some(c) = self.cache.as_mut() {
+            c.clear();
+        }
+    }
+}
+
+fn verify_signature(parsed: &jws::Parsed<'_>, key: &TrustedKey, now: u64, skew: u64) -> Result<(), Reason> {
+    let options = || VerificationOptions {
+        required_key_id: Some(parsed.kid.clone()),
+        // Our own check already limited `typ` to JWT/JOSE; the library only knows JWT.
+        required_signature_type: parsed.typ.clone(),
+        accept_future: true,
+        time_tolerance: Some(Duration::from_secs(skew)),
+        artificial_time: Some(Duration::from_secs(now)),
+        max_token_length: None,
+        ..Default::default()
+    };
+    let token = parsed.token;
+    let result = match (&key.key, parsed.alg) {
+        (VerifyingKey::P256(k), Alg::ES256) => k.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+        (VerifyingKey::P384(k), Alg::ES384) => k.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+        (VerifyingKey::Rsa(k), alg) => match alg {
+            Alg::RS256 => k.rs256.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+            Alg::RS384 => k.rs384.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+            Alg::RS512 => k.rs512.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+            Alg::PS256 => k.ps256.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+            Alg::PS384 => k.ps384.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+            Alg::PS512 => k.ps512.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+            _ => return Err(Reason::SignatureInvalid),
+        },
+        _ => return Err(Reason::SignatureInvalid),
+    };
+    result.map_err(|_| Reason::SignatureInvalid)
+}
+
+/// Checks an OIDC → SPIFFE template at configuration time.
+pub fn check_template(t: &str) -> Result<(), String> {
+    let sample = render_template(t, "a:b:c:d:e:f:g:h").ok_or("unbalanced braces or unknown placeholder")?;
+    SpiffeId::parse(&sample).map_err(|e| format!("does not produce a valid SPIFFE ID ({e:?})"))?;
+    Ok(())
+}
+
+/// Renders `{sub}` and `{sub:N}` placeholders. A subject part containing `/`
+/// could add path segments, so it is refused.
+fn render_template(t: &str, sub: &str) -> Option<String> {
+    let mut out = String::with_capacity(t.len() + sub.len());
+    let mut rest = t;
+    while let Some(open) = rest.find('{') {
+        out.push_str(rest.get(..open)?);
+        let after = rest.get(open + 1..)?;
+        let close = after.find('}')?;
+        let name = after.get(..close)?;
+        let value = if name == "sub" {
+            sub
+        } else {
+            let n: usize = name.strip_prefix("sub:")?.parse().ok()?;
+            sub.split(':').nth(n)?
+        };
+        if value.is_empty() || value.contains('/') {
+            return None;
+        }
+        out.push_str(value);
+        rest = after.get(close + 1..)?;
+    }
+    if rest.contains('}') {
+        return None;
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,705 @@
+//! Identity verification tests. Each bad-input test is named after the attack
+//! or mistake it models; tokens are built and signed by hand with real keys.
+
+use super::*;
+use crate::config::{self, IdentityConfig};
+use crate::testkit::{b64, plain_jwks, spiffe_bundle, svid_claims, TestKey};
+use serde_json::{json, Value};
+
+const NOW: u64 = 1_800_000_000;
+const AUD: &str = "spiffe://example.org/gateway";
+const SUB: &str = "spiffe://example.org/ns/prod/sa/agent";
+
+struct Fx {
+    key: TestKey,
+    other_td_key: TestKey,
+    verifier: Verifier,
+}
+
+fn identity_config(v: Value) -> IdentityConfig {
+    config::parse(json!({ "identity": v }).to_string().as_bytes()).unwrap().identity
+}
+
+fn fixture() -> Fx {
+    let key = TestKey::es256("k1");
+    let other_td_key = TestKey::es256("k-partner");
+    let cfg = identity_config(json!({
+        "audiences": [AUD],
+        "trust_domains": [
+            {"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&key], None)}},
+            {"name": "partner.net", "bundle": {"inline": plain_jwks(&[&other_td_key])}}
+        ]
+    }));
+    Fx { key, other_td_key, verifier: Verifier::new(&cfg).unwrap() }
+}
+
+fn good_claims() -> Value {
+    svid_claims(SUB, AUD, NOW - 10, NOW + 300)
+}
+
+fn verify(v: &mut Verifier, token: &str) -> Result<Rc<Identity>, Reason> {
+    v.verify(token.as_bytes(), NOW)
+}
+
+fn expect(v: &mut Verifier, token: &str, want: Reason) {
+    assert_eq!(verify(v, token).map(|i| i.principal.clone()), Err(want));
+}
+
+fn header(alg: &str, kid: &str) -> Value {
+    json!({"alg": alg, "kid": kid, "typ": "JWT"})
+}
+
+// ---------- valid shapes ----------
+
+#[test]
+fn valid_es256_svid() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&good_claims());
+    let id = verify(&mut fx.verifier, &t).unwrap();
+    assert_eq!(id.principal, SUB);
+    assert_eq!(id.trust_domain.as_deref(), Some("example.org"));
+    assert_eq!(id.kind, IdentityKind::JwtSvid);
+    assert!(id.token_hash.starts_with("sha256:") && !t.contains(&id.token_hash[7..]));
+}
+
+#[test]
+fn valid_array_audience() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&json!({"sub": SUB, "aud": ["other", AUD], "exp": NOW + 60}));
+    assert!(verify(&mut fx.verifier, &t).is_ok());
+}
+
+#[test]
+fn valid_typ_jose_and_no_typ() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "k1", "typ": "JOSE"}), &good_claims());
+    assert!(verify(&mut fx.verifier, &t).is_ok());
+    let t = fx.key.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "k1"}), &good_claims());
+    assert!(verify(&mut fx.verifier, &t).is_ok());
+}
+
+#[test]
+fn valid_second_trust_domain_with_plain_jwks() {
+    let mut fx = fixture();
+    let t = fx.other_td_key.sign(&svid_claims("spiffe://partner.net/svc", AUD, NOW, NOW + 60));
+    let id = verify(&mut fx.verifier, &t).unwrap();
+    assert_eq!(id.trust_domain.as_deref(), Some("partner.net"));
+}
+
+#[test]
+fn valid_es384_rs_and_ps_families() {
+    let ec = TestKey::es384("e384");
+    let rsa = TestKey::rsa("r1", 0);
+    let cfg = identity_config(json!({
+        "audiences": [AUD],
+        "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&ec, &rsa], Some(60))}}]
+    }));
+    let mut v = Verifier::new(&cfg).unwrap();
+    let t = ec.sign(&good_claims());
+    assert!(v.verify(t.as_bytes(), NOW).is_ok(), "ES384");
+    for alg in ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"] {
+        let t = rsa.sign_with_header(alg, &header(alg, "r1"), &good_claims());
+        assert!(v.verify(t.as_bytes(), NOW).is_ok(), "{alg}");
+    }
+}
+
+#[test]
+fn valid_oidc_token_mapped_by_template() {
+    let key = TestKey::rsa("sa-key", 1);
+    let cfg = identity_config(json!({
+        "oidc_issuers": [{
+            "issuer": "https://kubernetes.default.svc",
+            "audiences": ["mandate"],
+            "jwks": {"inline": plain_jwks(&[&key])},
+            "spiffe_template": "spiffe://cluster.local/ns/{sub:2}/sa/{sub:3}"
+        }]
+    }));
+    let mut v = Verifier::new(&cfg).unwrap();
+    let claims = json!({"iss": "https://kubernetes.default.svc", "sub": "system:serviceaccount:prod:billing",
+        "aud": ["mandate"], "iat": NOW, "exp": NOW + 600});
+    let id = v.verify(key.sign(&claims).as_bytes(), NOW).unwrap();
+    assert_eq!(id.principal, "spiffe://cluster.local/ns/prod/sa/billing");
+    assert_eq!(id.kind, IdentityKind::Oidc);
+    // Wrong audience for this issuer.
+    let claims = json!({"iss": "https://kubernetes.default.svc", "sub": "system:serviceaccount:prod:billing", "aud": AUD, "exp": NOW + 600});
+    assert_eq!(v.verify(key.sign(&claims).as_bytes(), NOW).err(), Some(Reason::AudienceMismatch));
+}
+
+#[test]
+fn oidc_subject_cannot_inject_path_segments_through_template() {
+    let key = TestKey::es256("sa");
+    let cfg = identity_config(json!({
+        "oidc_issuers": [{"issuer": "https://issuer", "audiences": ["m"], "jwks": {"inline": plain_jwks(&[&key])},
+            "spiffe_template": "spiffe://cluster.local/ns/{sub:2}/sa/{sub:3}"}]
+    }));
+    let mut v = Verifier::new(&cfg).unwrap();
+    for sub in ["system:serviceaccount:prod/../admin:x", "system:serviceaccount:a", "system:serviceaccount:..:x"] {
+        let t = key.sign(&json!({"iss": "https://issuer", "sub": sub, "aud": "m", "exp": NOW + 60}));
+        assert_eq!(v.verify(t.as_bytes(), NOW).err(), Some(Reason::SpiffeIdInvalid), "{sub}");
+    }
+}
+
+// ---------- header attacks ----------
+
+#[test]
+fn alg_none_unsigned_token() {
+    let mut fx = fixture();
+    let t = format!("{}.{}.", b64(br#"{"alg":"none","kid":"k1"}"#), b64(good_claims().to_string().as_bytes()));
+    expect(&mut fx.verifier, &t, Reason::AlgNotAllowed);
+}
+
+#[test]
+fn alg_none_case_variant() {
+    let mut fx = fixture();
+    let t = format!("{}.{}.AAAA", b64(br#"{"alg":"None","kid":"k1"}"#), b64(good_claims().to_string().as_bytes()));
+    expect(&mut fx.verifier, &t, Reason::AlgNotAllowed);
+}
+
+#[test]
+fn hs256_signed_with_public_key_as_secret() {
+    // The classic key-confusion attack: HMAC keyed with the public key bytes.
+    let mut fx = fixture();
+    let pubkey = fx.key.jwk().to_string();
+    let input = format!("{}.{}", b64(header("HS256", "k1").to_string().as_bytes()), b64(good_claims().to_string().as_bytes()));
+    let mac = hmac_sha256(pubkey.as_bytes(), input.as_bytes());
+    expect(&mut fx.verifier, &format!("{input}.{}", b64(&mac)), Reason::AlgNotAllowed);
+}
+
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        let d: [u8; 32] = Sha256::digest(key).into();
+        k[..32].copy_from_slice(&d);
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
+    let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
+    let inner = Sha256::digest([ipad.as_slice(), msg].concat());
+    Sha256::digest([opad.as_slice(), &inner[..]].concat()).to_vec()
+}
+
+#[test]
+fn eddsa_not_in_svid_alg_list() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &header("EdDSA", "k1"), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::AlgNotAllowed);
+}
+
+#[test]
+fn alg_missing() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &json!({"kid": "k1"}), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::AlgNotAllowed);
+}
+
+#[test]
+fn alg_swapped_to_rsa_on_ec_key() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &header("RS256", "k1"), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::SignatureInvalid);
+}
+
+#[test]
+fn es512_is_never_silently_accepted() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &header("ES512", "k1"), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::SignatureInvalid);
+}
+
+#[test]
+fn typ_access_token_refused() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "k1", "typ": "at+jwt"}), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::TypNotAllowed);
+}
+
+#[test]
+fn crit_header_refused() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "k1", "crit": ["exp"]}), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::CritNotAllowed);
+}
+
+#[test]
+fn crit_empty_array_still_refused() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "k1", "crit": []}), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::CritNotAllowed);
+}
+
+#[test]
+fn kid_missing() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &json!({"alg": "ES256", "typ": "JWT"}), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::KidMissing);
+}
+
+#[test]
+fn kid_empty() {
+    let mut fx = fixture();
+    let t = fx.key.sign_with_header("ES256", &header("ES256", ""), &good_claims());
+    expect(&mut fx.verifier, &t, Reason::KidMissing);
+}
+
+#[test]
+fn kid_unknown() {
+    let mut fx = fixture();
+    let rogue = TestKey::es256("rogue");
+    expect(&mut fx.verifier, &rogue.sign(&good_claims()), Reason::KidUnknown);
+}
+
+#[test]
+fn kid_from_another_trust_domain() {
+    // A partner-domain key must never vouch for example.org identities.
+    let mut fx = fixture();
+    let t = fx.other_td_key.sign(&good_claims());
+    expect(&mut fx.verifier, &t, Reason::KidUnknown);
+}
+
+#[test]
+fn embedded_jwk_header_is_not_trusted() {
+    let mut fx = fixture();
+    let attacker = TestKey::es256("k1");
+    let h = json!({"alg": "ES256", "kid": "k1", "jwk": attacker.jwk()});
+    expect(&mut fx.verifier, &attacker.sign_with_header("ES256", &h, &good_claims()), Reason::SignatureInvalid);
+}
+
+#[test]
+fn jku_and_x5u_headers_are_not_followed() {
+    let mut fx = fixture();
+    let attacker = TestKey::es256("k1");
+    let h = json!({"alg": "ES256", "kid": "k1", "jku": "https://evil.example/jwks", "x5u": "https://evil.example/cert"});
+    expect(&mut fx.verifier, &attacker.sign_with_header("ES256", &h, &good_claims()), Reason::SignatureInvalid);
+}
+
+#[test]
+fn duplicate_alg_in_header() {
+    let mut fx = fixture();
+    let t = fx.key.sign_raw("ES256", r#"{"alg":"ES256","alg":"none","kid":"k1"}"#, &good_claims().to_string());
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn header_not_json() {
+    let mut fx = fixture();
+    let t = fx.key.sign_raw("ES256", "not json", &good_claims().to_string());
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+// ---------- structure attacks ----------
+
+#[test]
+fn two_segments() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&good_claims());
+    let two: Vec<&str> = t.split('.').take(2).collect();
+    expect(&mut fx.verifier, &two.join("."), Reason::TokenMalformed);
+}
+
+#[test]
+fn four_segments_jwe_like() {
+    let mut fx = fixture();
+    let t = format!("{}.extra", fx.key.sign(&good_claims()));
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn bad_base64_in_payload() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&good_claims());
+    let parts: Vec<&str> = t.split('.').collect();
+    expect(&mut fx.verifier, &format!("{}.{}!!.{}", parts[0], parts[1], parts[2]), Reason::TokenMalformed);
+}
+
+#[test]
+fn padded_base64_refused() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&good_claims());
+    let parts: Vec<&str> = t.split('.').collect();
+    expect(&mut fx.verifier, &format!("{}==.{}.{}", parts[0], parts[1], parts[2]), Reason::TokenMalformed);
+}
+
+#[test]
+fn standard_base64_alphabet_refused() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&good_claims());
+    let parts: Vec<&str> = t.split('.').collect();
+    let sig = parts[2].replace('-', "+").replace('_', "/");
+    let sig = if sig == parts[2] { format!("{sig}+") } else { sig };
+    expect(&mut fx.verifier, &format!("{}.{}.{}", parts[0], parts[1], sig), Reason::TokenMalformed);
+}
+
+#[test]
+fn empty_signature_segment() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&good_claims());
+    let parts: Vec<&str> = t.split('.').collect();
+    expect(&mut fx.verifier, &format!("{}.{}.", parts[0], parts[1]), Reason::TokenMalformed);
+}
+
+#[test]
+fn one_megabyte_token() {
+    let mut fx = fixture();
+    let t = format!("{}.{}.sig", b64(header("ES256", "k1").to_string().as_bytes()), "A".repeat(1 << 20));
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn deeply_nested_json_claims() {
+    let mut fx = fixture();
+    let nested = format!("{{\"sub\":\"{SUB}\",\"x\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+    let t = fx.key.sign_raw("ES256", &header("ES256", "k1").to_string(), &nested);
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn duplicate_sub_claim() {
+    // One parser reads the first `sub`, another the last: refuse both.
+    let mut fx = fixture();
+    let claims = format!(r#"{{"sub":"{SUB}","sub":"spiffe://example.org/admin","aud":"{AUD}","exp":{}}}"#, NOW + 60);
+    let t = fx.key.sign_raw("ES256", &header("ES256", "k1").to_string(), &claims);
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn claims_not_an_object() {
+    let mut fx = fixture();
+    let t = fx.key.sign_raw("ES256", &header("ES256", "k1").to_string(), "[1,2,3]");
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn exp_as_string() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&json!({"sub": SUB, "aud": AUD, "exp": (NOW + 60).to_string()}));
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn non_utf8_token_bytes() {
+    let mut fx = fixture();
+    assert_eq!(fx.verifier.verify(&[0xff, 0xfe, b'.', b'a', b'.', b'b'], NOW).err(), Some(Reason::TokenMalformed));
+}
+
+// ---------- signature attacks ----------
+
+#[test]
+fn signature_from_wrong_key_same_kid() {
+    let mut fx = fixture();
+    let forger = TestKey::es256("k1");
+    expect(&mut fx.verifier, &forger.sign(&good_claims()), Reason::SignatureInvalid);
+}
+
+#[test]
+fn payload_tampered_after_signing() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&good_claims());
+    let parts: Vec<&str> = t.split('.').collect();
+    let evil = b64(svid_claims("spiffe://example.org/admin", AUD, NOW, NOW + 60).to_string().as_bytes());
+    expect(&mut fx.verifier, &format!("{}.{}.{}", parts[0], evil, parts[2]), Reason::SignatureInvalid);
+}
+
+#[test]
+fn signature_truncated() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&good_claims());
+    expect(&mut fx.verifier, &t[..t.len() - 8], Reason::SignatureInvalid);
+}
+
+#[test]
+fn weak_rsa_key_in_bundle_refused_at_load() {
+    let weak = TestKey::rsa("weak", 99);
+    let raw = serde_json::to_vec(&plain_jwks(&[&weak])).unwrap();
+    assert!(matches!(jwks::parse_bundle(&raw), Err(jwks::BundleError::BadKey { .. })));
+}
+
+#[test]
+fn symmetric_key_in_bundle_refused_at_load() {
+    let raw = br#"{"keys":[{"kty":"oct","kid":"h","k":"c2VjcmV0"}]}"#;
+    assert!(jwks::parse_bundle(raw).is_err());
+}
+
+#[test]
+fn x509_svid_keys_are_ignored_for_jwts() {
+    let key = TestKey::es256("x");
+    let mut jwk = key.jwk();
+    jwk["use"] = json!("x509-svid");
+    let raw = serde_json::to_vec(&json!({"keys": [jwk]})).unwrap();
+    let b = jwks::parse_bundle(&raw).unwrap();
+    assert!(b.key("x").is_none());
+}
+
+#[test]
+fn key_pinned_to_other_alg_refuses_token() {
+    let rsa = TestKey::rsa("r", 0);
+    let mut jwk = rsa.svid_jwk();
+    jwk["alg"] = json!("PS256");
+    let cfg = identity_config(json!({"audiences": [AUD],
+        "trust_domains": [{"name": "example.org", "bundle": {"inline": {"keys": [jwk]}}}]}));
+    let mut v = Verifier::new(&cfg).unwrap();
+    let t = rsa.sign_with_header("RS256", &header("RS256", "r"), &good_claims());
+    assert_eq!(v.verify(t.as_bytes(), NOW).err(), Some(Reason::SignatureInvalid));
+    let t = rsa.sign_with_header("PS256", &header("PS256", "r"), &good_claims());
+    assert!(v.verify(t.as_bytes(), NOW).is_ok());
+}
+
+// ---------- claim attacks ----------
+
+#[test]
+fn expired_token() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims(SUB, AUD, NOW - 600, NOW - 31)), Reason::TokenExpired);
+}
+
+#[test]
+fn expired_within_skew_is_accepted() {
+    let mut fx = fixture();
+    assert!(verify(&mut fx.verifier, &fx.key.sign(&svid_claims(SUB, AUD, NOW - 600, NOW - 29))).is_ok());
+}
+
+#[test]
+fn nbf_in_the_future() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&json!({"sub": SUB, "aud": AUD, "exp": NOW + 600, "nbf": NOW + 120}));
+    expect(&mut fx.verifier, &t, Reason::TokenNotYetValid);
+}
+
+#[test]
+fn iat_in_the_future() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims(SUB, AUD, NOW + 120, NOW + 600)), Reason::IssuedInFuture);
+}
+
+#[test]
+fn missing_exp() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&json!({"sub": SUB, "aud": AUD})), Reason::ExpMissing);
+}
+
+#[test]
+fn missing_aud() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&json!({"sub": SUB, "exp": NOW + 60})), Reason::AudienceMissing);
+}
+
+#[test]
+fn missing_sub() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&json!({"aud": AUD, "exp": NOW + 60})), Reason::SubjectMissing);
+}
+
+#[test]
+fn audience_mismatch() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims(SUB, "spiffe://example.org/other", NOW, NOW + 60)), Reason::AudienceMismatch);
+}
+
+#[test]
+fn empty_audience_array() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&json!({"sub": SUB, "aud": [], "exp": NOW + 60})), Reason::AudienceMismatch);
+}
+
+#[test]
+fn subject_uppercase_trust_domain() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims("spiffe://Example.org/a", AUD, NOW, NOW + 60)), Reason::SpiffeIdInvalid);
+}
+
+#[test]
+fn subject_with_port() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims("spiffe://example.org:443/a", AUD, NOW, NOW + 60)), Reason::SpiffeIdInvalid);
+}
+
+#[test]
+fn subject_with_query() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims("spiffe://example.org/a?admin=1", AUD, NOW, NOW + 60)), Reason::SpiffeIdInvalid);
+}
+
+#[test]
+fn subject_with_dot_segments() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims("spiffe://example.org/a/../admin", AUD, NOW, NOW + 60)), Reason::SpiffeIdInvalid);
+}
+
+#[test]
+fn subject_percent_encoded() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims("spiffe://example.org/%61dmin", AUD, NOW, NOW + 60)), Reason::SpiffeIdInvalid);
+}
+
+#[test]
+fn subject_2049_bytes() {
+    let mut fx = fixture();
+    let base = "spiffe://example.org/";
+    let sub = format!("{base}{}", "a".repeat(2049 - base.len()));
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims(&sub, AUD, NOW, NOW + 60)), Reason::SpiffeIdInvalid);
+}
+
+#[test]
+fn subject_not_spiffe_scheme() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims("https://example.org/a", AUD, NOW, NOW + 60)), Reason::SpiffeIdInvalid);
+}
+
+#[test]
+fn unknown_trust_domain() {
+    let mut fx = fixture();
+    let k = TestKey::es256("k1");
+    expect(&mut fx.verifier, &k.sign(&svid_claims("spiffe://evil.org/a", AUD, NOW, NOW + 60)), Reason::TrustDomainUnknown);
+}
+
+#[test]
+fn trust_domain_suffix_confusion() {
+    let mut fx = fixture();
+    expect(&mut fx.verifier, &fx.key.sign(&svid_claims("spiffe://example.org.evil.net/a", AUD, NOW, NOW + 60)), Reason::TrustDomainUnknown);
+}
+
+#[test]
+fn issuer_claim_cannot_select_oidc_keys_for_svid() {
+    // A token naming an unconfigured issuer is judged as an SVID: its sub's domain decides.
+    let mut fx = fixture();
+    let k = TestKey::es256("k1");
+    let t = k.sign(&json!({"iss": "https://evil", "sub": SUB, "aud": AUD, "exp": NOW + 60}));
+    expect(&mut fx.verifier, &t, Reason::SignatureInvalid);
+}
+
+// ---------- bundles ----------
+
+#[test]
+fn empty_bundle_refuses_every_svid() {
+    let key = TestKey::es256("k1");
+    let cfg = identity_config(json!({"audiences": [AUD],
+        "trust_domains": [{"name": "example.org", "bundle": {"inline": {"keys": []}}}]}));
+    let mut v = Verifier::new(&cfg).unwrap();
+    assert_eq!(v.verify(key.sign(&good_claims()).as_bytes(), NOW).err(), Some(Reason::KidUnknown));
+}
+
+fn remote_fixture() -> (TestKey, Verifier) {
+    let key = TestKey::es256("k1");
+    let cfg = identity_config(json!({"audiences": [AUD],
+        "trust_domains": [{"name": "example.org", "bundle": {"cluster": "spire", "path": "/bundle", "refresh_s": 300, "retry_s": 10}}]}));
+    (key, Verifier::new(&cfg).unwrap())
+}
+
+#[test]
+fn no_bundle_yet_refuses() {
+    let (key, mut v) = remote_fixture();
+    assert_eq!(v.verify(key.sign(&good_claims()).as_bytes(), NOW).err(), Some(Reason::BundleUnavailable));
+}
+
+#[test]
+fn fetch_schedule_follows_refresh_hint_and_retry() {
+    let (key, mut v) = remote_fixture();
+    let plans = v.bundles.due_fetches(NOW);
+    assert_eq!(plans.len(), 1);
+    assert_eq!(plans[0].cluster, "spire");
+    assert_eq!(plans[0].path, "/bundle");
+    assert!(v.bundles.due_fetches(NOW).is_empty(), "in flight: no duplicate fetch");
+    let body = serde_json::to_vec(&spiffe_bundle(&[&key], Some(60))).unwrap();
+    let r = v.bundles.on_fetch(plans[0].source, Ok(&body), NOW).unwrap();
+    assert!(matches!(r, bundles::FetchReport::Updated { keys: 1, .. }));
+    assert!(v.verify(key.sign(&good_claims()).as_bytes(), NOW).is_ok());
+    assert!(v.bundles.due_fetches(NOW + 59).is_empty());
+    let plans = v.bundles.due_fetches(NOW + 60);
+    assert_eq!(plans.len(), 1, "refresh at the hint");
+    // A failed fetch keeps the last good bundle and retries after retry_s.
+    let r = v.bundles.on_fetch(plans[0].source, Err("503".into()), NOW + 60).unwrap();
+    assert!(matches!(r, bundles::FetchReport::Failed { kept_previous: true, .. }));
+    assert!(v.verify(key.sign(&svid_claims(SUB, AUD, NOW + 60, NOW + 300)).as_bytes(), NOW + 61).is_ok());
+    assert!(v.bundles.due_fetches(NOW + 69).is_empty());
+    assert_eq!(v.bundles.due_fetches(NOW + 70).len(), 1);
+}
+
+#[test]
+fn garbage_bundle_keeps_previous() {
+    let (key, mut v) = remote_fixture();
+    let p = v.bundles.due_fetches(NOW);
+    let body = serde_json::to_vec(&spiffe_bundle(&[&key], None)).unwrap();
+    v.bundles.on_fetch(p[0].source, Ok(&body), NOW);
+    let p = v.bundles.due_fetches(NOW + 300);
+    let r = v.bundles.on_fetch(p[0].source, Ok(b"<html>oops</html>"), NOW + 300).unwrap();
+    assert!(matches!(r, bundles::FetchReport::Failed { kept_previous: true, .. }));
+    assert!(v.verify(key.sign(&svid_claims(SUB, AUD, NOW + 300, NOW + 600)).as_bytes(), NOW + 301).is_ok());
+}
+
+// ---------- cache ----------
+
+#[test]
+fn cache_hits_until_exp_then_expires() {
+    let mut fx = fixture();
+    let t = fx.key.sign(&svid_claims(SUB, AUD, NOW, NOW + 100));
+    assert!(fx.verifier.verify(t.as_bytes(), NOW).is_ok());
+    assert!(fx.verifier.verify(t.as_bytes(), NOW + 50).is_ok());
+    assert_eq!(fx.verifier.stats, IdentityStats { cache_hits: 1, cache_misses: 1 });
+    assert_eq!(fx.verifier.verify(t.as_bytes(), NOW + 131).err(), Some(Reason::TokenExpired));
+    assert_eq!(fx.verifier.cache_len(), 0);
+}
+
+#[test]
+fn cache_dropped_when_bundle_rotates() {
+    let (key, mut v) = remote_fixture();
+    let p = v.bundles.due_fetches(NOW);
+    v.bundles.on_fetch(p[0].source, Ok(&serde_json::to_vec(&spiffe_bundle(&[&key], None)).unwrap()), NOW);
+    let t = key.sign(&good_claims());
+    assert!(v.verify(t.as_bytes(), NOW).is_ok());
+    assert!(v.verify(t.as_bytes(), NOW).is_ok());
+    assert_eq!(v.stats.cache_hits, 1);
+    // The key is removed from the bundle (revoked): the cached verification must not survive.
+    let p = v.bundles.due_fetches(NOW + 300);
+    v.bundles.on_fetch(p[0].source, Ok(br#"{"keys":[]}"#), NOW + 300);
+    assert_eq!(v.verify(t.as_bytes(), NOW + 300).err(), Some(Reason::KidUnknown));
+}
+
+#[test]
+fn cache_is_bounded() {
+    let key = TestKey::es256("k1");
+    let cfg = identity_config(json!({"audiences": [AUD], "cache_size": 3,
+        "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&key], None)}}]}));
+    let mut v = Verifier::new(&cfg).unwrap();
+    for i in 0..10 {
+        let t = key.sign(&svid_claims(&format!("{SUB}{i}"), AUD, NOW, NOW + 60));
+        assert!(v.verify(t.as_bytes(), NOW).is_ok());
+    }
+    assert_eq!(v.cache_len(), 3);
+}
+
+#[test]
+fn failed_verifications_are_not_cached() {
+    let mut fx = fixture();
+    let forger = TestKey::es256("k1");
+    let t = forger.sign(&good_claims());
+    for _ in 0..3 {
+        assert_eq!(verify(&mut fx.verifier, &t).err(), Some(Reason::SignatureInvalid));
+    }
+    assert_eq!(fx.verifier.cache_len(), 0);
+}
+
+// ---------- configuration ----------
+
+#[test]
+fn config_refuses_bad_inline_bundle_naming_field() {
+    let e = config::parse(br#"{"identity":{"audiences":["a"],"trust_domains":[{"name":"example.org","bundle":{"inline":{"keys":[{"kty":"oct","kid":"x","k":"AA"}]}}}]}}"#).unwrap_err();
+    assert_eq!(e.field, "identity.trust_domains[0].bundle.inline");
+}
+
+#[test]
+fn config_refuses_bad_trust_domain_name() {
+    let e = config::parse(br#"{"identity":{"audiences":["a"],"trust_domains":[{"name":"Example.org","bundle":{"cluster":"c"}}]}}"#).unwrap_err();
+    assert_eq!(e.field, "identity.trust_domains[0].name");
+}
+
+#[test]
+fn config_requires_audience_for_svids() {
+    let e = config::parse(br#"{"identity":{"trust_domains":[{"name":"example.org","bundle":{"cluster":"c"}}]}}"#).unwrap_err();
+    assert_eq!(e.field, "identity.audiences");
+}
+
+#[test]
+fn config_refuses_bad_template() {
+    let e = config::parse(br#"{"identity":{"oidc_issuers":[{"issuer":"i","audiences":["a"],"jwks":{"cluster":"c"},"spiffe_template":"spiffe://X/{sub}"}]}}"#).unwrap_err();
+    assert_eq!(e.field, "identity.oidc_issuers[0].spiffe_template");
+}
