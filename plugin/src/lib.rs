@@ -12,6 +12,7 @@ pub mod decision;
 pub mod engine;
 pub mod headers;
 pub mod identity;
+pub mod policy;
 pub mod reason;
 #[cfg(feature = "testkit")]
 pub mod testkit;

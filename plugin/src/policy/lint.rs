@@ -1,0 +1,82 @@
+//! Semantic checks beyond validity: things that compile but are probably wrong.
+
+use super::{Policy, RuleEffect};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub subject: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Warning,
+}
+
+fn subset<T: PartialEq>(narrow: &[T], wide: &[T]) -> bool {
+    // An empty constraint matches everything.
+    wide.is_empty() || (!narrow.is_empty() && narrow.iter().all(|x| wide.contains(x)))
+}
+
+pub fn lint(p: &Policy) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let warn = |subject: String, message: String| Finding { severity: Severity::Warning, subject, message };
+
+    // Intents no allow rule can grant.
+    for (i, intent) in p.intents.iter().enumerate() {
+        let reachable = p.rules.iter().any(|r| r.effect == RuleEffect::Allow && (r.intents.is_empty() || r.intents.contains(&i)));
+        if !reachable {
+            out.push(warn(format!("intent `{}`", intent.name), "no allow rule grants this intent".into()));
+        }
+    }
+    // Classes never referenced and resources no intent or rule mentions.
+    for (i, res) in p.resources.iter().enumerate() {
+        let used = p.intents.iter().any(|it| it.operations.iter().any(|(r, _)| *r == i))
+            || p.rules.iter().any(|r| r.resources.contains(&i));
+        if !used {
+            out.push(warn(format!("resource `{}`", res.name), "no intent or rule refers to this resource".into()));
+        }
+    }
+
+    for (i, rule) in p.rules.iter().enumerate() {
+        // A rule shadowed by an earlier deny that covers everything it covers never decides.
+        for earlier in p.rules.iter().take(i) {
+            let covers = earlier.effect == RuleEffect::Deny
+                && !earlier.dry_run
+                && earlier.principals.is_empty()
+                && earlier.window.is_none()
+                && earlier.environments.is_empty()
+                && earlier.max_sensitivity.is_none()
+                && earlier.min_sensitivity.is_none()
+                && subset(&rule.classes, &earlier.classes)
+                && subset(&rule.intents, &earlier.intents)
+                && subset(&rule.resources, &earlier.resources)
+                && subset(&rule.methods, &earlier.methods);
+            if covers && rule.effect == RuleEffect::Allow {
+                out.push(warn(
+                    format!("rule `{}`", rule.id),
+                    format!("unreachable: deny rule `{}` matches every request it matches", earlier.id),
+                ));
+                break;
+            }
+        }
+        // Allow and deny rules that overlap deserve a second look (deny wins).
+        if rule.effect == RuleEffect::Allow {
+            for other in p.rules.iter().filter(|o| o.effect == RuleEffect::Deny) {
+                let overlap = |a: &[usize], b: &[usize]| a.is_empty() || b.is_empty() || a.iter().any(|x| b.contains(x));
+                if overlap(&rule.intents, &other.intents)
+                    && overlap(&rule.resources, &other.resources)
+                    && overlap(&rule.classes, &other.classes)
+                    && !(rule.principals.is_empty() && other.principals.is_empty() && other.intents.is_empty() && other.resources.is_empty() && other.classes.is_empty())
+                {
+                    out.push(warn(
+                        format!("rule `{}`", rule.id),
+                        format!("overlaps deny rule `{}`; where both match, the deny wins", other.id),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}

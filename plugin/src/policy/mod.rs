@@ -1,0 +1,746 @@
+//! Intent-aware request-time policy. Default deny.
+//!
+//! Evaluation, in order: workload class (first matching pattern) → class
+//! limits (token lifetime, standing secrets) → declared intent → destination
+//! resource → intent binding and sensitivity ceilings → signed-intent
+//! requirements → rules (any matching deny wins; otherwise a matching allow
+//! is required). The policy is compiled once from configuration; evaluation
+//! is pure and takes the time as input, so tests and the CLI drive it directly.
+
+pub mod lint;
+pub mod path;
+pub mod pattern;
+pub mod window;
+
+use crate::config::ConfigError;
+use crate::decision::Effect;
+use crate::reason::Reason;
+use pattern::{HostPattern, SegPattern};
+use serde::{Deserialize, Serialize};
+use window::{Window, WindowConfig};
+
+pub const DEFAULT_LEVELS: [&str; 4] = ["public", "internal", "confidential", "restricted"];
+
+fn default_levels() -> Vec<String> {
+    DEFAULT_LEVELS.iter().map(|s| s.to_string()).collect()
+}
+fn default_secret_headers() -> Vec<String> {
+    ["x-api-key", "api-key", "proxy-authorization"].iter().map(|s| s.to_string()).collect()
+}
+fn default_any() -> Vec<String> {
+    vec!["*".to_string()]
+}
+fn default_all_paths() -> Vec<String> {
+    vec!["/**".to_string()]
+}
+fn default_intent_ttl() -> u64 {
+    120
+}
+fn default_decision_ttl() -> u64 {
+    30
+}
+fn default_decision_cache_size() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Ordered sensitivity labels, least sensitive first.
+    #[serde(default = "default_levels")]
+    pub sensitivity_levels: Vec<String>,
+    /// The environment this proxy runs in (e.g. `prod`), for rule conditions.
+    #[serde(default)]
+    pub environment: Option<String>,
+    /// Read the environment from this key of Envoy's node metadata instead.
+    #[serde(default)]
+    pub environment_from_node_metadata: Option<String>,
+    /// Record would-be denials but let requests continue (policy stage only).
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub decision_cache: DecisionCacheConfig,
+    /// Headers that carry static credentials (plus `authorization: Basic`).
+    #[serde(default = "default_secret_headers")]
+    pub standing_secret_headers: Vec<String>,
+    /// Resources more sensitive than this level need a signed intent.
+    #[serde(default)]
+    pub require_signed_intent_above: Option<String>,
+    #[serde(default)]
+    pub classes: Vec<ClassConfig>,
+    #[serde(default)]
+    pub resources: Vec<ResourceConfig>,
+    #[serde(default)]
+    pub intents: Vec<IntentConfig>,
+    #[serde(default)]
+    pub intent_issuers: Vec<IntentIssuerConfig>,
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionCacheConfig {
+    #[serde(default = "default_decision_cache_size")]
+    pub size: usize,
+    #[serde(default = "default_decision_ttl")]
+    pub ttl_s: u64,
+}
+
+impl Default for DecisionCacheConfig {
+    fn default() -> Self {
+        DecisionCacheConfig { size: default_decision_cache_size(), ttl_s: default_decision_ttl() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    pub name: String,
+    pub principals: Vec<String>,
+    /// Longest accepted token lifetime (`exp - iat`), seconds.
+    #[serde(default)]
+    pub max_token_lifetime_s: Option<u64>,
+    #[serde(default)]
+    pub intent_required: bool,
+    #[serde(default)]
+    pub max_sensitivity: Option<String>,
+    #[serde(default)]
+    pub refuse_standing_secrets: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    pub name: String,
+    #[serde(default = "default_any")]
+    pub hosts: Vec<String>,
+    #[serde(default = "default_all_paths")]
+    pub paths: Vec<String>,
+    /// Methods this resource covers; empty = all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub sensitivity: Option<String>,
+    /// Served by a legacy service that only takes a static secret (see the minter).
+    #[serde(default)]
+    pub legacy: bool,
+    /// Audience for credentials minted for this resource; defaults to the name.
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationConfig {
+    pub resource: String,
+    /// Methods allowed on the resource for this intent; empty = the resource's methods.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntentConfig {
+    pub name: String,
+    pub operations: Vec<OperationConfig>,
+    #[serde(default)]
+    pub max_sensitivity: Option<String>,
+    /// Credential scopes granted for this intent.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Lifetime of credentials granted for this intent, seconds.
+    #[serde(default = "default_intent_ttl")]
+    pub ttl_s: u64,
+    #[serde(default)]
+    pub require_signed: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntentIssuerConfig {
+    pub issuer: String,
+    /// The issuer's public keys (JWKS).
+    pub jwks: serde_json::Value,
+    /// If set, intent tokens must name one of these audiences.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleEffect {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub id: String,
+    pub effect: RuleEffect,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Principal patterns; empty = any.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub classes: Vec<String>,
+    #[serde(default)]
+    pub intents: Vec<String>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Matches only resources at most this sensitive.
+    #[serde(default)]
+    pub max_sensitivity: Option<String>,
+    /// Matches only resources at least this sensitive.
+    #[serde(default)]
+    pub min_sensitivity: Option<String>,
+    #[serde(default)]
+    pub environments: Vec<String>,
+    #[serde(default)]
+    pub when: Option<WindowConfig>,
+    /// Deny rules only: record matches without enforcing them.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+// ---------------------------------------------------------------- compiled
+
+#[derive(Debug, Clone)]
+pub struct Class {
+    pub name: String,
+    principals: Vec<SegPattern>,
+    max_lifetime: Option<u64>,
+    intent_required: bool,
+    max_sensitivity: Option<usize>,
+    refuse_standing_secrets: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub name: String,
+    hosts: Vec<HostPattern>,
+    paths: Vec<SegPattern>,
+    methods: Vec<String>,
+    pub sensitivity: usize,
+    pub legacy: bool,
+    pub audience: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Intent {
+    pub name: String,
+    /// (resource index, methods; empty = the resource's).
+    operations: Vec<(usize, Vec<String>)>,
+    max_sensitivity: Option<usize>,
+    pub scopes: Vec<String>,
+    pub ttl_s: u64,
+    require_signed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub id: String,
+    pub effect: RuleEffect,
+    principals: Vec<SegPattern>,
+    classes: Vec<usize>,
+    intents: Vec<usize>,
+    resources: Vec<usize>,
+    methods: Vec<String>,
+    max_sensitivity: Option<usize>,
+    min_sensitivity: Option<usize>,
+    environments: Vec<String>,
+    window: Option<Window>,
+    dry_run: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub levels: Vec<String>,
+    pub environment: Option<String>,
+    pub dry_run: bool,
+    pub standing_secret_headers: Vec<String>,
+    signed_above: Option<usize>,
+    pub classes: Vec<Class>,
+    pub resources: Vec<Resource>,
+    pub intents: Vec<Intent>,
+    pub rules: Vec<Rule>,
+    pub cache: DecisionCacheConfig,
+}
+
+/// Verified claims of a signed intent token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedIntent {
+    pub intents: Vec<String>,
+    pub task: Option<String>,
+    pub exp: u64,
+}
+
+/// Everything the policy judges, already verified and normalised.
+#[derive(Debug, Clone)]
+pub struct PolicyInput<'a> {
+    pub principal: &'a str,
+    pub iat: Option<u64>,
+    pub exp: u64,
+    pub intent: Option<&'a str>,
+    pub signed_intent: Option<&'a SignedIntent>,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub now: u64,
+    pub environment: Option<&'a str>,
+    pub standing_secret: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyDecision {
+    pub effect: Effect,
+    pub reason: Reason,
+    /// The rule that decided (allow or deny), if any.
+    pub rule_id: Option<String>,
+    /// Dry-run: the reason this would have been denied.
+    pub dry_run_reason: Option<Reason>,
+    pub class: Option<String>,
+    pub resource: Option<String>,
+    pub sensitivity: Option<String>,
+    pub legacy: bool,
+    pub audience: Option<String>,
+    pub scopes: Vec<String>,
+    pub ttl_s: Option<u64>,
+    /// Until when this decision may be reused (earliest time-window boundary consulted).
+    pub valid_until: u64,
+}
+
+fn level(levels: &[String], field: &str, name: &Option<String>) -> Result<Option<usize>, ConfigError> {
+    match name {
+        None => Ok(None),
+        Some(n) => levels
+            .iter()
+            .position(|l| l == n)
+            .map(Some)
+            .ok_or_else(|| ConfigError::new(field, format!("unknown sensitivity level `{n}` (levels: {})", levels.join(", ")))),
+    }
+}
+
+fn methods(field: &str, m: &[String]) -> Result<Vec<String>, ConfigError> {
+    for x in m {
+        if x.is_empty() || !x.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::new(field, format!("method `{x}` must be an uppercase HTTP method")));
+        }
+    }
+    Ok(m.to_vec())
+}
+
+fn name_ok(field: &str, n: &str) -> Result<(), ConfigError> {
+    if n.is_empty() || n.len() > 128 || !n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)) {
+        return Err(ConfigError::new(field, format!("`{n}` must match [a-z0-9._-]{{1,128}}")));
+    }
+    Ok(())
+}
+
+fn index_of(field: &str, kind: &str, names: &[&str], wanted: &[String]) -> Result<Vec<usize>, ConfigError> {
+    wanted
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            names
+                .iter()
+                .position(|n| n == w)
+                .ok_or_else(|| ConfigError::new(format!("{field}[{i}]"), format!("unknown {kind} `{w}`")))
+        })
+        .collect()
+}
+
+impl Policy {
+    /// Validates and compiles. `prefix` is the config path of the policy (e.g. `policy`).
+    pub fn compile(c: &PolicyConfig, prefix: &str) -> Result<Policy, ConfigError> {
+        let f = |s: &str| format!("{prefix}.{s}");
+        if c.sensitivity_levels.is_empty() {
+            return Err(ConfigError::new(f("sensitivity_levels"), "at least one level is required"));
+        }
+        for (i, l) in c.sensitivity_levels.iter().enumerate() {
+            name_ok(&f(&format!("sensitivity_levels[{i}]")), l)?;
+            if c.sensitivity_levels.iter().filter(|x| *x == l).count() > 1 {
+                return Err(ConfigError::new(f(&format!("sensitivity_levels[{i}]")), format!("`{l}` is listed twice")));
+            }
+        }
+        let levels = c.sensitivity_levels.clone();
+        if c.environment.is_some() && c.environment_from_node_metadata.is_some() {
+            return Err(ConfigError::new(f("environment"), "set either environment or environment_from_node_metadata"));
+        }
+        for (i, h) in c.standing_secret_headers.iter().enumerate() {
+            crate::config::check_header_name(&f(&format!("standing_secret_headers[{i}]")), h)?;
+        }
+        if c.decision_cache.ttl_s > 3600 {
+            return Err(ConfigError::new(f("decision_cache.ttl_s"), "must be at most 3600"));
+        }
+        if c.decision_cache.size > 1_000_000 {
+            return Err(ConfigError::new(f("decision_cache.size"), "must be at most 1000000"));
+        }
+        let signed_above = level(&levels, &f("require_signed_intent_above"), &c.require_signed_intent_above)?;
+
+        let mut classes = Vec::new();
+        for (i, cl) in c.classes.iter().enumerate() {
+            let field = f(&format!("classes[{i}]"));
+            name_ok(&format!("{field}.name"), &cl.name)?;
+            if c.classes.iter().filter(|x| x.name == cl.name).count() > 1 {
+                return Err(ConfigError::new(format!("{field}.name"), format!("class `{}` is defined twice", cl.name)));
+            }
+            if cl.principals.is_empty() {
+                return Err(ConfigError::new(format!("{field}.principals"), "at least one pattern is required"));
+            }
+            let principals = cl
+                .principals
+                .iter()
+                .enumerate()
+                .map(|(j, p)| SegPattern::compile(p, false).map_err(|e| ConfigError::new(format!("{field}.principals[{j}]"), e)))
+                .collect::<Result<_, _>>()?;
+            classes.push(Class {
+                name: cl.name.clone(),
+                principals,
+                max_lifetime: cl.max_token_lifetime_s,
+                intent_required: cl.intent_required,
+                max_sensitivity: level(&levels, &format!("{field}.max_sensitivity"), &cl.max_sensitivity)?,
+                refuse_standing_secrets: cl.refuse_standing_secrets,
+            });
+        }
+
+        let mut resources = Vec::new();
+        for (i, r) in c.resources.iter().enumerate() {
+            let field = f(&format!("resources[{i}]"));
+            name_ok(&format!("{field}.name"), &r.name)?;
+            if c.resources.iter().filter(|x| x.name == r.name).count() > 1 {
+                return Err(ConfigError::new(format!("{field}.name"), format!("resource `{}` is defined twice", r.name)));
+            }
+            if r.hosts.is_empty() || r.paths.is_empty() {
+                return Err(ConfigError::new(format!("{field}.hosts"), "hosts and paths must not be empty lists"));
+            }
+            let hosts = r
+                .hosts
+                .iter()
+                .enumerate()
+                .map(|(j, h)| HostPattern::compile(h).map_err(|e| ConfigError::new(format!("{field}.hosts[{j}]"), e)))
+                .collect::<Result<_, _>>()?;
+            let paths = r
+                .paths
+                .iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    if !p.starts_with('/') {
+                        return Err(ConfigError::new(format!("{field}.paths[{j}]"), "must start with `/`"));
+                    }
+                    SegPattern::compile(p, true).map_err(|e| ConfigError::new(format!("{field}.paths[{j}]"), e))
+                })
+                .collect::<Result<_, _>>()?;
+            let sensitivity = level(&levels, &format!("{field}.sensitivity"), &r.sensitivity)?.unwrap_or(0);
+            resources.push(Resource {
+                name: r.name.clone(),
+                hosts,
+                paths,
+                methods: methods(&format!("{field}.methods"), &r.methods)?,
+                sensitivity,
+                legacy: r.legacy,
+                audience: r.audience.clone().unwrap_or_else(|| r.name.clone()),
+            });
+        }
+        let resource_names: Vec<&str> = c.resources.iter().map(|r| r.name.as_str()).collect();
+
+        let mut intents = Vec::new();
+        for (i, it) in c.intents.iter().enumerate() {
+            let field = f(&format!("intents[{i}]"));
+            name_ok(&format!("{field}.name"), &it.name)?;
+            if c.intents.iter().filter(|x| x.name == it.name).count() > 1 {
+                return Err(ConfigError::new(format!("{field}.name"), format!("intent `{}` is defined twice", it.name)));
+            }
+            if it.operations.is_empty() {
+                return Err(ConfigError::new(format!("{field}.operations"), "an intent must allow at least one operation"));
+            }
+            if it.ttl_s == 0 || it.ttl_s > 3600 {
+                return Err(ConfigError::new(format!("{field}.ttl_s"), "must be between 1 and 3600"));
+            }
+            let mut operations = Vec::new();
+            for (j, op) in it.operations.iter().enumerate() {
+                let ofield = format!("{field}.operations[{j}]");
+                let idx = resource_names
+                    .iter()
+                    .position(|n| *n == op.resource)
+                    .ok_or_else(|| ConfigError::new(format!("{ofield}.resource"), format!("unknown resource `{}`", op.resource)))?;
+                operations.push((idx, methods(&format!("{ofield}.methods"), &op.methods)?));
+            }
+            for (j, s) in it.scopes.iter().enumerate() {
+                if s.is_empty() || s.bytes().any(|b| b == b' ' || b == b'"' || b == b'\\' || b.is_ascii_control()) {
+                    return Err(ConfigError::new(format!("{field}.scopes[{j}]"), "scopes are non-empty tokens without spaces or quotes"));
+                }
+            }
+            intents.push(Intent {
+                name: it.name.clone(),
+                operations,
+                max_sensitivity: level(&levels, &format!("{field}.max_sensitivity"), &it.max_sensitivity)?,
+                scopes: it.scopes.clone(),
+                ttl_s: it.ttl_s,
+                require_signed: it.require_signed,
+            });
+        }
+        let intent_names: Vec<&str> = c.intents.iter().map(|x| x.name.as_str()).collect();
+        let class_names: Vec<&str> = c.classes.iter().map(|x| x.name.as_str()).collect();
+
+        let mut rules = Vec::new();
+        for (i, r) in c.rules.iter().enumerate() {
+            let field = f(&format!("rules[{i}]"));
+            if r.id.is_empty() {
+                return Err(ConfigError::new(format!("{field}.id"), "must not be empty"));
+            }
+            if c.rules.iter().filter(|x| x.id == r.id).count() > 1 {
+                return Err(ConfigError::new(format!("{field}.id"), format!("rule id `{}` is used twice", r.id)));
+            }
+            if r.dry_run && r.effect == RuleEffect::Allow {
+                return Err(ConfigError::new(format!("{field}.dry_run"), "only deny rules can be dry-run"));
+            }
+            let principals = r
+                .principals
+                .iter()
+                .enumerate()
+                .map(|(j, p)| SegPattern::compile(p, false).map_err(|e| ConfigError::new(format!("{field}.principals[{j}]"), e)))
+                .collect::<Result<_, _>>()?;
+            let window = match &r.when {
+                Some(w) => Some(Window::compile(w).map_err(|e| ConfigError::new(format!("{field}.when"), e))?),
+                None => None,
+            };
+            for (j, e) in r.environments.iter().enumerate() {
+                if e.is_empty() {
+                    return Err(ConfigError::new(format!("{field}.environments[{j}]"), "must not be empty"));
+                }
+            }
+            rules.push(Rule {
+                id: r.id.clone(),
+                effect: r.effect,
+                principals,
+                classes: index_of(&format!("{field}.classes"), "class", &class_names, &r.classes)?,
+                intents: index_of(&format!("{field}.intents"), "intent", &intent_names, &r.intents)?,
+                resources: index_of(&format!("{field}.resources"), "resource", &resource_names, &r.resources)?,
+                methods: methods(&format!("{field}.methods"), &r.methods)?,
+                max_sensitivity: level(&levels, &format!("{field}.max_sensitivity"), &r.max_sensitivity)?,
+                min_sensitivity: level(&levels, &format!("{field}.min_sensitivity"), &r.min_sensitivity)?,
+                environments: r.environments.clone(),
+                window,
+                dry_run: r.dry_run,
+            });
+        }
+
+        Ok(Policy {
+            levels,
+            environment: c.environment.clone(),
+            dry_run: c.dry_run,
+            standing_secret_headers: c.standing_secret_headers.clone(),
+            signed_above,
+            classes,
+            resources,
+            intents,
+            rules,
+            cache: c.decision_cache.clone(),
+        })
+    }
+
+    pub fn class_of(&self, principal: &str) -> Option<usize> {
+        self.classes.iter().position(|c| c.principals.iter().any(|p| p.matches(principal)))
+    }
+
+    pub fn resource_of(&self, authority: &str, path: &str, method: &str) -> Option<usize> {
+        self.resources.iter().position(|r| {
+            r.hosts.iter().any(|h| h.matches(authority))
+                && r.paths.iter().any(|p| p.matches(path))
+                && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+        })
+    }
+
+    pub fn intent_index(&self, name: &str) -> Option<usize> {
+        self.intents.iter().position(|i| i.name == name)
+    }
+
+    /// Judges one request. Every path that is not an explicit allow denies.
+    pub fn evaluate(&self, input: &PolicyInput<'_>) -> PolicyDecision {
+        let mut d = PolicyDecision {
+            effect: Effect::Allow,
+            reason: Reason::Allowed,
+            rule_id: None,
+            dry_run_reason: None,
+            class: None,
+            resource: None,
+            sensitivity: None,
+            legacy: false,
+            audience: None,
+            scopes: Vec::new(),
+            ttl_s: None,
+            valid_until: u64::MAX,
+        };
+        match self.judge(input, &mut d) {
+            Ok(()) => d,
+            Err((reason, rule)) => {
+                d.rule_id = rule;
+                if self.dry_run {
+                    d.effect = Effect::DryRunDeny;
+                    d.dry_run_reason = Some(reason);
+                    d.reason = reason;
+                } else {
+                    d.effect = Effect::Deny;
+                    d.reason = reason;
+                    d.scopes.clear();
+                    d.ttl_s = None;
+                }
+                d
+            }
+        }
+    }
+
+    fn judge(&self, input: &PolicyInput<'_>, d: &mut PolicyDecision) -> Result<(), (Reason, Option<String>)> {
+        let deny = |r: Reason| Err((r, None));
+        let class_idx = self.class_of(input.principal);
+        let class = class_idx.and_then(|i| self.classes.get(i));
+        d.class = class.map(|c| c.name.clone());
+
+        if let Some(max) = class.and_then(|c| c.max_lifetime) {
+            // Without `iat` the lifetime is unknown: a class with a limit refuses it.
+            match input.iat {
+                Some(iat) if input.exp.saturating_sub(iat) <= max => {}
+                _ => return deny(Reason::TokenLifetimeExceeded),
+            }
+        }
+        if input.standing_secret && class.is_some_and(|c| c.refuse_standing_secrets) {
+            return deny(Reason::StandingSecretPresented);
+        }
+
+        let intent_idx = match input.intent {
+            None => {
+                if class.is_some_and(|c| c.intent_required) {
+                    return deny(Reason::IntentRequired);
+                }
+                None
+            }
+            Some(name) => match self.intent_index(name) {
+                Some(i) => Some(i),
+                None => return deny(Reason::IntentUnknown),
+            },
+        };
+        let intent = intent_idx.and_then(|i| self.intents.get(i));
+        if let (Some(signed), Some(intent)) = (input.signed_intent, intent) {
+            if !signed.intents.iter().any(|i| *i == intent.name) {
+                return deny(Reason::IntentTokenInvalid);
+            }
+        }
+
+        let res_idx = self.resource_of(input.authority, input.path, input.method);
+        let resource = res_idx.and_then(|i| self.resources.get(i));
+        if let Some(r) = resource {
+            d.resource = Some(r.name.clone());
+            d.sensitivity = self.levels.get(r.sensitivity).cloned();
+            d.legacy = r.legacy;
+            d.audience = Some(r.audience.clone());
+        }
+        // An unknown destination is treated as the most sensitive: fail closed.
+        let sensitivity = resource.map_or(self.levels.len().saturating_sub(1), |r| r.sensitivity);
+
+        if let Some(intent) = intent {
+            let bound = match (res_idx, resource) {
+                (Some(ri), Some(r)) => intent.operations.iter().any(|(op_res, op_methods)| {
+                    *op_res == ri
+                        && if op_methods.is_empty() {
+                            r.methods.is_empty() || r.methods.iter().any(|m| m == input.method)
+                        } else {
+                            op_methods.iter().any(|m| m == input.method)
+                        }
+                }),
+                _ => false,
+            };
+            if !bound {
+                return deny(Reason::IntentMismatch);
+            }
+            if intent.max_sensitivity.is_some_and(|max| sensitivity > max) {
+                return deny(Reason::SensitivityExceeded);
+            }
+        }
+        if class.and_then(|c| c.max_sensitivity).is_some_and(|max| sensitivity > max) {
+            return deny(Reason::SensitivityExceeded);
+        }
+        let needs_signed = intent.is_some_and(|i| i.require_signed) || self.signed_above.is_some_and(|lvl| sensitivity > lvl);
+        if needs_signed && input.signed_intent.is_none() {
+            return deny(Reason::IntentTokenRequired);
+        }
+
+        // Rules: any enforced matching deny wins; otherwise an allow must match.
+        let mut allow: Option<&Rule> = None;
+        let mut dry_deny: Option<&Rule> = None;
+        for rule in &self.rules {
+            if !self.rule_matches(rule, input, class_idx, intent_idx, res_idx, sensitivity, d) {
+                continue;
+            }
+            match rule.effect {
+                RuleEffect::Deny if rule.dry_run => {
+                    dry_deny = dry_deny.or(Some(rule));
+                }
+                RuleEffect::Deny => return Err((Reason::DeniedByRule, Some(rule.id.clone()))),
+                RuleEffect::Allow => allow = allow.or(Some(rule)),
+            }
+        }
+        let Some(allow) = allow else { return deny(Reason::NoRuleMatched) };
+        d.rule_id = Some(allow.id.clone());
+        if let Some(dr) = dry_deny {
+            d.effect = Effect::DryRunDeny;
+            d.dry_run_reason = Some(Reason::DeniedByRule);
+            d.reason = Reason::DeniedByRule;
+            d.rule_id = Some(dr.id.clone());
+        }
+        if let Some(intent) = intent {
+            d.scopes = intent.scopes.clone();
+            d.ttl_s = Some(intent.ttl_s);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rule_matches(
+        &self,
+        rule: &Rule,
+        input: &PolicyInput<'_>,
+        class: Option<usize>,
+        intent: Option<usize>,
+        resource: Option<usize>,
+        sensitivity: usize,
+        d: &mut PolicyDecision,
+    ) -> bool {
+        if !rule.principals.is_empty() && !rule.principals.iter().any(|p| p.matches(input.principal)) {
+            return false;
+        }
+        if !rule.classes.is_empty() && !class.is_some_and(|c| rule.classes.contains(&c)) {
+            return false;
+        }
+        if !rule.intents.is_empty() && !intent.is_some_and(|i| rule.intents.contains(&i)) {
+            return false;
+        }
+        if !rule.resources.is_empty() && !resource.is_some_and(|r| rule.resources.contains(&r)) {
+            return false;
+        }
+        if !rule.methods.is_empty() && !rule.methods.iter().any(|m| m == input.method) {
+            return false;
+        }
+        if rule.max_sensitivity.is_some_and(|m| sensitivity > m) || rule.min_sensitivity.is_some_and(|m| sensitivity < m) {
+            return false;
+        }
+        if !rule.environments.is_empty() && !input.environment.is_some_and(|e| rule.environments.iter().any(|x| x == e)) {
+            return false;
+        }
+        if let Some(w) = &rule.window {
+            // The answer depends on the clock: the decision expires at the next boundary.
+            d.valid_until = d.valid_until.min(w.next_boundary(input.now));
+            if !w.contains(input.now) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;

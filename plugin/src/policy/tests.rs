@@ -1,0 +1,245 @@
+//! Policy semantics, driven directly (no tokens).
+
+use super::*;
+use crate::decision::Effect;
+use serde_json::json;
+
+const WED_1000: u64 = 1_795_564_800 + 10 * 3600;
+
+fn policy(v: serde_json::Value) -> Policy {
+    let c: PolicyConfig = serde_json::from_value(v).unwrap();
+    Policy::compile(&c, "policy").unwrap()
+}
+
+fn base() -> serde_json::Value {
+    json!({
+        "environment": "prod",
+        "require_signed_intent_above": "confidential",
+        "classes": [
+            {"name": "agent", "principals": ["spiffe://example.org/agent/**"], "max_token_lifetime_s": 900,
+             "intent_required": true, "max_sensitivity": "restricted", "refuse_standing_secrets": true},
+            {"name": "batch", "principals": ["spiffe://example.org/batch/*"], "max_token_lifetime_s": 86400, "max_sensitivity": "internal"}
+        ],
+        "resources": [
+            {"name": "tickets", "hosts": ["tickets.internal"], "paths": ["/tickets/**"], "sensitivity": "internal"},
+            {"name": "customers", "hosts": ["crm.internal"], "paths": ["/customers/{id}"], "sensitivity": "restricted"},
+            {"name": "reports", "hosts": ["reports.internal"], "paths": ["/reports/**"], "methods": ["GET"], "sensitivity": "public"}
+        ],
+        "intents": [
+            {"name": "ticket.read", "operations": [{"resource": "tickets", "methods": ["GET"]}], "scopes": ["tickets:read"], "ttl_s": 60},
+            {"name": "ticket.comment", "operations": [{"resource": "tickets", "methods": ["POST"]}], "scopes": ["tickets:comment"]},
+            {"name": "customer.lookup", "operations": [{"resource": "customers", "methods": ["GET"]}], "scopes": ["crm:read"]}
+        ],
+        "rules": [
+            {"id": "agents-tickets", "effect": "allow", "classes": ["agent"], "intents": ["ticket.read", "ticket.comment"]},
+            {"id": "agents-crm", "effect": "allow", "classes": ["agent"], "intents": ["customer.lookup"], "when": {"hours": ["08:00-20:00"]}},
+            {"id": "batch-reports", "effect": "allow", "classes": ["batch"], "resources": ["reports"]},
+            {"id": "no-deletes", "effect": "deny", "methods": ["DELETE"]}
+        ]
+    })
+}
+
+fn input<'a>(principal: &'a str, intent: Option<&'a str>, method: &'a str, host: &'a str, path: &'a str) -> PolicyInput<'a> {
+    PolicyInput {
+        principal,
+        iat: Some(WED_1000 - 60),
+        exp: WED_1000 + 240,
+        intent,
+        signed_intent: None,
+        method,
+        authority: host,
+        path,
+        now: WED_1000,
+        environment: Some("prod"),
+        standing_secret: false,
+    }
+}
+
+const AGENT: &str = "spiffe://example.org/agent/support/a1";
+
+#[test]
+fn allow_carries_rule_scopes_and_ttl() {
+    let p = policy(base());
+    let d = p.evaluate(&input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1"));
+    assert_eq!((d.effect, d.reason), (Effect::Allow, Reason::Allowed));
+    assert_eq!(d.rule_id.as_deref(), Some("agents-tickets"));
+    assert_eq!(d.scopes, vec!["tickets:read"]);
+    assert_eq!(d.ttl_s, Some(60));
+    assert_eq!(d.class.as_deref(), Some("agent"));
+    assert_eq!(d.resource.as_deref(), Some("tickets"));
+    assert_eq!(d.sensitivity.as_deref(), Some("internal"));
+}
+
+#[test]
+fn intent_mismatch_even_if_another_intent_would_allow() {
+    let p = policy(base());
+    let d = p.evaluate(&input(AGENT, Some("ticket.read"), "POST", "tickets.internal", "/tickets/1"));
+    assert_eq!(d.reason, Reason::IntentMismatch);
+    assert_eq!(d.effect, Effect::Deny);
+    assert!(d.scopes.is_empty());
+}
+
+#[test]
+fn agent_without_intent_refused() {
+    let p = policy(base());
+    assert_eq!(p.evaluate(&input(AGENT, None, "GET", "tickets.internal", "/tickets/1")).reason, Reason::IntentRequired);
+}
+
+#[test]
+fn unknown_intent_refused() {
+    let p = policy(base());
+    assert_eq!(p.evaluate(&input(AGENT, Some("ticket.delete"), "GET", "tickets.internal", "/tickets/1")).reason, Reason::IntentUnknown);
+}
+
+#[test]
+fn signed_intent_required_above_confidential() {
+    let p = policy(base());
+    let i = input(AGENT, Some("customer.lookup"), "GET", "crm.internal", "/customers/7");
+    assert_eq!(p.evaluate(&i).reason, Reason::IntentTokenRequired);
+    let signed = SignedIntent { intents: vec!["customer.lookup".into()], task: Some("T-1".into()), exp: WED_1000 + 60 };
+    let d = p.evaluate(&PolicyInput { signed_intent: Some(&signed), ..i.clone() });
+    assert_eq!(d.effect, Effect::Allow, "{d:?}");
+    let other = SignedIntent { intents: vec!["ticket.read".into()], task: None, exp: WED_1000 + 60 };
+    assert_eq!(p.evaluate(&PolicyInput { signed_intent: Some(&other), ..i }).reason, Reason::IntentTokenInvalid);
+}
+
+#[test]
+fn time_window_and_its_boundary() {
+    let p = policy(base());
+    let signed = SignedIntent { intents: vec!["customer.lookup".into()], task: None, exp: u64::MAX };
+    let at = |now| PolicyInput { now, signed_intent: Some(&signed), ..input(AGENT, Some("customer.lookup"), "GET", "crm.internal", "/customers/7") };
+    let wed_1959 = 1_795_564_800 + 20 * 3600 - 1;
+    let d = p.evaluate(&at(wed_1959));
+    assert_eq!(d.effect, Effect::Allow);
+    assert_eq!(d.valid_until, 1_795_564_800 + 20 * 3600, "an allow at 19:59:59 expires at 20:00");
+    assert_eq!(p.evaluate(&at(wed_1959 + 1)).reason, Reason::NoRuleMatched);
+}
+
+#[test]
+fn class_sensitivity_ceiling() {
+    let p = policy(base());
+    let batch = "spiffe://example.org/batch/nightly";
+    let mut i = input(batch, None, "GET", "crm.internal", "/customers/1");
+    i.iat = Some(WED_1000 - 3600);
+    assert_eq!(p.evaluate(&i).reason, Reason::SensitivityExceeded);
+    i.authority = "reports.internal";
+    i.path = "/reports/daily";
+    assert_eq!(p.evaluate(&i).effect, Effect::Allow);
+}
+
+#[test]
+fn unknown_destination_is_treated_as_most_sensitive() {
+    let p = policy(base());
+    let mut i = input("spiffe://example.org/batch/nightly", None, "GET", "unknown.internal", "/x");
+    i.iat = Some(WED_1000 - 60);
+    assert_eq!(p.evaluate(&i).reason, Reason::SensitivityExceeded);
+}
+
+#[test]
+fn long_lived_token_refused_for_agents() {
+    let p = policy(base());
+    let mut i = input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1");
+    i.iat = Some(WED_1000 - 3600);
+    assert_eq!(p.evaluate(&i).reason, Reason::TokenLifetimeExceeded);
+    i.iat = None;
+    assert_eq!(p.evaluate(&i).reason, Reason::TokenLifetimeExceeded, "unknown lifetime fails closed");
+}
+
+#[test]
+fn standing_secret_refused_for_agent_class() {
+    let p = policy(base());
+    let i = PolicyInput { standing_secret: true, ..input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1") };
+    assert_eq!(p.evaluate(&i).reason, Reason::StandingSecretPresented);
+}
+
+#[test]
+fn deny_rule_wins() {
+    let mut v = base();
+    v["intents"][0]["operations"][0]["methods"] = json!(["GET", "DELETE"]);
+    let p = policy(v);
+    let d = p.evaluate(&input(AGENT, Some("ticket.read"), "DELETE", "tickets.internal", "/tickets/1"));
+    assert_eq!((d.reason, d.rule_id.as_deref()), (Reason::DeniedByRule, Some("no-deletes")));
+}
+
+#[test]
+fn default_deny_without_rules() {
+    let mut v = base();
+    v["rules"] = json!([]);
+    let p = policy(v);
+    assert_eq!(p.evaluate(&input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1")).reason, Reason::NoRuleMatched);
+}
+
+#[test]
+fn global_dry_run_records_but_allows() {
+    let mut v = base();
+    v["dry_run"] = json!(true);
+    let p = policy(v);
+    let d = p.evaluate(&input(AGENT, Some("ticket.read"), "POST", "tickets.internal", "/tickets/1"));
+    assert_eq!(d.effect, Effect::DryRunDeny);
+    assert_eq!(d.dry_run_reason, Some(Reason::IntentMismatch));
+}
+
+#[test]
+fn dry_run_deny_rule_is_recorded_not_enforced() {
+    let mut v = base();
+    v["rules"] = json!([
+        {"id": "trial-deny", "effect": "deny", "intents": ["ticket.comment"], "dry_run": true},
+        {"id": "agents-tickets", "effect": "allow", "classes": ["agent"], "intents": ["ticket.read", "ticket.comment"]}
+    ]);
+    let p = policy(v);
+    let d = p.evaluate(&input(AGENT, Some("ticket.comment"), "POST", "tickets.internal", "/tickets/1"));
+    assert_eq!(d.effect, Effect::DryRunDeny);
+    assert_eq!(d.rule_id.as_deref(), Some("trial-deny"));
+}
+
+#[test]
+fn environment_condition() {
+    let mut v = base();
+    v["rules"] = json!([{"id": "staging-only", "effect": "allow", "intents": ["ticket.read"], "environments": ["staging"]}]);
+    let p = policy(v);
+    let i = input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1");
+    assert_eq!(p.evaluate(&i).reason, Reason::NoRuleMatched);
+    assert_eq!(p.evaluate(&PolicyInput { environment: Some("staging"), ..i }).effect, Effect::Allow);
+}
+
+fn compile_err(v: serde_json::Value) -> ConfigError {
+    let c: PolicyConfig = serde_json::from_value(v).unwrap();
+    Policy::compile(&c, "policy").unwrap_err()
+}
+
+#[test]
+fn invalid_policies_are_refused_naming_the_field() {
+    let mut v = base();
+    v["rules"][0]["intents"] = json!(["ticket.read", "nope"]);
+    assert_eq!(compile_err(v).field, "policy.rules[0].intents[1]");
+    let mut v = base();
+    v["intents"][0]["operations"][0]["resource"] = json!("ghost");
+    assert_eq!(compile_err(v).field, "policy.intents[0].operations[0].resource");
+    let mut v = base();
+    v["classes"][0]["principals"] = json!([""]);
+    assert_eq!(compile_err(v).field, "policy.classes[0].principals[0]");
+    let mut v = base();
+    v["rules"][1]["when"] = json!({"hours": ["8-20"]});
+    assert_eq!(compile_err(v).field, "policy.rules[1].when");
+    let mut v = base();
+    v["resources"][0]["sensitivity"] = json!("top-secret");
+    assert_eq!(compile_err(v).field, "policy.resources[0].sensitivity");
+    let mut v = base();
+    v["rules"][0]["dry_run"] = json!(true);
+    assert_eq!(compile_err(v).field, "policy.rules[0].dry_run");
+}
+
+#[test]
+fn lint_finds_unreachable_and_ungranted() {
+    let mut v = base();
+    v["intents"].as_array_mut().unwrap().push(json!({"name": "orphan", "operations": [{"resource": "tickets"}]}));
+    v["rules"] = json!([
+        {"id": "deny-all-tickets", "effect": "deny", "resources": ["tickets"]},
+        {"id": "allow-tickets", "effect": "allow", "resources": ["tickets"], "intents": ["ticket.read"]}
+    ]);
+    let p = policy(v);
+    let findings = lint::lint(&p);
+    let text: Vec<String> = findings.iter().map(|f| format!("{} {}", f.subject, f.message)).collect();
+    assert!(text.iter().any(|t| t.contains("allow-tickets") && t.contains("unreachable")), "{text:?}");
+    assert!(text.iter().any(|t| t.contains("`orphan`") && t.contains("no allow rule")), "{text:?}");
+}
