@@ -35,6 +35,9 @@ pub struct Config {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    /// Request-time policy. Without one, every request is denied (`no_rule_matched`).
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicyConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,12 +145,19 @@ pub struct UpstreamConfig {
     /// Header that carries the decision id upstream (and in local replies).
     #[serde(default = "default_decision_header")]
     pub decision_id_header: String,
+    /// Send the normalised path upstream, so the service sees what the policy judged.
+    #[serde(default = "default_true")]
+    pub rewrite_path: bool,
 }
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
-        UpstreamConfig { decision_id_header: default_decision_header() }
+        UpstreamConfig { decision_id_header: default_decision_header(), rewrite_path: true }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_token_header() -> String {
@@ -259,6 +269,10 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         validate_source(&format!("{field}.jwks"), &o.jwks)?;
     }
     check_header_name("upstream.decision_id_header", &c.upstream.decision_id_header)?;
+    if let Some(p) = &c.policy {
+        crate::policy::Policy::compile(p, "policy")?;
+        crate::policy::intent::IntentVerifier::new(&p.intent_issuers, id.clock_skew_s, "policy.intent_issuers")?;
+    }
     Ok(())
 }
 

@@ -36,6 +36,7 @@ pub enum Reason {
     IntentMalformed,
     TaskMalformed,
     PathAmbiguous,
+    AuthorityInvalid,
 
     // --- policy (403) ---
     IntentRequired,
@@ -92,6 +93,7 @@ impl Reason {
         Reason::IntentMalformed,
         Reason::TaskMalformed,
         Reason::PathAmbiguous,
+        Reason::AuthorityInvalid,
         Reason::IntentRequired,
         Reason::IntentUnknown,
         Reason::IntentMismatch,
@@ -134,6 +136,7 @@ impl Reason {
             Reason::IntentMalformed => "intent_malformed",
             Reason::TaskMalformed => "task_malformed",
             Reason::PathAmbiguous => "path_ambiguous",
+            Reason::AuthorityInvalid => "authority_invalid",
             Reason::IntentRequired => "intent_required",
             Reason::IntentUnknown => "intent_unknown",
             Reason::IntentMismatch => "intent_mismatch",
@@ -163,7 +166,7 @@ impl Reason {
             | KidMissing | KidUnknown | SignatureInvalid | TokenExpired | TokenNotYetValid
             | IssuedInFuture | AudienceMismatch | AudienceMissing | ExpMissing | SubjectMissing | SpiffeIdInvalid
             | TrustDomainUnknown | IssuerUnknown | BundleUnavailable => Family::Identity,
-            IntentMalformed | TaskMalformed | PathAmbiguous => Family::BadRequest,
+            IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid => Family::BadRequest,
             IntentRequired | IntentUnknown | IntentMismatch | IntentTokenRequired
             | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
             | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked => {
@@ -211,6 +214,7 @@ impl Reason {
             IntentMalformed => "the x-agent-intent header is malformed",
             TaskMalformed => "the x-agent-task header is malformed",
             PathAmbiguous => "the request path is ambiguous",
+            AuthorityInvalid => "the request authority is invalid",
             IntentRequired => "an intent is required for this workload",
             IntentUnknown => "the declared intent is not defined",
             IntentMismatch => "the operation is not permitted for the declared intent",

@@ -156,10 +156,16 @@ impl RootContext for Root {
         match config::parse(&raw) {
             Ok(config) => {
                 self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let engine = match Engine::new(config, self.seed) {
+                let host_env = config
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.environment_from_node_metadata.as_deref())
+                    .and_then(|key| hostcalls::get_property(vec!["node", "metadata", key]).ok().flatten())
+                    .and_then(|v| String::from_utf8(v).ok());
+                let engine = match Engine::new(config, self.seed, host_env) {
                     Ok(engine) => engine,
                     Err(e) => {
-                        log(LogLevel::Error, &format!("mandate: invalid configuration: {e}"));
+                        log(LogLevel::Error, &e.to_string());
                         return false;
                     }
                 };
@@ -183,7 +189,7 @@ impl RootContext for Root {
                 true
             }
             Err(e) => {
-                log(LogLevel::Error, &format!("mandate: {e}"));
+                log(LogLevel::Error, &e.to_string());
                 false
             }
         }

@@ -20,6 +20,8 @@ pub struct Parsed<'t> {
     /// `typ` as sent (already checked to be JWT or JOSE), for the signature library.
     pub typ: Option<String>,
     pub claims: Claims,
+    /// The decoded claims JSON, for callers that need more than the registered claims.
+    pub claims_json: Vec<u8>,
 }
 
 #[derive(Deserialize)]
@@ -102,5 +104,5 @@ pub fn parse(token: &[u8], max_len: usize) -> Result<Parsed<'_>, Reason> {
     }
     let claims_json = URL_SAFE_NO_PAD.decode(c64).map_err(|_| Reason::TokenMalformed)?;
     let claims: Claims = serde_json::from_slice(&claims_json).map_err(|_| Reason::TokenMalformed)?;
-    Ok(Parsed { token, alg, kid, typ: header.typ, claims })
+    Ok(Parsed { token, alg, kid, typ: header.typ, claims, claims_json })
 }

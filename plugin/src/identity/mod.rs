@@ -223,7 +223,7 @@ impl Verifier {
     }
 }
 
-fn verify_signature(parsed: &jws::Parsed<'_>, key: &TrustedKey, now: u64, skew: u64) -> Result<(), Reason> {
+pub(crate) fn verify_signature(parsed: &jws::Parsed<'_>, key: &TrustedKey, now: u64, skew: u64) -> Result<(), Reason> {
     let options = || VerificationOptions {
         required_key_id: Some(parsed.kid.clone()),
         // Our own check already limited `typ` to JWT/JOSE; the library only knows JWT.

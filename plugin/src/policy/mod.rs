@@ -7,6 +7,7 @@
 //! is required). The policy is compiled once from configuration; evaluation
 //! is pure and takes the time as input, so tests and the CLI drive it directly.
 
+pub mod intent;
 pub mod lint;
 pub mod path;
 pub mod pattern;

@@ -1,0 +1,214 @@
+//! Declared intent: the `x-agent-intent` / `x-agent-task` headers and signed
+//! intent tokens (JWTs from a configured intent issuer, bound to the caller).
+
+use super::{IntentIssuerConfig, SignedIntent};
+use crate::config::ConfigError;
+use crate::headers::Headers;
+use crate::identity::jwks::{parse_bundle, Bundle};
+use crate::identity::jws;
+use crate::reason::Reason;
+use serde::Deserialize;
+
+pub const INTENT_HEADER: &str = "x-agent-intent";
+pub const TASK_HEADER: &str = "x-agent-task";
+pub const INTENT_TOKEN_HEADER: &str = "x-agent-intent-token";
+const MAX_INTENT_TOKEN: usize = 8192;
+
+fn valid_intent(v: &[u8]) -> bool {
+    (1..=128).contains(&v.len()) && v.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b))
+}
+
+fn valid_task(v: &[u8]) -> bool {
+    (1..=128).contains(&v.len()) && v.iter().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b))
+}
+
+/// The declared intent name, if any. Several values (or a list) are malformed.
+pub fn declared_intent(h: &Headers) -> Result<Option<String>, Reason> {
+    match h.single(INTENT_HEADER) {
+        Err(_) => Err(Reason::IntentMalformed),
+        Ok(None) => Ok(None),
+        Ok(Some(v)) if valid_intent(v) => Ok(Some(String::from_utf8_lossy(v).into_owned())),
+        Ok(Some(_)) => Err(Reason::IntentMalformed),
+    }
+}
+
+pub fn declared_task(h: &Headers) -> Result<Option<String>, Reason> {
+    match h.single(TASK_HEADER) {
+        Err(_) => Err(Reason::TaskMalformed),
+        Ok(None) => Ok(None),
+        Ok(Some(v)) if valid_task(v) => Ok(Some(String::from_utf8_lossy(v).into_owned())),
+        Ok(Some(_)) => Err(Reason::TaskMalformed),
+    }
+}
+
+struct Issuer {
+    issuer: String,
+    bundle: Bundle,
+    audiences: Vec<String>,
+}
+
+pub struct IntentVerifier {
+    issuers: Vec<Issuer>,
+    skew: u64,
+}
+
+#[derive(Deserialize)]
+struct IntentClaims {
+    #[serde(default)]
+    intents: Vec<String>,
+    #[serde(default)]
+    task: Option<String>,
+}
+
+impl IntentVerifier {
+    pub fn new(cfg: &[IntentIssuerConfig], skew: u64, prefix: &str) -> Result<IntentVerifier, ConfigError> {
+        let mut issuers = Vec::new();
+        for (i, c) in cfg.iter().enumerate() {
+            let field = format!("{prefix}[{i}]");
+            if c.issuer.is_empty() {
+                return Err(ConfigError::new(format!("{field}.issuer"), "must not be empty"));
+            }
+            let raw = serde_json::to_vec(&c.jwks).map_err(|e| ConfigError::new(format!("{field}.jwks"), e.to_string()))?;
+            let bundle = parse_bundle(&raw).map_err(|e| ConfigError::new(format!("{field}.jwks"), e.to_string()))?;
+            issuers.push(Issuer { issuer: c.issuer.clone(), bundle, audiences: c.audiences.clone() });
+        }
+        Ok(IntentVerifier { issuers, skew })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.issuers.is_empty()
+    }
+
+    /// Verifies an intent token for `principal`. Any failure is `intent_token_invalid`.
+    pub fn verify(&self, token: &[u8], principal: &str, now: u64) -> Result<SignedIntent, Reason> {
+        let bad = Reason::IntentTokenInvalid;
+        let parsed = jws::parse(token, MAX_INTENT_TOKEN).map_err(|_| bad)?;
+        let c = &parsed.claims;
+        let issuer = c.iss.as_deref().and_then(|iss| self.issuers.iter().find(|i| i.issuer == iss)).ok_or(bad)?;
+        let key = issuer.bundle.key(&parsed.kid).ok_or(bad)?;
+        if !key.accepts(parsed.alg) {
+            return Err(bad);
+        }
+        // The token is bound to the caller: another workload's intent token is worthless.
+        if c.sub.as_deref() != Some(principal) {
+            return Err(bad);
+        }
+        let exp = c.exp.ok_or(bad)?;
+        if now > exp.saturating_add(self.skew)
+            || c.nbf.is_some_and(|t| t > now.saturating_add(self.skew))
+            || c.iat.is_some_and(|t| t > now.saturating_add(self.skew))
+        {
+            return Err(bad);
+        }
+        if !issuer.audiences.is_empty() && !c.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)) {
+            return Err(bad);
+        }
+        crate::identity::verify_signature(&parsed, key, now, self.skew).map_err(|_| bad)?;
+        let claims: IntentClaims = serde_json::from_slice(&parsed.claims_json).map_err(|_| bad)?;
+        if claims.intents.is_empty() || !claims.intents.iter().all(|i| valid_intent(i.as_bytes())) {
+            return Err(bad);
+        }
+        if claims.task.as_deref().is_some_and(|t| !valid_task(t.as_bytes())) {
+            return Err(bad);
+        }
+        Ok(SignedIntent { intents: claims.intents, task: claims.task, exp })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{plain_jwks, TestKey};
+    use serde_json::json;
+
+    const NOW: u64 = 1_800_000_000;
+    const ME: &str = "spiffe://example.org/agent/coder";
+
+    fn verifier(key: &TestKey) -> IntentVerifier {
+        let cfg: Vec<IntentIssuerConfig> = serde_json::from_value(json!([
+            {"issuer": "https://intent.example.org", "jwks": plain_jwks(&[key]), "audiences": ["mandate"]}
+        ]))
+        .unwrap();
+        IntentVerifier::new(&cfg, 30, "policy.intent_issuers").unwrap()
+    }
+
+    fn claims(sub: &str) -> serde_json::Value {
+        json!({"iss": "https://intent.example.org", "sub": sub, "aud": "mandate", "exp": NOW + 60,
+               "intents": ["repo.write"], "task": "PR-42"})
+    }
+
+    #[test]
+    fn valid_intent_token() {
+        let k = TestKey::es256("i1");
+        let s = verifier(&k).verify(k.sign(&claims(ME)).as_bytes(), ME, NOW).unwrap();
+        assert_eq!(s.intents, vec!["repo.write"]);
+        assert_eq!(s.task.as_deref(), Some("PR-42"));
+    }
+
+    #[test]
+    fn intent_token_stolen_from_another_agent() {
+        let k = TestKey::es256("i1");
+        let t = k.sign(&claims("spiffe://example.org/agent/other"));
+        assert_eq!(verifier(&k).verify(t.as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+    }
+
+    #[test]
+    fn intent_token_forged_by_caller() {
+        let k = TestKey::es256("i1");
+        let forger = TestKey::es256("i1");
+        assert_eq!(verifier(&k).verify(forger.sign(&claims(ME)).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+    }
+
+    #[test]
+    fn intent_token_expired() {
+        let k = TestKey::es256("i1");
+        assert_eq!(verifier(&k).verify(k.sign(&claims(ME)).as_bytes(), ME, NOW + 91), Err(Reason::IntentTokenInvalid));
+    }
+
+    #[test]
+    fn intent_token_from_unknown_issuer() {
+        let k = TestKey::es256("i1");
+        let mut c = claims(ME);
+        c["iss"] = json!("https://evil");
+        assert_eq!(verifier(&k).verify(k.sign(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+    }
+
+    #[test]
+    fn intent_token_wrong_audience() {
+        let k = TestKey::es256("i1");
+        let mut c = claims(ME);
+        c["aud"] = json!("other");
+        assert_eq!(verifier(&k).verify(k.sign(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+    }
+
+    #[test]
+    fn intent_token_with_malformed_intent_name() {
+        let k = TestKey::es256("i1");
+        let mut c = claims(ME);
+        c["intents"] = json!(["Repo Write"]);
+        assert_eq!(verifier(&k).verify(k.sign(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+    }
+
+    fn h(pairs: &[(&str, &[u8])]) -> Headers {
+        Headers::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect())
+    }
+
+    #[test]
+    fn intent_header_attacks() {
+        assert_eq!(declared_intent(&h(&[("x-agent-intent", b"ticket.read")])), Ok(Some("ticket.read".into())));
+        assert_eq!(declared_intent(&h(&[])), Ok(None));
+        for bad in [&b"Ticket.Read"[..], b"ticket read", b"ticket.read,repo.write", b"", b"\xff\xfe", &[b'a'; 129]] {
+            assert_eq!(declared_intent(&h(&[("x-agent-intent", bad)])), Err(Reason::IntentMalformed), "{bad:?}");
+        }
+        let two = h(&[("x-agent-intent", b"a"), ("x-agent-intent", b"b")]);
+        assert_eq!(declared_intent(&two), Err(Reason::IntentMalformed));
+    }
+
+    #[test]
+    fn task_header_attacks() {
+        assert_eq!(declared_task(&h(&[("x-agent-task", b"JIRA-1:sub.2")])), Ok(Some("JIRA-1:sub.2".into())));
+        for bad in [&b"a/b"[..], b"a b", b"", b"x\r\ny", &[b'a'; 129]] {
+            assert_eq!(declared_task(&h(&[("x-agent-task", bad)])), Err(Reason::TaskMalformed), "{bad:?}");
+        }
+    }
+}
