@@ -7,6 +7,8 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use mandate_host_test::{run_request, ConfigRejected, Host, RequestSpec};
 
+mod policy_cli;
+
 const REQUEST_HELP: &str = r#"REQUEST FILE FORMAT (JSON; every field optional):
   method, path, authority, scheme   request line (GET, /, example.com, http);
                                     sent as :method :path :authority :scheme
@@ -53,6 +55,9 @@ enum Command {
     /// Run one HTTP request through the proxy-wasm filter on the test host.
     #[command(after_long_help = REQUEST_HELP)]
     Run(RunArgs),
+    /// Policy as code: lint, test case files, explain a decision.
+    #[command(subcommand)]
+    Policy(policy_cli::PolicyCommand),
 }
 
 #[derive(clap::Args)]
@@ -137,6 +142,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => run(args),
+        Command::Policy(cmd) => policy_cli::run(cmd),
     };
     match result {
         Ok(code) => code,

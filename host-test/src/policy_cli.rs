@@ -1,0 +1,149 @@
+//! `mandate policy lint|test|explain`: the policy engine's command-line face.
+//! Same engine code as the filter (`mandate_plugin::policy`).
+
+use anyhow::{bail, Context as _, Result};
+use mandate_plugin::policy::cases::{self, CaseRequest};
+use mandate_plugin::policy::lint;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy (a `policy` object or a full plugin configuration): schema, references,
+    /// unreachable rules, intents no rule grants, allow/deny overlaps. Exit 1 on error.
+    Lint {
+        file: PathBuf,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        deny_warnings: bool,
+    },
+    /// Run policy case files (`*.cases.json`; directories are searched). Prints `N passed, N failed`.
+    Test {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show how a policy judges one request: the decision, then each rule and why it matched or not.
+    Explain {
+        #[arg(long)]
+        policy: PathBuf,
+        /// A request as in case files: principal, intent, task, signed_intent, method, authority,
+        /// path, time, environment, standing_secret, token_lifetime_s.
+        #[arg(long)]
+        request: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: &PolicyCommand) -> Result<ExitCode> {
+    match cmd {
+        PolicyCommand::Lint { file, deny_warnings } => lint_file(file, *deny_warnings),
+        PolicyCommand::Test { paths } => test(paths),
+        PolicyCommand::Explain { policy, request, json } => explain(policy, request, *json),
+    }
+}
+
+fn lint_file(file: &Path, deny_warnings: bool) -> Result<ExitCode> {
+    let raw = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let policy = match cases::parse_policy(&raw) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("error: {}: {e}", file.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let findings = lint::lint(&policy);
+    for f in &findings {
+        println!("warning: {}: {}: {}", file.display(), f.subject, f.message);
+    }
+    println!(
+        "{}: {} classes, {} resources, {} intents, {} rules; {} warning(s)",
+        file.display(),
+        policy.classes.len(),
+        policy.resources.len(),
+        policy.intents.len(),
+        policy.rules.len(),
+        findings.len()
+    );
+    Ok(if deny_warnings && !findings.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() || p.to_string_lossy().ends_with(".cases.json") {
+                collect(&p, out)?;
+            }
+        }
+    } else {
+        out.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+fn test(paths: &[PathBuf]) -> Result<ExitCode> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect(p, &mut files)?;
+    }
+    if files.is_empty() {
+        bail!("no *.cases.json files found");
+    }
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for f in &files {
+        let (policy, results) = cases::run_file(f).map_err(anyhow::Error::msg)?;
+        let bad: Vec<_> = results.iter().filter(|r| !r.passed).collect();
+        println!("{} ({}): {} cases, {} failed", f.display(), policy.display(), results.len(), bad.len());
+        for r in bad {
+            println!("  FAIL {}: got {}, want {}", r.name, r.got, r.want);
+        }
+        passed += results.iter().filter(|r| r.passed).count();
+        failed += results.iter().filter(|r| !r.passed).count();
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
+    let policy = cases::load_policy(policy_path).map_err(anyhow::Error::msg)?;
+    let raw = std::fs::read(request).with_context(|| format!("reading {}", request.display()))?;
+    let req: CaseRequest = serde_json::from_slice(&raw).context("parsing the request")?;
+    let mut signed = None;
+    let explanation = cases::with_input(&req, &mut signed, |input| policy.explain(input)).map_err(anyhow::Error::msg)?;
+    let explanation = match explanation {
+        Ok(e) => e,
+        Err(reason) => {
+            println!("refused before the policy: {} ({})", reason.code(), reason.message());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let d = &explanation.decision;
+    println!("decision: {:?} ({})", d.effect, d.reason.code());
+    println!("  rule:        {}", d.rule_id.as_deref().unwrap_or("-"));
+    println!("  class:       {}", d.class.as_deref().unwrap_or("- (no class matched)"));
+    println!("  resource:    {}", d.resource.as_deref().unwrap_or("- (unknown destination: treated as most sensitive)"));
+    println!("  sensitivity: {}", d.sensitivity.as_deref().unwrap_or("-"));
+    if !d.scopes.is_empty() {
+        println!("  scopes:      {} (ttl {}s)", d.scopes.join(" "), d.ttl_s.unwrap_or(0));
+    }
+    println!("rules:");
+    for r in &explanation.rules {
+        let mark = if r.matched { "MATCH" } else { "  -  " };
+        let effect = format!("{:?}{}", r.effect, if r.dry_run { " (dry run)" } else { "" }).to_lowercase();
+        match &r.why_not {
+            None => println!("  {mark} {} [{effect}]", r.id),
+            Some(why) => println!("  {mark} {} [{effect}]: {why}", r.id),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
