@@ -7,6 +7,7 @@
 //! is required). The policy is compiled once from configuration; evaluation
 //! is pure and takes the time as input, so tests and the CLI drive it directly.
 
+pub mod cases;
 pub mod intent;
 pub mod lint;
 pub mod path;
@@ -711,36 +712,134 @@ impl Policy {
         sensitivity: usize,
         d: &mut PolicyDecision,
     ) -> bool {
-        if !rule.principals.is_empty() && !rule.principals.iter().any(|p| p.matches(input.principal)) {
-            return false;
+        match self.rule_mismatch(rule, input, class, intent, resource, sensitivity) {
+            None => {
+                if let Some(w) = &rule.window {
+                    d.valid_until = d.valid_until.min(w.next_boundary(input.now));
+                }
+                true
+            }
+            Some(Mismatch::Window) => {
+                // Everything but the clock matched: the decision expires at the next boundary.
+                if let Some(w) = &rule.window {
+                    d.valid_until = d.valid_until.min(w.next_boundary(input.now));
+                }
+                false
+            }
+            Some(_) => false,
         }
+    }
+
+    /// Why `rule` does not match, or `None` if it does. Allocation-free: this runs per rule per request.
+    #[allow(clippy::too_many_arguments)]
+    fn rule_mismatch(
+        &self,
+        rule: &Rule,
+        input: &PolicyInput<'_>,
+        class: Option<usize>,
+        intent: Option<usize>,
+        resource: Option<usize>,
+        sensitivity: usize,
+    ) -> Option<Mismatch> {
         if !rule.classes.is_empty() && !class.is_some_and(|c| rule.classes.contains(&c)) {
-            return false;
+            return Some(Mismatch::Class);
         }
         if !rule.intents.is_empty() && !intent.is_some_and(|i| rule.intents.contains(&i)) {
-            return false;
+            return Some(Mismatch::Intent);
         }
         if !rule.resources.is_empty() && !resource.is_some_and(|r| rule.resources.contains(&r)) {
-            return false;
+            return Some(Mismatch::Resource);
         }
         if !rule.methods.is_empty() && !rule.methods.iter().any(|m| m == input.method) {
-            return false;
+            return Some(Mismatch::Method);
         }
-        if rule.max_sensitivity.is_some_and(|m| sensitivity > m) || rule.min_sensitivity.is_some_and(|m| sensitivity < m) {
-            return false;
+        if rule.max_sensitivity.is_some_and(|m| sensitivity > m) {
+            return Some(Mismatch::TooSensitive);
+        }
+        if rule.min_sensitivity.is_some_and(|m| sensitivity < m) {
+            return Some(Mismatch::NotSensitiveEnough);
         }
         if !rule.environments.is_empty() && !input.environment.is_some_and(|e| rule.environments.iter().any(|x| x == e)) {
-            return false;
+            return Some(Mismatch::Environment);
+        }
+        // String matching last: the index checks above reject most rules cheaply.
+        if !rule.principals.is_empty() && !rule.principals.iter().any(|p| p.matches(input.principal)) {
+            return Some(Mismatch::Principal);
         }
         if let Some(w) = &rule.window {
-            // The answer depends on the clock: the decision expires at the next boundary.
-            d.valid_until = d.valid_until.min(w.next_boundary(input.now));
             if !w.contains(input.now) {
-                return false;
+                return Some(Mismatch::Window);
             }
         }
-        true
+        None
     }
+
+    fn describe(&self, rule: &Rule, m: Mismatch, input: &PolicyInput<'_>) -> String {
+        match m {
+            Mismatch::Principal => {
+                let pats: Vec<&str> = rule.principals.iter().map(SegPattern::source).collect();
+                format!("principal matches none of {pats:?}")
+            }
+            Mismatch::Class => format!("class is not one of {:?}", self.names(&rule.classes, |i| self.classes.get(i).map(|c| c.name.as_str()))),
+            Mismatch::Intent => format!("intent is not one of {:?}", self.names(&rule.intents, |i| self.intents.get(i).map(|x| x.name.as_str()))),
+            Mismatch::Resource => format!("resource is not one of {:?}", self.names(&rule.resources, |i| self.resources.get(i).map(|x| x.name.as_str()))),
+            Mismatch::Method => format!("method is not one of {:?}", rule.methods),
+            Mismatch::TooSensitive => "resource is more sensitive than the rule's max_sensitivity".into(),
+            Mismatch::NotSensitiveEnough => "resource is less sensitive than the rule's min_sensitivity".into(),
+            Mismatch::Environment => format!("environment {:?} is not one of {:?}", input.environment, rule.environments),
+            Mismatch::Window => "outside the rule's time window".into(),
+        }
+    }
+
+    fn names<'a>(&'a self, idx: &[usize], f: impl Fn(usize) -> Option<&'a str>) -> Vec<&'a str> {
+        idx.iter().filter_map(|i| f(*i)).collect()
+    }
+
+    /// Each rule, and why it matched or not, next to the decision itself.
+    pub fn explain(&self, input: &PolicyInput<'_>) -> Explanation {
+        let decision = self.evaluate(input);
+        let class = self.class_of(input.principal);
+        let intent = input.intent.and_then(|n| self.intent_index(n));
+        let resource = self.resource_of(input.authority, input.path, input.method);
+        let sensitivity = resource.and_then(|r| self.resources.get(r)).map_or(self.levels.len().saturating_sub(1), |r| r.sensitivity);
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| {
+                let why_not = self.rule_mismatch(r, input, class, intent, resource, sensitivity).map(|m| self.describe(r, m, input));
+                RuleTrace { id: r.id.clone(), effect: r.effect, dry_run: r.dry_run, matched: why_not.is_none(), why_not }
+            })
+            .collect();
+        Explanation { decision, rules }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mismatch {
+    Principal,
+    Class,
+    Intent,
+    Resource,
+    Method,
+    TooSensitive,
+    NotSensitiveEnough,
+    Environment,
+    Window,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleTrace {
+    pub id: String,
+    pub effect: RuleEffect,
+    pub dry_run: bool,
+    pub matched: bool,
+    pub why_not: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub decision: PolicyDecision,
+    pub rules: Vec<RuleTrace>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,294 @@
+//! Policy test cases: a request described in plain terms → the expected
+//! effect, reason and rule. Used by `mandate policy test` and by the tests of
+//! the `policies/` library. The request goes through the same shape checks as
+//! live traffic (path and authority normalisation, intent and task syntax).
+
+use super::path::{normalize, normalize_authority};
+use super::{Policy, PolicyConfig, PolicyDecision, PolicyInput, SignedIntent};
+use crate::config::ConfigError;
+use crate::reason::Reason;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseFile {
+    /// Policy file, relative to the case file: a `policy` object, or a plugin configuration containing one.
+    pub policy: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    pub request: CaseRequest,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseRequest {
+    /// Verified identity (SPIFFE ID, or mapped OIDC identity).
+    pub principal: String,
+    /// Token lifetime `exp - iat`, seconds (default 300). Ignored when `iat`/`exp` are set.
+    #[serde(default)]
+    pub token_lifetime_s: Option<u64>,
+    #[serde(default)]
+    pub iat: Option<u64>,
+    #[serde(default)]
+    pub exp: Option<u64>,
+    #[serde(default)]
+    pub intent: Option<String>,
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Claims of a verified signed intent token.
+    #[serde(default)]
+    pub signed_intent: Option<CaseSignedIntent>,
+    #[serde(default = "default_method")]
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    /// RFC 3339 UTC (`2026-11-25T10:00:00Z`) or Unix seconds as a string.
+    pub time: String,
+    #[serde(default)]
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub standing_secret: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseSignedIntent {
+    pub intents: Vec<String>,
+    #[serde(default)]
+    pub task: Option<String>,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// `allow`, `deny` or `dry_run_deny`.
+    pub effect: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub rule: Option<String>,
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub name: String,
+    pub passed: bool,
+    pub got: String,
+    pub want: String,
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SSZ` (UTC only) or Unix seconds.
+pub fn parse_time(s: &str) -> Option<u64> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Some(n);
+    }
+    let b = s.as_bytes();
+    if b.len() != 20 || b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || b.get(10) != Some(&b'T') || b.get(19) != Some(&b'Z') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<i64>().ok());
+    let (y, m, d, hh, mm, ss) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from civil (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
+fn valid_name(v: &str, extra: &[u8]) -> bool {
+    (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || extra.contains(&b))
+}
+
+/// Evaluates one described request: the same shape checks as live traffic, then the policy.
+pub fn evaluate_request(policy: &Policy, r: &CaseRequest) -> Result<PolicyDecision, String> {
+    Ok(match judge_request(policy, r)? {
+        Ok(d) => d,
+        Err(reason) => PolicyDecision {
+            effect: crate::decision::Effect::Deny,
+            reason,
+            rule_id: None,
+            dry_run_reason: None,
+            class: None,
+            resource: None,
+            sensitivity: None,
+            legacy: false,
+            audience: None,
+            scopes: Vec::new(),
+            ttl_s: None,
+            valid_until: 0,
+        },
+    })
+}
+
+/// Builds the policy input for a described request (`Err(reason)` = refused before the policy).
+pub fn with_input<T>(r: &CaseRequest, signed: &mut Option<SignedIntent>, f: impl FnOnce(&PolicyInput<'_>) -> T) -> Result<Result<T, Reason>, String> {
+    let now = parse_time(&r.time).ok_or_else(|| format!("bad time `{}`", r.time))?;
+    if let Some(i) = &r.intent {
+        if !valid_name(i, b"._-") {
+            return Ok(Err(Reason::IntentMalformed));
+        }
+    }
+    if let Some(t) = &r.task {
+        if !(1..=128).contains(&t.len()) || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
+            return Ok(Err(Reason::TaskMalformed));
+        }
+    }
+    let Ok(path) = normalize(r.path.as_bytes()) else { return Ok(Err(Reason::PathAmbiguous)) };
+    let Some(authority) = normalize_authority(r.authority.as_bytes()) else { return Ok(Err(Reason::AuthorityInvalid)) };
+    let (iat, exp) = match (r.iat, r.exp) {
+        (Some(i), Some(e)) => (Some(i), e),
+        (i, Some(e)) => (i, e),
+        _ => {
+            let iat = now.saturating_sub(10);
+            (Some(iat), iat + r.token_lifetime_s.unwrap_or(300))
+        }
+    };
+    *signed = r.signed_intent.as_ref().map(|s| SignedIntent { intents: s.intents.clone(), task: s.task.clone(), exp: now + 300 });
+    let intent = r.intent.clone().or_else(|| match signed.as_ref().map(|s| s.intents.as_slice()) {
+        Some([only]) => Some(only.clone()),
+        _ => None,
+    });
+    let input = PolicyInput {
+        principal: &r.principal,
+        iat,
+        exp,
+        intent: intent.as_deref(),
+        signed_intent: signed.as_ref(),
+        method: &r.method,
+        authority: &authority,
+        path: &path.path,
+        now,
+        environment: r.environment.as_deref(),
+        standing_secret: r.standing_secret,
+    };
+    Ok(Ok(f(&input)))
+}
+
+fn judge_request(policy: &Policy, r: &CaseRequest) -> Result<Result<PolicyDecision, Reason>, String> {
+    let mut signed = None;
+    with_input(r, &mut signed, |input| policy.evaluate(input))
+}
+
+/// Loads a policy file: either a bare policy object or a plugin configuration with `policy`.
+pub fn load_policy(path: &Path) -> Result<Policy, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_policy(&raw).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn parse_policy(raw: &[u8]) -> Result<Policy, ConfigError> {
+    let v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| ConfigError::new(".", e.to_string()))?;
+    let (value, prefix) = match v.get("policy") {
+        Some(p) if v.get("identity").is_some() || v.as_object().is_some_and(|o| o.len() <= 3) => (p.clone(), "policy"),
+        _ => (v, "policy"),
+    };
+    let text = value.to_string();
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let cfg: PolicyConfig = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| ConfigError::new(format!("{prefix}.{}", e.path()), e.into_inner().to_string()))?;
+    Policy::compile(&cfg, prefix)
+}
+
+/// Runs a case file; the policy path is resolved against the case file's directory.
+pub fn run_file(path: &Path) -> Result<(PathBuf, Vec<CaseResult>), String> {
+    let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file: CaseFile = serde_json::from_slice(&raw).map_err(|e| format!("{}: {e}", path.display()))?;
+    let policy_path = path.parent().unwrap_or(Path::new(".")).join(&file.policy);
+    let policy = load_policy(&policy_path)?;
+    let mut results = Vec::new();
+    for case in &file.cases {
+        let d = evaluate_request(&policy, &case.request).map_err(|e| format!("{}: case `{}`: {e}", path.display(), case.name))?;
+        results.push(check(case, &d));
+    }
+    Ok((policy_path, results))
+}
+
+fn effect_name(d: &PolicyDecision) -> &'static str {
+    match d.effect {
+        crate::decision::Effect::Allow => "allow",
+        crate::decision::Effect::Deny => "deny",
+        crate::decision::Effect::DryRunDeny => "dry_run_deny",
+    }
+}
+
+fn check(case: &Case, d: &PolicyDecision) -> CaseResult {
+    let e = &case.expect;
+    let mut ok = e.effect == effect_name(d);
+    if let Some(r) = &e.reason {
+        ok &= r == d.reason.code();
+    }
+    if let Some(rule) = &e.rule {
+        ok &= d.rule_id.as_deref() == Some(rule.as_str());
+    }
+    if let Some(scopes) = &e.scopes {
+        ok &= *scopes == d.scopes;
+    }
+    CaseResult {
+        name: case.name.clone(),
+        passed: ok,
+        got: format!("{} {} rule={}", effect_name(d), d.reason.code(), d.rule_id.as_deref().unwrap_or("-")),
+        want: format!(
+            "{} {} rule={}",
+            e.effect,
+            e.reason.as_deref().unwrap_or("*"),
+            e.rule.as_deref().unwrap_or("*")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rfc3339_utc() {
+        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_time("2026-11-25T00:00:00Z"), Some(1_795_564_800));
+        assert_eq!(parse_time("2000-02-29T12:30:15Z"), Some(951_827_415));
+        assert_eq!(parse_time("2026-11-25T00:00:00+01:00"), None);
+        assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_time("1795564800"), Some(1_795_564_800));
+    }
+
+    /// Every case file in policies/ passes: the library is tested code.
+    #[test]
+    fn policies_library_cases_pass() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        let mut files = 0;
+        let mut failures = Vec::new();
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.to_string_lossy().ends_with(".cases.json") {
+                files += 1;
+                let (_, results) = run_file(&p).unwrap();
+                for r in results.iter().filter(|r| !r.passed) {
+                    failures.push(format!("{}: {}: got {}, want {}", p.display(), r.name, r.got, r.want));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        eprintln!("{files} case files passed");
+    }
+}
