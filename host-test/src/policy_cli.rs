@@ -115,7 +115,7 @@ fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
     let raw = std::fs::read(request).with_context(|| format!("reading {}", request.display()))?;
     let req: CaseRequest = serde_json::from_slice(&raw).context("parsing the request")?;
     let mut signed = None;
-    let explanation = cases::with_input(&req, &mut signed, |input| policy.explain(input)).map_err(anyhow::Error::msg)?;
+    let explanation = cases::with_input(&policy, &req, &mut signed, |input| policy.explain(input)).map_err(anyhow::Error::msg)?;
     let explanation = match explanation {
         Ok(e) => e,
         Err(reason) => {

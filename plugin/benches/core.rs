@@ -100,6 +100,7 @@ fn main() {
         exp: NOW + 300,
         intent: Some("svc49.read"),
         signed_intent: None,
+        task: None,
         method: "GET",
         authority: "svc49.internal",
         path: "/api/v1/items/42",

@@ -150,7 +150,11 @@ impl Engine {
         d.identity = Some(identity.clone());
 
         // 2. The operation and the declared intent, refused when ambiguous.
-        let method = pseudo(h, ":method").ok_or(Reason::InternalError)?;
+        let method = pseudo(h, ":method").ok_or(Reason::MethodInvalid)?;
+        // Methods are case-sensitive tokens; `delete` must not slip past a `DELETE` rule.
+        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(Reason::MethodInvalid);
+        }
         let authority = pseudo(h, ":authority").and_then(|a| normalize_authority(a.as_bytes())).ok_or(Reason::AuthorityInvalid)?;
         let raw_path = h.single(":path").ok().flatten().ok_or(Reason::PathAmbiguous)?;
         let path = normalize(raw_path).map_err(|_| Reason::PathAmbiguous)?;
@@ -203,6 +207,7 @@ impl Engine {
                 exp: identity.exp,
                 intent: intent_name.as_deref(),
                 signed_intent: signed.as_ref(),
+                task: task.as_deref(),
                 method: &method,
                 authority: &authority,
                 path: &path.path,

@@ -37,9 +37,12 @@ pub enum Reason {
     TaskMalformed,
     PathAmbiguous,
     AuthorityInvalid,
+    MethodInvalid,
 
     // --- policy (403) ---
     IntentRequired,
+    TaskRequired,
+    UnclassifiedPrincipal,
     IntentUnknown,
     IntentMismatch,
     IntentTokenRequired,
@@ -94,7 +97,10 @@ impl Reason {
         Reason::TaskMalformed,
         Reason::PathAmbiguous,
         Reason::AuthorityInvalid,
+        Reason::MethodInvalid,
         Reason::IntentRequired,
+        Reason::TaskRequired,
+        Reason::UnclassifiedPrincipal,
         Reason::IntentUnknown,
         Reason::IntentMismatch,
         Reason::IntentTokenRequired,
@@ -137,7 +143,10 @@ impl Reason {
             Reason::TaskMalformed => "task_malformed",
             Reason::PathAmbiguous => "path_ambiguous",
             Reason::AuthorityInvalid => "authority_invalid",
+            Reason::MethodInvalid => "method_invalid",
             Reason::IntentRequired => "intent_required",
+            Reason::TaskRequired => "task_required",
+            Reason::UnclassifiedPrincipal => "unclassified_principal",
             Reason::IntentUnknown => "intent_unknown",
             Reason::IntentMismatch => "intent_mismatch",
             Reason::IntentTokenRequired => "intent_token_required",
@@ -166,8 +175,8 @@ impl Reason {
             | KidMissing | KidUnknown | SignatureInvalid | TokenExpired | TokenNotYetValid
             | IssuedInFuture | AudienceMismatch | AudienceMissing | ExpMissing | SubjectMissing | SpiffeIdInvalid
             | TrustDomainUnknown | IssuerUnknown | BundleUnavailable => Family::Identity,
-            IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid => Family::BadRequest,
-            IntentRequired | IntentUnknown | IntentMismatch | IntentTokenRequired
+            IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid | MethodInvalid => Family::BadRequest,
+            IntentRequired | TaskRequired | UnclassifiedPrincipal | IntentUnknown | IntentMismatch | IntentTokenRequired
             | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
             | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked => {
                 Family::Policy
@@ -215,7 +224,10 @@ impl Reason {
             TaskMalformed => "the x-agent-task header is malformed",
             PathAmbiguous => "the request path is ambiguous",
             AuthorityInvalid => "the request authority is invalid",
+            MethodInvalid => "the request method is not a canonical uppercase token",
             IntentRequired => "an intent is required for this workload",
+            TaskRequired => "a task is required for this intent",
+            UnclassifiedPrincipal => "the caller matches no workload class",
             IntentUnknown => "the declared intent is not defined",
             IntentMismatch => "the operation is not permitted for the declared intent",
             IntentTokenRequired => "a signed intent token is required",

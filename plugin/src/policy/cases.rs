@@ -130,6 +130,7 @@ pub fn evaluate_request(policy: &Policy, r: &CaseRequest) -> Result<PolicyDecisi
             reason,
             rule_id: None,
             dry_run_reason: None,
+            dry_run_rule_id: None,
             class: None,
             resource: None,
             sensitivity: None,
@@ -143,8 +144,16 @@ pub fn evaluate_request(policy: &Policy, r: &CaseRequest) -> Result<PolicyDecisi
 }
 
 /// Builds the policy input for a described request (`Err(reason)` = refused before the policy).
-pub fn with_input<T>(r: &CaseRequest, signed: &mut Option<SignedIntent>, f: impl FnOnce(&PolicyInput<'_>) -> T) -> Result<Result<T, Reason>, String> {
+pub fn with_input<T>(
+    policy: &Policy,
+    r: &CaseRequest,
+    signed: &mut Option<SignedIntent>,
+    f: impl FnOnce(&PolicyInput<'_>) -> T,
+) -> Result<Result<T, Reason>, String> {
     let now = parse_time(&r.time).ok_or_else(|| format!("bad time `{}`", r.time))?;
+    if r.method.is_empty() || !r.method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Ok(Err(Reason::MethodInvalid));
+    }
     if let Some(i) = &r.intent {
         if !valid_name(i, b"._-") {
             return Ok(Err(Reason::IntentMalformed));
@@ -166,6 +175,15 @@ pub fn with_input<T>(r: &CaseRequest, signed: &mut Option<SignedIntent>, f: impl
         }
     };
     *signed = r.signed_intent.as_ref().map(|s| SignedIntent { intents: s.intents.clone(), task: s.task.clone(), exp: now + 300 });
+    // As live traffic: a task in the signed token binds the request to it.
+    if let (Some(st), Some(ht)) = (signed.as_ref().and_then(|s| s.task.as_deref()), r.task.as_deref()) {
+        if st != ht {
+            return Ok(Err(Reason::IntentTokenInvalid));
+        }
+    }
+    let task = r.task.clone().or_else(|| signed.as_ref().and_then(|s| s.task.clone()));
+    // The policy's configured environment applies unless the case names one (as node metadata would).
+    let environment = r.environment.clone().or_else(|| policy.environment.clone());
     let intent = r.intent.clone().or_else(|| match signed.as_ref().map(|s| s.intents.as_slice()) {
         Some([only]) => Some(only.clone()),
         _ => None,
@@ -176,11 +194,12 @@ pub fn with_input<T>(r: &CaseRequest, signed: &mut Option<SignedIntent>, f: impl
         exp,
         intent: intent.as_deref(),
         signed_intent: signed.as_ref(),
+        task: task.as_deref(),
         method: &r.method,
         authority: &authority,
         path: &path.path,
         now,
-        environment: r.environment.as_deref(),
+        environment: environment.as_deref(),
         standing_secret: r.standing_secret,
     };
     Ok(Ok(f(&input)))
@@ -188,7 +207,7 @@ pub fn with_input<T>(r: &CaseRequest, signed: &mut Option<SignedIntent>, f: impl
 
 fn judge_request(policy: &Policy, r: &CaseRequest) -> Result<Result<PolicyDecision, Reason>, String> {
     let mut signed = None;
-    with_input(r, &mut signed, |input| policy.evaluate(input))
+    with_input(policy, r, &mut signed, |input| policy.evaluate(input))
 }
 
 /// Loads a policy file: either a bare policy object or a plugin configuration with `policy`.
@@ -239,7 +258,9 @@ fn check(case: &Case, d: &PolicyDecision) -> CaseResult {
         ok &= r == d.reason.code();
     }
     if let Some(rule) = &e.rule {
-        ok &= d.rule_id.as_deref() == Some(rule.as_str());
+        // For a dry-run deny the rule of interest is the dry-run rule; otherwise the deciding rule.
+        let decided = if d.effect == crate::decision::Effect::DryRunDeny { d.dry_run_rule_id.as_deref().or(d.rule_id.as_deref()) } else { d.rule_id.as_deref() };
+        ok &= decided == Some(rule.as_str());
     }
     if let Some(scopes) = &e.scopes {
         ok &= *scopes == d.scopes;
@@ -247,12 +268,19 @@ fn check(case: &Case, d: &PolicyDecision) -> CaseResult {
     CaseResult {
         name: case.name.clone(),
         passed: ok,
-        got: format!("{} {} rule={}", effect_name(d), d.reason.code(), d.rule_id.as_deref().unwrap_or("-")),
+        got: format!(
+            "{} {} rule={} scopes={:?}",
+            effect_name(d),
+            d.reason.code(),
+            d.rule_id.as_deref().or(d.dry_run_rule_id.as_deref()).unwrap_or("-"),
+            d.scopes
+        ),
         want: format!(
-            "{} {} rule={}",
+            "{} {} rule={} scopes={}",
             e.effect,
             e.reason.as_deref().unwrap_or("*"),
-            e.rule.as_deref().unwrap_or("*")
+            e.rule.as_deref().unwrap_or("*"),
+            e.scopes.as_ref().map_or("*".to_string(), |s| format!("{s:?}"))
         ),
     }
 }

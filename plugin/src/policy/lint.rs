@@ -39,6 +39,9 @@ pub fn lint(p: &Policy) -> Vec<Finding> {
         }
     }
 
+    if p.unclassified == super::Unclassified::Allow && !p.classes.is_empty() {
+        out.push(warn("policy".into(), "callers matching no class skip every class limit (unclassified: allow)".into()));
+    }
     for (i, rule) in p.rules.iter().enumerate() {
         // A rule shadowed by an earlier deny that covers everything it covers never decides.
         for earlier in p.rules.iter().take(i) {
@@ -65,9 +68,11 @@ pub fn lint(p: &Policy) -> Vec<Finding> {
         if rule.effect == RuleEffect::Allow {
             for other in p.rules.iter().filter(|o| o.effect == RuleEffect::Deny) {
                 let overlap = |a: &[usize], b: &[usize]| a.is_empty() || b.is_empty() || a.iter().any(|x| b.contains(x));
+                let methods_overlap = rule.methods.is_empty() || other.methods.is_empty() || rule.methods.iter().any(|m| other.methods.contains(m));
                 if overlap(&rule.intents, &other.intents)
                     && overlap(&rule.resources, &other.resources)
                     && overlap(&rule.classes, &other.classes)
+                    && methods_overlap
                     && !(rule.principals.is_empty() && other.principals.is_empty() && other.intents.is_empty() && other.resources.is_empty() && other.classes.is_empty())
                 {
                     out.push(warn(

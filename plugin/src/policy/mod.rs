@@ -70,6 +70,10 @@ pub struct PolicyConfig {
     pub require_signed_intent_above: Option<String>,
     #[serde(default)]
     pub classes: Vec<ClassConfig>,
+    /// Callers matching no class: `deny` (default when classes are defined) or `allow`
+    /// (default when none are, so identity-only policies work).
+    #[serde(default)]
+    pub unclassified: Option<Unclassified>,
     #[serde(default)]
     pub resources: Vec<ResourceConfig>,
     #[serde(default)]
@@ -78,6 +82,13 @@ pub struct PolicyConfig {
     pub intent_issuers: Vec<IntentIssuerConfig>,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unclassified {
+    Deny,
+    Allow,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +167,9 @@ pub struct IntentConfig {
     pub ttl_s: u64,
     #[serde(default)]
     pub require_signed: bool,
+    /// A task id is required (from the signed intent token when `require_signed`).
+    #[serde(default)]
+    pub require_task: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +255,7 @@ pub struct Intent {
     pub scopes: Vec<String>,
     pub ttl_s: u64,
     require_signed: bool,
+    require_task: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +282,7 @@ pub struct Policy {
     pub standing_secret_headers: Vec<String>,
     signed_above: Option<usize>,
     pub classes: Vec<Class>,
+    pub unclassified: Unclassified,
     pub resources: Vec<Resource>,
     pub intents: Vec<Intent>,
     pub rules: Vec<Rule>,
@@ -289,6 +305,8 @@ pub struct PolicyInput<'a> {
     pub exp: u64,
     pub intent: Option<&'a str>,
     pub signed_intent: Option<&'a SignedIntent>,
+    /// Task id from `x-agent-task` or the signed intent token.
+    pub task: Option<&'a str>,
     pub method: &'a str,
     pub authority: &'a str,
     pub path: &'a str,
@@ -303,8 +321,9 @@ pub struct PolicyDecision {
     pub reason: Reason,
     /// The rule that decided (allow or deny), if any.
     pub rule_id: Option<String>,
-    /// Dry-run: the reason this would have been denied.
+    /// Dry-run: the reason this would have been denied, and the dry-run rule that would have.
     pub dry_run_reason: Option<Reason>,
+    pub dry_run_rule_id: Option<String>,
     pub class: Option<String>,
     pub resource: Option<String>,
     pub sensitivity: Option<String>,
@@ -484,6 +503,7 @@ impl Policy {
                 scopes: it.scopes.clone(),
                 ttl_s: it.ttl_s,
                 require_signed: it.require_signed,
+                require_task: it.require_task,
             });
         }
         let intent_names: Vec<&str> = c.intents.iter().map(|x| x.name.as_str()).collect();
@@ -538,6 +558,7 @@ impl Policy {
             dry_run: c.dry_run,
             standing_secret_headers: c.standing_secret_headers.clone(),
             signed_above,
+            unclassified: c.unclassified.unwrap_or(if c.classes.is_empty() { Unclassified::Allow } else { Unclassified::Deny }),
             classes,
             resources,
             intents,
@@ -569,6 +590,7 @@ impl Policy {
             reason: Reason::Allowed,
             rule_id: None,
             dry_run_reason: None,
+            dry_run_rule_id: None,
             class: None,
             resource: None,
             sensitivity: None,
@@ -602,6 +624,9 @@ impl Policy {
         let class_idx = self.class_of(input.principal);
         let class = class_idx.and_then(|i| self.classes.get(i));
         d.class = class.map(|c| c.name.clone());
+        if class.is_none() && self.unclassified == Unclassified::Deny {
+            return deny(Reason::UnclassifiedPrincipal);
+        }
 
         if let Some(max) = class.and_then(|c| c.max_lifetime) {
             // Without `iat` the lifetime is unknown: a class with a limit refuses it.
@@ -627,6 +652,10 @@ impl Policy {
             },
         };
         let intent = intent_idx.and_then(|i| self.intents.get(i));
+        // A signed intent token vouches for one declared intent, never for "whatever it lists".
+        if input.signed_intent.is_some() && intent.is_none() {
+            return deny(Reason::IntentRequired);
+        }
         if let (Some(signed), Some(intent)) = (input.signed_intent, intent) {
             if !signed.intents.iter().any(|i| *i == intent.name) {
                 return deny(Reason::IntentTokenInvalid);
@@ -670,6 +699,13 @@ impl Policy {
         if needs_signed && input.signed_intent.is_none() {
             return deny(Reason::IntentTokenRequired);
         }
+        if let Some(intent) = intent.filter(|i| i.require_task) {
+            // With a signed intent the task must be bound in the token, not just claimed in a header.
+            let bound = if intent.require_signed { input.signed_intent.and_then(|s| s.task.as_deref()) } else { input.task };
+            if bound.is_none() {
+                return deny(Reason::TaskRequired);
+            }
+        }
 
         // Rules: any enforced matching deny wins; otherwise an allow must match.
         let mut allow: Option<&Rule> = None;
@@ -692,7 +728,7 @@ impl Policy {
             d.effect = Effect::DryRunDeny;
             d.dry_run_reason = Some(Reason::DeniedByRule);
             d.reason = Reason::DeniedByRule;
-            d.rule_id = Some(dr.id.clone());
+            d.dry_run_rule_id = Some(dr.id.clone());
         }
         if let Some(intent) = intent {
             d.scopes = intent.scopes.clone();

@@ -52,6 +52,11 @@ impl SegPattern {
     }
 
     pub fn matches(&self, s: &str) -> bool {
+        // `/a/b/` is `/a/b` to most servers: a trailing slash must not dodge a pattern.
+        let s = match s.strip_suffix('/') {
+            Some(t) if !t.is_empty() => t,
+            _ => s,
+        };
         let mut parts = s.split('/');
         for seg in &self.segs {
             match (seg, parts.next()) {
@@ -133,6 +138,7 @@ mod tests {
         assert!(p.matches("/tickets/42/comments"));
         assert!(!p.matches("/tickets//comments"));
         assert!(!p.matches("/tickets/42/comments/1"));
+        assert!(p.matches("/tickets/42/comments/"), "a trailing slash must not dodge a pattern");
         let p = SegPattern::compile("/repos/**", true).unwrap();
         assert!(p.matches("/repos/a/b/c"));
         assert!(p.matches("/repos"));

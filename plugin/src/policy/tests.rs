@@ -46,6 +46,7 @@ fn input<'a>(principal: &'a str, intent: Option<&'a str>, method: &'a str, host:
         exp: WED_1000 + 240,
         intent,
         signed_intent: None,
+        task: None,
         method,
         authority: host,
         path,
@@ -189,7 +190,8 @@ fn dry_run_deny_rule_is_recorded_not_enforced() {
     let p = policy(v);
     let d = p.evaluate(&input(AGENT, Some("ticket.comment"), "POST", "tickets.internal", "/tickets/1"));
     assert_eq!(d.effect, Effect::DryRunDeny);
-    assert_eq!(d.rule_id.as_deref(), Some("trial-deny"));
+    assert_eq!(d.dry_run_rule_id.as_deref(), Some("trial-deny"));
+    assert_eq!(d.rule_id.as_deref(), Some("agents-tickets"), "the allow rule that let it through is kept");
 }
 
 #[test]
@@ -242,4 +244,43 @@ fn lint_finds_unreachable_and_ungranted() {
     let text: Vec<String> = findings.iter().map(|f| format!("{} {}", f.subject, f.message)).collect();
     assert!(text.iter().any(|t| t.contains("allow-tickets") && t.contains("unreachable")), "{text:?}");
     assert!(text.iter().any(|t| t.contains("`orphan`") && t.contains("no allow rule")), "{text:?}");
+}
+
+#[test]
+fn unclassified_principal_is_refused_when_classes_exist() {
+    let p = policy(base());
+    let d = p.evaluate(&input("spiffe://example.org/unknown/x", None, "GET", "reports.internal", "/reports/1"));
+    assert_eq!(d.reason, Reason::UnclassifiedPrincipal);
+    let mut v = base();
+    v["unclassified"] = json!("allow");
+    v["rules"].as_array_mut().unwrap().push(json!({"id": "anyone-reports", "effect": "allow", "resources": ["reports"]}));
+    let p = policy(v);
+    assert_eq!(p.evaluate(&input("spiffe://example.org/unknown/x", None, "GET", "reports.internal", "/reports/1")).effect, Effect::Allow);
+}
+
+#[test]
+fn signed_token_listing_several_intents_needs_a_declared_one() {
+    let mut v = base();
+    v["classes"][1]["max_sensitivity"] = json!("restricted");
+    v["rules"].as_array_mut().unwrap().push(json!({"id": "batch-anything", "effect": "allow", "classes": ["batch"]}));
+    let p = policy(v);
+    let signed = SignedIntent { intents: vec!["ticket.read".into(), "ticket.comment".into()], task: None, exp: WED_1000 + 60 };
+    let mut i = input("spiffe://example.org/batch/nightly", None, "GET", "crm.internal", "/customers/1");
+    i.signed_intent = Some(&signed);
+    assert_eq!(p.evaluate(&i).reason, Reason::IntentRequired);
+}
+
+#[test]
+fn require_task_binds_the_task_to_the_signed_token() {
+    let mut v = base();
+    v["intents"][2]["require_signed"] = json!(true);
+    v["intents"][2]["require_task"] = json!(true);
+    let p = policy(v);
+    let no_task = SignedIntent { intents: vec!["customer.lookup".into()], task: None, exp: WED_1000 + 60 };
+    let with_task = SignedIntent { intents: vec!["customer.lookup".into()], task: Some("CASE-7".into()), exp: WED_1000 + 60 };
+    let base_in = input(AGENT, Some("customer.lookup"), "GET", "crm.internal", "/customers/7");
+    let claimed_only = PolicyInput { signed_intent: Some(&no_task), task: Some("CASE-7"), ..base_in.clone() };
+    assert_eq!(p.evaluate(&claimed_only).reason, Reason::TaskRequired, "a header task is not bound");
+    let bound = PolicyInput { signed_intent: Some(&with_task), task: Some("CASE-7"), ..base_in };
+    assert_eq!(p.evaluate(&bound).effect, Effect::Allow);
 }
