@@ -5,6 +5,8 @@
 //!
 //!     cargo bench -p mandate-plugin --bench core
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use mandate_plugin::config;
 use mandate_plugin::identity::Verifier;
 use mandate_plugin::policy::{Policy, PolicyConfig, PolicyInput};

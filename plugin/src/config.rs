@@ -38,6 +38,9 @@ pub struct Config {
     /// Request-time policy. Without one, every request is denied (`no_rule_matched`).
     #[serde(default)]
     pub policy: Option<crate::policy::PolicyConfig>,
+    /// Just-in-time credentials: without a minter, allowed requests go upstream with no credential.
+    #[serde(default)]
+    pub minter: Option<crate::mint::MinterConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -269,6 +272,38 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         validate_source(&format!("{field}.jwks"), &o.jwks)?;
     }
     check_header_name("upstream.decision_id_header", &c.upstream.decision_id_header)?;
+    if let Some(m) = &c.minter {
+        if m.cluster.is_empty() {
+            return Err(ConfigError::new("minter.cluster", "must not be empty"));
+        }
+        if !m.path.starts_with('/') {
+            return Err(ConfigError::new("minter.path", "must start with `/`"));
+        }
+        if !(10..=60_000).contains(&m.timeout_ms) {
+            return Err(ConfigError::new("minter.timeout_ms", "must be between 10 and 60000"));
+        }
+        check_header_name("minter.header", &m.header)?;
+        if m.header.starts_with(crate::headers::RESERVED_PREFIX) {
+            return Err(ConfigError::new("minter.header", "must not be in the x-mandate- namespace"));
+        }
+        if m.scheme.chars().any(|ch| !ch.is_ascii_alphanumeric() && ch != '-') {
+            return Err(ConfigError::new("minter.scheme", "must be an auth scheme token such as `Bearer`"));
+        }
+        if m.refresh_margin_s > 300 {
+            return Err(ConfigError::new("minter.refresh_margin_s", "must be at most 300"));
+        }
+        if m.cache_size > 1_000_000 {
+            return Err(ConfigError::new("minter.cache_size", "must be at most 1000000"));
+        }
+        if let Some(r) = &m.revocations {
+            if !r.path.starts_with('/') {
+                return Err(ConfigError::new("minter.revocations.path", "must start with `/`"));
+            }
+            if !(100..=3_600_000).contains(&r.interval_ms) {
+                return Err(ConfigError::new("minter.revocations.interval_ms", "must be between 100 and 3600000"));
+            }
+        }
+    }
     if let Some(p) = &c.policy {
         crate::policy::Policy::compile(p, "policy")?;
         crate::policy::intent::IntentVerifier::new(&p.intent_issuers, id.clock_skew_s, "policy.intent_issuers")?;

@@ -8,6 +8,8 @@ use crate::config::{Config, ConfigError};
 use crate::decision::{DecisionIds, Effect, LocalReply};
 use crate::headers::Headers;
 use crate::identity::{token_digest, Identity, Verifier};
+use crate::mint::{self, Credential, CredentialCache, MintError, MintRequest, RevokedSet};
+use crate::record::CredentialInfo;
 use crate::policy::intent::{self, IntentVerifier};
 use crate::policy::path::{normalize, normalize_authority};
 use crate::policy::{Policy, PolicyDecision, PolicyInput, SignedIntent};
@@ -30,6 +32,36 @@ pub enum Verdict {
     Forward(HeaderEdits),
     /// Answer locally; the request never reaches the service.
     Reply(LocalReply),
+    /// Obtain a credential from the minter first, then finish with [`Engine::finish_mint`].
+    Mint(Box<MintPlan>),
+}
+
+/// A pending credential exchange: what to send, and the edits to apply once it lands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MintPlan {
+    /// Credential cache key: requests sharing it share one exchange (single flight).
+    pub key: [u8; 16],
+    pub request: MintRequest,
+    pub edits: HeaderEdits,
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout_ms: u64,
+}
+
+impl MintPlan {
+    pub fn body(&self) -> Vec<u8> {
+        self.request.form_body()
+    }
+}
+
+/// A revocation poll the shell should dispatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollPlan {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout_ms: u64,
 }
 
 /// What was decided about one request, and on what grounds.
@@ -48,6 +80,14 @@ pub struct Decision {
     pub policy: Option<Rc<PolicyDecision>>,
     pub identity_cache_hit: bool,
     pub decision_cache_hit: bool,
+    pub credential_cache_hit: bool,
+    /// Whether a token was found and verification attempted (for cache hit/miss counting).
+    pub identity_checked: bool,
+    pub credential: Option<crate::record::CredentialInfo>,
+    /// Set when the request went upstream with a weaker credential than a minted one.
+    pub degraded: Option<&'static str>,
+    pub request_id: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 impl Decision {
@@ -69,6 +109,10 @@ pub struct Outcome {
 pub struct EngineStats {
     pub decision_cache_hits: u64,
     pub decision_cache_misses: u64,
+    pub credential_cache_hits: u64,
+    pub credential_cache_misses: u64,
+    pub revocation_polls: u64,
+    pub revocation_poll_failures: u64,
 }
 
 struct CachedDecision {
@@ -85,6 +129,10 @@ pub struct Engine {
     intents: IntentVerifier,
     environment: Option<String>,
     decisions: Option<LruCache<[u8; 16], CachedDecision>>,
+    credentials: CredentialCache,
+    pub revoked: RevokedSet,
+    next_poll_at: u64,
+    poll_in_flight: bool,
     pub stats: EngineStats,
 }
 
@@ -110,7 +158,12 @@ impl Engine {
         };
         let environment = policy.as_ref().and_then(|p| p.environment.clone()).or(host_environment);
         let decisions = policy.as_ref().and_then(|p| NonZeroUsize::new(p.cache.size)).map(LruCache::new);
+        let credentials = config.minter.as_ref().map_or(CredentialCache::new(0, 0), |m| CredentialCache::new(m.cache_size, m.refresh_margin_s));
         Ok(Engine {
+            credentials,
+            revoked: RevokedSet::default(),
+            next_poll_at: 0,
+            poll_in_flight: false,
             config,
             ids: DecisionIds::new(id_seed),
             identity,
@@ -126,6 +179,10 @@ impl Engine {
         &self.config
     }
 
+    pub fn environment(&self) -> Option<&str> {
+        self.environment.as_deref()
+    }
+
     pub fn policy(&self) -> Option<&Policy> {
         self.policy.as_ref()
     }
@@ -133,17 +190,21 @@ impl Engine {
     /// The request path, top to bottom: identity → intent → policy → (mint) → inject → log.
     pub fn on_request(&mut self, req: &Request<'_>) -> Outcome {
         let mut d = Decision { id: self.ids.next_id(), ..Decision::default() };
+        let header = |name| req.headers.single(name).ok().flatten().and_then(crate::record::correlation_value);
+        d.request_id = header("x-request-id");
+        d.traceparent = header("traceparent");
         match self.decide(req, &mut d) {
-            Ok(edits) => Outcome { verdict: Verdict::Forward(edits), decision: d },
+            Ok(verdict) => Outcome { verdict, decision: d },
             Err(reason) => self.deny(d, reason),
         }
     }
 
-    fn decide(&mut self, req: &Request<'_>, d: &mut Decision) -> Step<HeaderEdits> {
+    fn decide(&mut self, req: &Request<'_>, d: &mut Decision) -> Step<Verdict> {
         let h = req.headers;
 
         // 1. Identity: a token verified against the trust bundles.
         let token = bearer_token(h, &self.config)?;
+        d.identity_checked = true;
         let hits_before = self.identity.stats.cache_hits;
         let identity = self.identity.verify(token, req.now)?;
         d.identity_cache_hit = self.identity.stats.cache_hits > hits_before;
@@ -230,6 +291,13 @@ impl Engine {
         d.task = task.or(signed.as_ref().and_then(|s| s.task.clone()));
         d.intent_signed = signed.is_some();
         d.policy = Some(decision.clone());
+        // Revocations apply to cached decisions too: checked on every request.
+        if d.task.as_deref().is_some_and(|t| self.revoked.task_revoked(t)) {
+            return Err(Reason::TaskRevoked);
+        }
+        if self.revoked.subject_revoked(&identity.principal) {
+            return Err(Reason::SubjectRevoked);
+        }
         if decision.effect == Effect::Deny {
             return Err(decision.reason);
         }
@@ -244,7 +312,106 @@ impl Engine {
                 edits.set.push((":path".to_string(), target.into_bytes()));
             }
         }
-        Ok(edits)
+
+        // 5. Just-in-time credential: only now, after every check passed.
+        let Some(m) = &self.config.minter else { return Ok(Verdict::Forward(edits)) };
+        let request = MintRequest {
+            subject_token: token.to_vec(),
+            audience: decision.audience.clone().unwrap_or_else(|| authority.clone()),
+            scopes: decision.scopes.clone(),
+            ttl_s: decision.ttl_s,
+            task: d.task.clone(),
+            intent: d.intent.clone(),
+        };
+        let key = request.cache_key(&identity.principal);
+        if let Some(cred) = self.credentials.get(&key, req.now) {
+            self.stats.credential_cache_hits += 1;
+            d.credential_cache_hit = true;
+            inject(&mut edits, &cred, d);
+            return Ok(Verdict::Forward(edits));
+        }
+        self.stats.credential_cache_misses += 1;
+        Ok(Verdict::Mint(Box::new(MintPlan {
+            key,
+            request,
+            edits,
+            cluster: m.cluster.clone(),
+            authority: m.authority.clone().unwrap_or_else(|| m.cluster.clone()),
+            path: m.path.clone(),
+            timeout_ms: m.timeout_ms,
+        })))
+    }
+
+    /// Finishes a request paused on a credential exchange. Any failure denies (503): the
+    /// request never goes upstream without the credential, and the minter's answer never
+    /// reaches the caller.
+    /// Returns the verdict, and the failure (for logs and metrics) when it is a denial.
+    pub fn finish_mint(&mut self, plan: &MintPlan, answer: Result<(u16, &[u8]), MintError>, now: u64, d: &mut Decision) -> (Verdict, Option<MintError>) {
+        let Some(m) = &self.config.minter else {
+            return (self.deny_mint(d), Some(MintError::Dispatch("no minter configured".into())));
+        };
+        let subject = d.identity.as_ref().map_or("", |i| i.principal.as_str()).to_string();
+        let parsed = answer.and_then(|(status, body)| mint::parse_response(m, status, body, now, &subject, plan.request.task.as_deref()));
+        match parsed {
+            Ok(cred) => {
+                let cred = Rc::new(cred);
+                self.credentials.put(plan.key, cred.clone());
+                let mut edits = plan.edits.clone();
+                inject(&mut edits, &cred, d);
+                (Verdict::Forward(edits), None)
+            }
+            Err(e) => (self.deny_mint(d), Some(e)),
+        }
+    }
+
+    fn deny_mint(&self, d: &mut Decision) -> Verdict {
+        d.effect = Some(Effect::Deny);
+        d.reason = Some(Reason::CredentialUnavailable);
+        Verdict::Reply(LocalReply::deny(Reason::CredentialUnavailable, &d.id, &self.config.upstream.decision_id_header))
+    }
+
+    /// A revocation poll, if one is configured and due.
+    pub fn due_poll(&mut self, now_ms: u64) -> Option<PollPlan> {
+        let m = self.config.minter.as_ref()?;
+        let r = m.revocations.as_ref()?;
+        if self.poll_in_flight || now_ms < self.next_poll_at {
+            return None;
+        }
+        self.poll_in_flight = true;
+        self.next_poll_at = now_ms.saturating_add(r.interval_ms);
+        Some(PollPlan {
+            cluster: m.cluster.clone(),
+            authority: m.authority.clone().unwrap_or_else(|| m.cluster.clone()),
+            path: format!("{}?since={}", r.path, self.revoked.cursor),
+            timeout_ms: m.timeout_ms.max(1000),
+        })
+    }
+
+    /// Takes a revocation feed answer: remembers revoked tasks and subjects, purges
+    /// matching credentials, and drops cached decisions. Returns how many entries were new.
+    pub fn on_revocations(&mut self, answer: Result<(u16, &[u8]), MintError>, now: u64) -> Result<usize, MintError> {
+        self.poll_in_flight = false;
+        self.stats.revocation_polls += 1;
+        let batch = answer.and_then(|(status, body)| mint::parse_revocations(status, body)).inspect_err(|_| {
+            self.stats.revocation_poll_failures += 1;
+        })?;
+        let n = batch.revocations.len();
+        for r in &batch.revocations {
+            self.revoked.add(r);
+            self.credentials.purge(r);
+        }
+        if n > 0 {
+            if let Some(c) = self.decisions.as_mut() {
+                c.clear();
+            }
+        }
+        self.revoked.cursor = self.revoked.cursor.max(batch.cursor);
+        self.revoked.last_poll = Some(now);
+        Ok(n)
+    }
+
+    pub fn credential_cache_len(&self) -> usize {
+        self.credentials.len()
     }
 
     fn standing_secret_presented(&self, h: &Headers) -> bool {
@@ -292,6 +459,22 @@ impl Engine {
 
     pub fn decision_cache_len(&self) -> usize {
         self.decisions.as_ref().map_or(0, LruCache::len)
+    }
+}
+
+/// Sets the credential header (replacing any incoming one) and records what was injected.
+fn inject(edits: &mut HeaderEdits, cred: &Credential, d: &mut Decision) {
+    if !edits.remove.contains(&cred.header) {
+        edits.remove.push(cred.header.clone());
+    }
+    edits.set.push((cred.header.clone(), cred.value.as_bytes().to_vec()));
+    d.credential = Some(CredentialInfo {
+        jti: cred.jti.clone(),
+        exp: Some(cred.exp),
+        kind: Some(if cred.legacy { "legacy_static_secret" } else { "jwt" }),
+    });
+    if cred.legacy {
+        d.degraded = Some("legacy_static_secret");
     }
 }
 
@@ -429,6 +612,7 @@ mod tests {
         match out.verdict {
             Verdict::Forward(e) => e,
             Verdict::Reply(r) => panic!("expected forward, got {} {}", r.status, r.body),
+            Verdict::Mint(_) => panic!("expected forward, got a mint plan"),
         }
     }
 
@@ -574,7 +758,7 @@ mod tests {
         let out = run_at(&mut e, &h, t + 10);
         assert!(!out.decision.decision_cache_hit, "entry must expire at the window boundary");
         assert_eq!(out.decision.reason(), Reason::NoRuleMatched);
-        assert_eq!(e.stats, EngineStats { decision_cache_hits: 1, decision_cache_misses: 2 });
+        assert_eq!((e.stats.decision_cache_hits, e.stats.decision_cache_misses), (1, 2));
     }
 
     #[test]
@@ -600,5 +784,147 @@ mod tests {
         let it = ik.sign(&json!({"iss": "https://intent", "sub": SUB, "exp": NOW + 60, "intents": ["ticket.read"], "task": "T-1"}));
         let out = run(&mut e, &get(&[("x-agent-intent-token", &it), ("x-agent-task", "T-2")], &b));
         assert_eq!(out.decision.reason(), Reason::IntentTokenInvalid);
+    }
+
+    // ---------------- just-in-time credentials ----------------
+
+    fn minting_engine(key: &TestKey) -> Engine {
+        let mut identity = json!({"audiences": [AUD],
+            "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[key], None)}}]});
+        identity["upstream_header"] = json!("x-mandate-identity");
+        let mut p = policy();
+        p["resources"][0]["audience"] = json!("https://tickets.internal");
+        p["resources"].as_array_mut().unwrap().push(json!({"name": "legacy-crm", "hosts": ["old-crm.internal"], "legacy": true}));
+        p["intents"].as_array_mut().unwrap().push(json!({"name": "crm.sync", "operations": [{"resource": "legacy-crm"}], "scopes": ["crm"]}));
+        p["rules"].as_array_mut().unwrap().push(json!({"id": "sync", "effect": "allow", "intents": ["crm.sync"]}));
+        let cfg = json!({"identity": identity, "policy": p,
+            "minter": {"cluster": "minter", "timeout_ms": 300, "refresh_margin_s": 10, "revocations": {"interval_ms": 500}}});
+        Engine::new(config::parse(cfg.to_string().as_bytes()).unwrap(), 7, None).unwrap()
+    }
+
+    fn minted_jwt(jti: &str, exp: u64) -> String {
+        use crate::testkit::b64;
+        format!("{}.{}.sig", b64(br#"{"alg":"ES256","kid":"m"}"#), b64(json!({"jti": jti, "exp": exp, "aud": "https://tickets.internal"}).to_string().as_bytes()))
+    }
+
+    fn token_answer(jti: &str, exp: u64) -> Vec<u8> {
+        json!({"access_token": minted_jwt(jti, exp), "issued_token_type": mint::JWT_TOKEN_TYPE, "token_type": "Bearer", "expires_in": exp - NOW}).to_string().into_bytes()
+    }
+
+    fn plan(out: Outcome) -> (Box<MintPlan>, Decision) {
+        match out.verdict {
+            Verdict::Mint(p) => (p, out.decision),
+            other => panic!("expected a mint plan, got {other:?} / {:?}", out.decision),
+        }
+    }
+
+    #[test]
+    fn allow_asks_the_minter_with_an_rfc8693_form() {
+        let k = TestKey::es256("k");
+        let mut e = minting_engine(&k);
+        let b = bearer(&k);
+        let (p, _) = plan(run(&mut e, &get(&[("x-agent-task", "T-1")], &b)));
+        let form: std::collections::HashMap<String, String> = form_urlencoded::parse(&p.body()).into_owned().collect();
+        assert_eq!(form["grant_type"], mint::GRANT_TYPE);
+        assert_eq!(form["subject_token"], b.trim_start_matches("Bearer "));
+        assert_eq!(form["subject_token_type"], mint::JWT_TOKEN_TYPE);
+        assert_eq!(form["audience"], "https://tickets.internal");
+        assert_eq!(form["scope"], "tickets:read");
+        assert_eq!(form["task"], "T-1");
+        assert_eq!(form["intent"], "ticket.read");
+        assert_eq!(form["requested_ttl"], "120");
+        assert_eq!((p.cluster.as_str(), p.path.as_str(), p.timeout_ms), ("minter", "/token", 300));
+    }
+
+    #[test]
+    fn minted_token_replaces_the_callers_and_is_reused_until_near_expiry() {
+        let k = TestKey::es256("k");
+        let mut e = minting_engine(&k);
+        let b = bearer(&k);
+        let (p, mut d) = plan(run(&mut e, &get(&[], &b)));
+        let body = token_answer("jti-1", NOW + 60);
+        let (v, failure) = e.finish_mint(&p, Ok((200, &body)), NOW, &mut d);
+        assert!(failure.is_none());
+        let Verdict::Forward(edits) = v else { panic!() };
+        assert!(edits.remove.contains(&"authorization".to_string()));
+        let auth = edits.set.iter().find(|(k, _)| k == "authorization").unwrap();
+        assert_eq!(String::from_utf8_lossy(&auth.1), format!("Bearer {}", minted_jwt("jti-1", NOW + 60)));
+        assert_eq!(d.credential.as_ref().unwrap().jti.as_deref(), Some("jti-1"));
+        // Same subject, audience, scopes, task: reused from the cache, no exchange.
+        let out = run_at(&mut e, &get(&[], &b), NOW + 40);
+        assert!(out.decision.credential_cache_hit);
+        let Verdict::Forward(_) = out.verdict else { panic!("expected a cached credential") };
+        // Within the 10 s margin of exp: a fresh exchange.
+        let out = run_at(&mut e, &get(&[], &b), NOW + 51);
+        let _ = plan(out);
+    }
+
+    #[test]
+    fn every_minter_failure_is_503_and_never_forwards() {
+        let k = TestKey::es256("k");
+        let b = bearer(&k);
+        let answers: Vec<Result<(u16, Vec<u8>), MintError>> = vec![
+            Err(MintError::NoResponse),
+            Ok((500, b"{\"error\":\"boom\",\"detail\":\"secret-internal\"}".to_vec())),
+            Ok((400, b"{\"error\":\"invalid_grant\"}".to_vec())),
+            Ok((200, b"not json".to_vec())),
+            Ok((200, b"{\"token_type\":\"Bearer\",\"expires_in\":60}".to_vec())),
+            Ok((200, b"{\"access_token\":\"a\\r\\nb\",\"expires_in\":60}".to_vec())),
+            Ok((200, b"{\"access_token\":\"x\",\"expires_in\":60,\"mandate_legacy\":true,\"mandate_header\":\":path\"}".to_vec())),
+            Err(MintError::Dispatch("BadArgument".into())),
+        ];
+        for a in answers {
+            let mut e = minting_engine(&k);
+            let (p, mut d) = plan(run(&mut e, &get(&[], &b)));
+            let (v, failure) = e.finish_mint(&p, a.as_ref().map(|(s, b)| (*s, b.as_slice())).map_err(Clone::clone), NOW, &mut d);
+            assert!(failure.is_some(), "{a:?}");
+            let Verdict::Reply(r) = v else { panic!("{a:?} forwarded") };
+            assert_eq!(r.status, 503);
+            assert!(r.body.contains("credential_unavailable") && !r.body.contains("secret-internal") && !r.body.contains("boom"));
+            assert_eq!(d.reason(), Reason::CredentialUnavailable);
+            assert_eq!(e.credential_cache_len(), 0);
+        }
+    }
+
+    #[test]
+    fn legacy_destination_gets_the_static_secret_and_is_marked_degraded() {
+        let k = TestKey::es256("k");
+        let mut e = minting_engine(&k);
+        let b = bearer(&k);
+        let (p, mut d) = plan(run(&mut e, &get(&[(":authority", "old-crm.internal"), (":path", "/sync"), ("x-agent-intent", "crm.sync")], &b)));
+        let body = json!({"access_token": "sk_live_abc", "issued_token_type": mint::STATIC_SECRET_TYPE, "token_type": "ApiKey",
+                          "expires_in": 60, "mandate_legacy": true, "mandate_header": "x-api-key"}).to_string();
+        let (v, _) = e.finish_mint(&p, Ok((200, body.as_bytes())), NOW, &mut d);
+        let Verdict::Forward(edits) = v else { panic!() };
+        assert!(edits.set.contains(&("x-api-key".to_string(), b"sk_live_abc".to_vec())));
+        assert_eq!(d.degraded, Some("legacy_static_secret"));
+    }
+
+    #[test]
+    fn revocation_feed_purges_credentials_and_refuses_the_task() {
+        let k = TestKey::es256("k");
+        let mut e = minting_engine(&k);
+        let b = bearer(&k);
+        let (p, mut d) = plan(run(&mut e, &get(&[("x-agent-task", "T-7")], &b)));
+        let body = token_answer("jti-7", NOW + 100);
+        e.finish_mint(&p, Ok((200, &body)), NOW, &mut d);
+        assert_eq!(e.credential_cache_len(), 1);
+        assert!(e.due_poll(NOW * 1000).is_some());
+        assert!(e.due_poll(NOW * 1000 + 100).is_none(), "one poll in flight");
+        let feed = json!({"cursor": 5, "revocations": [{"seq": 5, "kind": "task", "value": "T-7", "at": NOW}]}).to_string();
+        assert_eq!(e.on_revocations(Ok((200, feed.as_bytes())), NOW), Ok(1));
+        assert_eq!(e.credential_cache_len(), 0);
+        let out = run(&mut e, &get(&[("x-agent-task", "T-7")], &b));
+        assert_eq!(out.decision.reason(), Reason::TaskRevoked);
+        let poll = e.due_poll(NOW * 1000 + 600).unwrap();
+        assert_eq!(poll.path, "/revocations?since=5");
+        // Other tasks are unaffected.
+        let (_, _) = plan(run(&mut e, &get(&[("x-agent-task", "T-8")], &b)));
+    }
+
+    #[test]
+    fn credential_values_never_appear_in_decision_debug_or_display() {
+        let cred = Credential { header: "authorization".into(), value: "Bearer SECRET".into(), exp: 1, jti: Some("j".into()), task: None, subject: "s".into(), legacy: false };
+        assert!(!cred.to_string().contains("SECRET"));
     }
 }

@@ -12,8 +12,10 @@ pub mod decision;
 pub mod engine;
 pub mod headers;
 pub mod identity;
+pub mod mint;
 pub mod policy;
 pub mod reason;
+pub mod record;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

@@ -53,6 +53,7 @@ pub enum Reason {
     DeniedByRule,
     NoRuleMatched,
     TaskRevoked,
+    SubjectRevoked,
 
     // --- availability (503) ---
     CredentialUnavailable,
@@ -111,6 +112,7 @@ impl Reason {
         Reason::DeniedByRule,
         Reason::NoRuleMatched,
         Reason::TaskRevoked,
+        Reason::SubjectRevoked,
         Reason::CredentialUnavailable,
         Reason::NotConfigured,
         Reason::InternalError,
@@ -157,6 +159,7 @@ impl Reason {
             Reason::DeniedByRule => "denied_by_rule",
             Reason::NoRuleMatched => "no_rule_matched",
             Reason::TaskRevoked => "task_revoked",
+            Reason::SubjectRevoked => "subject_revoked",
             Reason::CredentialUnavailable => "credential_unavailable",
             Reason::NotConfigured => "not_configured",
             Reason::InternalError => "internal_error",
@@ -178,7 +181,7 @@ impl Reason {
             IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid | MethodInvalid => Family::BadRequest,
             IntentRequired | TaskRequired | UnclassifiedPrincipal | IntentUnknown | IntentMismatch | IntentTokenRequired
             | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
-            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked => {
+            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked => {
                 Family::Policy
             }
             CredentialUnavailable | NotConfigured | InternalError => Family::Unavailable,
@@ -238,6 +241,7 @@ impl Reason {
             DeniedByRule => "denied by policy",
             NoRuleMatched => "no policy rule allows this request",
             TaskRevoked => "the task has ended or was revoked",
+            SubjectRevoked => "the caller's credentials were revoked",
             CredentialUnavailable => "a credential for the destination could not be obtained",
             NotConfigured => "the filter is not configured",
             InternalError => "internal error",

@@ -3,17 +3,24 @@
 //! It gathers inputs with as few host calls as possible, hands them to the
 //! core [`Engine`], and applies the verdict. Every host error on the decision
 //! path denies; nothing here may panic (a panic traps the VM for all traffic).
+//!
+//! Credential exchanges are single-flight per worker: the first request for a
+//! credential key dispatches the call, later ones wait on it, and the answer
+//! completes them all (switching the effective context to each waiter).
 
 use crate::config;
-use crate::decision::{DecisionIds, LocalReply};
-use crate::engine::{Engine, Request, Verdict};
+use crate::decision::{DecisionIds, Effect, LocalReply};
+use crate::engine::{Decision, Engine, MintPlan, Request, Verdict};
+use crate::headers::{serialize_pairs, Headers};
 use crate::identity::bundles::{FetchReport, SourceId};
 use crate::identity::jwks::MAX_BUNDLE_BYTES;
-use crate::headers::{serialize_pairs, Headers};
+use crate::mint::{MintError, MAX_RESPONSE_BYTES};
 use crate::reason::Reason;
+use crate::record::{DecisionRecord, FILTER_STATE_KEY, LOG_PREFIX};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -24,11 +31,13 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::new()) });
 }}
 
-type SharedEngine = Rc<RefCell<Option<Engine>>>;
-
 fn log(level: LogLevel, message: &str) {
     // Logging must never take the filter down: ignore the status.
     let _ = hostcalls::log(level, message);
+}
+
+fn now_nanos() -> Option<u64> {
+    hostcalls::get_current_time().ok()?.duration_since(UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64)
 }
 
 fn random_seed() -> u64 {
@@ -36,220 +45,146 @@ fn random_seed() -> u64 {
     if getrandom::getrandom(&mut buf).is_err() {
         // Ids stay unique per VM through the counter; only cross-VM uniqueness weakens.
         log(LogLevel::Warn, "mandate: no randomness for decision ids; using the clock");
-        let now = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        return now;
+        return now_nanos().unwrap_or(0);
     }
     u64::from_le_bytes(buf)
 }
 
-/// Host time in Unix seconds; `None` if the host cannot tell (callers fail closed).
-fn now_secs() -> Option<u64> {
-    hostcalls::get_current_time().ok()?.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+// ------------------------------------------------------------------ metrics
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
 }
 
-struct Root {
-    engine: SharedEngine,
-    seed: u64,
-    /// Bundle fetches in flight: callout token → bundle source.
-    fetches: HashMap<u32, SourceId>,
+/// Metrics defined lazily by name. Unlike the SDK wrappers these never panic:
+/// a metric the host refuses is simply not recorded.
+#[derive(Default)]
+struct Metrics {
+    ids: HashMap<String, Option<u32>>,
 }
 
-impl Root {
-    fn new() -> Root {
-        Root { engine: Rc::new(RefCell::new(None)), seed: random_seed(), fetches: HashMap::new() }
+impl Metrics {
+    fn id(&mut self, kind: MetricType, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let mut id = 0u32;
+        // SAFETY: pointers reference live buffers for the duration of the call.
+        let status = unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) };
+        let id = (status == Status::Ok).then_some(id);
+        self.ids.insert(name.to_string(), id);
+        id
     }
 
-    /// Dispatches every bundle fetch that is due.
-    fn dispatch_fetches(&mut self) {
-        let Some(now) = now_secs() else { return };
-        let Ok(mut slot) = self.engine.try_borrow_mut() else { return };
-        let Some(engine) = slot.as_mut() else { return };
-        for plan in engine.identity.bundles.due_fetches(now) {
-            let headers = vec![
-                (":method", "GET"),
-                (":path", plan.path.as_str()),
-                (":authority", plan.authority.as_str()),
-                ("accept", "application/json"),
-            ];
-            let timeout = Duration::from_millis(plan.timeout_ms);
-            match hostcalls::dispatch_http_call(&plan.cluster, headers, None, vec![], timeout) {
-                Ok(token) => {
-                    self.fetches.insert(token, plan.source);
-                }
-                Err(status) => {
-                    let error = format!("cannot call cluster `{}`: {status:?}", plan.cluster);
-                    if let Some(report) = engine.identity.bundles.on_fetch(plan.source, Err(error), now) {
-                        log_fetch(&report);
-                    }
-                }
-            }
+    fn inc(&mut self, name: &str) {
+        self.add(name, 1);
+    }
+
+    fn add(&mut self, name: &str, n: i64) {
+        if let Some(id) = self.id(MetricType::Counter, name) {
+            // SAFETY: plain value call.
+            let _ = unsafe { proxy_increment_metric(id, n) };
         }
     }
-}
 
-fn log_fetch(report: &FetchReport) {
-    match report {
-        FetchReport::Updated { label, keys, skipped } => {
-            let skipped = if skipped.is_empty() { String::new() } else { format!(", skipped unusable keys {skipped:?}") };
-            log(LogLevel::Info, &format!("mandate: bundle for `{label}` updated: {keys} key(s){skipped}"));
+    fn record(&mut self, kind: MetricType, name: &str, value: u64) {
+        if let Some(id) = self.id(kind, name) {
+            // SAFETY: plain value call.
+            let _ = unsafe { proxy_record_metric(id, value) };
         }
-        FetchReport::Unchanged { .. } => {}
-        FetchReport::Failed { label, error, kept_previous } => {
-            let consequence = if *kept_previous {
-                "keeping the last good bundle"
-            } else {
-                "no bundle yet: its tokens are refused"
-            };
-            log(LogLevel::Warn, &format!("mandate: bundle fetch for `{label}` failed ({error}); {consequence}"));
-        }
+    }
+
+    fn hit(&mut self, cache: &str, hit: bool) {
+        self.inc(&format!("mandate.cache.{cache}.{}", if hit { "hit" } else { "miss" }));
     }
 }
 
-impl Context for Root {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some(source) = self.fetches.remove(&token_id) else { return };
-        let Some(now) = now_secs() else { return };
-        // Envoy answers a failed or timed-out callout with no headers at all.
-        let result: Result<Vec<u8>, String> = if num_headers == 0 {
-            Err("no response (timeout or connection failure)".into())
-        } else {
-            let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            if status != b"200" {
-                Err(format!("HTTP status {}", String::from_utf8_lossy(&status)))
-            } else if body_size > MAX_BUNDLE_BYTES {
-                Err(format!("bundle of {body_size} bytes is too large"))
-            } else {
-                hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                    .map(Option::unwrap_or_default)
-                    .map_err(|s| format!("cannot read body: {s:?}"))
-            }
+// ------------------------------------------------------------------ shared state
+
+/// A request paused on a credential exchange.
+struct Pending {
+    plan: Box<MintPlan>,
+    decision: Decision,
+    started_ns: u64,
+}
+
+/// One in-flight exchange and the requests waiting on it.
+struct Flight {
+    leader: u32,
+    waiters: Vec<u32>,
+    dispatched_ns: u64,
+}
+
+/// Per-VM state shared by the root and every HTTP context.
+struct Shared {
+    engine: Option<Engine>,
+    metrics: Metrics,
+    policy_hash: String,
+    flights: HashMap<[u8; 16], Flight>,
+    pending: HashMap<u32, Pending>,
+}
+
+type SharedRef = Rc<RefCell<Shared>>;
+
+impl Shared {
+    /// Records a decision: metrics, the log line, and (for the current stream) filter state.
+    fn record(&mut self, d: &Decision, started_ns: u64, set_filter_state: bool) {
+        let now = now_nanos().unwrap_or(started_ns);
+        let env = self.engine.as_ref().and_then(Engine::environment);
+        let rec = DecisionRecord::new(d, env, &self.policy_hash, now / 1_000_000, now.saturating_sub(started_ns) / 1000);
+        let json = rec.to_json();
+        let effect = match d.effect() {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+            Effect::DryRunDeny => "dry_run_deny",
         };
-        let Ok(mut slot) = self.engine.try_borrow_mut() else { return };
-        let Some(engine) = slot.as_mut() else { return };
-        let result = result.as_deref().map_err(String::clone);
-        if let Some(report) = engine.identity.bundles.on_fetch(source, result, now) {
-            log_fetch(&report);
+        self.metrics.inc(&format!("mandate.decisions.{effect}"));
+        self.metrics.inc(&format!("mandate.decisions.{effect}.{}", d.reason().code()));
+        if d.identity_checked {
+            self.metrics.hit("identity", d.identity_cache_hit);
+        }
+        if d.policy.is_some() {
+            self.metrics.hit("decision", d.decision_cache_hit);
+        }
+        if d.credential.is_some() {
+            self.metrics.hit("credential", d.credential_cache_hit);
+        }
+        if d.degraded.is_some() {
+            self.metrics.inc("mandate.degraded.legacy_static_secret");
+        }
+        log(LogLevel::Info, &format!("{LOG_PREFIX}{json}"));
+        if set_filter_state {
+            let _ = hostcalls::set_property(vec![FILTER_STATE_KEY], Some(json.as_bytes()));
         }
     }
 }
 
-impl RootContext for Root {
-    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        true
-    }
+// ------------------------------------------------------------------ verdicts
 
-    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let raw = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size) {
-            Ok(bytes) => bytes.unwrap_or_default(),
-            Err(status) => {
-                log(LogLevel::Error, &format!("mandate: cannot read plugin configuration: {status:?}"));
-                return false;
-            }
-        };
-        match config::parse(&raw) {
-            Ok(config) => {
-                self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let host_env = config
-                    .policy
-                    .as_ref()
-                    .and_then(|p| p.environment_from_node_metadata.as_deref())
-                    .and_then(|key| hostcalls::get_property(vec!["node", "metadata", key]).ok().flatten())
-                    .and_then(|v| String::from_utf8(v).ok());
-                let engine = match Engine::new(config, self.seed, host_env) {
-                    Ok(engine) => engine,
-                    Err(e) => {
-                        log(LogLevel::Error, &e.to_string());
-                        return false;
-                    }
-                };
-                let remote = engine.identity.bundles.has_remote();
-                {
-                    let Ok(mut slot) = self.engine.try_borrow_mut() else {
-                        log(LogLevel::Error, "mandate: configuration update while a request is in flight");
-                        return false;
-                    };
-                    *slot = Some(engine);
+fn apply(verdict: &Verdict) -> Action {
+    match verdict {
+        Verdict::Forward(edits) => {
+            for name in &edits.remove {
+                if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, None).is_err() {
+                    return fail_closed(Reason::InternalError);
                 }
-                self.fetches.clear();
-                if remote {
-                    // Ticks drive bundle refresh; the first fetch goes out now.
-                    if hostcalls::set_tick_period(Duration::from_secs(1)).is_err() {
-                        log(LogLevel::Warn, "mandate: cannot set tick period; bundles will not refresh");
-                    }
-                    self.dispatch_fetches();
+            }
+            for (name, value) in &edits.set {
+                if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value)).is_err() {
+                    return fail_closed(Reason::InternalError);
                 }
-                log(LogLevel::Info, &format!("mandate {}: configured", crate::VERSION));
-                true
             }
-            Err(e) => {
-                log(LogLevel::Error, &e.to_string());
-                false
-            }
+            Action::Continue
         }
-    }
-
-    fn on_tick(&mut self) {
-        self.dispatch_fetches();
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { engine: self.engine.clone() }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-struct Http {
-    engine: SharedEngine,
-}
-
-impl Context for Http {}
-
-impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let pairs = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
-            Ok(pairs) => pairs,
-            Err(_) => return fail_closed(Reason::InternalError),
-        };
-        let headers = Headers::new(pairs);
-        let Some(now) = now_secs() else { return fail_closed(Reason::InternalError) };
-        let outcome = {
-            let Ok(mut slot) = self.engine.try_borrow_mut() else {
-                return fail_closed(Reason::InternalError);
-            };
-            let Some(engine) = slot.as_mut() else {
-                return fail_closed(Reason::NotConfigured);
-            };
-            engine.on_request(&Request { headers: &headers, now })
-        };
-        match outcome.verdict {
-            Verdict::Forward(edits) => {
-                for name in &edits.remove {
-                    if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, None).is_err() {
-                        return fail_closed(Reason::InternalError);
-                    }
-                }
-                for (name, value) in &edits.set {
-                    if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value)).is_err() {
-                        return fail_closed(Reason::InternalError);
-                    }
-                }
-                Action::Continue
-            }
-            Verdict::Reply(reply) => {
-                send_reply(&reply);
-                Action::Pause
-            }
+        Verdict::Reply(reply) => {
+            send_reply(reply);
+            Action::Pause
         }
+        // Never reached: a mint verdict is resolved before it is applied.
+        Verdict::Mint(_) => fail_closed(Reason::InternalError),
     }
 }
 
@@ -294,5 +229,354 @@ fn send_reply(reply: &LocalReply) {
     };
     if status != Status::Ok {
         log(LogLevel::Error, &format!("mandate: local reply failed: {status:?}"));
+    }
+}
+
+/// Reads a callout answer: `Err` when there was none (Envoy delivers failures with no headers).
+fn callout_answer(num_headers: usize, body_size: usize, limit: usize) -> Result<(u16, Vec<u8>), MintError> {
+    if num_headers == 0 {
+        return Err(MintError::NoResponse);
+    }
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u16>().ok()))
+        .ok_or(MintError::Malformed("no :status"))?;
+    if body_size > limit {
+        return Err(MintError::TooLarge);
+    }
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .map_err(|_| MintError::Malformed("unreadable body"))?
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+// ------------------------------------------------------------------ root
+
+enum RootCall {
+    Bundle(SourceId),
+    Revocations,
+}
+
+struct Root {
+    shared: SharedRef,
+    seed: u64,
+    calls: HashMap<u32, RootCall>,
+}
+
+impl Root {
+    fn new() -> Root {
+        let shared = Shared { engine: None, metrics: Metrics::default(), policy_hash: String::new(), flights: HashMap::new(), pending: HashMap::new() };
+        Root { shared: Rc::new(RefCell::new(shared)), seed: random_seed(), calls: HashMap::new() }
+    }
+
+    /// Dispatches due bundle fetches and the revocation poll.
+    fn background(&mut self) {
+        let Some(now_ns) = now_nanos() else { return };
+        let now = now_ns / 1_000_000_000;
+        let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
+        let shared = &mut *shared;
+        let Some(engine) = shared.engine.as_mut() else { return };
+        for plan in engine.identity.bundles.due_fetches(now) {
+            let headers = vec![(":method", "GET"), (":path", plan.path.as_str()), (":authority", plan.authority.as_str()), ("accept", "application/json")];
+            match hostcalls::dispatch_http_call(&plan.cluster, headers, None, vec![], Duration::from_millis(plan.timeout_ms)) {
+                Ok(token) => {
+                    self.calls.insert(token, RootCall::Bundle(plan.source));
+                }
+                Err(status) => {
+                    let error = format!("cannot call cluster `{}`: {status:?}", plan.cluster);
+                    if let Some(report) = engine.identity.bundles.on_fetch(plan.source, Err(error), now) {
+                        log_fetch(&report, &mut shared.metrics);
+                    }
+                }
+            }
+        }
+        if let Some(poll) = engine.due_poll(now_ns / 1_000_000) {
+            let headers = vec![(":method", "GET"), (":path", poll.path.as_str()), (":authority", poll.authority.as_str()), ("accept", "application/json")];
+            match hostcalls::dispatch_http_call(&poll.cluster, headers, None, vec![], Duration::from_millis(poll.timeout_ms)) {
+                Ok(token) => {
+                    self.calls.insert(token, RootCall::Revocations);
+                }
+                Err(status) => {
+                    let _ = engine.on_revocations(Err(MintError::Dispatch(format!("{status:?}"))), now);
+                    shared.metrics.inc("mandate.revocations.poll_failures");
+                }
+            }
+        }
+    }
+}
+
+fn log_fetch(report: &FetchReport, metrics: &mut Metrics) {
+    match report {
+        FetchReport::Updated { label, keys, skipped } => {
+            metrics.inc("mandate.bundles.refresh_ok");
+            let skipped = if skipped.is_empty() { String::new() } else { format!(", skipped unusable keys {skipped:?}") };
+            log(LogLevel::Info, &format!("mandate: bundle for `{label}` updated: {keys} key(s){skipped}"));
+        }
+        FetchReport::Unchanged { .. } => metrics.inc("mandate.bundles.refresh_ok"),
+        FetchReport::Failed { label, error, kept_previous } => {
+            metrics.inc("mandate.bundles.refresh_failed");
+            let consequence = if *kept_previous { "keeping the last good bundle" } else { "no bundle yet: its tokens are refused" };
+            log(LogLevel::Warn, &format!("mandate: bundle fetch for `{label}` failed ({error}); {consequence}"));
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(call) = self.calls.remove(&token_id) else { return };
+        let Some(now_ns) = now_nanos() else { return };
+        let now = now_ns / 1_000_000_000;
+        let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
+        let shared = &mut *shared;
+        let Some(engine) = shared.engine.as_mut() else { return };
+        match call {
+            RootCall::Bundle(source) => {
+                let answer = callout_answer(num_headers, body_size, MAX_BUNDLE_BYTES);
+                let result = match &answer {
+                    Ok((200, body)) => Ok(body.as_slice()),
+                    Ok((status, _)) => Err(format!("HTTP status {status}")),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Some(report) = engine.identity.bundles.on_fetch(source, result, now) {
+                    log_fetch(&report, &mut shared.metrics);
+                }
+            }
+            RootCall::Revocations => {
+                let answer = callout_answer(num_headers, body_size, 4 * MAX_RESPONSE_BYTES);
+                match engine.on_revocations(answer.as_ref().map(|(s, b)| (*s, b.as_slice())).map_err(Clone::clone), now) {
+                    Ok(n) => {
+                        shared.metrics.inc("mandate.revocations.polls");
+                        if n > 0 {
+                            shared.metrics.add("mandate.revocations.received", i64::try_from(n).unwrap_or(i64::MAX));
+                            log(LogLevel::Info, &format!("mandate: {n} revocation(s) applied; cursor {}", engine.revoked.cursor));
+                        }
+                    }
+                    Err(e) => {
+                        shared.metrics.inc("mandate.revocations.poll_failures");
+                        log(LogLevel::Warn, &format!("mandate: revocation poll failed: {e}"));
+                    }
+                }
+                if let Some(last) = engine.revoked.last_poll {
+                    shared.metrics.record(MetricType::Gauge, "mandate.revocations.lag_s", now.saturating_sub(last));
+                }
+            }
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        true
+    }
+
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let raw = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log(LogLevel::Error, &format!("cannot read plugin configuration: {status:?}"));
+                return false;
+            }
+        };
+        let config = match config::parse(&raw) {
+            Ok(c) => c,
+            Err(e) => {
+                log(LogLevel::Error, &e.to_string());
+                return false;
+            }
+        };
+        let host_env = config
+            .policy
+            .as_ref()
+            .and_then(|p| p.environment_from_node_metadata.as_deref())
+            .and_then(|key| hostcalls::get_property(vec!["node", "metadata", key]).ok().flatten())
+            .and_then(|v| String::from_utf8(v).ok());
+        self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let background = config.identity.trust_domains.iter().any(|t| t.bundle.cluster.is_some())
+            || config.identity.oidc_issuers.iter().any(|o| o.jwks.cluster.is_some());
+        let tick_ms = config.minter.as_ref().and_then(|m| m.revocations.as_ref()).map(|r| r.interval_ms.clamp(100, 1000));
+        let engine = match Engine::new(config, self.seed, host_env) {
+            Ok(engine) => engine,
+            Err(e) => {
+                log(LogLevel::Error, &e.to_string());
+                return false;
+            }
+        };
+        let digest: [u8; 32] = Sha256::digest(&raw).into();
+        {
+            let Ok(mut shared) = self.shared.try_borrow_mut() else {
+                log(LogLevel::Error, "configuration update while a request is in flight");
+                return false;
+            };
+            shared.engine = Some(engine);
+            shared.policy_hash = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        }
+        self.calls.clear();
+        if background || tick_ms.is_some() {
+            // Ticks drive bundle refresh and revocation polls; the first round goes out now.
+            let period = Duration::from_millis(tick_ms.unwrap_or(1000).min(1000));
+            if hostcalls::set_tick_period(period).is_err() {
+                log(LogLevel::Warn, "cannot set tick period; bundles and revocations will not refresh");
+            }
+            self.background();
+        }
+        log(LogLevel::Info, &format!("mandate {}: configured", crate::VERSION));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        self.background();
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0 }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+// ------------------------------------------------------------------ http
+
+struct Http {
+    id: u32,
+    shared: SharedRef,
+    started_ns: u64,
+}
+
+impl Context for Http {
+    fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let answer = callout_answer(num_headers, body_size, MAX_RESPONSE_BYTES);
+        self.complete_flight(answer);
+    }
+}
+
+impl Http {
+    /// Completes this context's exchange for itself and every waiter on it.
+    fn complete_flight(&mut self, answer: Result<(u16, Vec<u8>), MintError>) {
+        let now_ns = now_nanos().unwrap_or(0);
+        let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
+        let shared = &mut *shared;
+        let Some(key) = shared.pending.get(&self.id).map(|p| p.plan.key) else { return };
+        let Some(flight) = shared.flights.remove(&key) else { return };
+        shared.metrics.inc("mandate.minter.calls");
+        shared.metrics.record(MetricType::Histogram, "mandate.minter.latency_ms", now_ns.saturating_sub(flight.dispatched_ns) / 1_000_000);
+        if let Err(e) = &answer {
+            shared.metrics.inc("mandate.minter.failures");
+            log(LogLevel::Warn, &format!("mandate: credential exchange failed: {e}"));
+        } else if let Ok((status, _)) = &answer {
+            if *status != 200 {
+                shared.metrics.inc("mandate.minter.failures");
+                // The minter's error body stays here: it never reaches the caller.
+                log(LogLevel::Warn, &format!("mandate: credential exchange refused: HTTP {status}"));
+            }
+        }
+        for member in std::iter::once(flight.leader).chain(flight.waiters) {
+            let Some(mut p) = shared.pending.remove(&member) else { continue };
+            if member != self.id && hostcalls::set_effective_context(member).is_err() {
+                continue; // that stream is gone
+            }
+            let Some(engine) = shared.engine.as_mut() else { break };
+            let (verdict, failure) = engine.finish_mint(&p.plan, answer.as_ref().map(|(s, b)| (*s, b.as_slice())).map_err(Clone::clone), now_ns / 1_000_000_000, &mut p.decision);
+            // The failure itself was logged once above, for the whole flight.
+            drop(failure);
+            let action = apply(&verdict);
+            if action == Action::Continue {
+                let _ = hostcalls::resume_http_request();
+            }
+            shared.record(&p.decision, p.started_ns, true);
+        }
+        let _ = hostcalls::set_effective_context(self.id);
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.started_ns = now_nanos().unwrap_or(0);
+        let pairs = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(pairs) => pairs,
+            Err(_) => return fail_closed(Reason::InternalError),
+        };
+        let headers = Headers::new(pairs);
+        let now = self.started_ns / 1_000_000_000;
+        if now == 0 {
+            return fail_closed(Reason::InternalError);
+        }
+        let Ok(mut shared) = self.shared.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
+        let shared = &mut *shared;
+        let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
+
+        // identity → intent → policy → (credential) → inject → record
+        let outcome = engine.on_request(&Request { headers: &headers, now });
+        match outcome.verdict {
+            Verdict::Mint(plan) => {
+                let key = plan.key;
+                if let Some(flight) = shared.flights.get_mut(&key) {
+                    // Single flight: wait on the exchange already under way.
+                    flight.waiters.push(self.id);
+                    shared.pending.insert(self.id, Pending { plan, decision: outcome.decision, started_ns: self.started_ns });
+                    return Action::Pause;
+                }
+                let body = plan.body();
+                let headers = vec![
+                    (":method", "POST"),
+                    (":path", plan.path.as_str()),
+                    (":authority", plan.authority.as_str()),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("accept", "application/json"),
+                ];
+                match hostcalls::dispatch_http_call(&plan.cluster, headers, Some(&body), vec![], Duration::from_millis(plan.timeout_ms)) {
+                    Ok(_) => {
+                        shared.flights.insert(key, Flight { leader: self.id, waiters: Vec::new(), dispatched_ns: self.started_ns });
+                        shared.pending.insert(self.id, Pending { plan, decision: outcome.decision, started_ns: self.started_ns });
+                        Action::Pause
+                    }
+                    Err(status) => {
+                        // Unknown cluster or no capacity: fail closed, never pass the request through.
+                        let mut d = outcome.decision;
+                        let (verdict, _) = engine.finish_mint(&plan, Err(MintError::Dispatch(format!("{status:?}"))), now, &mut d);
+                        shared.metrics.inc("mandate.minter.failures");
+                        log(LogLevel::Warn, &format!("mandate: cannot call minter cluster `{}`: {status:?}", plan.cluster));
+                        let action = apply(&verdict);
+                        shared.record(&d, self.started_ns, true);
+                        action
+                    }
+                }
+            }
+            verdict => {
+                let action = apply(&verdict);
+                shared.record(&outcome.decision, self.started_ns, true);
+                action
+            }
+        }
+    }
+
+    fn on_log(&mut self) {
+        // A stream that ends while waiting: drop its state; if it led an exchange, the host
+        // cancels the call, so fail its waiters closed now rather than leave them hanging.
+        let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
+        let shared = &mut *shared;
+        let Some(p) = shared.pending.remove(&self.id) else { return };
+        let key = p.plan.key;
+        let led = shared.flights.get(&key).is_some_and(|f| f.leader == self.id);
+        if let Some(flight) = shared.flights.get_mut(&key) {
+            flight.waiters.retain(|w| *w != self.id);
+        }
+        if !led {
+            return;
+        }
+        let Some(flight) = shared.flights.remove(&key) else { return };
+        for w in flight.waiters {
+            let Some(mut wp) = shared.pending.remove(&w) else { continue };
+            if hostcalls::set_effective_context(w).is_err() {
+                continue;
+            }
+            let Some(engine) = shared.engine.as_mut() else { break };
+            let (verdict, _) = engine.finish_mint(&wp.plan, Err(MintError::NoResponse), 0, &mut wp.decision);
+            let _ = apply(&verdict);
+            shared.record(&wp.decision, wp.started_ns, true);
+        }
+        let _ = hostcalls::set_effective_context(self.id);
     }
 }

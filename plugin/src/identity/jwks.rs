@@ -6,8 +6,10 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+#[cfg(feature = "es384")]
+use jwt_simple::prelude::ES384PublicKey;
 use jwt_simple::prelude::{
-    ES256PublicKey, ES384PublicKey, PS256PublicKey, PS384PublicKey, PS512PublicKey, RS256PublicKey,
+    ES256PublicKey, PS256PublicKey, PS384PublicKey, PS512PublicKey, RS256PublicKey,
     RS384PublicKey, RS512PublicKey,
 };
 use serde::Deserialize;
@@ -55,6 +57,8 @@ impl Alg {
 #[derive(Clone)]
 pub enum VerifyingKey {
     P256(ES256PublicKey),
+    /// P-384 costs ~100 KB of wasm: built only with the `es384` feature.
+    #[cfg(feature = "es384")]
     P384(ES384PublicKey),
     Rsa(Box<RsaKeys>),
 }
@@ -82,10 +86,13 @@ impl TrustedKey {
         if self.alg.is_some_and(|pinned| pinned != alg) {
             return false;
         }
+        #[cfg(feature = "es384")]
+        if matches!((&self.key, alg), (VerifyingKey::P384(_), Alg::ES384)) {
+            return true;
+        }
         matches!(
             (&self.key, alg),
             (VerifyingKey::P256(_), Alg::ES256)
-                | (VerifyingKey::P384(_), Alg::ES384)
                 | (
                     VerifyingKey::Rsa(_),
                     Alg::RS256 | Alg::RS384 | Alg::RS512 | Alg::PS256 | Alg::PS384 | Alg::PS512
@@ -98,6 +105,7 @@ impl std::fmt::Debug for TrustedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.key {
             VerifyingKey::P256(_) => "P-256",
+            #[cfg(feature = "es384")]
             VerifyingKey::P384(_) => "P-384",
             VerifyingKey::Rsa(_) => "RSA",
         };
@@ -282,12 +290,14 @@ fn decode_key(jwk: &RawJwk) -> Result<Option<VerifyingKey>, String> {
             sec1.push(0x04);
             sec1.extend_from_slice(&x);
             sec1.extend_from_slice(&y);
-            let key = if crv == 256 {
-                VerifyingKey::P256(ES256PublicKey::from_bytes(&sec1).map_err(|_| "not a P-256 point".to_string())?)
-            } else {
-                VerifyingKey::P384(ES384PublicKey::from_bytes(&sec1).map_err(|_| "not a P-384 point".to_string())?)
-            };
-            Ok(Some(key))
+            if crv == 256 {
+                return Ok(Some(VerifyingKey::P256(ES256PublicKey::from_bytes(&sec1).map_err(|_| "not a P-256 point".to_string())?)));
+            }
+            #[cfg(feature = "es384")]
+            return Ok(Some(VerifyingKey::P384(ES384PublicKey::from_bytes(&sec1).map_err(|_| "not a P-384 point".to_string())?)));
+            // Without the `es384` feature a P-384 key is skipped: its tokens are refused, never accepted.
+            #[cfg(not(feature = "es384"))]
+            Ok(None)
         }
         "RSA" => {
             let n = b64("n", jwk.n.as_deref())?;

@@ -16,7 +16,9 @@ use crate::config::IdentityConfig;
 use crate::reason::Reason;
 use bundles::{BundleStore, SourceId};
 use jwks::{Alg, TrustedKey, VerifyingKey};
-use jwt_simple::prelude::{Duration, NoCustomClaims, RSAPublicKeyLike, ECDSAP256PublicKeyLike, ECDSAP384PublicKeyLike, VerificationOptions};
+#[cfg(feature = "es384")]
+use jwt_simple::prelude::ECDSAP384PublicKeyLike;
+use jwt_simple::prelude::{Duration, ECDSAP256PublicKeyLike, NoCustomClaims, RSAPublicKeyLike, VerificationOptions};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use spiffe_id::SpiffeId;
@@ -237,6 +239,7 @@ pub(crate) fn verify_signature(parsed: &jws::Parsed<'_>, key: &TrustedKey, now: 
     let token = parsed.token;
     let result = match (&key.key, parsed.alg) {
         (VerifyingKey::P256(k), Alg::ES256) => k.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+        #[cfg(feature = "es384")]
         (VerifyingKey::P384(k), Alg::ES384) => k.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
         (VerifyingKey::Rsa(k), alg) => match alg {
             Alg::RS256 => k.rs256.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),

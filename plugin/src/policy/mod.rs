@@ -657,7 +657,7 @@ impl Policy {
             return deny(Reason::IntentRequired);
         }
         if let (Some(signed), Some(intent)) = (input.signed_intent, intent) {
-            if !signed.intents.iter().any(|i| *i == intent.name) {
+            if !signed.intents.contains(&intent.name) {
                 return deny(Reason::IntentTokenInvalid);
             }
         }

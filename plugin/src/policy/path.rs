@@ -42,6 +42,10 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+fn hex_digit(n: u8) -> char {
+    char::from_digit(u32::from(n), 16).map_or('0', |c| c.to_ascii_uppercase())
+}
+
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -95,8 +99,8 @@ pub fn normalize(raw: &[u8]) -> Result<NormalizedPath, PathError> {
             } else {
                 escaped_run.push(v);
                 decoded.push('%');
-                decoded.push(char::from(b"0123456789ABCDEF"[usize::from(v >> 4)]));
-                decoded.push(char::from(b"0123456789ABCDEF"[usize::from(v & 15)]));
+                decoded.push(hex_digit(v >> 4));
+                decoded.push(hex_digit(v & 15));
             }
             i += 3;
             continue;

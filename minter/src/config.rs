@@ -1,0 +1,351 @@
+//! Minter configuration: one JSON or TOML file (`--config PATH`).
+//!
+//! Parsing is strict (unknown fields are refused). Relative paths are
+//! resolved against the directory of the configuration file. The `identity`
+//! section is the plugin's own identity configuration, validated by
+//! `mandate_plugin::config::parse`, so the minter and the proxies read
+//! trust bundles the same way; a trust domain may carry `bundle_url` (and
+//! `refresh_s`) instead of an inline `bundle`, fetched by the minter itself.
+
+use anyhow::{anyhow, bail, Context, Result};
+use mandate_plugin::config::IdentityConfig;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub const TOKEN_TYPE_STATIC_SECRET: &str = "urn:mandate:token-type:static-secret";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinterConfig {
+    /// Listen address; loopback by default. Port 0 picks a free port.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// `iss` of issued tokens.
+    pub issuer: String,
+    /// Durable state: SQLite database and signing keys.
+    pub state_dir: PathBuf,
+    /// Tokio worker threads (default: available cores).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// The plugin's identity section (trust domains, bundles, accepted audiences).
+    pub identity: serde_json::Value,
+    #[serde(default)]
+    pub ttl: TtlConfig,
+    /// Trust domain (or OIDC issuer, for OIDC principals without a SPIFFE
+    /// template) → audiences its workloads may obtain tokens for. `*` allows any.
+    #[serde(default)]
+    pub audiences: BTreeMap<String, Vec<String>>,
+    /// Audience → scopes that may be requested for it (absent: any scope).
+    #[serde(default)]
+    pub scopes: BTreeMap<String, Vec<String>>,
+    /// Refuse exchanges without a `task` parameter.
+    #[serde(default)]
+    pub require_task: bool,
+    #[serde(default)]
+    pub client_auth: ClientAuthConfig,
+    /// Serve HTTPS (required for `client_auth.mode = "mtls"`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub legacy: Option<LegacyConfig>,
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// Largest accepted request body, bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How often the signing-key file and the legacy secret file are checked for changes, seconds.
+    #[serde(default = "default_reload")]
+    pub reload_check_s: u64,
+
+    /// Parsed and validated `identity`, with bundle URLs split out (filled by `load`/`finish`).
+    #[serde(skip)]
+    pub identity_parsed: Option<IdentityConfig>,
+    #[serde(skip)]
+    pub bundle_urls: Vec<BundleUrl>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlConfig {
+    /// Lifetime when the request names none, seconds.
+    #[serde(default = "default_ttl")]
+    pub default_s: u64,
+    /// Hard ceiling, seconds.
+    #[serde(default = "default_max_ttl")]
+    pub max_s: u64,
+    /// Never let an issued token outlive the subject token that obtained it.
+    #[serde(default = "default_true")]
+    pub cap_to_subject_exp: bool,
+}
+
+impl Default for TtlConfig {
+    fn default() -> Self {
+        TtlConfig { default_s: default_ttl(), max_s: default_max_ttl(), cap_to_subject_exp: true }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    /// Development: any peer on 127.0.0.0/8 or ::1; client_id `loopback`.
+    #[default]
+    NoneLoopback,
+    /// HTTP Basic with client_id / client_secret; secrets stored as SHA-256 hex.
+    SharedSecret,
+    /// TLS client certificate chained to `tls.client_ca`.
+    Mtls,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+    /// Known clients. For `shared_secret` every client needs `secret_sha256`;
+    /// for `mtls` the list is optional (empty: any certificate from the CA) and
+    /// `client_id` matches the certificate's identity (URI SAN, else DNS SAN, else CN).
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub client_id: String,
+    /// Lowercase hex SHA-256 of the client secret (`mandate-minter hash-secret`).
+    #[serde(default)]
+    pub secret_sha256: Option<String>,
+    /// If set, the audiences this client may obtain tokens for (else `unauthorized_client`).
+    #[serde(default)]
+    pub audiences: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA bundle, PEM, that client certificates must chain to (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyConfig {
+    /// Audiences served with a static secret instead of a minted JWT.
+    pub audiences: Vec<String>,
+    /// JSON file: audience → `{"secret": "...", "header": "x-api-key", "scheme": "ApiKey"}`.
+    pub secrets_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    Off,
+    Error,
+    #[default]
+    Info,
+    Debug,
+}
+
+/// A trust-domain bundle the minter fetches over HTTP.
+#[derive(Debug, Clone)]
+pub struct BundleUrl {
+    pub trust_domain: String,
+    pub url: String,
+    pub refresh_s: u64,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8181".into()
+}
+fn default_ttl() -> u64 {
+    120
+}
+fn default_max_ttl() -> u64 {
+    300
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_reload() -> u64 {
+    2
+}
+
+impl MinterConfig {
+    /// Reads a JSON (`.json`) or TOML (anything else that parses as TOML) file.
+    pub fn load(path: &Path) -> Result<MinterConfig> {
+        let raw = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let is_json = path.extension().is_some_and(|e| e == "json") || raw.trim_start().starts_with('{');
+        let config: MinterConfig = if is_json {
+            let mut de = serde_json::Deserializer::from_str(&raw);
+            let c = serde_path_to_error_json(&mut de).with_context(|| format!("parsing {}", path.display()))?;
+            de.end().context("trailing characters after the configuration")?;
+            c
+        } else {
+            toml::from_str(&raw).map_err(|e| anyhow!("parsing {}: {e}", path.display()))?
+        };
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.finish(&base)
+    }
+
+    /// Parses a JSON configuration held in memory (tests); relative paths stay as given.
+    pub fn from_json(value: serde_json::Value) -> Result<MinterConfig> {
+        let c: MinterConfig = serde_json::from_value(value).context("parsing configuration")?;
+        c.finish(Path::new(""))
+    }
+
+    /// Resolves paths and validates everything; idempotent.
+    pub fn finish(mut self, base: &Path) -> Result<MinterConfig> {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() && !base.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.state_dir);
+        if let Some(t) = self.tls.as_mut() {
+            resolve(&mut t.cert);
+            resolve(&mut t.key);
+            if let Some(ca) = t.client_ca.as_mut() {
+                resolve(ca);
+            }
+        }
+        if let Some(l) = self.legacy.as_mut() {
+            resolve(&mut l.secrets_file);
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    fn validate(&mut self) -> Result<()> {
+        self.listen_addr()?;
+        if self.issuer.trim().is_empty() {
+            bail!("`issuer` must not be empty");
+        }
+        if self.ttl.default_s == 0 || self.ttl.max_s == 0 {
+            bail!("`ttl.default_s` and `ttl.max_s` must be positive");
+        }
+        if self.ttl.default_s > self.ttl.max_s {
+            bail!("`ttl.default_s` ({}) exceeds `ttl.max_s` ({})", self.ttl.default_s, self.ttl.max_s);
+        }
+        if self.workers == Some(0) {
+            bail!("`workers` must be positive");
+        }
+        let (identity, urls) = split_bundle_urls(&self.identity)?;
+        let wrapped = serde_json::json!({ "identity": identity });
+        let raw = serde_json::to_vec(&wrapped)?;
+        let parsed = mandate_plugin::config::parse(&raw).map_err(|e| anyhow!("{e}"))?;
+        if parsed.identity.trust_domains.is_empty() && parsed.identity.oidc_issuers.is_empty() {
+            bail!("`identity` names no trust domain and no OIDC issuer: nothing could be exchanged");
+        }
+        if parsed.identity.audiences.is_empty() && !parsed.identity.trust_domains.is_empty() {
+            bail!("`identity.audiences` is empty: name the audience(s) subject tokens must carry for the minter");
+        }
+        self.identity_parsed = Some(parsed.identity);
+        self.bundle_urls = urls;
+        for (td, auds) in &self.audiences {
+            if auds.iter().any(|a| a.is_empty()) {
+                bail!("`audiences.{td}` contains an empty audience");
+            }
+        }
+        match self.client_auth.mode {
+            ClientAuthMode::SharedSecret => {
+                if self.client_auth.clients.is_empty() {
+                    bail!("`client_auth.mode = shared_secret` needs `client_auth.clients`");
+                }
+                for c in &self.client_auth.clients {
+                    let ok = c.secret_sha256.as_deref().is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+                    if !ok {
+                        bail!("client `{}`: `secret_sha256` must be 64 hex digits", c.client_id);
+                    }
+                }
+            }
+            ClientAuthMode::Mtls => {
+                if self.tls.as_ref().and_then(|t| t.client_ca.as_ref()).is_none() {
+                    bail!("`client_auth.mode = mtls` needs `tls.cert`, `tls.key` and `tls.client_ca`");
+                }
+            }
+            ClientAuthMode::NoneLoopback => {
+                let ip = self.listen_addr()?.ip();
+                if !ip.is_loopback() {
+                    bail!("`client_auth.mode = none_loopback` (the default) requires a loopback `listen` address, got {ip}");
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.client_auth.clients {
+            if c.client_id.is_empty() || !seen.insert(c.client_id.clone()) {
+                bail!("client ids must be non-empty and unique (`{}`)", c.client_id);
+            }
+        }
+        if let Some(l) = &self.legacy {
+            if l.audiences.is_empty() {
+                bail!("`legacy.audiences` is empty");
+            }
+        }
+        if self.max_body_bytes < 1024 {
+            bail!("`max_body_bytes` must be at least 1024");
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr> {
+        self.listen.parse().map_err(|e| anyhow!("`listen` = {:?}: {e} (expected IP:PORT)", self.listen))
+    }
+
+    pub fn identity(&self) -> Result<&IdentityConfig> {
+        self.identity_parsed.as_ref().ok_or_else(|| anyhow!("configuration not validated"))
+    }
+
+    pub fn is_legacy(&self, audience: &str) -> bool {
+        self.legacy.as_ref().is_some_and(|l| l.audiences.iter().any(|a| a == audience))
+    }
+}
+
+fn serde_path_to_error_json(de: &mut serde_json::Deserializer<serde_json::de::StrRead<'_>>) -> Result<MinterConfig> {
+    MinterConfig::deserialize(de).map_err(|e| anyhow!("{e}"))
+}
+
+/// Takes `bundle_url`/`refresh_s` out of `identity.trust_domains[*]`, leaving a
+/// placeholder remote source the minter feeds itself.
+fn split_bundle_urls(identity: &serde_json::Value) -> Result<(serde_json::Value, Vec<BundleUrl>)> {
+    let mut identity = identity.clone();
+    let mut urls = Vec::new();
+    if let Some(tds) = identity.get_mut("trust_domains").and_then(|v| v.as_array_mut()) {
+        for (i, td) in tds.iter_mut().enumerate() {
+            let Some(obj) = td.as_object_mut() else { continue };
+            let Some(url) = obj.remove("bundle_url") else {
+                if obj.contains_key("refresh_s") {
+                    bail!("identity.trust_domains[{i}].refresh_s needs bundle_url");
+                }
+                continue;
+            };
+            let url = url.as_str().ok_or_else(|| anyhow!("identity.trust_domains[{i}].bundle_url must be a string"))?.to_string();
+            if !url.starts_with("http://") {
+                bail!("identity.trust_domains[{i}].bundle_url: only http:// URLs are supported (serve bundles on a local sidecar)");
+            }
+            let refresh_s = match obj.remove("refresh_s") {
+                Some(v) => v.as_u64().filter(|s| *s >= 5).ok_or_else(|| anyhow!("identity.trust_domains[{i}].refresh_s must be an integer ≥ 5"))?,
+                None => 300,
+            };
+            if obj.contains_key("bundle") {
+                bail!("identity.trust_domains[{i}]: give either bundle or bundle_url, not both");
+            }
+            let name = obj.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
+            obj.insert("bundle".into(), serde_json::json!({"cluster": "minter-bundle-url", "refresh_s": refresh_s}));
+            urls.push(BundleUrl { trust_domain: name, url, refresh_s });
+        }
+    }
+    Ok((identity, urls))
+}

@@ -1,0 +1,400 @@
+//! RFC 8693 token exchange: parameter checks, subject/actor verification,
+//! policy ceilings, and minting.
+
+use crate::auth::Client;
+use crate::config::{GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_STATIC_SECRET};
+use crate::error::OAuthError;
+use crate::server::AppState;
+use crate::store::{IssuedRecord, Kind};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Longest `task` / `intent` value.
+pub const MAX_LABEL: usize = 256;
+/// Deepest accepted `act` nesting in an actor or subject token.
+pub const MAX_ACT_DEPTH: usize = 8;
+
+#[derive(Default)]
+struct Params {
+    grant_type: Option<String>,
+    subject_token: Option<String>,
+    subject_token_type: Option<String>,
+    actor_token: Option<String>,
+    actor_token_type: Option<String>,
+    audiences: Vec<String>,
+    resource: bool,
+    scope: Option<String>,
+    requested_token_type: Option<String>,
+    task: Option<String>,
+    intent: Option<String>,
+    requested_ttl: Option<String>,
+}
+
+fn set_once(slot: &mut Option<String>, name: &str, value: String) -> Result<(), OAuthError> {
+    if slot.is_some() {
+        return Err(OAuthError::invalid_request(format!("parameter `{name}` repeated")));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn parse_params(body: &[u8]) -> Result<Params, OAuthError> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(body).map_err(|_| OAuthError::invalid_request("malformed form body"))?;
+    let mut p = Params::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "grant_type" => set_once(&mut p.grant_type, &k, v)?,
+            "subject_token" => set_once(&mut p.subject_token, &k, v)?,
+            "subject_token_type" => set_once(&mut p.subject_token_type, &k, v)?,
+            "actor_token" => set_once(&mut p.actor_token, &k, v)?,
+            "actor_token_type" => set_once(&mut p.actor_token_type, &k, v)?,
+            "scope" => set_once(&mut p.scope, &k, v)?,
+            "requested_token_type" => set_once(&mut p.requested_token_type, &k, v)?,
+            "task" => set_once(&mut p.task, &k, v)?,
+            "intent" => set_once(&mut p.intent, &k, v)?,
+            "requested_ttl" => set_once(&mut p.requested_ttl, &k, v)?,
+            "audience" => p.audiences.push(v),
+            "resource" => p.resource = true,
+            _ => {} // RFC 6749 §3.2: unrecognized parameters are ignored.
+        }
+    }
+    Ok(p)
+}
+
+/// Visible ASCII, bounded: task ids and intents end up in tokens and logs.
+fn check_label(name: &str, v: &str) -> Result<(), OAuthError> {
+    if v.is_empty() || v.len() > MAX_LABEL || !v.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(OAuthError::invalid_request(format!("`{name}` must be 1-{MAX_LABEL} visible ASCII characters")));
+    }
+    Ok(())
+}
+
+/// RFC 6749 §3.3 scope tokens, de-duplicated in order.
+fn parse_scope(scope: Option<&str>) -> Result<Vec<String>, OAuthError> {
+    let mut out: Vec<String> = Vec::new();
+    for tok in scope.unwrap_or("").split(' ').filter(|t| !t.is_empty()) {
+        if !tok.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b)) {
+            return Err(OAuthError::invalid_scope("malformed scope token"));
+        }
+        if !out.iter().any(|s| s == tok) {
+            out.push(tok.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The `act` claim of an already verified JWT, if any (bounded depth).
+fn act_claim(token: &str) -> Result<Option<Value>, OAuthError> {
+    let payload = token.split('.').nth(1).ok_or_else(|| OAuthError::invalid_grant("malformed token"))?;
+    let raw = URL_SAFE_NO_PAD.decode(payload).map_err(|_| OAuthError::invalid_grant("malformed token"))?;
+    let claims: Value = serde_json::from_slice(&raw).map_err(|_| OAuthError::invalid_grant("malformed token"))?;
+    let Some(act) = claims.get("act") else { return Ok(None) };
+    let mut depth = 0;
+    let mut cur = act;
+    loop {
+        depth += 1;
+        let sub_ok = cur.get("sub").is_some_and(Value::is_string);
+        if !cur.is_object() || !sub_ok || depth > MAX_ACT_DEPTH {
+            return Err(OAuthError::invalid_grant("malformed or too deeply nested `act` claim"));
+        }
+        match cur.get("act") {
+            Some(next) => cur = next,
+            None => break,
+        }
+    }
+    Ok(Some(act.clone()))
+}
+
+/// Claims of an issued token.
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+    jti: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    act: Option<Value>,
+    client_id: &'a str,
+}
+
+struct Verified {
+    principal: String,
+    /// Trust domain, or the OIDC issuer for principals without one.
+    domain: String,
+    exp: u64,
+    hash: String,
+}
+
+fn verify(st: &AppState, which: &str, token: &str, now: u64) -> Result<Verified, OAuthError> {
+    st.identity
+        .verify(token.as_bytes(), now, |id| Verified {
+            principal: id.principal.clone(),
+            domain: id.trust_domain.clone().or_else(|| id.issuer.clone()).unwrap_or_default(),
+            exp: id.exp,
+            hash: id.token_hash.clone(),
+        })
+        .map_err(|reason| OAuthError::invalid_grant(format!("{which} rejected: {}", reason.code())))
+}
+
+/// A successful exchange: the JSON body, plus what to log.
+pub struct Exchanged {
+    pub body: Value,
+    pub sub: String,
+    pub aud: String,
+    pub jti: String,
+    pub subject_hash: String,
+}
+
+pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result<Exchanged, OAuthError> {
+    let p = parse_params(body)?;
+    match p.grant_type.as_deref() {
+        None => return Err(OAuthError::invalid_request("missing `grant_type`")),
+        Some(GRANT_TOKEN_EXCHANGE) => {}
+        Some(_) => return Err(OAuthError::unsupported_grant_type("only token exchange (RFC 8693) is supported")),
+    }
+    let subject_token = p.subject_token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| OAuthError::invalid_request("missing `subject_token`"))?;
+    match p.subject_token_type.as_deref() {
+        Some(TOKEN_TYPE_JWT) => {}
+        None => return Err(OAuthError::invalid_request("missing `subject_token_type`")),
+        Some(_) => return Err(OAuthError::invalid_request(format!("`subject_token_type` must be {TOKEN_TYPE_JWT}"))),
+    }
+    if p.actor_token.is_some() != p.actor_token_type.is_some() {
+        return Err(OAuthError::invalid_request("`actor_token` and `actor_token_type` go together"));
+    }
+    if p.actor_token_type.as_deref().is_some_and(|t| t != TOKEN_TYPE_JWT) {
+        return Err(OAuthError::invalid_request(format!("`actor_token_type` must be {TOKEN_TYPE_JWT}")));
+    }
+    if p.resource {
+        return Err(OAuthError::invalid_target("`resource` is not supported; name the destination with `audience`"));
+    }
+    let audience = match p.audiences.as_slice() {
+        [a] if !a.is_empty() => a.clone(),
+        [] => return Err(OAuthError::invalid_request("missing `audience`")),
+        _ => return Err(OAuthError::invalid_target("exactly one non-empty `audience` is supported")),
+    };
+    let legacy = st.config.is_legacy(&audience);
+    match p.requested_token_type.as_deref() {
+        None | Some(TOKEN_TYPE_JWT) | Some(TOKEN_TYPE_ACCESS_TOKEN) => {}
+        Some(TOKEN_TYPE_STATIC_SECRET) if legacy => {}
+        Some(_) => return Err(OAuthError::invalid_target("cannot issue the requested token type for this audience")),
+    }
+    let scopes = parse_scope(p.scope.as_deref())?;
+    if let Some(t) = &p.task {
+        check_label("task", t)?;
+    } else if st.config.require_task {
+        return Err(OAuthError::invalid_request("missing `task`"));
+    }
+    if let Some(i) = &p.intent {
+        check_label("intent", i)?;
+    }
+    let requested_ttl = match p.requested_ttl.as_deref() {
+        None => None,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return Err(OAuthError::invalid_request("`requested_ttl` must be a positive integer (seconds)")),
+        },
+    };
+
+    // The minter verifies the subject itself: it is never an open token oracle.
+    let subject = verify(st, "subject_token", subject_token, now)?;
+    let (actor, act_chain) = match &p.actor_token {
+        Some(a) => {
+            let v = verify(st, "actor_token", a, now)?;
+            let nested = act_claim(a)?;
+            (Some(v), nested)
+        }
+        None => (None, act_claim(subject_token)?),
+    };
+
+    if st.store.is_revoked(Kind::Subject, &subject.principal) {
+        return Err(OAuthError::invalid_grant("subject revoked"));
+    }
+    if let Some(a) = &actor {
+        if st.store.is_revoked(Kind::Subject, &a.principal) {
+            return Err(OAuthError::invalid_grant("actor revoked"));
+        }
+    }
+    if let Some(t) = &p.task {
+        if st.store.is_revoked(Kind::Task, t) {
+            return Err(OAuthError::invalid_grant("task ended"));
+        }
+    }
+
+    // Ceilings: destinations per trust domain, per client, scopes per destination.
+    let allowed = st.allowed_audiences.get(&subject.domain).is_some_and(|set| set.contains(&audience) || set.contains("*"));
+    if !allowed {
+        return Err(OAuthError::invalid_target(format!("audience not allowed for trust domain `{}`", subject.domain)));
+    }
+    if let Some(auds) = &client.audiences {
+        if !auds.iter().any(|a| a == &audience || a == "*") {
+            return Err(OAuthError::unauthorized_client("this client may not obtain tokens for the audience"));
+        }
+    }
+    if let Some(allowed_scopes) = st.scopes.get(&audience) {
+        let denied: Vec<&str> = scopes.iter().filter(|s| !allowed_scopes.contains(s.as_str())).map(String::as_str).collect();
+        if !denied.is_empty() {
+            return Err(OAuthError::invalid_scope(format!("scope not allowed for the audience: {}", denied.join(" "))));
+        }
+    }
+
+    let ttl_cfg = &st.config.ttl;
+    let mut ttl = requested_ttl.unwrap_or(ttl_cfg.default_s).min(ttl_cfg.max_s);
+    if ttl_cfg.cap_to_subject_exp {
+        let mut left = subject.exp.saturating_sub(now);
+        if let Some(a) = &actor {
+            left = left.min(a.exp.saturating_sub(now));
+        }
+        if left == 0 {
+            return Err(OAuthError::invalid_grant("subject_token expires now"));
+        }
+        ttl = ttl.min(left);
+    }
+    let exp = now + ttl;
+    let scope_str = scopes.join(" ");
+    let jti = random_id();
+    let act = actor.as_ref().map(|a| {
+        let mut o = serde_json::Map::new();
+        o.insert("sub".into(), Value::String(a.principal.clone()));
+        if let Some(prev) = act_chain.clone() {
+            o.insert("act".into(), prev);
+        }
+        Value::Object(o)
+    });
+    let act = act.or(act_chain);
+
+    let body = if legacy {
+        let secrets = st.legacy_secrets();
+        let secret = secrets
+            .secrets
+            .get(&audience)
+            .ok_or_else(|| OAuthError::invalid_target("no credential is configured for this legacy audience"))?;
+        serde_json::json!({
+            "access_token": secret.secret,
+            "issued_token_type": TOKEN_TYPE_STATIC_SECRET,
+            "token_type": secret.scheme.clone().unwrap_or_else(|| "ApiKey".into()),
+            "expires_in": ttl,
+            "scope": scope_str,
+            "mandate_legacy": true,
+            "mandate_header": secret.header,
+        })
+    } else {
+        let claims = Claims {
+            iss: &st.config.issuer,
+            sub: &subject.principal,
+            aud: &audience,
+            iat: now,
+            nbf: now,
+            exp,
+            jti: &jti,
+            scope: (!scope_str.is_empty()).then_some(scope_str.as_str()),
+            intent: p.intent.as_deref(),
+            task: p.task.as_deref(),
+            act,
+            client_id: &client.client_id,
+        };
+        let token = st.current_keys().sign_jwt(&claims).map_err(|_| OAuthError::server_error("signing failed"))?;
+        serde_json::json!({
+            "access_token": token,
+            "issued_token_type": TOKEN_TYPE_JWT,
+            "token_type": "Bearer",
+            "expires_in": ttl,
+            "scope": scope_str,
+        })
+    };
+
+    let record = IssuedRecord {
+        jti: jti.clone(),
+        sub: subject.principal.clone(),
+        task: p.task.clone(),
+        aud: audience.clone(),
+        client_id: client.client_id.clone(),
+        iat: now,
+        exp,
+    };
+    if !st.store.record_issued(record) {
+        return Err(OAuthError::server_error("state store unavailable"));
+    }
+    Ok(Exchanged { body, sub: subject.principal, aud: audience, jti, subject_hash: subject.hash })
+}
+
+/// 128 random bits, base64url.
+pub fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::getrandom(&mut b).is_err() {
+        // getrandom failing means no entropy source: never issue a guessable id.
+        b = fallback_random();
+    }
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+fn fallback_random() -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let c = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = Sha256::digest(format!("{t}:{c}:{:p}", &c).as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(d.get(..16).unwrap_or(&[0u8; 16]));
+    out
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_checked_and_deduplicated() {
+        assert_eq!(parse_scope(Some("a b  a")).ok(), Some(vec!["a".to_string(), "b".to_string()]));
+        assert!(parse_scope(Some("a \"b")).is_err());
+        assert_eq!(parse_scope(None).ok(), Some(vec![]));
+    }
+
+    #[test]
+    fn labels() {
+        assert!(check_label("task", "t-1:x/y").is_ok());
+        assert!(check_label("task", "has space").is_err());
+        assert!(check_label("task", "").is_err());
+        assert!(check_label("task", &"x".repeat(MAX_LABEL + 1)).is_err());
+    }
+
+    #[test]
+    fn repeated_parameters_are_refused() {
+        let e = parse_params(b"grant_type=a&grant_type=b").err().map(|e| e.error);
+        assert_eq!(e, Some("invalid_request"));
+        let p = parse_params(b"audience=a&audience=b&foo=bar").ok().map(|p| p.audiences.len());
+        assert_eq!(p, Some(2));
+    }
+
+    #[test]
+    fn act_nesting() {
+        let claims = serde_json::json!({"sub": "x", "act": {"sub": "a", "act": {"sub": "b"}}});
+        let tok = format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let act = act_claim(&tok).ok().flatten();
+        assert_eq!(act, Some(serde_json::json!({"sub": "a", "act": {"sub": "b"}})));
+        let mut deep = serde_json::json!({"sub": "z"});
+        for _ in 0..MAX_ACT_DEPTH {
+            deep = serde_json::json!({"sub": "y", "act": deep});
+        }
+        let tok = format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(serde_json::json!({"act": deep}).to_string()));
+        assert!(act_claim(&tok).is_err());
+    }
+
+    #[test]
+    fn ids_are_random() {
+        assert_ne!(random_id(), random_id());
+        assert_eq!(random_id().len(), 22);
+    }
+}

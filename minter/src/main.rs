@@ -1,0 +1,89 @@
+//! `mandate-minter`: the RFC 8693 token-exchange service.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mandate_minter::config::MinterConfig;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "mandate-minter", version, about = "mandate token-exchange service (RFC 8693)")]
+struct Cli {
+    /// Configuration file (JSON or TOML).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Listen address override (port 0: any free port; the bound address is printed on stdout).
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Add a new current signing key; the previous public key stays published.
+    RotateKey,
+    /// Validate the configuration and exit.
+    CheckConfig,
+    /// Print the SHA-256 (hex) of a client secret read from stdin, for `secret_sha256`.
+    HashSecret,
+}
+
+fn load(cli: &Cli) -> Result<MinterConfig> {
+    let path = cli.config.as_ref().context("--config PATH is required")?;
+    MinterConfig::load(path)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command.as_ref().unwrap_or(&Command::Serve) {
+        Command::Serve => serve(&cli),
+        Command::RotateKey => {
+            let config = load(&cli)?;
+            let kid = mandate_minter::keys::rotate(&config.state_dir)?;
+            println!("{}", serde_json::json!({"rotated": kid, "note": "a running minter picks the new key up within reload_check_s"}));
+            Ok(())
+        }
+        Command::CheckConfig => {
+            let config = load(&cli)?;
+            println!("{}", serde_json::json!({"ok": true, "issuer": config.issuer, "listen": config.listen}));
+            Ok(())
+        }
+        Command::HashSecret => {
+            let mut secret = String::new();
+            std::io::stdin().read_line(&mut secret)?;
+            let secret = secret.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!secret.is_empty(), "empty secret on stdin");
+            println!("{}", mandate_minter::auth::hash_secret(secret));
+            Ok(())
+        }
+    }
+}
+
+fn serve(cli: &Cli) -> Result<()> {
+    let config = load(cli)?;
+    let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
+    let prepared = mandate_minter::server::prepare_on(config, cli.listen)?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", serde_json::json!({"listening": prepared.local_addr().to_string(), "tls": prepared.is_tls()}))?;
+        out.flush()?;
+    }
+    rt.block_on(prepared.serve(async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }))
+}

@@ -1,0 +1,443 @@
+//! HTTP(S) server: state, routes, connection handling, lifecycle.
+
+use crate::auth::{Client, ClientAuth, Peer};
+use crate::config::MinterConfig;
+use crate::error::OAuthError;
+use crate::keys::{self, KeySet};
+use crate::legacy::{self, SecretFile};
+use crate::store::{Kind, Store};
+use crate::verify::IdentitySource;
+use crate::Log;
+use anyhow::{anyhow, Context, Result};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Extension, Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tower_service::Service as _;
+
+pub struct AppState {
+    pub config: MinterConfig,
+    pub identity: Arc<IdentitySource>,
+    pub auth: ClientAuth,
+    pub store: Store,
+    pub log: Log,
+    pub allowed_audiences: HashMap<String, HashSet<String>>,
+    pub scopes: HashMap<String, HashSet<String>>,
+    keys: RwLock<Arc<KeySet>>,
+    legacy: RwLock<Arc<SecretFile>>,
+}
+
+impl AppState {
+    pub fn new(config: MinterConfig) -> Result<AppState> {
+        let log = Log { level: config.log_level };
+        let identity = IdentitySource::new(config.identity()?.clone()).map_err(|e| anyhow!("identity: {e}"))?;
+        let keyset = keys::load_or_create(&config.state_dir)?;
+        let store = Store::open(&config.state_dir)?;
+        let legacy = match &config.legacy {
+            Some(l) => {
+                let f = legacy::load(&l.secrets_file)?;
+                if f.loose_permissions {
+                    log.error(serde_json::json!({"msg": "legacy secrets file is readable by group or others; chmod 600 it", "path": l.secrets_file}));
+                }
+                for a in &l.audiences {
+                    if !f.secrets.contains_key(a) {
+                        log.error(serde_json::json!({"msg": "legacy audience has no secret in the secrets file", "audience": a}));
+                    }
+                }
+                f
+            }
+            None => SecretFile::default(),
+        };
+        let allowed_audiences = config.audiences.iter().map(|(k, v)| (k.clone(), v.iter().cloned().collect())).collect();
+        let scopes = config.scopes.iter().map(|(k, v)| (k.clone(), v.iter().cloned().collect())).collect();
+        Ok(AppState {
+            auth: ClientAuth::new(&config.client_auth),
+            identity: Arc::new(identity),
+            store,
+            log,
+            allowed_audiences,
+            scopes,
+            keys: RwLock::new(Arc::new(keyset)),
+            legacy: RwLock::new(Arc::new(legacy)),
+            config,
+        })
+    }
+
+    pub fn current_keys(&self) -> Arc<KeySet> {
+        match self.keys.read() {
+            Ok(k) => k.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn legacy_secrets(&self) -> Arc<SecretFile> {
+        match self.legacy.read() {
+            Ok(k) => k.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Picks up a rotated key file or an edited legacy secret file.
+    fn reload_if_changed(&self) {
+        let dir = &self.config.state_dir;
+        if keys::modified(dir) != self.current_keys().modified {
+            match keys::load(dir) {
+                Ok(k) => {
+                    self.log.info(serde_json::json!({"msg": "signing keys reloaded", "current_kid": k.current_kid, "published": k.kids}));
+                    if let Ok(mut g) = self.keys.write() {
+                        *g = Arc::new(k);
+                    }
+                }
+                Err(e) => self.log.error(serde_json::json!({"msg": "signing key reload failed; keeping the loaded keys", "error": e.to_string()})),
+            }
+        }
+        if let Some(l) = &self.config.legacy {
+            if legacy::modified(&l.secrets_file) != self.legacy_secrets().modified {
+                match legacy::load(&l.secrets_file) {
+                    Ok(f) => {
+                        self.log.info(serde_json::json!({"msg": "legacy secrets reloaded", "entries": f.secrets.len()}));
+                        if let Ok(mut g) = self.legacy.write() {
+                            *g = Arc::new(f);
+                        }
+                    }
+                    Err(e) => self.log.error(serde_json::json!({"msg": "legacy secrets reload failed; keeping the loaded ones", "error": e.to_string()})),
+                }
+            }
+        }
+    }
+}
+
+type St = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/token", post(token))
+        .route("/tasks/{task}/end", post(end_task))
+        .route("/revoke", post(revoke))
+        .route("/revocations", get(revocations))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+fn json_response(status: StatusCode, body: String, cache: &'static str) -> Response {
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    if cache == "no-store" {
+        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    }
+    resp
+}
+
+fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
+}
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+fn authenticate(st: &AppState, peer: &Peer, headers: &HeaderMap, path: &str) -> Result<Client, OAuthError> {
+    st.auth.authenticate(peer, headers).inspect_err(|e| {
+        st.log.info(serde_json::json!({"msg": "client refused", "path": path, "peer": peer.addr.to_string(), "error": e.error, "why": e.description}));
+    })
+}
+
+async fn token(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, body: Bytes) -> Response {
+    let client = match authenticate(&st, &peer, &headers, "/token") {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if !content_type_is(&headers, FORM) {
+        return OAuthError::invalid_request(format!("content-type must be {FORM}")).into_response();
+    }
+    match crate::exchange::exchange(&st, &client, &body, crate::now()) {
+        Ok(x) => {
+            st.log.debug(serde_json::json!({"msg": "issued", "client_id": client.client_id, "sub": x.sub, "aud": x.aud, "jti": x.jti, "subject_token": x.subject_hash}));
+            json_response(StatusCode::OK, x.body.to_string(), "no-store")
+        }
+        Err(e) => {
+            // Log a hash of the subject token, never the token itself.
+            let subject_hash = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body)
+                .ok()
+                .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "subject_token"))
+                .map(|(_, v)| crate::short_hash(v.as_bytes()));
+            st.log.info(serde_json::json!({"msg": "exchange refused", "client_id": client.client_id, "error": e.error, "why": e.description, "subject_token": subject_hash}));
+            e.into_response()
+        }
+    }
+}
+
+async fn do_revoke(st: &AppState, client: &Client, kind: Kind, value: &str) -> Response {
+    if value.is_empty() || value.len() > 2048 {
+        return OAuthError::invalid_request("revocation value must be 1-2048 bytes").into_response();
+    }
+    match st.store.revoke(kind, value, &client.client_id).await {
+        Ok(outcome) => {
+            st.log.info(serde_json::json!({"msg": "revoked", "client_id": client.client_id, "kind": kind, "value": value, "seq": outcome.revocation.seq, "created": outcome.created, "live_tokens": outcome.jtis.len()}));
+            match serde_json::to_string(&outcome) {
+                Ok(s) => json_response(StatusCode::OK, s, "no-store"),
+                Err(_) => OAuthError::server_error("encoding failed").into_response(),
+            }
+        }
+        Err(e) => {
+            st.log.error(serde_json::json!({"msg": "revocation failed", "error": e.to_string()}));
+            OAuthError::server_error("revocation could not be recorded").into_response()
+        }
+    }
+}
+
+async fn end_task(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, UrlPath(task): UrlPath<String>) -> Response {
+    let client = match authenticate(&st, &peer, &headers, "/tasks/end") {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    do_revoke(&st, &client, Kind::Task, &task).await
+}
+
+async fn revoke(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, body: Bytes) -> Response {
+    let client = match authenticate(&st, &peer, &headers, "/revoke") {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let fields: Vec<(String, String)> = if content_type_is(&headers, "application/json") {
+        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
+            Ok(m) => m.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect(),
+            Err(_) => return OAuthError::invalid_request("malformed JSON body").into_response(),
+        }
+    } else if content_type_is(&headers, FORM) {
+        match serde_urlencoded::from_bytes(&body) {
+            Ok(v) => v,
+            Err(_) => return OAuthError::invalid_request("malformed form body").into_response(),
+        }
+    } else {
+        return OAuthError::invalid_request("content-type must be application/json or application/x-www-form-urlencoded").into_response();
+    };
+    let targets: Vec<(Kind, &str)> =
+        fields.iter().filter_map(|(k, v)| Kind::parse(k).map(|kind| (kind, v.as_str()))).collect();
+    match targets.as_slice() {
+        [(kind, value)] => do_revoke(&st, &client, *kind, value).await,
+        _ => OAuthError::invalid_request("name exactly one of `task`, `jti` or `subject`").into_response(),
+    }
+}
+
+async fn revocations(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
+    if let Err(e) = authenticate(&st, &peer, &headers, "/revocations") {
+        return e.into_response();
+    }
+    let since = match q.get("since").map(|s| s.parse::<i64>()) {
+        None => 0,
+        Some(Ok(n)) if n >= 0 => n,
+        _ => return OAuthError::invalid_request("`since` must be a non-negative integer").into_response(),
+    };
+    let limit = match q.get("limit").map(|s| s.parse::<usize>()) {
+        None => 1000,
+        Some(Ok(n)) if (1..=10_000).contains(&n) => n,
+        _ => return OAuthError::invalid_request("`limit` must be 1-10000").into_response(),
+    };
+    let (cursor, list, more) = st.store.feed(since, limit);
+    let body = serde_json::json!({"cursor": cursor, "revocations": list, "more": more});
+    json_response(StatusCode::OK, body.to_string(), "no-store")
+}
+
+async fn jwks(State(st): St) -> Response {
+    json_response(StatusCode::OK, st.current_keys().jwks.clone(), "public, max-age=60")
+}
+
+async fn healthz(State(st): St) -> Response {
+    let body = serde_json::json!({"status": "ok", "kid": st.current_keys().current_kid, "revocations": st.store.revocation_count()});
+    json_response(StatusCode::OK, body.to_string(), "no-store")
+}
+
+/// A configured, bound, not yet serving minter.
+pub struct Prepared {
+    pub state: Arc<AppState>,
+    listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    addr: SocketAddr,
+}
+
+/// Opens the state (keys, SQLite), loads TLS material and binds the listener.
+pub fn prepare(config: MinterConfig) -> Result<Prepared> {
+    prepare_on(config, None)
+}
+
+/// Like `prepare`, with an optional listen override (`--listen`).
+pub fn prepare_on(config: MinterConfig, listen: Option<SocketAddr>) -> Result<Prepared> {
+    let addr = match listen {
+        Some(a) => a,
+        None => config.listen_addr()?,
+    };
+    let tls = match &config.tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(t)?)),
+        None => None,
+    };
+    let state = Arc::new(AppState::new(config)?);
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    Ok(Prepared { state, listener, tls, addr })
+}
+
+impl Prepared {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Serves until `shutdown` completes, then closes connections and flushes SQLite.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Prepared { state, listener, tls, addr } = self;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let app = router(state.clone());
+        let mut background = JoinSet::new();
+        {
+            let st = state.clone();
+            let every = Duration::from_secs(st.config.reload_check_s.max(1));
+            background.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    st.reload_if_changed();
+                }
+            });
+        }
+        for url in state.config.bundle_urls.clone() {
+            background.spawn(crate::verify::fetch_loop(state.identity.clone(), url, state.log));
+        }
+        state.log.info(serde_json::json!({"msg": "listening", "addr": addr.to_string(), "tls": tls.is_some(), "client_auth": format!("{:?}", state.auth.mode()), "kid": state.current_keys().current_kid}));
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        conns.spawn(connection(stream, peer, app.clone(), tls.clone()));
+                    }
+                    Err(e) => {
+                        state.log.error(serde_json::json!({"msg": "accept failed", "error": e.to_string()}));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        drop(listener);
+        conns.abort_all();
+        background.abort_all();
+        while conns.join_next().await.is_some() {}
+        while background.join_next().await.is_some() {}
+        drop(app);
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || st.store.close()).await.map_err(|e| anyhow!("closing store: {e}"))?;
+        state.log.info(serde_json::json!({"msg": "stopped"}));
+        Ok(())
+    }
+}
+
+async fn connection(stream: tokio::net::TcpStream, addr: SocketAddr, app: Router, tls: Option<tokio_rustls::TlsAcceptor>) {
+    match tls {
+        None => serve_io(TokioIo::new(stream), Peer { addr, cert_identity: None }, app).await,
+        Some(acceptor) => {
+            let Ok(Ok(tls_stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await else {
+                return;
+            };
+            let cert_identity = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|c| crate::tls::cert_identity(c.as_ref()))
+                .map(Arc::from);
+            serve_io(TokioIo::new(tls_stream), Peer { addr, cert_identity }, app).await
+        }
+    }
+}
+
+async fn serve_io<I>(io: TokioIo<I>, peer: Peer, app: Router)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        app.clone().call(req)
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(io, service)
+        .await;
+}
+
+/// A minter running on its own thread and Tokio runtime.
+pub struct Handle {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Handle {
+    /// `http://127.0.0.1:PORT` (or `https://…`).
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    /// Stops serving and waits until the state is flushed to disk.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow!("minter thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+/// Starts a minter on a new thread with its own runtime (`workers` threads, default 2).
+pub fn spawn(config: MinterConfig) -> Result<Handle> {
+    let workers = config.workers.unwrap_or(2);
+    let prepared = prepare(config)?;
+    let addr = prepared.local_addr();
+    let tls = prepared.is_tls();
+    let state = prepared.state.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).thread_name("minter-worker").enable_all().build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new().name("minter".into()).spawn(move || {
+        rt.block_on(prepared.serve(async {
+            let _ = stopped.await;
+        }))
+    })?;
+    Ok(Handle { addr, tls, state, stop: Some(stop), thread: Some(thread) })
+}

@@ -1,0 +1,815 @@
+//! HTTP tests against real minters on loopback (ephemeral ports, temp state dirs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jwt_simple::prelude::{ECDSAP256PublicKeyLike, ES256PublicKey, NoCustomClaims, VerificationOptions};
+use mandate_minter::config::{MinterConfig, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
+use mandate_minter::Handle;
+use mandate_plugin::testkit::{spiffe_bundle, svid_claims, TestKey};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::path::Path;
+
+
+const SUB: &str = "spiffe://example.org/agent/alice";
+const ACTOR: &str = "spiffe://example.org/orchestrator/o1";
+
+fn now() -> u64 {
+    mandate_minter::now()
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    key: TestKey,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env { dir: tempfile::tempdir().unwrap(), key: TestKey::es256("td-key-1") }
+    }
+
+    fn config(&self) -> Value {
+        json!({
+            "listen": "127.0.0.1:0",
+            "issuer": "https://minter.test",
+            "state_dir": self.dir.path().join("state"),
+            "workers": 1,
+            "log_level": "off",
+            "reload_check_s": 1,
+            "identity": {
+                "audiences": ["mandate-minter"],
+                "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&self.key], None)}}]
+            },
+            "audiences": {"example.org": ["payments-api", "crm", "legacy-crm"]},
+            "scopes": {"payments-api": ["payments:read", "payments:write"]},
+            "ttl": {"default_s": 120, "max_s": 300}
+        })
+    }
+
+    fn svid(&self, sub: &str, ttl: u64) -> String {
+        let n = now();
+        self.key.sign(&svid_claims(sub, "mandate-minter", n, n + ttl))
+    }
+}
+
+fn start(config: Value) -> Handle {
+    mandate_minter::spawn(MinterConfig::from_json(config).unwrap()).unwrap()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+fn post_form(h: &Handle, path: &str, pairs: &[(&str, &str)], auth: Option<&str>) -> (u16, Value, String) {
+    let body = serde_urlencoded::to_string(pairs).unwrap();
+    let mut req = agent().post(format!("{}{path}", h.base_url())).header("content-type", "application/x-www-form-urlencoded");
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let mut resp = req.send(body).unwrap();
+    let status = resp.status().as_u16();
+    let cache = resp.headers().get("cache-control").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let text = resp.body_mut().read_to_string().unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, v, cache)
+}
+
+fn get_json(h: &Handle, path: &str, auth: Option<&str>) -> (u16, Value) {
+    let mut req = agent().get(format!("{}{path}", h.base_url()));
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let mut resp = req.call().unwrap();
+    let status = resp.status().as_u16();
+    (status, serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap_or(Value::Null))
+}
+
+fn exchange_pairs<'a>(token: &'a str, aud: &'a str, scope: &'a str, task: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("grant_type", GRANT_TOKEN_EXCHANGE),
+        ("subject_token", token),
+        ("subject_token_type", TOKEN_TYPE_JWT),
+        ("audience", aud),
+        ("scope", scope),
+        ("task", task),
+        ("intent", "pay-invoice"),
+    ]
+}
+
+fn exchange(h: &Handle, token: &str, aud: &str, scope: &str, task: &str) -> (u16, Value) {
+    let (s, v, _) = post_form(h, "/token", &exchange_pairs(token, aud, scope, task), None);
+    (s, v)
+}
+
+fn claims_of(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+fn header_of(jwt: &str) -> Value {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwt.split('.').next().unwrap()).unwrap()).unwrap()
+}
+
+/// Verifies `jwt` with the key the minter publishes for its `kid`.
+fn verify_with_jwks(h: &Handle, jwt: &str) {
+    let (s, jwks) = get_json(h, "/.well-known/jwks.json", None);
+    assert_eq!(s, 200);
+    let kid = header_of(jwt)["kid"].as_str().unwrap().to_string();
+    let jwk = jwks["keys"].as_array().unwrap().iter().find(|k| k["kid"] == kid.as_str()).expect("kid published");
+    assert_eq!(jwk["alg"], "ES256");
+    assert_eq!(jwk["use"], "sig");
+    assert_eq!(jwk["kty"], "EC");
+    let mut point = vec![4u8];
+    point.extend(URL_SAFE_NO_PAD.decode(jwk["x"].as_str().unwrap()).unwrap());
+    point.extend(URL_SAFE_NO_PAD.decode(jwk["y"].as_str().unwrap()).unwrap());
+    let pk = ES256PublicKey::from_bytes(&point).unwrap();
+    let opts = VerificationOptions {
+        allowed_issuers: Some(HashSet::from(["https://minter.test".to_string()])),
+        required_key_id: Some(kid),
+        ..Default::default()
+    };
+    pk.verify_token::<NoCustomClaims>(jwt, Some(opts)).expect("issued token verifies with the published JWKS");
+}
+
+#[test]
+fn happy_path_claims_and_jwks() {
+    let env = Env::new();
+    let h = start(env.config());
+    let tok = env.svid(SUB, 600);
+    let t0 = now();
+    let (s, v, cache) = post_form(&h, "/token", &exchange_pairs(&tok, "payments-api", "payments:read", "task-1"), None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(cache, "no-store");
+    assert_eq!(v["issued_token_type"], "urn:ietf:params:oauth:token-type:jwt");
+    assert_eq!(v["token_type"], "Bearer");
+    assert_eq!(v["expires_in"], 120);
+    assert_eq!(v["scope"], "payments:read");
+    let jwt = v["access_token"].as_str().unwrap();
+    let hdr = header_of(jwt);
+    assert_eq!(hdr["alg"], "ES256");
+    assert_eq!(hdr["kid"], h.state.current_keys().current_kid.as_str());
+    let c = claims_of(jwt);
+    assert_eq!(c["iss"], "https://minter.test");
+    assert_eq!(c["sub"], SUB);
+    assert_eq!(c["aud"], "payments-api");
+    assert_eq!(c["scope"], "payments:read");
+    assert_eq!(c["intent"], "pay-invoice");
+    assert_eq!(c["task"], "task-1");
+    assert_eq!(c["client_id"], "loopback");
+    assert!(c.get("act").is_none());
+    let iat = c["iat"].as_u64().unwrap();
+    assert!(iat >= t0 && iat <= now());
+    assert_eq!(c["exp"].as_u64().unwrap(), iat + 120);
+    let jti = c["jti"].as_str().unwrap();
+    assert!(jti.len() >= 16);
+    verify_with_jwks(&h, jwt);
+
+    // A second exchange gets a distinct jti.
+    let (_, v2) = exchange(&h, &tok, "payments-api", "payments:read", "task-1");
+    assert_ne!(claims_of(v2["access_token"].as_str().unwrap())["jti"], c["jti"]);
+
+    // Health.
+    let (s, health) = get_json(&h, "/healthz", None);
+    assert_eq!(s, 200);
+    assert_eq!(health["status"], "ok");
+    h.shutdown().unwrap();
+    // Every issued jti was recorded.
+    assert!(mandate_minter::store::issued_exists(&env.dir.path().join("state"), jti).unwrap());
+}
+
+#[test]
+fn request_errors_follow_rfc6749() {
+    let env = Env::new();
+    let h = start(env.config());
+    let tok = env.svid(SUB, 600);
+    let mut bad_grant = exchange_pairs(&tok, "payments-api", "payments:read", "t");
+    bad_grant[0] = ("grant_type", "client_credentials");
+    let (s, v, cache) = post_form(&h, "/token", &bad_grant, None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("unsupported_grant_type")));
+    assert_eq!(cache, "no-store");
+    assert!(v["error_description"].is_string());
+
+    let no_subject: Vec<_> = exchange_pairs(&tok, "payments-api", "", "t").into_iter().filter(|(k, _)| *k != "subject_token").collect();
+    let (s, v, _) = post_form(&h, "/token", &no_subject, None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")));
+    assert!(v["error_description"].as_str().unwrap().contains("subject_token"));
+
+    let no_grant: Vec<_> = exchange_pairs(&tok, "payments-api", "", "t").into_iter().filter(|(k, _)| *k != "grant_type").collect();
+    let (s, v, _) = post_form(&h, "/token", &no_grant, None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")));
+
+    let mut wrong_type = exchange_pairs(&tok, "payments-api", "", "t");
+    wrong_type[2] = ("subject_token_type", "urn:ietf:params:oauth:token-type:saml2");
+    let (s, v, _) = post_form(&h, "/token", &wrong_type, None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")));
+
+    let mut two_aud = exchange_pairs(&tok, "payments-api", "", "t");
+    two_aud.push(("audience", "crm"));
+    let (s, v, _) = post_form(&h, "/token", &two_aud, None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_target")));
+
+    let mut ttl = exchange_pairs(&tok, "payments-api", "", "t");
+    ttl.push(("requested_ttl", "-5"));
+    let (s, v, _) = post_form(&h, "/token", &ttl, None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")));
+
+    // Wrong content type.
+    let mut resp = agent().post(format!("{}/token", h.base_url())).header("content-type", "application/json").send("{}").unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(v["error"], "invalid_request");
+}
+
+#[test]
+fn forged_and_expired_subject_tokens_are_invalid_grant() {
+    let env = Env::new();
+    let h = start(env.config());
+    // Signed by a key the bundle does not hold, under an unknown kid and under the trusted kid.
+    let rogue = TestKey::es256("rogue");
+    let n = now();
+    let forged = rogue.sign(&svid_claims(SUB, "mandate-minter", n, n + 600));
+    let (s, v) = exchange(&h, &forged, "payments-api", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")));
+    assert!(v["error_description"].as_str().unwrap().contains("kid_unknown"), "{v}");
+    let impostor = TestKey::es256("td-key-1");
+    let forged = impostor.sign(&svid_claims(SUB, "mandate-minter", n, n + 600));
+    let (s, v) = exchange(&h, &forged, "payments-api", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")));
+    assert!(v["error_description"].as_str().unwrap().contains("signature_invalid"), "{v}");
+    // Expired (beyond the 30 s skew).
+    let expired = env.key.sign(&svid_claims(SUB, "mandate-minter", n - 600, n - 120));
+    let (s, v) = exchange(&h, &expired, "payments-api", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")));
+    assert!(v["error_description"].as_str().unwrap().contains("token_expired"), "{v}");
+    // Wrong audience in the SVID (meant for someone else, not the minter).
+    let other = env.key.sign(&svid_claims(SUB, "some-other-service", n, n + 600));
+    let (s, v) = exchange(&h, &other, "payments-api", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")));
+    // Another trust domain.
+    let foreign = env.key.sign(&svid_claims("spiffe://evil.org/agent", "mandate-minter", n, n + 600));
+    let (s, v) = exchange(&h, &foreign, "payments-api", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")));
+}
+
+#[test]
+fn audience_scope_and_ttl_ceilings() {
+    let env = Env::new();
+    let mut cfg = env.config();
+    cfg["ttl"]["cap_to_subject_exp"] = json!(false);
+    let h = start(cfg);
+    let tok = env.svid(SUB, 600);
+    let (s, v) = exchange(&h, &tok, "billing-db", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_target")), "{v}");
+    let (s, v) = exchange(&h, &tok, "payments-api", "payments:read payments:admin", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_scope")), "{v}");
+    assert!(v["error_description"].as_str().unwrap().contains("payments:admin"));
+    // No scope list for crm: any scope.
+    let (s, _) = exchange(&h, &tok, "crm", "contacts:read", "t");
+    assert_eq!(s, 200);
+
+    // TTL: requested above the max is capped; below is honoured.
+    let mut pairs = exchange_pairs(&tok, "payments-api", "payments:read", "t");
+    pairs.push(("requested_ttl", "3600"));
+    let (s, v, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!(s, 200);
+    assert_eq!(v["expires_in"], 300);
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    assert_eq!(c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(), 300);
+    let mut pairs = exchange_pairs(&tok, "payments-api", "payments:read", "t");
+    pairs.push(("requested_ttl", "30"));
+    let (_, v, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!(v["expires_in"], 30);
+}
+
+#[test]
+fn ttl_never_outlives_the_subject_token() {
+    let env = Env::new();
+    let h = start(env.config());
+    let tok = env.svid(SUB, 45);
+    let (s, v) = exchange(&h, &tok, "payments-api", "", "t");
+    assert_eq!(s, 200);
+    let ttl = v["expires_in"].as_u64().unwrap();
+    assert!((40..=45).contains(&ttl), "{ttl}");
+}
+
+#[test]
+fn revocation_persists_across_restart_and_ended_task_is_refused() {
+    let env = Env::new();
+    let tok = env.svid(SUB, 600);
+    let h = start(env.config());
+    let (s, v) = exchange(&h, &tok, "payments-api", "", "task-a");
+    assert_eq!(s, 200);
+    let jti = claims_of(v["access_token"].as_str().unwrap())["jti"].as_str().unwrap().to_string();
+    let (s, v, _) = post_form(&h, "/tasks/task-a/end", &[], None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["kind"], "task");
+    assert_eq!(v["value"], "task-a");
+    assert_eq!(v["created"], true);
+    assert_eq!(v["jtis"], json!([jti]));
+    let (s, v) = exchange(&h, &tok, "payments-api", "", "task-a");
+    assert_eq!((s, v["error"].as_str(), v["error_description"].as_str()), (400, Some("invalid_grant"), Some("task ended")));
+    // Other tasks still work; then revoke the subject (JSON body).
+    assert_eq!(exchange(&h, &tok, "payments-api", "", "task-b").0, 200);
+    let mut resp = agent()
+        .post(format!("{}/revoke", h.base_url()))
+        .header("content-type", "application/json")
+        .send(json!({"subject": SUB}).to_string())
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(v["kind"], "subject");
+    assert_eq!(v["jtis"].as_array().unwrap().len(), 2);
+    h.shutdown().unwrap();
+
+    // Same state dir, new process state: nothing lost.
+    let h = start(env.config());
+    let (s, v) = exchange(&h, &tok, "payments-api", "", "task-c");
+    assert_eq!((s, v["error_description"].as_str()), (400, Some("subject revoked")));
+    let other = env.svid("spiffe://example.org/agent/bob", 600);
+    let (s, v) = exchange(&h, &other, "payments-api", "", "task-a");
+    assert_eq!((s, v["error_description"].as_str()), (400, Some("task ended")));
+    assert_eq!(exchange(&h, &other, "payments-api", "", "task-d").0, 200);
+    // Ending again is idempotent.
+    let (s, v, _) = post_form(&h, "/tasks/task-a/end", &[], None);
+    assert_eq!((s, v["created"].as_bool()), (200, Some(false)));
+}
+
+#[test]
+fn revocations_feed_with_cursor() {
+    let env = Env::new();
+    let h = start(env.config());
+    let (s, v) = get_json(&h, "/revocations?since=0", None);
+    assert_eq!(s, 200);
+    assert_eq!(v, json!({"cursor": 0, "revocations": [], "more": false}));
+    post_form(&h, "/tasks/t1/end", &[], None);
+    post_form(&h, "/revoke", &[("jti", "abc")], None);
+    post_form(&h, "/revoke", &[("subject", "spiffe://example.org/x")], None);
+    let (_, v) = get_json(&h, "/revocations?since=0", None);
+    let list = v["revocations"].as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    let kinds: Vec<_> = list.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["task", "jti", "subject"]);
+    let seqs: Vec<i64> = list.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(v["cursor"].as_i64().unwrap(), *seqs.last().unwrap());
+    assert!(list[0]["at"].as_u64().unwrap() >= now() - 5);
+    // Page by cursor.
+    let (_, v1) = get_json(&h, &format!("/revocations?since={}&limit=1", seqs[0]), None);
+    assert_eq!(v1["revocations"].as_array().unwrap().len(), 1);
+    assert_eq!(v1["revocations"][0]["value"], "abc");
+    assert_eq!(v1["more"], true);
+    let (_, v2) = get_json(&h, &format!("/revocations?since={}", v["cursor"]), None);
+    assert_eq!(v2["revocations"], json!([]));
+    assert_eq!(v2["cursor"], v["cursor"]);
+    post_form(&h, "/tasks/t2/end", &[], None);
+    let (_, v3) = get_json(&h, &format!("/revocations?since={}", v["cursor"]), None);
+    assert_eq!(v3["revocations"][0]["value"], "t2");
+    // Bad requests.
+    assert_eq!(get_json(&h, "/revocations?since=x", None).0, 400);
+    let (s, v, _) = post_form(&h, "/revoke", &[("jti", "a"), ("task", "b")], None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")));
+}
+
+#[test]
+fn legacy_audience_gets_the_static_secret() {
+    let env = Env::new();
+    let secrets = env.dir.path().join("secrets.json");
+    std::fs::write(&secrets, json!({"legacy-crm": {"secret": "sk_live_123", "header": "x-api-key"}}).to_string()).unwrap();
+    let mut cfg = env.config();
+    cfg["legacy"] = json!({"audiences": ["legacy-crm", "legacy-other"], "secrets_file": secrets});
+    cfg["audiences"]["example.org"] = json!(["payments-api", "legacy-crm", "legacy-other"]);
+    let h = start(cfg);
+    let tok = env.svid(SUB, 600);
+    let (s, v) = exchange(&h, &tok, "legacy-crm", "", "t");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["access_token"], "sk_live_123");
+    assert_eq!(v["issued_token_type"], "urn:mandate:token-type:static-secret");
+    assert_eq!(v["token_type"], "ApiKey");
+    assert_eq!(v["mandate_legacy"], true);
+    assert_eq!(v["mandate_header"], "x-api-key");
+    assert_eq!(v["expires_in"], 120);
+    // Same checks as any audience: a forged subject gets nothing.
+    let forged = TestKey::es256("td-key-1").sign(&svid_claims(SUB, "mandate-minter", now(), now() + 60));
+    let (s, v) = exchange(&h, &forged, "legacy-crm", "", "t");
+    assert_eq!(s, 400);
+    assert!(!v.to_string().contains("sk_live"));
+    // A legacy audience without a secret.
+    let (s, v) = exchange(&h, &tok, "legacy-other", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_target")));
+}
+
+#[test]
+fn delegation_sets_and_nests_act() {
+    let env = Env::new();
+    let h = start(env.config());
+    let tok = env.svid(SUB, 600);
+    let actor = env.svid(ACTOR, 600);
+    let mut pairs = exchange_pairs(&tok, "payments-api", "payments:read", "t");
+    pairs.push(("actor_token", &actor));
+    pairs.push(("actor_token_type", TOKEN_TYPE_JWT));
+    let (s, v, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!(s, 200, "{v}");
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    assert_eq!(c["sub"], SUB);
+    assert_eq!(c["act"], json!({"sub": ACTOR}));
+
+    // An actor token that is itself delegated: its act is nested.
+    let n = now();
+    let mut claims = svid_claims(ACTOR, "mandate-minter", n, n + 600);
+    claims["act"] = json!({"sub": "spiffe://example.org/human-proxy/h1"});
+    let nested_actor = env.key.sign(&claims);
+    let mut pairs = exchange_pairs(&tok, "payments-api", "payments:read", "t");
+    pairs.push(("actor_token", &nested_actor));
+    pairs.push(("actor_token_type", TOKEN_TYPE_JWT));
+    let (s, v, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!(s, 200, "{v}");
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    assert_eq!(c["act"], json!({"sub": ACTOR, "act": {"sub": "spiffe://example.org/human-proxy/h1"}}));
+
+    // A forged actor token is refused; actor_token without its type too.
+    let forged = TestKey::es256("nope").sign(&svid_claims(ACTOR, "mandate-minter", n, n + 600));
+    let mut pairs = exchange_pairs(&tok, "payments-api", "", "t");
+    pairs.push(("actor_token", &forged));
+    pairs.push(("actor_token_type", TOKEN_TYPE_JWT));
+    let (s, v, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")));
+    assert!(v["error_description"].as_str().unwrap().starts_with("actor_token"));
+    let mut pairs = exchange_pairs(&tok, "payments-api", "", "t");
+    pairs.push(("actor_token", &actor));
+    let (s, _, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!(s, 400);
+}
+
+#[test]
+fn tokens_never_appear_in_error_bodies() {
+    let env = Env::new();
+    let h = start(env.config());
+    let n = now();
+    let tokens = [
+        env.svid(SUB, 600),
+        env.key.sign(&svid_claims(SUB, "mandate-minter", n - 900, n - 300)),
+        TestKey::es256("x").sign(&svid_claims(SUB, "mandate-minter", n, n + 60)),
+        "not-a-jwt-but-a-secret-value".to_string(),
+    ];
+    for t in &tokens {
+        for (aud, scope) in [("payments-api", "payments:admin"), ("nowhere", ""), ("payments-api", "bad\"scope")] {
+            let mut pairs = exchange_pairs(t, aud, scope, "t");
+            pairs.push(("actor_token", t));
+            for variant in [pairs.clone(), pairs[..pairs.len() - 1].to_vec()] {
+                let (s, v, _) = post_form(&h, "/token", &variant, None);
+                assert_eq!(s, 400);
+                let text = v.to_string();
+                assert!(!text.contains(t.as_str()), "token echoed: {text}");
+                for part in t.split('.').filter(|p| p.len() > 8) {
+                    assert!(!text.contains(part), "token part echoed: {text}");
+                }
+            }
+        }
+    }
+}
+
+fn shared_secret_config(env: &Env) -> Value {
+    let mut cfg = env.config();
+    cfg["client_auth"] = json!({
+        "mode": "shared_secret",
+        "clients": [
+            {"client_id": "proxy-a", "secret_sha256": mandate_minter::auth::hash_secret("s3cret:with+chars")},
+            {"client_id": "proxy-b", "secret_sha256": mandate_minter::auth::hash_secret("other"), "audiences": ["crm"]}
+        ]
+    });
+    cfg
+}
+
+fn basic(id: &str, secret: &str) -> String {
+    use base64::engine::general_purpose::STANDARD;
+    let enc = |s: &str| serde_urlencoded::to_string([("", s)]).unwrap().trim_start_matches('=').to_string();
+    format!("Basic {}", STANDARD.encode(format!("{}:{}", enc(id), enc(secret))))
+}
+
+#[test]
+fn shared_secret_client_auth() {
+    let env = Env::new();
+    let h = start(shared_secret_config(&env));
+    let tok = env.svid(SUB, 600);
+    let pairs = exchange_pairs(&tok, "payments-api", "payments:read", "t");
+    let (s, v, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!((s, v["error"].as_str()), (401, Some("invalid_client")));
+    let (s, v, _) = post_form(&h, "/token", &pairs, Some(&basic("proxy-a", "wrong")));
+    assert_eq!((s, v["error"].as_str()), (401, Some("invalid_client")));
+    let (s, _, _) = post_form(&h, "/token", &pairs, Some(&basic("nobody", "s3cret:with+chars")));
+    assert_eq!(s, 401);
+    let (s, v, _) = post_form(&h, "/token", &pairs, Some(&basic("proxy-a", "s3cret:with+chars")));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(claims_of(v["access_token"].as_str().unwrap())["client_id"], "proxy-a");
+    // Per-client audience restriction.
+    let (s, v, _) = post_form(&h, "/token", &pairs, Some(&basic("proxy-b", "other")));
+    assert_eq!((s, v["error"].as_str()), (400, Some("unauthorized_client")));
+    // Revocation endpoints are authenticated too; JWKS and health are public.
+    assert_eq!(post_form(&h, "/tasks/x/end", &[], None).0, 401);
+    assert_eq!(get_json(&h, "/revocations", None).0, 401);
+    assert_eq!(get_json(&h, "/revocations", Some(&basic("proxy-a", "s3cret:with+chars"))).0, 200);
+    assert_eq!(get_json(&h, "/.well-known/jwks.json", None).0, 200);
+    assert_eq!(get_json(&h, "/healthz", None).0, 200);
+}
+
+#[test]
+fn key_rotation_keeps_previous_key_published() {
+    let env = Env::new();
+    let h = start(env.config());
+    let tok = env.svid(SUB, 600);
+    let (_, v) = exchange(&h, &tok, "payments-api", "", "t");
+    let old = v["access_token"].as_str().unwrap().to_string();
+    let old_kid = header_of(&old)["kid"].as_str().unwrap().to_string();
+    let new_kid = mandate_minter::keys::rotate(&env.dir.path().join("state")).unwrap();
+    assert_ne!(old_kid, new_kid);
+    let mut rotated = false;
+    for _ in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if h.state.current_keys().current_kid == new_kid {
+            rotated = true;
+            break;
+        }
+    }
+    assert!(rotated, "running minter picked up the rotated key");
+    let (_, jwks) = get_json(&h, "/.well-known/jwks.json", None);
+    let kids: Vec<_> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kids, [new_kid.clone(), old_kid]);
+    let (_, v) = exchange(&h, &tok, "payments-api", "", "t");
+    let new = v["access_token"].as_str().unwrap();
+    assert_eq!(header_of(new)["kid"], new_kid.as_str());
+    verify_with_jwks(&h, new);
+    verify_with_jwks(&h, &old);
+    // The key file is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(mandate_minter::keys::key_path(&env.dir.path().join("state"))).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn toml_config_and_validation() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    let bundle = spiffe_bundle(&[&env.key], None).to_string();
+    let toml = format!(
+        r#"
+listen = "127.0.0.1:0"
+issuer = "https://minter.test"
+state_dir = "state"
+[identity]
+audiences = ["mandate-minter"]
+[[identity.trust_domains]]
+name = "example.org"
+bundle = {{ inline = {bundle_toml} }}
+[audiences]
+"example.org" = ["payments-api"]
+[ttl]
+max_s = 60
+default_s = 30
+"#,
+        bundle_toml = json_to_toml_inline(&serde_json::from_str(&bundle).unwrap())
+    );
+    let path = dir.join("minter.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = MinterConfig::load(&path).unwrap();
+    assert_eq!(cfg.state_dir, dir.join("state"));
+    assert_eq!(cfg.ttl.max_s, 60);
+
+    // Invalid configurations are refused with a useful message.
+    let mut bad = env.config();
+    bad["ttl"] = json!({"default_s": 600, "max_s": 300});
+    assert!(MinterConfig::from_json(bad).unwrap_err().to_string().contains("ttl"));
+    let mut bad = env.config();
+    bad["listen"] = json!("0.0.0.0:0");
+    assert!(format!("{:#}", MinterConfig::from_json(bad).unwrap_err()).contains("loopback"));
+    let mut bad = env.config();
+    bad["client_auth"] = json!({"mode": "mtls"});
+    assert!(MinterConfig::from_json(bad).is_err());
+    let mut bad = env.config();
+    bad["identity"]["trust_domains"][0]["name"] = json!("");
+    assert!(MinterConfig::from_json(bad).is_err());
+    let mut bad = env.config();
+    bad["unknown_field"] = json!(1);
+    assert!(MinterConfig::from_json(bad).is_err());
+}
+
+fn json_to_toml_inline(v: &Value) -> String {
+    match v {
+        Value::Object(m) => format!("{{ {} }}", m.iter().map(|(k, v)| format!("{k:?} = {}", json_to_toml_inline(v))).collect::<Vec<_>>().join(", ")),
+        Value::Array(a) => format!("[{}]", a.iter().map(json_to_toml_inline).collect::<Vec<_>>().join(", ")),
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+#[test]
+fn bundle_url_is_fetched() {
+    // A tiny bundle server on loopback.
+    let env = Env::new();
+    let bundle = spiffe_bundle(&[&env.key], None).to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{bundle}", bundle.len());
+        }
+    });
+    let mut cfg = env.config();
+    cfg["identity"]["trust_domains"] = json!([{"name": "example.org", "bundle_url": format!("http://{addr}/bundle"), "refresh_s": 30}]);
+    let h = start(cfg);
+    let tok = env.svid(SUB, 600);
+    let mut status = 0;
+    for _ in 0..50 {
+        status = exchange(&h, &tok, "payments-api", "", "t").0;
+        if status == 200 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(status, 200);
+}
+
+// ---- mTLS ----
+
+struct Pki {
+    ca_pem: String,
+    server_cert_pem: String,
+    server_key_pem: String,
+    client_cert_der: Vec<u8>,
+    client_key_der: Vec<u8>,
+    other_cert_der: Vec<u8>,
+    other_key_der: Vec<u8>,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "mandate test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+
+    let srv_key = KeyPair::generate().unwrap();
+    let mut srv = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    srv.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
+
+    let client = |uri: &str, issuer: &Issuer<'_, KeyPair>| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names.push(SanType::URI(uri.try_into().unwrap()));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, issuer).unwrap();
+        (cert.der().to_vec(), key.serialize_der())
+    };
+    let (client_cert_der, client_key_der) = client("spiffe://example.org/proxy/envoy-1", &issuer);
+    let (other_cert_der, other_key_der) = client("spiffe://example.org/proxy/unregistered", &issuer);
+    Pki {
+        ca_pem: ca_cert.pem(),
+        server_cert_pem: srv_cert.pem(),
+        server_key_pem: srv_key.serialize_pem(),
+        client_cert_der,
+        client_key_der,
+        other_cert_der,
+        other_key_der,
+    }
+}
+
+/// One HTTPS request with an optional client certificate; Err if the TLS handshake or I/O fails.
+fn https_post(h: &Handle, pki: &Pki, client: Option<(&[u8], &[u8])>, path: &str, body: String) -> Result<(u16, Value), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap()).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
+        let cfg = match client {
+            Some((cert, key)) => b
+                .with_client_auth_cert(vec![CertificateDer::from(cert.to_vec())], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())))
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(h.addr).await.map_err(|e| e.to_string())?;
+        let tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = hyper::Request::post(path)
+            .header("host", "localhost")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
+            .unwrap();
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        use http_body_util::BodyExt as _;
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    })
+}
+
+#[test]
+fn mtls_client_certificates() {
+    let env = Env::new();
+    let pki = pki();
+    let d = env.dir.path();
+    let write = |name: &str, s: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, s).unwrap();
+        p
+    };
+    let mut cfg = env.config();
+    cfg["tls"] = json!({"cert": write("server.pem", &pki.server_cert_pem), "key": write("server.key", &pki.server_key_pem), "client_ca": write("ca.pem", &pki.ca_pem)});
+    cfg["client_auth"] = json!({"mode": "mtls", "clients": [{"client_id": "spiffe://example.org/proxy/envoy-1"}]});
+    let h = start(cfg);
+    assert!(h.base_url().starts_with("https://"));
+    let tok = env.svid(SUB, 600);
+    let body = serde_urlencoded::to_string(exchange_pairs(&tok, "payments-api", "payments:read", "t")).unwrap();
+
+    // No certificate: refused.
+    let (s, v) = https_post(&h, &pki, None, "/token", body.clone()).unwrap();
+    assert_eq!((s, v["error"].as_str()), (401, Some("invalid_client")));
+    // A CA-issued certificate that is not registered: refused.
+    let (s, _) = https_post(&h, &pki, Some((&pki.other_cert_der, &pki.other_key_der)), "/token", body.clone()).unwrap();
+    assert_eq!(s, 401);
+    // A self-signed client certificate fails the handshake (or is refused).
+    let rogue_key = rcgen::KeyPair::generate().unwrap();
+    let rogue = rcgen::CertificateParams::new(vec!["rogue".to_string()]).unwrap().self_signed(&rogue_key).unwrap();
+    match https_post(&h, &pki, Some((rogue.der(), &rogue_key.serialize_der())), "/token", body.clone()) {
+        Err(_) => {}
+        Ok((s, _)) => assert_eq!(s, 401),
+    }
+    // The registered client works; its identity is the client_id.
+    let (s, v) = https_post(&h, &pki, Some((&pki.client_cert_der, &pki.client_key_der)), "/token", body).unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(claims_of(v["access_token"].as_str().unwrap())["client_id"], "spiffe://example.org/proxy/envoy-1");
+
+}
+
+#[test]
+fn binary_prints_bound_address_and_rotates_keys() {
+    use std::io::BufRead as _;
+    let env = Env::new();
+    let cfg_path = env.dir.path().join("minter.json");
+    let mut cfg = env.config();
+    cfg["listen"] = json!("127.0.0.1:9"); // overridden by --listen
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let exe = env!("CARGO_BIN_EXE_mandate-minter");
+    let mut child = std::process::Command::new(exe)
+        .args(["--config", cfg_path.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    let addr = v["listening"].as_str().unwrap().to_string();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0") && !addr.ends_with(":9"), "{addr}");
+    let mut resp = agent().get(format!("http://{addr}/healthz")).call().unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let kid = serde_json::from_str::<Value>(&resp.body_mut().read_to_string().unwrap()).unwrap()["kid"].as_str().unwrap().to_string();
+    let out = std::process::Command::new(exe).args(["rotate-key", "--config", cfg_path.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    let rotated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(rotated["rotated"].as_str().unwrap(), kid);
+    // SIGTERM: a clean stop.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("minter.example.json");
+    let cfg = MinterConfig::load(&path).unwrap();
+    assert_eq!(cfg.bundle_urls.len(), 1);
+    assert_eq!(cfg.client_auth.mode, mandate_minter::config::ClientAuthMode::Mtls);
+}
+
+#[test]
+fn load_tool_fixture_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_minter-load");
+    let out = std::process::Command::new(exe).args(["fixture", "--dir", dir.path().to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    let fx: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg = MinterConfig::load(Path::new(fx["config"].as_str().unwrap())).unwrap();
+    let h = mandate_minter::spawn(cfg).unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--url", &h.base_url(), "--subject-token-file", fx["subject_token_file"].as_str().unwrap(), "-n", "40", "-c", "2", "--warmup", "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["errors"], 0);
+    assert!(r["exchanges_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["p99_ms"].as_f64().unwrap() >= r["p50_ms"].as_f64().unwrap());
+}
