@@ -2,9 +2,12 @@
 """Helpers for scripts/demo (standard library only).
 
   demo_tool.py echo PORT_FILE SEEN_FILE      run the sample service on 127.0.0.1:0
-  demo_tool.py render TEMPLATE OUT NAME=VALUE...   fill {{NAME}} placeholders (strings quoted)
+  demo_tool.py render TEMPLATE OUT NAME=VALUE...   fill {{NAME}} placeholders (strings quoted;
+                                                   NAME@=FILE inserts FILE's YAML block as is)
   demo_tool.py wait-envoy ADMIN_FILE TIMEOUT_S     print the mandate listener port once ready
-  demo_tool.py request TITLE URL SEEN_FILE [HEADER: VALUE]...   send one request, tell the story
+  demo_tool.py request TITLE [METHOD ]URL SEEN_FILE [HEADER: VALUE]...   send one request, tell the story
+  demo_tool.py post URL                         POST an empty form, print status and body
+  demo_tool.py decisions ENVOY_LOG              print the decision records, one line each
 """
 import http.server
 import json
@@ -31,7 +34,7 @@ class Echo(http.server.BaseHTTPRequestHandler):
         }
         with open(self.seen_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(seen) + "\n")
-        out = json.dumps({"service": "orders", "message": "hello from the service", "you_sent": seen}).encode()
+        out = json.dumps({"service": "sample", "message": "hello from the service", "you_sent": seen}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
@@ -55,8 +58,13 @@ def echo(port_file, seen_file):
 
 def render(template, out, assignments):
     values = {}
+    blocks = {}
     for a in assignments:
         name, _, value = a.partition("=")
+        if name.endswith("@"):
+            blocks[name[:-1]] = open(value, encoding="utf-8").read().rstrip("\n")
+            values[name[:-1]] = "block"
+            continue
         # Numbers stay as they are; everything else becomes a YAML (JSON) string.
         values[name] = value if re.fullmatch(r"[0-9]+", value) else json.dumps(value)
     values.setdefault("EXTRA_LISTENERS", "")
@@ -69,6 +77,10 @@ def render(template, out, assignments):
             continue
         m = re.fullmatch(r"\{\{([A-Z0-9_]+)\}\}", stripped)
         if m and values.get(m.group(1)) == "":
+            continue
+        if m and m.group(1) in blocks:
+            indent = line[: len(line) - len(line.lstrip())]
+            lines.extend(indent + b for b in blocks[m.group(1)].splitlines())
             continue
         def sub(mm):
             if mm.group(1) not in values:
@@ -104,18 +116,21 @@ def short(value, keep=48):
 
 
 def request(title, url, seen_file, headers):
+    method = "GET"
+    if " " in url:
+        method, url = url.split(" ", 1)
     hdrs = {}
     for h in headers:
         k, _, v = h.partition(":")
         hdrs[k.strip()] = v.strip()
     before = sum(1 for _ in open(seen_file))
     print(f"\n--- {title} ---")
-    print(f"  client  -> GET {url}")
+    print(f"  client  -> {method} {url}")
     for k, v in hdrs.items():
         print(f"             {k}: {short(v)}")
     if not hdrs:
         print("             (no credentials)")
-    req = urllib.request.Request(url, headers=hdrs)
+    req = urllib.request.Request(url, headers=hdrs, method=method, data=b"{}" if method in ("POST", "PUT") else None)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             status, rh, body = r.status, r.headers, r.read()
@@ -141,10 +156,49 @@ def request(title, url, seen_file, headers):
         print(f"  service:   received {s['method']} {s['path']} with")
         for k, v in sorted(s["headers"].items()):
             mark = "   <- added by mandate" if k.startswith("x-mandate-") else ""
+            if k == "authorization":
+                mark = "   <- minted for this task by the minter (not the agent's SVID)"
+                v = short(v) + "  " + describe_jwt(v)
             print(f"               {k}: {v}{mark}")
         for k in hdrs:
             if k.lower() not in s["headers"]:
                 print(f"               ({k.lower()} from the client: not forwarded)")
+
+
+def describe_jwt(value):
+    """The claims of a bearer JWT, for the story (the demo's own short-lived token)."""
+    import base64
+    try:
+        payload = value.split(" ", 1)[1].split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        keep = {k: claims[k] for k in ("sub", "aud", "scope", "intent", "task", "exp") if k in claims}
+        return "\n                 claims " + json.dumps(keep)
+    except (IndexError, ValueError):
+        return ""
+
+
+def post(url):
+    req = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            print(f"  minter  <- {r.status} {r.read().decode()}")
+    except urllib.error.HTTPError as e:
+        print(f"  minter  <- {e.code} {e.read().decode()}")
+
+
+def decisions(log_file):
+    for line in open(log_file, encoding="utf-8", errors="replace"):
+        i = line.find("mandate.decision ")
+        if i < 0:
+            continue
+        try:
+            r = json.loads(line[i + len("mandate.decision "):].strip())
+        except ValueError:
+            continue
+        cred = (r.get("credential") or {}).get("jti")
+        print(f"  {r['decision_id']}  {r['effect']:<6} {r['reason']:<24} rule={r.get('rule_id') or '-':<22} "
+              f"intent={r.get('intent') or '-':<16} task={r.get('task') or '-':<7} {r.get('method') or ''} "
+              f"{r.get('authority') or ''}{r.get('path') or ''}" + (f"  credential jti={cred}" if cred else ""))
 
 
 def main():
@@ -157,6 +211,10 @@ def main():
         wait_envoy(*args)
     elif cmd == "request":
         request(args[0], args[1], args[2], args[3:])
+    elif cmd == "post":
+        post(args[0])
+    elif cmd == "decisions":
+        decisions(args[0])
     else:
         sys.exit(__doc__)
 
