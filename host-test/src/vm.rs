@@ -808,8 +808,9 @@ impl Vm {
             .filter(|c| c.deadline <= now)
             .map(|c| c.token)
             .collect();
+        // Envoy's async client answers a timed-out call with its own 504 response.
         for t in due {
-            self.answer_call(t, CalloutReply::Timeout)?;
+            self.answer_call(t, CalloutReply::envoy_timeout_reply())?;
         }
         self.tick()
     }

@@ -64,9 +64,34 @@ extern "C" {
 #[derive(Default)]
 struct Metrics {
     ids: HashMap<String, Option<u32>>,
+    /// Hot-path counters by (effect, reason): no string building per request.
+    decisions: HashMap<(u8, Reason), (Option<u32>, Option<u32>)>,
 }
 
 impl Metrics {
+    fn decision(&mut self, effect: Effect, reason: Reason) {
+        let (name, idx) = match effect {
+            Effect::Allow => ("allow", 0u8),
+            Effect::Deny => ("deny", 1),
+            Effect::DryRunDeny => ("dry_run_deny", 2),
+        };
+        let ids = match self.decisions.get(&(idx, reason)) {
+            Some(ids) => *ids,
+            None => {
+                let ids = (
+                    self.id(MetricType::Counter, &format!("mandate.decisions.{name}")),
+                    self.id(MetricType::Counter, &format!("mandate.decisions.{name}.{}", reason.code())),
+                );
+                self.decisions.insert((idx, reason), ids);
+                ids
+            }
+        };
+        for id in [ids.0, ids.1].into_iter().flatten() {
+            // SAFETY: plain value call.
+            let _ = unsafe { proxy_increment_metric(id, 1) };
+        }
+    }
+
     fn id(&mut self, kind: MetricType, name: &str) -> Option<u32> {
         if let Some(id) = self.ids.get(name) {
             return *id;
@@ -97,8 +122,16 @@ impl Metrics {
         }
     }
 
-    fn hit(&mut self, cache: &str, hit: bool) {
-        self.inc(&format!("mandate.cache.{cache}.{}", if hit { "hit" } else { "miss" }));
+    fn hit(&mut self, cache: &'static str, hit: bool) {
+        let name = match (cache, hit) {
+            ("identity", true) => "mandate.cache.identity.hit",
+            ("identity", false) => "mandate.cache.identity.miss",
+            ("decision", true) => "mandate.cache.decision.hit",
+            ("decision", false) => "mandate.cache.decision.miss",
+            ("credential", true) => "mandate.cache.credential.hit",
+            _ => "mandate.cache.credential.miss",
+        };
+        self.inc(name);
     }
 }
 
@@ -136,13 +169,7 @@ impl Shared {
         let env = self.engine.as_ref().and_then(Engine::environment);
         let rec = DecisionRecord::new(d, env, &self.policy_hash, now / 1_000_000, now.saturating_sub(started_ns) / 1000);
         let json = rec.to_json();
-        let effect = match d.effect() {
-            Effect::Allow => "allow",
-            Effect::Deny => "deny",
-            Effect::DryRunDeny => "dry_run_deny",
-        };
-        self.metrics.inc(&format!("mandate.decisions.{effect}"));
-        self.metrics.inc(&format!("mandate.decisions.{effect}.{}", d.reason().code()));
+        self.metrics.decision(d.effect(), d.reason());
         if d.identity_checked {
             self.metrics.hit("identity", d.identity_cache_hit);
         }
@@ -232,7 +259,8 @@ fn send_reply(reply: &LocalReply) {
     }
 }
 
-/// Reads a callout answer: `Err` when there was none (Envoy delivers failures with no headers).
+/// Reads a callout answer. Envoy delivers a reset as no headers (`Err`); a timeout or an
+/// unreachable cluster arrives as a 504/503 answer from Envoy itself.
 fn callout_answer(num_headers: usize, body_size: usize, limit: usize) -> Result<(u16, Vec<u8>), MintError> {
     if num_headers == 0 {
         return Err(MintError::NoResponse);

@@ -159,7 +159,9 @@ impl BundleStore {
             Ok(bundle) => {
                 s.fetches_ok += 1;
                 s.last_error = None;
-                let refresh = bundle.refresh_hint.map_or(r.refresh_s, |h| h.max(MIN_REFRESH_HINT_S));
+                // The hint may shorten the interval, never stretch it past the operator's
+                // `refresh_s`: a huge hint must not freeze a bundle with withdrawn keys.
+                let refresh = bundle.refresh_hint.map_or(r.refresh_s, |h| h.clamp(MIN_REFRESH_HINT_S, r.refresh_s));
                 s.next_fetch_at = now.saturating_add(refresh);
                 let changed = s.bundle.as_ref().is_none_or(|b| b.digest != bundle.digest);
                 let report = if changed {
