@@ -125,21 +125,7 @@ fn valid_name(v: &str, extra: &[u8]) -> bool {
 pub fn evaluate_request(policy: &Policy, r: &CaseRequest) -> Result<PolicyDecision, String> {
     Ok(match judge_request(policy, r)? {
         Ok(d) => d,
-        Err(reason) => PolicyDecision {
-            effect: crate::decision::Effect::Deny,
-            reason,
-            rule_id: None,
-            dry_run_reason: None,
-            dry_run_rule_id: None,
-            class: None,
-            resource: None,
-            sensitivity: None,
-            legacy: false,
-            audience: None,
-            scopes: Vec::new(),
-            ttl_s: None,
-            valid_until: 0,
-        },
+        Err(reason) => PolicyDecision::with(crate::decision::Effect::Deny, reason),
     })
 }
 

@@ -335,6 +335,27 @@ pub struct PolicyDecision {
     pub valid_until: u64,
 }
 
+impl PolicyDecision {
+    /// A decision with nothing matched yet.
+    pub fn with(effect: Effect, reason: Reason) -> PolicyDecision {
+        PolicyDecision {
+            effect,
+            reason,
+            rule_id: None,
+            dry_run_reason: None,
+            dry_run_rule_id: None,
+            class: None,
+            resource: None,
+            sensitivity: None,
+            legacy: false,
+            audience: None,
+            scopes: Vec::new(),
+            ttl_s: None,
+            valid_until: 0,
+        }
+    }
+}
+
 fn level(levels: &[String], field: &str, name: &Option<String>) -> Result<Option<usize>, ConfigError> {
     match name {
         None => Ok(None),
@@ -585,21 +606,8 @@ impl Policy {
 
     /// Judges one request. Every path that is not an explicit allow denies.
     pub fn evaluate(&self, input: &PolicyInput<'_>) -> PolicyDecision {
-        let mut d = PolicyDecision {
-            effect: Effect::Allow,
-            reason: Reason::Allowed,
-            rule_id: None,
-            dry_run_reason: None,
-            dry_run_rule_id: None,
-            class: None,
-            resource: None,
-            sensitivity: None,
-            legacy: false,
-            audience: None,
-            scopes: Vec::new(),
-            ttl_s: None,
-            valid_until: u64::MAX,
-        };
+        let mut d = PolicyDecision::with(Effect::Allow, Reason::Allowed);
+        d.valid_until = u64::MAX;
         match self.judge(input, &mut d) {
             Ok(()) => d,
             Err((reason, rule)) => {
