@@ -1,4 +1,5 @@
 //! `mandate policy ...` end to end: the binary, real files, exit codes.
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::Command;

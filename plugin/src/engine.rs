@@ -353,6 +353,12 @@ impl Engine {
         let subject = d.identity.as_ref().map_or("", |i| i.principal.as_str()).to_string();
         let parsed = answer.and_then(|(status, body)| mint::parse_response(m, status, body, now, &subject, plan.request.task.as_deref()));
         match parsed {
+            // A revocation may have arrived while the exchange was in flight: re-check.
+            Ok(cred) if cred.task.as_deref().is_some_and(|t| self.revoked.task_revoked(t)) => (self.deny_with(d, Reason::TaskRevoked), None),
+            Ok(cred) if self.revoked.subject_revoked(&cred.subject) => (self.deny_with(d, Reason::SubjectRevoked), None),
+            Ok(cred) if cred.jti.as_deref().is_some_and(|j| self.revoked.jti_revoked(j)) => {
+                (self.deny_mint(d), Some(MintError::Malformed("the minted credential's jti is already revoked")))
+            }
             Ok(cred) => {
                 let cred = Rc::new(cred);
                 self.credentials.put(plan.key, cred.clone());
@@ -365,9 +371,13 @@ impl Engine {
     }
 
     fn deny_mint(&self, d: &mut Decision) -> Verdict {
+        self.deny_with(d, Reason::CredentialUnavailable)
+    }
+
+    fn deny_with(&self, d: &mut Decision, reason: Reason) -> Verdict {
         d.effect = Some(Effect::Deny);
-        d.reason = Some(Reason::CredentialUnavailable);
-        Verdict::Reply(LocalReply::deny(Reason::CredentialUnavailable, &d.id, &self.config.upstream.decision_id_header))
+        d.reason = Some(reason);
+        Verdict::Reply(LocalReply::deny(reason, &d.id, &self.config.upstream.decision_id_header))
     }
 
     /// A revocation poll, if one is configured and due.

@@ -335,6 +335,7 @@ pub fn parse_revocations(status: u16, body: &[u8]) -> Result<RevocationBatch, Mi
 pub struct RevokedSet {
     tasks: LruCache<String, ()>,
     subjects: LruCache<String, ()>,
+    jtis: LruCache<String, ()>,
     pub cursor: u64,
     /// Unix time of the last successful poll.
     pub last_poll: Option<u64>,
@@ -343,7 +344,7 @@ pub struct RevokedSet {
 impl Default for RevokedSet {
     fn default() -> Self {
         let cap = NonZeroUsize::new(65_536).unwrap_or(NonZeroUsize::MIN);
-        RevokedSet { tasks: LruCache::new(cap), subjects: LruCache::new(cap), cursor: 0, last_poll: None }
+        RevokedSet { tasks: LruCache::new(cap), subjects: LruCache::new(cap), jtis: LruCache::new(cap), cursor: 0, last_poll: None }
     }
 }
 
@@ -356,8 +357,15 @@ impl RevokedSet {
             RevocationKind::Subject => {
                 self.subjects.put(r.value.clone(), ());
             }
-            RevocationKind::Jti => {}
+            RevocationKind::Jti => {
+                // Remembered too: a credential may land after its jti was revoked.
+                self.jtis.put(r.value.clone(), ());
+            }
         }
+    }
+
+    pub fn jti_revoked(&self, jti: &str) -> bool {
+        self.jtis.contains(jti)
     }
 
     pub fn task_revoked(&self, task: &str) -> bool {

@@ -490,16 +490,7 @@ impl Http {
         let Some(flight) = shared.flights.remove(&key) else { return };
         shared.metrics.inc("mandate.minter.calls");
         shared.metrics.record(MetricType::Histogram, "mandate.minter.latency_ms", now_ns.saturating_sub(flight.dispatched_ns) / 1_000_000);
-        if let Err(e) = &answer {
-            shared.metrics.inc("mandate.minter.failures");
-            log(LogLevel::Warn, &format!("mandate: credential exchange failed: {e}"));
-        } else if let Ok((status, _)) = &answer {
-            if *status != 200 {
-                shared.metrics.inc("mandate.minter.failures");
-                // The minter's error body stays here: it never reaches the caller.
-                log(LogLevel::Warn, &format!("mandate: credential exchange refused: HTTP {status}"));
-            }
-        }
+        let mut reported = false;
         for member in std::iter::once(flight.leader).chain(flight.waiters) {
             let Some(mut p) = shared.pending.remove(&member) else { continue };
             if member != self.id && hostcalls::set_effective_context(member).is_err() {
@@ -507,8 +498,13 @@ impl Http {
             }
             let Some(engine) = shared.engine.as_mut() else { break };
             let (verdict, failure) = engine.finish_mint(&p.plan, answer.as_ref().map(|(s, b)| (*s, b.as_slice())).map_err(Clone::clone), now_ns / 1_000_000_000, &mut p.decision);
-            // The failure itself was logged once above, for the whole flight.
-            drop(failure);
+            // Every member shares the answer: count and log its failure once. The minter's
+            // error body stays here; it never reaches the caller.
+            if let (Some(e), false) = (failure, reported) {
+                reported = true;
+                shared.metrics.inc("mandate.minter.failures");
+                log(LogLevel::Warn, &format!("mandate: credential exchange failed: {e}"));
+            }
             let action = apply(&verdict);
             if action == Action::Continue {
                 let _ = hostcalls::resume_http_request();
@@ -585,8 +581,13 @@ impl HttpContext for Http {
         // cancels the call, so fail its waiters closed now rather than leave them hanging.
         let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
         let shared = &mut *shared;
-        let Some(p) = shared.pending.remove(&self.id) else { return };
+        let Some(mut p) = shared.pending.remove(&self.id) else { return };
         let key = p.plan.key;
+        // The request reached the filter: it gets its record even though its client left.
+        if let Some(engine) = shared.engine.as_mut() {
+            let _ = engine.finish_mint(&p.plan, Err(MintError::NoResponse), 0, &mut p.decision);
+        }
+        shared.record(&p.decision, p.started_ns, false);
         let led = shared.flights.get(&key).is_some_and(|f| f.leader == self.id);
         if let Some(flight) = shared.flights.get_mut(&key) {
             flight.waiters.retain(|w| *w != self.id);
