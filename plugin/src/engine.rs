@@ -206,7 +206,9 @@ impl Engine {
         let token = bearer_token(h, &self.config)?;
         d.identity_checked = true;
         let hits_before = self.identity.stats.cache_hits;
-        let identity = self.identity.verify(token, req.now)?;
+        // One hash of the token serves the identity cache and the decision cache.
+        let token_hash = token_digest(token);
+        let identity = self.identity.verify_digested(token, &token_hash, req.now)?;
         d.identity_cache_hit = self.identity.stats.cache_hits > hits_before;
         d.identity = Some(identity.clone());
 
@@ -234,7 +236,7 @@ impl Engine {
 
         // 3. Policy, reusing a recent decision for the very same request.
         let policy = self.policy.as_ref().ok_or(Reason::NoRuleMatched)?;
-        let key = decision_key(token, &intent_name, intent_token, &task, &method, &authority, &path.path, standing_secret);
+        let key = decision_key(&token_hash, &intent_name, intent_token, &task, &method, &authority, &path.path, standing_secret);
         let cached = self.decisions.as_mut().and_then(|c| c.get(&key)).filter(|c| c.expires_at > req.now);
         let (decision, signed) = if let Some(hit) = cached {
             self.stats.decision_cache_hits += 1;
@@ -315,21 +317,22 @@ impl Engine {
 
         // 5. Just-in-time credential: only now, after every check passed.
         let Some(m) = &self.config.minter else { return Ok(Verdict::Forward(edits)) };
-        let request = MintRequest {
-            subject_token: token.to_vec(),
-            audience: decision.audience.clone().unwrap_or_else(|| authority.clone()),
-            scopes: decision.scopes.clone(),
-            ttl_s: decision.ttl_s,
-            task: d.task.clone(),
-            intent: d.intent.clone(),
-        };
-        let key = request.cache_key(&identity.principal);
+        let audience = decision.audience.as_deref().unwrap_or(&authority);
+        let key = mint::credential_key(&identity.principal, audience, &decision.scopes, d.task.as_deref(), d.intent.as_deref());
         if let Some(cred) = self.credentials.get(&key, req.now) {
             self.stats.credential_cache_hits += 1;
             d.credential_cache_hit = true;
             inject(&mut edits, &cred, d);
             return Ok(Verdict::Forward(edits));
         }
+        let request = MintRequest {
+            subject_token: token.to_vec(),
+            audience: audience.to_string(),
+            scopes: decision.scopes.clone(),
+            ttl_s: decision.ttl_s,
+            task: d.task.clone(),
+            intent: d.intent.clone(),
+        };
         self.stats.credential_cache_misses += 1;
         Ok(Verdict::Mint(Box::new(MintPlan {
             key,
@@ -494,7 +497,7 @@ fn pseudo(h: &Headers, name: &str) -> Option<String> {
 
 #[allow(clippy::too_many_arguments)]
 fn decision_key(
-    token: &[u8],
+    token_hash: &[u8; 16],
     intent: &Option<String>,
     intent_token: Option<&[u8]>,
     task: &Option<String>,
@@ -504,7 +507,7 @@ fn decision_key(
     standing_secret: bool,
 ) -> [u8; 16] {
     let mut h = Sha256::new();
-    h.update(token_digest(token));
+    h.update(token_hash);
     for part in [intent.as_deref().unwrap_or(""), task.as_deref().unwrap_or(""), method, authority, path] {
         h.update((part.len() as u32).to_le_bytes());
         h.update(part.as_bytes());

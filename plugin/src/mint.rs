@@ -134,18 +134,31 @@ impl MintRequest {
         f.finish().into_bytes()
     }
 
-    /// Cache key: (subject, audience, scopes, task, intent). Delegation chains join later.
+    /// Cache key of this exchange's credential.
     pub fn cache_key(&self, subject: &str) -> [u8; 16] {
-        let mut h = Sha256::new();
-        for part in [subject, &self.audience, &self.scopes.join(" "), self.task.as_deref().unwrap_or(""), self.intent.as_deref().unwrap_or("")] {
-            h.update((part.len() as u32).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        let full: [u8; 32] = h.finalize().into();
-        let mut out = [0u8; 16];
-        out.copy_from_slice(full.get(..16).unwrap_or(&[0u8; 16]));
-        out
+        credential_key(subject, &self.audience, &self.scopes, self.task.as_deref(), self.intent.as_deref())
     }
+}
+
+/// Credential cache key: (subject, audience, scopes, task, intent). Delegation chains join later.
+pub fn credential_key(subject: &str, audience: &str, scopes: &[String], task: Option<&str>, intent: Option<&str>) -> [u8; 16] {
+    let mut h = Sha256::new();
+    let mut part = |p: &str| {
+        h.update((p.len() as u32).to_le_bytes());
+        h.update(p.as_bytes());
+    };
+    part(subject);
+    part(audience);
+    part(&scopes.len().to_string());
+    for s in scopes {
+        part(s);
+    }
+    part(task.unwrap_or(""));
+    part(intent.unwrap_or(""));
+    let full: [u8; 32] = h.finalize().into();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(full.get(..16).unwrap_or(&[0u8; 16]));
+    out
 }
 
 /// Why no credential could be obtained. Details go to logs, never to the caller.

@@ -122,10 +122,15 @@ impl Verifier {
 
     /// Verifies a bearer token at time `now` (Unix seconds).
     pub fn verify(&mut self, token: &[u8], now: u64) -> Result<Rc<Identity>, Reason> {
+        self.verify_digested(token, &token_digest(token), now)
+    }
+
+    /// As [`Verifier::verify`], with the token's digest already computed by the caller.
+    pub fn verify_digested(&mut self, token: &[u8], digest: &[u8; 16], now: u64) -> Result<Rc<Identity>, Reason> {
+        let digest = *digest;
         if token.len() > self.max_token_bytes {
             return Err(Reason::TokenMalformed);
         }
-        let digest = token_digest(token);
         if let Some(hit) = self.cached(&digest, now)? {
             self.stats.cache_hits += 1;
             return Ok(hit);
