@@ -387,7 +387,9 @@ impl Engine {
     pub fn due_poll(&mut self, now_ms: u64) -> Option<PollPlan> {
         let m = self.config.minter.as_ref()?;
         let r = m.revocations.as_ref()?;
-        if self.poll_in_flight || now_ms < self.next_poll_at {
+        // Host timers fire a little early or late; a tenth of the interval of slack keeps
+        // polls on schedule instead of slipping a whole tick.
+        if self.poll_in_flight || now_ms.saturating_add(r.interval_ms / 10) < self.next_poll_at {
             return None;
         }
         self.poll_in_flight = true;

@@ -422,7 +422,8 @@ impl RootContext for Root {
         self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let background = config.identity.trust_domains.iter().any(|t| t.bundle.cluster.is_some())
             || config.identity.oidc_issuers.iter().any(|o| o.jwks.cluster.is_some());
-        let tick_ms = config.minter.as_ref().and_then(|m| m.revocations.as_ref()).map(|r| r.interval_ms.clamp(100, 1000));
+        // Tick several times per poll interval so a poll is never a whole tick late.
+        let tick_ms = config.minter.as_ref().and_then(|m| m.revocations.as_ref()).map(|r| (r.interval_ms / 4).clamp(50, 1000));
         let engine = match Engine::new(config, self.seed, host_env) {
             Ok(engine) => engine,
             Err(e) => {

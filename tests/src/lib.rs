@@ -11,7 +11,8 @@
 //! * [`http`], [`http_get`], [`raw_http`]: small blocking HTTP/1.1 clients.
 //! * [`SvidIssuer`]: a trust domain with a signing key, its plugin config and JWT-SVIDs.
 //! * [`prerequisites`]: skip (or, with `MANDATE_REQUIRE_ENVOY` set, fail) when Envoy or the
-//!   wasm module is missing.
+//!   wasm module is missing; [`wasm_prerequisite`] likewise for tests needing only the module.
+//! * [`parity`]: the scenario table run through both the wasmtime test host and Envoy.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
+
+pub mod parity;
 
 /// Name of the listener defined by `envoy/mandate.yaml`.
 pub const MAIN_LISTENER: &str = "mandate";
@@ -101,6 +104,21 @@ pub fn prerequisites(test: &str) -> bool {
     }
     eprintln!("SKIPPED {test}: {why}. Set {REQUIRE_ENV}=1 to make this a failure.");
     false
+}
+
+/// Like [`prerequisites`] for tests that need only the wasm module (the wasmtime test host):
+/// its path, or `None` (test skipped) when it is missing and `MANDATE_REQUIRE_ENVOY` is unset.
+pub fn wasm_prerequisite(test: &str) -> Option<PathBuf> {
+    match plugin_wasm() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            if std::env::var_os(REQUIRE_ENV).is_some_and(|v| !v.is_empty()) {
+                panic!("{test}: {REQUIRE_ENV} is set but the wasm module is missing: {e}");
+            }
+            eprintln!("SKIPPED {test}: {e}. Set {REQUIRE_ENV}=1 to make this a failure.");
+            None
+        }
+    }
 }
 
 /// Quotes `s` as a YAML double-quoted scalar (JSON string syntax is valid YAML).
@@ -1029,19 +1047,57 @@ pub fn http_get(url: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
 }
 
 /// Sends `request` (raw HTTP/1.1 bytes, any header bytes at all) to `127.0.0.1:port` and reads
-/// the response until the server closes the connection. Add `connection: close` to the request.
-/// Handles `content-length` and chunked bodies.
+/// one response: until its `content-length` or final chunk has arrived, else until the server
+/// closes the connection. Add `connection: close` to the request. Handles `content-length` and
+/// chunked bodies.
+///
+/// Returning at the end of the body matters with Envoy: after a `connection: close` response it
+/// waits up to `delayed_close_timeout` (1 s) for the client to close first.
 pub fn raw_http(port: u16, request: &[u8]) -> Result<HttpResponse> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(request)?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if response_complete(&buf) {
+            break;
+        }
+    }
     parse_response(&buf)
 }
 
-fn parse_response(buf: &[u8]) -> Result<HttpResponse> {
+/// Whether `buf` holds a whole response whose end is known without the connection closing.
+fn response_complete(buf: &[u8]) -> bool {
+    let Ok((status, headers, head_end)) = parse_head(buf) else { return false };
+    if status < 200 || status == 204 || status == 304 {
+        return status >= 200;
+    }
+    let rest = &buf[head_end + 4..];
+    if headers.iter().any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked")) {
+        return rest.ends_with(b"\r\n\r\n") && decode_chunked(rest).is_ok();
+    }
+    match headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse::<usize>().ok()) {
+        Some(len) => rest.len() >= len,
+        None => false,
+    }
+}
+
+/// A response head: status, headers (names lowercase), offset of the blank line ending it.
+type Head = (u16, Vec<(String, String)>, usize);
+
+/// Parses the head of a response.
+fn parse_head(buf: &[u8]) -> Result<Head> {
     let head_end = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -1058,6 +1114,11 @@ fn parse_response(buf: &[u8]) -> Result<HttpResponse> {
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    Ok((status, headers, head_end))
+}
+
+fn parse_response(buf: &[u8]) -> Result<HttpResponse> {
+    let (status, headers, head_end) = parse_head(buf)?;
     let rest = &buf[head_end + 4..];
     let chunked = headers
         .iter()
