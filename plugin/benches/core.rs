@@ -48,6 +48,53 @@ fn verifier(keys: &[&TestKey], cache: usize) -> Verifier {
     Verifier::new(&cfg.identity).unwrap()
 }
 
+fn warm_engine(min: Duration) -> f64 {
+    use mandate_plugin::engine::{Engine, Request, Verdict};
+    use mandate_plugin::headers::Headers;
+    use mandate_plugin::record::DecisionRecord;
+    let key = TestKey::es256("k");
+    let cfg = json!({
+        "identity": {"audiences": [AUD], "upstream_header": "x-mandate-identity",
+            "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&key], None)}}]},
+        "policy": {
+            "classes": [{"name": "agent", "principals": ["spiffe://example.org/agent/*"], "intent_required": true}],
+            "resources": [{"name": "tickets", "hosts": ["tickets.internal"], "paths": ["/tickets/**"]}],
+            "intents": [{"name": "ticket.read", "operations": [{"resource": "tickets", "methods": ["GET"]}], "scopes": ["tickets:read"]}],
+            "rules": [{"id": "r", "effect": "allow", "intents": ["ticket.read"]}]
+        },
+        "minter": {"cluster": "minter"}
+    });
+    let mut engine = Engine::new(config::parse(cfg.to_string().as_bytes()).unwrap(), 1, None).unwrap();
+    let token = format!("Bearer {}", key.sign(&svid_claims(SUB, AUD, NOW, NOW + 300)));
+    let pairs: Vec<(String, Vec<u8>)> = [
+        (":method", "GET"), (":authority", "tickets.internal"), (":path", "/tickets/1"), (":scheme", "http"),
+        ("authorization", token.as_str()), ("x-agent-intent", "ticket.read"), ("x-agent-task", "T-1"),
+        ("user-agent", "wrk"), ("x-request-id", "0d8f4e8e-9a55-4b8e-8d0e-3c0b3b1c2d4e"), ("x-forwarded-proto", "http"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+    .collect();
+    // Prime the caches: the first request plans an exchange; answer it.
+    let headers = Headers::new(pairs.clone());
+    let out = engine.on_request(&Request { headers: &headers, now: NOW });
+    let Verdict::Mint(plan) = out.verdict else { panic!("expected a mint plan") };
+    let mut d = out.decision;
+    let body = json!({"access_token": "a.b.c", "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "expires_in": 300}).to_string();
+    engine.finish_mint(&plan, Ok((200, body.as_bytes())), NOW, &mut d);
+    let engine_ns = bench("engine.on_request (all caches hit)", min, || {
+        let headers = Headers::new(black_box(pairs.clone()));
+        let out = engine.on_request(&Request { headers: &headers, now: NOW });
+        assert!(matches!(out.verdict, Verdict::Forward(_)));
+        black_box(out);
+    });
+    let headers = Headers::new(pairs.clone());
+    let out = engine.on_request(&Request { headers: &headers, now: NOW });
+    bench("decision record to JSON", min, || {
+        black_box(DecisionRecord::new(&out.decision, Some("prod"), "abcdef012345", 1, 2).to_json());
+    });
+    engine_ns
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let min = Duration::from_millis(if quick { 200 } else { 1000 });
@@ -114,7 +161,10 @@ fn main() {
     let pol_ns = bench("evaluate (last resource, 200 rules)", min, || {
         black_box(policy.evaluate(black_box(&input)));
     });
+    println!("== engine (warm path: identity, decision and credential caches hit)");
+    let engine_ns = warm_engine(min);
     println!("== ratios (same run)");
+    println!("warm engine request / cache hit  {:>8.1}x", engine_ns / hit_ns);
     println!("ES256 verify / cache hit        {:>8.1}x", es_ns / hit_ns);
     println!("200-rule evaluation / ES256     {:>8.4}x", pol_ns / es_ns);
 }
