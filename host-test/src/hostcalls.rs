@@ -719,12 +719,19 @@ fn proxy_call_foreign_function(
     mut c: C<'_>,
     np: i32,
     nl: i32,
-    _ap: i32,
-    _al: i32,
-    _rp: i32,
-    _rs: i32,
+    ap: i32,
+    al: i32,
+    rp: i32,
+    rs: i32,
 ) -> R {
     let name = String::from_utf8_lossy(&rd!(&mut c, np, nl)).into_owned();
+    if name == "verify_signature" {
+        let args = rd!(&mut c, ap, al);
+        return match crate::foreign::verify_signature(&args) {
+            Some(answer) => give(&mut c, &answer, rp, rs),
+            None => Ok(BAD_ARGUMENT),
+        };
+    }
     c.data_mut().warn(format!(
         "call_foreign_function({name:?}): no foreign functions in this host: NotFound"
     ));

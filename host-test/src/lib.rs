@@ -15,6 +15,7 @@
 pub mod abi;
 mod host;
 mod hostcalls;
+mod foreign;
 mod mem;
 pub mod runner;
 mod vm;

@@ -424,13 +424,21 @@ impl RootContext for Root {
             || config.identity.oidc_issuers.iter().any(|o| o.jwks.cluster.is_some());
         // Tick several times per poll interval so a poll is never a whole tick late.
         let tick_ms = config.minter.as_ref().and_then(|m| m.revocations.as_ref()).map(|r| (r.interval_ms / 4).clamp(50, 1000));
-        let engine = match Engine::new(config, self.seed, host_env) {
+        let mut engine = match Engine::new(config, self.seed, host_env) {
             Ok(engine) => engine,
             Err(e) => {
                 log(LogLevel::Error, &e.to_string());
                 return false;
             }
         };
+        // Signature arithmetic by the proxy's own crypto when it proves itself; else pure Rust.
+        let host_verify = |args: &[u8]| hostcalls::call_foreign_function("verify_signature", Some(args)).ok().flatten();
+        if crate::identity::host_crypto::self_test(&host_verify) {
+            engine.identity.set_host_verify(Some(Rc::new(host_verify)));
+            log(LogLevel::Info, "mandate: ES256/RS* signatures checked by the host's crypto (self-test passed)");
+        } else {
+            log(LogLevel::Info, "mandate: signatures checked in the filter (host crypto unavailable)");
+        }
         let digest: [u8; 32] = Sha256::digest(&raw).into();
         {
             let Ok(mut shared) = self.shared.try_borrow_mut() else {

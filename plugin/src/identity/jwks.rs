@@ -79,6 +79,8 @@ pub struct TrustedKey {
     /// If the JWK pins an algorithm, tokens must use exactly that one.
     pub alg: Option<Alg>,
     pub key: VerifyingKey,
+    /// DER SubjectPublicKeyInfo, precomputed for host-side verification (P-256 and RSA).
+    pub spki: Option<Vec<u8>>,
 }
 
 impl TrustedKey {
@@ -239,7 +241,8 @@ pub fn parse_bundle(raw: &[u8]) -> Result<Bundle, BundleError> {
         hasher.update((kid.len() as u32).to_le_bytes());
         hasher.update(kid.as_bytes());
         hasher.update(key_fingerprint(&jwk).as_bytes());
-        if keys.insert(kid.clone(), TrustedKey { kid: kid.clone(), alg, key }).is_some() {
+        let spki = spki_of(&jwk, &key);
+        if keys.insert(kid.clone(), TrustedKey { kid: kid.clone(), alg, key, spki }).is_some() {
             return Err(BundleError::DuplicateKid(kid));
         }
     }
@@ -250,6 +253,17 @@ pub fn parse_bundle(raw: &[u8]) -> Result<Bundle, BundleError> {
         digest: hasher.finalize().into(),
         skipped,
     })
+}
+
+fn spki_of(jwk: &RawJwk, key: &VerifyingKey) -> Option<Vec<u8>> {
+    use super::host_crypto::{spki_p256, spki_rsa};
+    let d = |v: &Option<String>| v.as_deref().and_then(|s| URL_SAFE_NO_PAD.decode(s).ok());
+    match key {
+        VerifyingKey::P256(_) => Some(spki_p256(&d(&jwk.x)?, &d(&jwk.y)?)),
+        VerifyingKey::Rsa(_) => Some(spki_rsa(&d(&jwk.n)?, &d(&jwk.e)?)),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
 }
 
 fn key_fingerprint(jwk: &RawJwk) -> String {

@@ -703,3 +703,46 @@ fn config_refuses_bad_template() {
     let e = config::parse(br#"{"identity":{"oidc_issuers":[{"issuer":"i","audiences":["a"],"jwks":{"cluster":"c"},"spiffe_template":"spiffe://X/{sub}"}]}}"#).unwrap_err();
     assert_eq!(e.field, "identity.oidc_issuers[0].spiffe_template");
 }
+
+// ---------- host crypto (Envoy's verify_signature) gives the same verdicts ----------
+
+#[test]
+fn host_crypto_path_agrees_with_pure_rust() {
+    use super::host_crypto::tests::fake_envoy;
+    let es = TestKey::es256("es");
+    let rsa = TestKey::rsa("rsa", 0);
+    let cfg = identity_config(json!({"audiences": [AUD], "cache_size": 0,
+        "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&es, &rsa], None)}}]}));
+    let calls = Rc::new(std::cell::Cell::new(0));
+    let mut host = Verifier::new(&cfg).unwrap();
+    let counted = calls.clone();
+    host.set_host_verify(Some(Rc::new(move |req: &[u8]| {
+        counted.set(counted.get() + 1);
+        fake_envoy(req)
+    })));
+    let mut pure = Verifier::new(&cfg).unwrap();
+    let claims = good_claims();
+    let forged_es = TestKey::es256("es").sign(&claims);
+    let good_es = es.sign(&claims);
+    let truncated = good_es[..good_es.len() - 4].to_string();
+    let tokens = vec![
+        good_es.clone(),
+        forged_es,
+        truncated,
+        rsa.sign_with_header("RS256", &header("RS256", "rsa"), &claims),
+        rsa.sign_with_header("RS512", &header("RS512", "rsa"), &claims),
+        rsa.sign_with_header("PS256", &header("PS256", "rsa"), &claims),
+        TestKey::rsa("rsa", 1).sign_with_header("RS256", &header("RS256", "rsa"), &claims),
+    ];
+    for t in &tokens {
+        let a = host.verify(t.as_bytes(), NOW).map(|i| i.principal.clone());
+        let b = pure.verify(t.as_bytes(), NOW).map(|i| i.principal.clone());
+        assert_eq!(a, b, "host and pure-Rust verdicts differ");
+    }
+    assert!(calls.get() >= 5, "ES256 and RS* went to the host ({} calls)", calls.get());
+}
+
+#[test]
+fn host_crypto_that_says_yes_to_everything_is_caught_by_the_self_test() {
+    assert!(!super::host_crypto::self_test(&|_| Some(vec![0x08, 0x01])));
+}
