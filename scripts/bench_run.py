@@ -42,6 +42,8 @@ LABELS = {
     "e": "mandate warm",
     "f": "mandate cold (fresh token)",
     "g": "mandate, minter in loop",
+    # (e) with decision records delivered only as access-log filter state (records.log: false).
+    "r": "mandate warm, records to access log only",
     # Diagnostic (not in the default set): (e) with Envoy at --log-level warning, so Envoy drops
     # the decision-record log line (the filter still builds the record and makes the call).
     "x": "mandate warm, Envoy log off",
@@ -275,7 +277,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--configs", default="abcdefg")
+    ap.add_argument("--configs", default="abcdefgr")
     ap.add_argument("--pin", action="store_true", help="Envoy on CPU 0, wrk on CPU 1")
     ap.add_argument("--minter-requests", type=int, default=30000)
     ap.add_argument("--plugin-wasm", type=Path, default=ROOT / "target/wasm32-wasip1/release/mandate_plugin.wasm")
@@ -297,7 +299,7 @@ def main():
     envoy_cpu = 0 if a.pin else None
     wrk_cpu = 1 if a.pin else None
     configs = [k for k in a.configs if k in LABELS]
-    needs_minter = any(k in "efgxEF" for k in configs)
+    needs_minter = any(k in "efgxrEF" for k in configs)
     if ("E" in configs or "F" in configs) and not a.alt_wasm:
         raise RuntimeError("configurations (E) and (F) need --alt-wasm")
     if "h" in configs and not a.probe_wasm:
@@ -318,6 +320,9 @@ def main():
             "JWT_CACHE": "jwt_cache_config: { jwt_cache_size: 100 }" if cache else ""})
 
     warm_cfg = (a.fixture / "plugin-warm.json").read_text()
+    records_cfg = json.loads(warm_cfg)
+    records_cfg["records"] = {"log": False}
+    records_cfg = json.dumps(records_cfg)
     mint_cold_cfg = (a.fixture / "plugin-mint-cold.json").read_text()
     setups = {
         "a": ("", ""),
@@ -328,6 +333,7 @@ def main():
         "f": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "g": (wasm_filter("mandate", a.plugin_wasm, mint_cold_cfg), minter_cluster),
         "x": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
+        "r": (wasm_filter("mandate", a.plugin_wasm, records_cfg), minter_cluster),
         "m": (wasm_filter("calls", a.calls_wasm, ""), "") if "m" in configs else None,
         "E": (wasm_filter("mandate", a.alt_wasm, warm_cfg), minter_cluster),
         "F": (wasm_filter("mandate", a.alt_wasm, warm_cfg), minter_cluster),
@@ -484,6 +490,7 @@ def main():
         "wasm_bytes": wasm_bytes,
         "minter_exchanges_per_s": mload.get("exchanges_per_s") if mload else None,
         "minter_p99_ms": mload.get("p99_ms") if mload else None,
+        "warm_records_to_access_log_vs_noop_wasm": ratio("r", "b"),
     }
     p("targets:")
     p(target_line("warm / no-op wasm  (e)/(b)", summary["warm_vs_noop_wasm"], TARGETS["warm_vs_noop_wasm"], ">="))

@@ -41,6 +41,26 @@ pub struct Config {
     /// Just-in-time credentials: without a minter, allowed requests go upstream with no credential.
     #[serde(default)]
     pub minter: Option<crate::mint::MinterConfig>,
+    #[serde(default)]
+    pub records: RecordsConfig,
+}
+
+/// Where decision records go. At least one delivery must stay on: every decision is recorded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    /// One `mandate.decision {json}` line per request through the proxy's log.
+    #[serde(default = "default_true")]
+    pub log: bool,
+    /// The record as filter state `wasm.mandate.decision`, for Envoy access logs.
+    #[serde(default = "default_true")]
+    pub filter_state: bool,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        RecordsConfig { log: true, filter_state: true }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,6 +292,9 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         validate_source(&format!("{field}.jwks"), &o.jwks)?;
     }
     check_header_name("upstream.decision_id_header", &c.upstream.decision_id_header)?;
+    if !c.records.log && !c.records.filter_state {
+        return Err(ConfigError::new("records", "at least one of `log` and `filter_state` must be true"));
+    }
     if let Some(m) = &c.minter {
         if m.cluster.is_empty() {
             return Err(ConfigError::new("minter.cluster", "must not be empty"));

@@ -166,6 +166,10 @@ impl Shared {
     /// Records a decision: metrics, the log line, and (for the current stream) filter state.
     fn record(&mut self, d: &Decision, started_ns: u64, set_filter_state: bool) {
         let now = now_nanos().unwrap_or(started_ns);
+        let (to_log, to_state) = self
+            .engine
+            .as_ref()
+            .map_or((true, true), |e| (e.config().records.log, e.config().records.filter_state));
         let env = self.engine.as_ref().and_then(Engine::environment);
         let rec = DecisionRecord::new(d, env, &self.policy_hash, now / 1_000_000, now.saturating_sub(started_ns) / 1000);
         let json = rec.to_json();
@@ -182,8 +186,11 @@ impl Shared {
         if d.degraded.is_some() {
             self.metrics.inc("mandate.degraded.legacy_static_secret");
         }
-        log(LogLevel::Info, &format!("{LOG_PREFIX}{json}"));
-        if set_filter_state {
+        // A stream without filter state (its client left) still gets its log line.
+        if to_log || !set_filter_state {
+            log(LogLevel::Info, &format!("{LOG_PREFIX}{json}"));
+        }
+        if set_filter_state && to_state {
             let _ = hostcalls::set_property(vec![FILTER_STATE_KEY], Some(json.as_bytes()));
         }
     }

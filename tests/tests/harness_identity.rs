@@ -396,3 +396,28 @@ fn host_times_out_calls_like_envoy() {
     no_fetch(&vm);
     assert!(vm.logged("HTTP status 504"), "{:?}", vm.logs());
 }
+
+/// Records can go only to the access log (filter state), without the per-request log line;
+/// the decision is still recorded, and a configuration switching both off is refused.
+#[test]
+fn records_delivery_can_skip_the_log_line_but_never_both() {
+    let key = TestKey::es256("k1");
+    let mut config = inline_config(&key, None);
+    config["records"] = json!({"log": false});
+    let Some((host, mut vm)) = start("records_delivery_can_skip_the_log_line_but_never_both", &config) else { return };
+    allowed(&host, &mut vm, &token(&key, T0, T0 + 300));
+    assert_eq!(count_logs(&vm, "mandate.decision "), 0, "no log line");
+    assert_eq!(counter(&host, "mandate.decisions.allow"), 1, "still counted");
+    let s = vm.new_stream().unwrap();
+    let auth = format!("Bearer {}", token(&key, T0, T0 + 300));
+    vm.request_headers(s, [(":method", "GET"), (":path", "/"), (":authority", "svc"), ("authorization", auth.as_str())], true)
+        .unwrap();
+    let state = vm.stream_property(s, &["mandate.decision"]).expect("filter state set");
+    let rec: Value = serde_json::from_slice(&state).unwrap();
+    assert_eq!(rec["effect"], "allow");
+
+    let mut off = inline_config(&key, None);
+    off["records"] = json!({"log": false, "filter_state": false});
+    let rejected = host.new_vm(b"", off.to_string().as_bytes());
+    assert!(rejected.is_err(), "both deliveries off must be refused");
+}
