@@ -5,7 +5,7 @@
 //!
 //!     cargo bench -p mandate-plugin --bench core
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use mandate_plugin::config;
 use mandate_plugin::identity::Verifier;

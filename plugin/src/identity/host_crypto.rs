@@ -141,7 +141,6 @@ pub(crate) mod tests {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine as _;
     use p256::pkcs8::DecodePublicKey;
-    use rsa::pkcs8::DecodePublicKey as _;
 
     fn b64d(v: &serde_json::Value) -> Vec<u8> {
         URL_SAFE_NO_PAD.decode(v.as_str().unwrap()).unwrap()
