@@ -17,75 +17,15 @@
 use std::path::Path;
 use std::process::Command;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
-use mandate_e2e::{
-    http_get, prerequisites, testkit, unix_now, workspace_root, yaml_quote, Envoy, HttpResponse,
-    MockServer, SvidIssuer, Vars,
-};
+use mandate_e2e::{prerequisites, workspace_root, yaml_quote, Envoy, MockServer, SvidIssuer, Vars};
 use mandate_minter::config::MinterConfig;
-use serde_json::{json, Value};
+use serde_json::json;
 
-const AGENT: &str = "/ns/agents/sa/order-bot";
-const MINTER_ISSUER: &str = "https://minter.test";
-const MINTER_AUDIENCE: &str = "mandate-minter";
-const RESOURCE_AUDIENCE: &str = "https://orders.internal";
-const SCOPE: &str = "orders:read";
-const INTENT: &str = "orders.read";
+mod orders_story;
+use orders_story::*;
+
 /// The client certificate's URI SAN: the proxy's identity at the minter.
 const CLIENT_ID: &str = "spiffe://example.org/proxy/envoy-1";
-
-fn jwt_claims(token: &str) -> Value {
-    let payload = token.split('.').nth(1).expect("a JWT has a payload");
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url payload"))
-        .expect("JSON claims")
-}
-
-fn agent_svid(issuer: &SvidIssuer) -> String {
-    let now = unix_now();
-    let sub = format!("spiffe://{}{AGENT}", issuer.trust_domain);
-    let mut claims = testkit::svid_claims(&sub, &issuer.audience, now.saturating_sub(5), now + 300);
-    claims["aud"] = json!([issuer.audience, MINTER_AUDIENCE]);
-    issuer.key.sign(&claims)
-}
-
-fn minter_config(issuer: &SvidIssuer, state_dir: &Path, pki: &Path) -> Value {
-    json!({
-        "listen": "127.0.0.1:0",
-        "issuer": MINTER_ISSUER,
-        "state_dir": state_dir,
-        "workers": 1,
-        "log_level": "off",
-        "identity": {
-            "audiences": [MINTER_AUDIENCE],
-            "trust_domains": [{"name": issuer.trust_domain, "bundle": {"inline": issuer.bundle()}}]
-        },
-        "audiences": {issuer.trust_domain.as_str(): [RESOURCE_AUDIENCE]},
-        "scopes": {RESOURCE_AUDIENCE: [SCOPE]},
-        "client_auth": {"mode": "mtls", "clients": [{"client_id": CLIENT_ID, "audiences": [RESOURCE_AUDIENCE]}]},
-        "tls": {
-            "cert": pki.join("server.pem"),
-            "key": pki.join("server.key"),
-            "client_ca": pki.join("ca.pem")
-        }
-    })
-}
-
-fn plugin_config(issuer: &SvidIssuer) -> Value {
-    json!({
-        "identity": {
-            "audiences": [issuer.audience],
-            "trust_domains": [{"name": issuer.trust_domain, "bundle": {"inline": issuer.bundle()}}]
-        },
-        "policy": {
-            "resources": [{"name": "orders", "paths": ["/orders/**"], "audience": RESOURCE_AUDIENCE}],
-            "intents": [{"name": INTENT, "operations": [{"resource": "orders", "methods": ["GET"]}],
-                         "scopes": [SCOPE], "ttl_s": 60}],
-            "rules": [{"id": "agents-read-orders", "effect": "allow", "intents": [INTENT], "resources": ["orders"]}]
-        },
-        "minter": {"cluster": "minter", "timeout_ms": 2000}
-    })
-}
 
 /// Cluster `minter` over TLS to `127.0.0.1:port`, verifying the minter against `ca.pem` for
 /// the SAN `localhost`; with `client_cert`, it presents `client.pem` (mutual TLS).
@@ -127,26 +67,6 @@ fn minter_tls_cluster_yaml(port: u16, pki: &Path, client_cert: bool) -> String {
     )
 }
 
-fn get_order(envoy: &Envoy, svid: &str, task: &str) -> HttpResponse {
-    let bearer = format!("Bearer {svid}");
-    http_get(
-        &envoy.url("/orders/42"),
-        &[
-            ("authorization", &bearer),
-            ("x-agent-intent", INTENT),
-            ("x-agent-task", task),
-        ],
-    )
-    .expect("request through the mandate listener")
-}
-
-fn reason(resp: &HttpResponse) -> String {
-    resp.json()
-        .ok()
-        .and_then(|v| v["reason"].as_str().map(String::from))
-        .unwrap_or_default()
-}
-
 #[test]
 fn minter_over_mutual_tls_mints_for_the_certified_proxy_and_refuses_without_a_client_cert() {
     if !prerequisites(
@@ -170,7 +90,10 @@ fn minter_over_mutual_tls_mints_for_the_certified_proxy_and_refuses_without_a_cl
 
     let issuer = SvidIssuer::new();
     let minter = mandate_minter::spawn(
-        MinterConfig::from_json(minter_config(&issuer, &dir.path().join("state"), &pki))
+        MinterConfig::from_json(minter_config(&issuer, &dir.path().join("state"), json!({
+            "client_auth": {"mode": "mtls", "clients": [{"client_id": CLIENT_ID, "audiences": [RESOURCE_AUDIENCE]}]},
+            "tls": {"cert": pki.join("server.pem"), "key": pki.join("server.key"), "client_ca": pki.join("ca.pem")}
+        })))
             .expect("minter config"),
     )
     .expect("minter starts");
@@ -182,7 +105,7 @@ fn minter_over_mutual_tls_mints_for_the_certified_proxy_and_refuses_without_a_cl
     let envoy = Envoy::start(
         "mandate.yaml",
         Vars::new()
-            .plugin_config_json(&plugin_config(&issuer))
+            .plugin_config_json(&plugin_config(&issuer, json!({"cluster": "minter", "timeout_ms": 2000})))
             .upstream_port(echo.port())
             .cluster_yaml(&minter_tls_cluster_yaml(port, &pki, true)),
     )
@@ -227,7 +150,7 @@ fn minter_over_mutual_tls_mints_for_the_certified_proxy_and_refuses_without_a_cl
     let envoy = Envoy::start(
         "mandate.yaml",
         Vars::new()
-            .plugin_config_json(&plugin_config(&issuer))
+            .plugin_config_json(&plugin_config(&issuer, json!({"cluster": "minter", "timeout_ms": 2000})))
             .upstream_port(echo.port())
             .cluster_yaml(&minter_tls_cluster_yaml(port, &pki, false)),
     )

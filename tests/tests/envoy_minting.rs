@@ -21,23 +21,15 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use mandate_e2e::{
-    http, http_get, prerequisites, testkit, unix_now, yaml_quote, Envoy, HttpResponse, MockServer,
+    http, http_get, prerequisites, testkit, unix_now, yaml_quote, Envoy, MockServer,
     SvidIssuer, Vars,
 };
 use mandate_minter::config::MinterConfig;
 use serde_json::{json, Value};
 
-const AGENT: &str = "/ns/agents/sa/order-bot";
-const MINTER_ISSUER: &str = "https://minter.test";
-/// What subject tokens must name for the minter (its `identity.audiences`).
-const MINTER_AUDIENCE: &str = "mandate-minter";
-/// The destination: the resource's `audience` in the policy, the `aud` of minted tokens and
-/// what jwt_authn requires.
-const RESOURCE_AUDIENCE: &str = "https://orders.internal";
-const SCOPE: &str = "orders:read";
-const INTENT: &str = "orders.read";
-/// The intent's `ttl_s`: the plugin asks for it (`requested_ttl`), the minter grants it.
-const TTL_S: u64 = 60;
+mod orders_story;
+use orders_story::*;
+
 const POLL_MS: u64 = 500;
 
 /// A free loopback port, for the `rs` listener: the plugin's `upstream` cluster must name it
@@ -45,61 +37,6 @@ const POLL_MS: u64 = 500;
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
-}
-
-/// The claims of a JWT (no verification).
-fn jwt_claims(token: &str) -> Value {
-    let payload = token.split('.').nth(1).expect("a JWT has a payload");
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url payload"))
-        .expect("JSON claims")
-}
-
-/// A JWT-SVID whose `aud` names both the plugin's audience and the minter's: the plugin
-/// verifies it, then hands the same token to the minter as `subject_token`.
-fn agent_svid(issuer: &SvidIssuer) -> String {
-    let now = unix_now();
-    let sub = format!("spiffe://{}{AGENT}", issuer.trust_domain);
-    let mut claims = testkit::svid_claims(&sub, &issuer.audience, now.saturating_sub(5), now + 300);
-    claims["aud"] = json!([issuer.audience, MINTER_AUDIENCE]);
-    issuer.key.sign(&claims)
-}
-
-fn minter_config(issuer: &SvidIssuer, state_dir: &std::path::Path) -> Value {
-    json!({
-        "listen": "127.0.0.1:0",
-        "issuer": MINTER_ISSUER,
-        "state_dir": state_dir,
-        "workers": 1,
-        "log_level": "off",
-        "identity": {
-            "audiences": [MINTER_AUDIENCE],
-            "trust_domains": [{"name": issuer.trust_domain, "bundle": {"inline": issuer.bundle()}}]
-        },
-        "audiences": {issuer.trust_domain.as_str(): [RESOURCE_AUDIENCE]},
-        "scopes": {RESOURCE_AUDIENCE: [SCOPE]},
-        "require_task": true,
-        "ttl": {"default_s": 120, "max_s": 300}
-    })
-}
-
-fn plugin_config(issuer: &SvidIssuer) -> Value {
-    json!({
-        "identity": {
-            "audiences": [issuer.audience],
-            "trust_domains": [{"name": issuer.trust_domain, "bundle": {"inline": issuer.bundle()}}]
-        },
-        "policy": {
-            "resources": [{"name": "orders", "paths": ["/orders/**"], "audience": RESOURCE_AUDIENCE}],
-            "intents": [{"name": INTENT, "operations": [{"resource": "orders", "methods": ["GET"]}],
-                         "scopes": [SCOPE], "ttl_s": TTL_S}],
-            "rules": [{"id": "agents-read-orders", "effect": "allow", "intents": [INTENT], "resources": ["orders"]}]
-        },
-        "minter": {
-            "cluster": "minter",
-            "timeout_ms": 1000,
-            "revocations": {"interval_ms": POLL_MS}
-        }
-    })
 }
 
 /// Listener `rs`: stock jwt_authn (the minter as provider) in front of cluster `echo`.
@@ -152,21 +89,8 @@ fn resource_listener_yaml(port: u16, jwks: &str) -> String {
     )
 }
 
-fn get_order(envoy: &Envoy, svid: &str, task: &str) -> HttpResponse {
-    let bearer = format!("Bearer {svid}");
-    http_get(
-        &envoy.url("/orders/42"),
-        &[("authorization", &bearer), ("x-agent-intent", INTENT), ("x-agent-task", task)],
-    )
-    .expect("request through the mandate listener")
-}
-
 fn counter(envoy: &Envoy, name: &str) -> i64 {
     envoy.stat(name).expect("admin /stats").unwrap_or(0)
-}
-
-fn reason(resp: &HttpResponse) -> String {
-    resp.json().ok().and_then(|v| v["reason"].as_str().map(String::from)).unwrap_or_default()
 }
 
 /// Calls `f` every 50 ms until it returns `Some` or `timeout` passes; also returns the time taken.
@@ -192,7 +116,7 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
     let issuer = SvidIssuer::new();
     let state = tempfile::tempdir().expect("minter state dir");
     let minter = mandate_minter::spawn(
-        MinterConfig::from_json(minter_config(&issuer, &state.path().join("state"))).expect("minter config"),
+        MinterConfig::from_json(minter_config(&issuer, &state.path().join("state"), json!({"require_task": true, "ttl": {"default_s": 120, "max_s": 300}}))).expect("minter config"),
     )
     .expect("minter starts");
     let minter_url = minter.base_url();
@@ -205,7 +129,7 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
     let envoy = Envoy::start(
         "mandate.yaml",
         Vars::new()
-            .plugin_config_json(&plugin_config(&issuer))
+            .plugin_config_json(&plugin_config(&issuer, json!({"cluster": "minter", "timeout_ms": 1000, "revocations": {"interval_ms": POLL_MS}})))
             // The plugin's route goes to listener `rs`; `rs` routes to the echo.
             .upstream_port(rs_port)
             .cluster("minter", minter.addr.port())
