@@ -222,10 +222,18 @@ fn apply(verdict: &Verdict) -> Action {
     }
 }
 
-/// Denies when the filter itself cannot decide.
+/// Denies when the filter itself cannot decide (host failure). The request still gets its
+/// decision record, in the log: every request that reaches the filter is on the record.
 fn fail_closed(reason: Reason) -> Action {
-    let id = DecisionIds::new(random_seed()).next_id();
-    send_reply(&LocalReply::deny(reason, &id, "x-mandate-decision-id"));
+    let d = Decision {
+        id: DecisionIds::new(random_seed()).next_id(),
+        effect: Some(Effect::Deny),
+        reason: Some(reason),
+        ..Decision::default()
+    };
+    let now_ms = now_nanos().unwrap_or(0) / 1_000_000;
+    log(LogLevel::Info, &format!("{LOG_PREFIX}{}", DecisionRecord::new(&d, None, "", now_ms, 0).to_json()));
+    send_reply(&LocalReply::deny(reason, &d.id, "x-mandate-decision-id"));
     Action::Pause
 }
 
