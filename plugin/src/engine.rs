@@ -6,16 +6,15 @@
 
 use crate::config::{Config, ConfigError};
 use crate::decision::{DecisionIds, Effect, LocalReply};
-use crate::headers::Headers;
-use crate::identity::{token_digest, Identity, Verifier};
+use crate::headers::{Duplicate, Headers};
+use crate::identity::{Identity, Verifier};
 use crate::mint::{self, Credential, CredentialCache, MintError, MintRequest, RevokedSet};
 use crate::record::CredentialInfo;
 use crate::policy::intent::{self, IntentVerifier};
 use crate::policy::path::{normalize, normalize_authority};
-use crate::policy::{Policy, PolicyDecision, PolicyInput, SignedIntent};
+use crate::policy::{Policy, PolicyDecision, PolicyInput};
 use crate::reason::Reason;
 use lru::LruCache;
-use sha2::{Digest, Sha256};
 use std::num::NonZeroUsize;
 use std::rc::Rc;
 
@@ -71,12 +70,12 @@ pub struct Decision {
     pub effect: Option<Effect>,
     pub reason: Option<Reason>,
     pub identity: Option<Rc<Identity>>,
-    pub intent: Option<String>,
-    pub task: Option<String>,
+    pub intent: Option<Rc<str>>,
+    pub task: Option<Rc<str>>,
     pub intent_signed: bool,
-    pub method: Option<String>,
-    pub authority: Option<String>,
-    pub path: Option<String>,
+    pub method: Option<Rc<str>>,
+    pub authority: Option<Rc<str>>,
+    pub path: Option<Rc<str>>,
     pub policy: Option<Rc<PolicyDecision>>,
     pub identity_cache_hit: bool,
     pub decision_cache_hit: bool,
@@ -115,10 +114,58 @@ pub struct EngineStats {
     pub revocation_poll_failures: u64,
 }
 
-struct CachedDecision {
+/// The policy's judgement of one operation by one verified token, with everything derived
+/// from the request that the warm path would otherwise parse again.
+struct Judged {
     policy: Rc<PolicyDecision>,
-    signed: Option<SignedIntent>,
+    method: Rc<str>,
+    authority: Rc<str>,
+    /// Normalised.
+    path: Rc<str>,
+    intent: Option<Rc<str>>,
+    task: Option<Rc<str>>,
+    intent_signed: bool,
+    /// The normalised request target, when it differs from what was sent.
+    rewrite: Option<Vec<u8>>,
+    /// Set when a minter is configured.
+    credential_key: Option<[u8; 16]>,
     expires_at: u64,
+}
+
+/// The request's inputs to the policy exactly as sent (before any parsing), so that a
+/// repeat of the same bytes by the same verified token can reuse the judgement.
+struct Sent<'h> {
+    fields: [Result<Option<&'h [u8]>, Duplicate>; 6],
+}
+
+impl<'h> Sent<'h> {
+    const NAMES: [&'static str; 6] = [":method", ":authority", ":path", intent::INTENT_HEADER, intent::TASK_HEADER, intent::INTENT_TOKEN_HEADER];
+
+    fn read(h: &'h Headers) -> Self {
+        Sent { fields: Sent::NAMES.map(|name| h.single(name)) }
+    }
+
+    /// A repeated header is judged (and refused) on the slow path, never looked up.
+    fn unambiguous(&self) -> bool {
+        self.fields.iter().all(Result::is_ok)
+    }
+
+    /// The decision-cache key: the verified token's serial and every field, length-prefixed.
+    fn key_into(&self, buf: &mut Vec<u8>, serial: u64, standing_secret: bool) {
+        buf.clear();
+        buf.extend_from_slice(&serial.to_le_bytes());
+        buf.push(u8::from(standing_secret));
+        for field in &self.fields {
+            match field {
+                Ok(Some(v)) => {
+                    buf.push(1);
+                    buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                    buf.extend_from_slice(v);
+                }
+                _ => buf.push(0),
+            }
+        }
+    }
 }
 
 pub struct Engine {
@@ -128,7 +175,9 @@ pub struct Engine {
     policy: Option<Policy>,
     intents: IntentVerifier,
     environment: Option<String>,
-    decisions: Option<LruCache<[u8; 16], CachedDecision>>,
+    decisions: Option<LruCache<Box<[u8]>, Rc<Judged>>>,
+    /// Reused for decision-cache keys: no allocation on a hit.
+    key_buf: Vec<u8>,
     credentials: CredentialCache,
     pub revoked: RevokedSet,
     next_poll_at: u64,
@@ -171,6 +220,7 @@ impl Engine {
             intents,
             environment,
             decisions,
+            key_buf: Vec::with_capacity(256),
             stats: EngineStats::default(),
         })
     }
@@ -206,92 +256,48 @@ impl Engine {
         let token = bearer_token(h, &self.config)?;
         d.identity_checked = true;
         let hits_before = self.identity.stats.cache_hits;
-        // One hash of the token serves the identity cache and the decision cache.
-        let token_hash = token_digest(token);
-        let identity = self.identity.verify_digested(token, &token_hash, req.now)?;
+        let identity = self.identity.verify(token, req.now)?;
         d.identity_cache_hit = self.identity.stats.cache_hits > hits_before;
         d.identity = Some(identity.clone());
 
-        // 2. The operation and the declared intent, refused when ambiguous.
-        let method = pseudo(h, ":method").ok_or(Reason::MethodInvalid)?;
-        // Methods are case-sensitive tokens; `delete` must not slip past a `DELETE` rule.
-        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(Reason::MethodInvalid);
-        }
-        let authority = pseudo(h, ":authority").and_then(|a| normalize_authority(a.as_bytes())).ok_or(Reason::AuthorityInvalid)?;
-        let raw_path = h.single(":path").ok().flatten().ok_or(Reason::PathAmbiguous)?;
-        let path = normalize(raw_path).map_err(|_| Reason::PathAmbiguous)?;
-        d.method = Some(method.clone());
-        d.authority = Some(authority.clone());
-        d.path = Some(path.path.clone());
-        let mut intent_name = intent::declared_intent(h)?;
-        let mut task = intent::declared_task(h)?;
-        let intent_token = match h.single(intent::INTENT_TOKEN_HEADER) {
-            Ok(t) => t,
-            Err(_) => return Err(Reason::IntentTokenInvalid),
-        };
+        // 2 and 3. The operation, the declared intent and the policy's judgement of them,
+        // reused when this verified token sent exactly these bytes before.
+        let sent = Sent::read(h);
         let standing_secret = self.standing_secret_presented(h);
-        d.intent = intent_name.clone();
-        d.task = task.clone();
-
-        // 3. Policy, reusing a recent decision for the very same request.
-        let policy = self.policy.as_ref().ok_or(Reason::NoRuleMatched)?;
-        let key = decision_key(&token_hash, &intent_name, intent_token, &task, &method, &authority, &path.path, standing_secret);
-        let cached = self.decisions.as_mut().and_then(|c| c.get(&key)).filter(|c| c.expires_at > req.now);
-        let (decision, signed) = if let Some(hit) = cached {
-            self.stats.decision_cache_hits += 1;
-            d.decision_cache_hit = true;
-            (hit.policy.clone(), hit.signed.clone())
+        let cacheable = self.decisions.is_some() && sent.unambiguous();
+        if cacheable {
+            sent.key_into(&mut self.key_buf, identity.serial, standing_secret);
+        }
+        let cached = if cacheable {
+            let key = self.key_buf.as_slice();
+            self.decisions.as_mut().and_then(|c| c.get(key)).filter(|j| j.expires_at > req.now).cloned()
         } else {
-            self.stats.decision_cache_misses += 1;
-            let signed = match intent_token {
-                Some(t) => {
-                    let s = self.intents.verify(t, &identity.principal, req.now)?;
-                    // A task named in the token binds the request to it.
-                    match (&s.task, &task) {
-                        (Some(st), Some(ht)) if st != ht => return Err(Reason::IntentTokenInvalid),
-                        _ => {}
-                    }
-                    Some(s)
-                }
-                None => None,
-            };
-            if intent_name.is_none() {
-                if let Some([only]) = signed.as_ref().map(|s| s.intents.as_slice()) {
-                    intent_name = Some(only.clone());
-                }
-            }
-            if task.is_none() {
-                task = signed.as_ref().and_then(|s| s.task.clone());
-            }
-            let input = PolicyInput {
-                principal: &identity.principal,
-                iat: identity.iat,
-                exp: identity.exp,
-                intent: intent_name.as_deref(),
-                signed_intent: signed.as_ref(),
-                task: task.as_deref(),
-                method: &method,
-                authority: &authority,
-                path: &path.path,
-                now: req.now,
-                environment: self.environment.as_deref(),
-                standing_secret,
-            };
-            let decision = Rc::new(policy.evaluate(&input));
-            let ttl_end = req.now.saturating_add(policy.cache.ttl_s);
-            let expires_at = [ttl_end, identity.exp, decision.valid_until, signed.as_ref().map_or(u64::MAX, |s| s.exp)]
-                .into_iter()
-                .min()
-                .unwrap_or(req.now);
-            if let Some(c) = self.decisions.as_mut() {
-                c.put(key, CachedDecision { policy: decision.clone(), signed: signed.clone(), expires_at });
-            }
-            (decision, signed)
+            None
         };
-        d.intent = intent_name.or(d.intent.take());
-        d.task = task.or(signed.as_ref().and_then(|s| s.task.clone()));
-        d.intent_signed = signed.is_some();
+        let judged = match cached {
+            Some(hit) => {
+                self.stats.decision_cache_hits += 1;
+                d.decision_cache_hit = true;
+                hit
+            }
+            None => {
+                self.stats.decision_cache_misses += 1;
+                let judged = Rc::new(self.judge(h, &identity, standing_secret, req.now, d)?);
+                if cacheable {
+                    if let Some(c) = self.decisions.as_mut() {
+                        c.put(self.key_buf.as_slice().into(), judged.clone());
+                    }
+                }
+                judged
+            }
+        };
+        let decision = &judged.policy;
+        d.method = Some(judged.method.clone());
+        d.authority = Some(judged.authority.clone());
+        d.path = Some(judged.path.clone());
+        d.intent = judged.intent.clone();
+        d.task = judged.task.clone();
+        d.intent_signed = judged.intent_signed;
         d.policy = Some(decision.clone());
         // Revocations apply to cached decisions too: checked on every request.
         if d.task.as_deref().is_some_and(|t| self.revoked.task_revoked(t)) {
@@ -308,17 +314,12 @@ impl Engine {
 
         // 4. Inject: strip what the caller must not control, set what mandate vouches for.
         let mut edits = self.upstream_edits(h, &d.id, &identity);
-        if self.config.upstream.rewrite_path {
-            let target = path.target();
-            if target.as_bytes() != raw_path {
-                edits.set.push((":path".to_string(), target.into_bytes()));
-            }
+        if let Some(target) = &judged.rewrite {
+            edits.set.push((":path".to_string(), target.clone()));
         }
 
         // 5. Just-in-time credential: only now, after every check passed.
-        let Some(m) = &self.config.minter else { return Ok(Verdict::Forward(edits)) };
-        let audience = decision.audience.as_deref().unwrap_or(&authority);
-        let key = mint::credential_key(&identity.principal, audience, &decision.scopes, d.task.as_deref(), d.intent.as_deref());
+        let (Some(m), Some(key)) = (&self.config.minter, judged.credential_key) else { return Ok(Verdict::Forward(edits)) };
         if let Some(cred) = self.credentials.get(&key, req.now) {
             self.stats.credential_cache_hits += 1;
             d.credential_cache_hit = true;
@@ -327,11 +328,11 @@ impl Engine {
         }
         let request = MintRequest {
             subject_token: token.to_vec(),
-            audience: audience.to_string(),
+            audience: decision.audience.as_deref().unwrap_or(&judged.authority).to_string(),
             scopes: decision.scopes.clone(),
             ttl_s: decision.ttl_s,
-            task: d.task.clone(),
-            intent: d.intent.clone(),
+            task: d.task.as_deref().map(str::to_string),
+            intent: d.intent.as_deref().map(str::to_string),
         };
         self.stats.credential_cache_misses += 1;
         Ok(Verdict::Mint(Box::new(MintPlan {
@@ -343,6 +344,92 @@ impl Engine {
             path: m.path.clone(),
             timeout_ms: m.timeout_ms,
         })))
+    }
+
+    /// Parses and judges the operation and the declared intent: the uncached half of the
+    /// request path. Fills `d` as it goes, so a refusal is recorded with what was known.
+    fn judge(&mut self, h: &Headers, identity: &Identity, standing_secret: bool, now: u64, d: &mut Decision) -> Step<Judged> {
+        let method = pseudo(h, ":method").ok_or(Reason::MethodInvalid)?;
+        // Methods are case-sensitive tokens; `delete` must not slip past a `DELETE` rule.
+        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(Reason::MethodInvalid);
+        }
+        let authority = pseudo(h, ":authority").and_then(|a| normalize_authority(a.as_bytes())).ok_or(Reason::AuthorityInvalid)?;
+        let raw_path = h.single(":path").ok().flatten().ok_or(Reason::PathAmbiguous)?;
+        let path = normalize(raw_path).map_err(|_| Reason::PathAmbiguous)?;
+        let (method, authority, path_str): (Rc<str>, Rc<str>, Rc<str>) = (method.into(), authority.into(), path.path.as_str().into());
+        d.method = Some(method.clone());
+        d.authority = Some(authority.clone());
+        d.path = Some(path_str.clone());
+        let mut intent_name = intent::declared_intent(h)?;
+        let mut task = intent::declared_task(h)?;
+        let intent_token = match h.single(intent::INTENT_TOKEN_HEADER) {
+            Ok(t) => t,
+            Err(_) => return Err(Reason::IntentTokenInvalid),
+        };
+        d.intent = intent_name.as_deref().map(Rc::from);
+        d.task = task.as_deref().map(Rc::from);
+
+        let policy = self.policy.as_ref().ok_or(Reason::NoRuleMatched)?;
+        let signed = match intent_token {
+            Some(t) => {
+                let s = self.intents.verify(t, &identity.principal, now)?;
+                // A task named in the token binds the request to it.
+                match (&s.task, &task) {
+                    (Some(st), Some(ht)) if st != ht => return Err(Reason::IntentTokenInvalid),
+                    _ => {}
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        if intent_name.is_none() {
+            if let Some([only]) = signed.as_ref().map(|s| s.intents.as_slice()) {
+                intent_name = Some(only.clone());
+            }
+        }
+        if task.is_none() {
+            task = signed.as_ref().and_then(|s| s.task.clone());
+        }
+        let input = PolicyInput {
+            principal: &identity.principal,
+            iat: identity.iat,
+            exp: identity.exp,
+            intent: intent_name.as_deref(),
+            signed_intent: signed.as_ref(),
+            task: task.as_deref(),
+            method: &method,
+            authority: &authority,
+            path: &path.path,
+            now,
+            environment: self.environment.as_deref(),
+            standing_secret,
+        };
+        let decision = Rc::new(policy.evaluate(&input));
+        let ttl_end = now.saturating_add(policy.cache.ttl_s);
+        let expires_at = [ttl_end, identity.exp, decision.valid_until, signed.as_ref().map_or(u64::MAX, |s| s.exp)]
+            .into_iter()
+            .min()
+            .unwrap_or(now);
+        let rewrite = self.config.upstream.rewrite_path.then(|| path.target().into_bytes()).filter(|t| t.as_slice() != raw_path);
+        let intent = intent_name.as_deref().map(Rc::from).or(d.intent.take());
+        let task: Option<Rc<str>> = task.as_deref().map(Rc::from);
+        let credential_key = self.config.minter.as_ref().map(|_| {
+            let audience = decision.audience.as_deref().unwrap_or(&authority);
+            mint::credential_key(&identity.principal, audience, &decision.scopes, task.as_deref(), intent.as_deref())
+        });
+        Ok(Judged {
+            policy: decision,
+            method,
+            authority,
+            path: path_str,
+            intent,
+            task,
+            intent_signed: signed.is_some(),
+            rewrite,
+            credential_key,
+            expires_at,
+        })
     }
 
     /// Finishes a request paused on a credential exchange. Any failure denies (503): the
@@ -495,31 +582,6 @@ fn inject(edits: &mut HeaderEdits, cred: &Credential, d: &mut Decision) {
 
 fn pseudo(h: &Headers, name: &str) -> Option<String> {
     h.single(name).ok().flatten().and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn decision_key(
-    token_hash: &[u8; 16],
-    intent: &Option<String>,
-    intent_token: Option<&[u8]>,
-    task: &Option<String>,
-    method: &str,
-    authority: &str,
-    path: &str,
-    standing_secret: bool,
-) -> [u8; 16] {
-    let mut h = Sha256::new();
-    h.update(token_hash);
-    for part in [intent.as_deref().unwrap_or(""), task.as_deref().unwrap_or(""), method, authority, path] {
-        h.update((part.len() as u32).to_le_bytes());
-        h.update(part.as_bytes());
-    }
-    h.update(intent_token.map_or([0u8; 16], token_digest));
-    h.update([u8::from(intent_token.is_some()), u8::from(standing_secret)]);
-    let full: [u8; 32] = h.finalize().into();
-    let mut out = [0u8; 16];
-    out.copy_from_slice(full.get(..16).unwrap_or(&[0u8; 16]));
-    out
 }
 
 /// Extracts the caller's token from the configured header and scheme.
@@ -786,6 +848,72 @@ mod tests {
         assert_eq!(out.decision.reason(), Reason::IntentMismatch);
         let out = run(&mut e, &get(&[("x-api-key", "k")], &b));
         assert_eq!(out.decision.reason(), Reason::StandingSecretPresented);
+    }
+
+    #[test]
+    fn repeated_intent_header_after_a_cached_allow_is_still_refused() {
+        let k = TestKey::es256("k");
+        let mut e = engine(&k);
+        let b = bearer(&k);
+        assert_eq!(run(&mut e, &get(&[], &b)).decision.effect(), Effect::Allow);
+        let mut h = get(&[], &b);
+        h.push(("x-agent-intent", "ticket.read"));
+        let out = run(&mut e, &h);
+        assert!(!out.decision.decision_cache_hit, "an ambiguous request never takes the cache path");
+        assert_eq!(out.decision.reason(), Reason::IntentMalformed);
+        h.pop();
+        h.push((":path", "/tickets/1"));
+        assert_eq!(run(&mut e, &h).decision.reason(), Reason::PathAmbiguous);
+    }
+
+    #[test]
+    fn cached_decision_serves_only_the_token_it_was_made_for() {
+        let k = TestKey::es256("k");
+        let mut e = engine(&k);
+        let first = bearer(&k);
+        let second = format!("Bearer {}", k.sign(&svid_claims(SUB, AUD, NOW, NOW + 301)));
+        assert_eq!(run(&mut e, &get(&[], &first)).decision.effect(), Effect::Allow);
+        assert!(run(&mut e, &get(&[], &first)).decision.decision_cache_hit);
+        let out = run(&mut e, &get(&[], &second));
+        assert!(!out.decision.decision_cache_hit, "same subject, another token: judged afresh");
+        assert!(!out.decision.identity_cache_hit);
+        assert_eq!(out.decision.effect(), Effect::Allow);
+    }
+
+    #[test]
+    fn field_boundary_shift_cannot_alias_a_cached_decision() {
+        // intent "ticket.rea" + task "dT-1" must not share a key with intent "ticket.read" + task "T-1".
+        let k = TestKey::es256("k");
+        let mut e = engine(&k);
+        let b = bearer(&k);
+        let out = run(&mut e, &get(&[("x-agent-task", "T-1")], &b));
+        assert_eq!(out.decision.effect(), Effect::Allow);
+        let out = run(&mut e, &get(&[("x-agent-intent", "ticket.rea"), ("x-agent-task", "dT-1")], &b));
+        assert!(!out.decision.decision_cache_hit);
+        assert_ne!(out.decision.effect(), Effect::Allow);
+        let h = Headers::new(get(&[("x-agent-intent", "ab"), ("x-agent-task", "c")], &b));
+        let h2 = Headers::new(get(&[("x-agent-intent", "a"), ("x-agent-task", "bc")], &b));
+        let (mut k1, mut k2) = (Vec::new(), Vec::new());
+        Sent::read(&h).key_into(&mut k1, 7, false);
+        Sent::read(&h2).key_into(&mut k2, 7, false);
+        assert_ne!(k1, k2);
+        Sent::read(&h).key_into(&mut k2, 8, false);
+        assert_ne!(k1, k2, "another verified token, another key");
+        Sent::read(&h).key_into(&mut k2, 7, true);
+        assert_ne!(k1, k2, "a standing secret changes the key");
+    }
+
+    #[test]
+    fn cached_traversal_still_forwards_the_normalised_path() {
+        let k = TestKey::es256("k");
+        let mut e = engine(&k);
+        let b = bearer(&k);
+        for round in 0..2 {
+            let out = run(&mut e, &get(&[(":path", "/tickets/x/../1?x=1")], &b));
+            assert_eq!(out.decision.decision_cache_hit, round == 1);
+            assert_eq!(out.decision.path.as_deref(), Some("/tickets/1"));
+            assert!(edits(out).set.contains(&(":path".to_string(), b"/tickets/1?x=1".to_vec())));
+        }
     }
 
     #[test]

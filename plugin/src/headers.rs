@@ -3,41 +3,88 @@
 //! Values are raw bytes: non-UTF-8 header values exist in the wild and must
 //! never crash or confuse the filter.
 
-/// The request headers as the host handed them (names lowercase in Envoy).
+/// The request headers as the host handed them (names lowercase in Envoy): the host's
+/// serialized map, kept as one buffer and indexed in place, so reading them costs one
+/// allocation rather than two per pair.
 #[derive(Debug, Clone, Default)]
 pub struct Headers {
-    pairs: Vec<(String, Vec<u8>)>,
+    buf: Vec<u8>,
+    /// Per pair: name start, name end, value start, value end (offsets into `buf`).
+    index: Vec<[u32; 4]>,
 }
 
 /// Prefix of every header mandate sets upstream; incoming copies are spoofing.
 pub const RESERVED_PREFIX: &str = "x-mandate-";
 
+/// The host's header map is not in the proxy-wasm layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedMap;
+
 impl Headers {
-    pub fn new(pairs: Vec<(String, Vec<u8>)>) -> Self {
-        Headers { pairs }
+    pub fn new<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: Vec<(K, V)>) -> Self {
+        Headers::from_map(serialize_pairs(&pairs)).unwrap_or_default()
     }
 
-    pub fn pairs(&self) -> &[(String, Vec<u8>)] {
-        &self.pairs
+    /// Indexes a map in the proxy-wasm layout (u32 count; u32 name and value sizes per
+    /// pair; then each name and value followed by a NUL). Every size is checked against
+    /// the buffer: a short or inconsistent map is refused, never read past.
+    pub fn from_map(buf: Vec<u8>) -> Result<Self, MalformedMap> {
+        let word = |at: usize| -> Result<usize, MalformedMap> {
+            let bytes = buf.get(at..at.checked_add(4).ok_or(MalformedMap)?).ok_or(MalformedMap)?;
+            let mut w = [0u8; 4];
+            w.copy_from_slice(bytes);
+            Ok(u32::from_le_bytes(w) as usize)
+        };
+        if buf.is_empty() {
+            return Ok(Headers::default());
+        }
+        let count = word(0)?;
+        // Each pair needs 8 bytes of sizes and 2 NULs: a count the buffer cannot hold is a lie.
+        if count > buf.len() / 10 {
+            return Err(MalformedMap);
+        }
+        let mut index = Vec::with_capacity(count);
+        let mut data = 4 + count * 8;
+        for i in 0..count {
+            let name_len = word(4 + i * 8)?;
+            let value_len = word(8 + i * 8)?;
+            let name_end = data.checked_add(name_len).ok_or(MalformedMap)?;
+            let value_start = name_end.checked_add(1).ok_or(MalformedMap)?;
+            let value_end = value_start.checked_add(value_len).ok_or(MalformedMap)?;
+            if buf.get(name_end) != Some(&0) || buf.get(value_end) != Some(&0) {
+                return Err(MalformedMap);
+            }
+            let offsets = [data, name_end, value_start, value_end].map(|o| u32::try_from(o).map_err(|_| MalformedMap));
+            let [a, b, c, d] = offsets;
+            index.push([a?, b?, c?, d?]);
+            data = value_end + 1;
+        }
+        Ok(Headers { buf, index })
+    }
+
+    fn slice(&self, start: u32, end: u32) -> &[u8] {
+        self.buf.get(start as usize..end as usize).unwrap_or_default()
+    }
+
+    /// Every (name, value) pair, in the host's order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.index.iter().map(|[a, b, c, d]| (self.slice(*a, *b), self.slice(*c, *d)))
     }
 
     /// All values of a header (case-insensitive name match).
     pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.pairs
-            .iter()
-            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        self.pairs().filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
     }
 
     /// The single value of a header; `Err(Duplicate)` when it appears more than once.
     pub fn single(&self, name: &str) -> Result<Option<&[u8]>, Duplicate> {
         let mut found: Option<&[u8]> = None;
-        for (k, v) in &self.pairs {
-            if k.eq_ignore_ascii_case(name) {
+        for (k, v) in self.pairs() {
+            if k.eq_ignore_ascii_case(name.as_bytes()) {
                 if found.is_some() {
                     return Err(Duplicate);
                 }
-                found = Some(v.as_slice());
+                found = Some(v);
             }
         }
         Ok(found)
@@ -49,15 +96,11 @@ impl Headers {
 
     /// Names of incoming headers in mandate's reserved namespace.
     pub fn reserved_names(&self) -> Vec<String> {
+        let prefix = RESERVED_PREFIX.as_bytes();
         let mut names: Vec<String> = self
-            .pairs
-            .iter()
-            .filter(|(k, _)| {
-                k.len() >= RESERVED_PREFIX.len()
-                    && k.get(..RESERVED_PREFIX.len())
-                        .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
-            })
-            .map(|(k, _)| k.to_ascii_lowercase())
+            .pairs()
+            .filter(|(k, _)| k.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix)))
+            .map(|(k, _)| String::from_utf8_lossy(k).to_ascii_lowercase())
             .collect();
         names.sort();
         names.dedup();
@@ -89,6 +132,46 @@ mod tests {
     fn reserved_names_catch_spoofing_in_any_case() {
         let hs = h(&[("X-Mandate-Identity", b"spiffe://evil"), ("x-mandate-decision-id", b"1"), ("x-other", b"")]);
         assert_eq!(hs.reserved_names(), vec!["x-mandate-decision-id", "x-mandate-identity"]);
+    }
+
+    #[test]
+    fn map_round_trips_in_host_order() {
+        let pairs = vec![(":path", &b"/a"[..]), ("x", &b""[..]), ("", &b"v"[..])];
+        let hs = Headers::from_map(serialize_pairs(&pairs)).unwrap();
+        let back: Vec<(&[u8], &[u8])> = hs.pairs().collect();
+        assert_eq!(back, vec![(&b":path"[..], &b"/a"[..]), (&b"x"[..], &b""[..]), (&b""[..], &b"v"[..])]);
+        assert_eq!(Headers::from_map(Vec::new()).unwrap().pairs().count(), 0);
+    }
+
+    #[test]
+    fn truncated_map_from_a_confused_host_is_refused() {
+        let full = serialize_pairs(&[("authorization", "Bearer abc")]);
+        for cut in 1..full.len() {
+            let short = full.get(..cut).unwrap().to_vec();
+            assert_eq!(Headers::from_map(short).map(|_| ()), Err(MalformedMap), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn value_length_reaching_past_the_buffer_is_refused() {
+        let mut buf = serialize_pairs(&[("a", "b")]);
+        buf[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Headers::from_map(buf).map(|_| ()), Err(MalformedMap));
+    }
+
+    #[test]
+    fn huge_pair_count_does_not_allocate_or_read_past() {
+        let mut buf = serialize_pairs(&[("a", "b")]);
+        buf[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Headers::from_map(buf).map(|_| ()), Err(MalformedMap));
+    }
+
+    #[test]
+    fn missing_nul_terminator_shifts_nothing() {
+        let mut buf = serialize_pairs(&[("ab", "cd"), ("x", "y")]);
+        let nul = 4 + 16 + 2; // after the first name
+        buf[nul] = b'=';
+        assert_eq!(Headers::from_map(buf).map(|_| ()), Err(MalformedMap));
     }
 
     #[test]

@@ -108,7 +108,18 @@ impl<'a> DecisionRecord<'a> {
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"error\":\"record serialisation failed\"}"))
+        let mut out = Vec::with_capacity(1024);
+        self.write_json(&mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Appends the record's JSON to `out` (a buffer the caller reuses across requests).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        if serde_json::to_writer(&mut *out, self).is_err() {
+            out.truncate(start);
+            out.extend_from_slice(b"{\"error\":\"record serialisation failed\"}");
+        }
     }
 }
 

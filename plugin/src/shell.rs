@@ -54,6 +54,9 @@ fn random_seed() -> u64 {
 
 #[link(wasm_import_module = "env")]
 extern "C" {
+    fn proxy_log(level: LogLevel, message_data: *const u8, message_size: usize) -> Status;
+    fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> Status;
+    fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
     fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
@@ -135,6 +138,37 @@ impl Metrics {
     }
 }
 
+/// The request headers in one host call, indexed in place (see [`Headers::from_map`]).
+fn request_headers() -> Option<Headers> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host fills both out-pointers; it allocated `data` through this module's
+    // `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `size`), so we own it from here.
+    let status = unsafe { proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) };
+    if status != Status::Ok {
+        return None;
+    }
+    if data.is_null() || size == 0 {
+        return Some(Headers::default());
+    }
+    // SAFETY: see above.
+    let buf = unsafe { Vec::from_raw_parts(data, size, size) };
+    Headers::from_map(buf).ok()
+}
+
+/// Writes the decision-record line to the proxy's log (bytes: no UTF-8 re-check, no copy).
+fn log_record_line(line: &[u8]) {
+    // SAFETY: the pointer references a live buffer for the duration of the call.
+    let _ = unsafe { proxy_log(LogLevel::Info, line.as_ptr(), line.len()) };
+}
+
+/// Sets the record as filter state (Envoy: `wasm.mandate.decision`, for access logs).
+fn set_record_state(json: &[u8]) {
+    let path = FILTER_STATE_KEY.as_bytes();
+    // SAFETY: both pointers reference live buffers for the duration of the call.
+    let _ = unsafe { proxy_set_property(path.as_ptr(), path.len(), json.as_ptr(), json.len()) };
+}
+
 // ------------------------------------------------------------------ shared state
 
 /// A request paused on a credential exchange.
@@ -158,6 +192,8 @@ struct Shared {
     policy_hash: String,
     flights: HashMap<[u8; 16], Flight>,
     pending: HashMap<u32, Pending>,
+    /// The record line, reused: `LOG_PREFIX` then the JSON.
+    line: Vec<u8>,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
@@ -172,7 +208,9 @@ impl Shared {
             .map_or((true, true), |e| (e.config().records.log, e.config().records.filter_state));
         let env = self.engine.as_ref().and_then(Engine::environment);
         let rec = DecisionRecord::new(d, env, &self.policy_hash, now / 1_000_000, now.saturating_sub(started_ns) / 1000);
-        let json = rec.to_json();
+        self.line.clear();
+        self.line.extend_from_slice(LOG_PREFIX.as_bytes());
+        rec.write_json(&mut self.line);
         self.metrics.decision(d.effect(), d.reason());
         if d.identity_checked {
             self.metrics.hit("identity", d.identity_cache_hit);
@@ -188,10 +226,10 @@ impl Shared {
         }
         // A stream without filter state (its client left) still gets its log line.
         if to_log || !set_filter_state {
-            log(LogLevel::Info, &format!("{LOG_PREFIX}{json}"));
+            log_record_line(&self.line);
         }
         if set_filter_state && to_state {
-            let _ = hostcalls::set_property(vec![FILTER_STATE_KEY], Some(json.as_bytes()));
+            set_record_state(self.line.get(LOG_PREFIX.len()..).unwrap_or_default());
         }
     }
 }
@@ -309,7 +347,7 @@ struct Root {
 
 impl Root {
     fn new() -> Root {
-        let shared = Shared { engine: None, metrics: Metrics::default(), policy_hash: String::new(), flights: HashMap::new(), pending: HashMap::new() };
+        let shared = Shared { engine: None, metrics: Metrics::default(), policy_hash: String::new(), flights: HashMap::new(), pending: HashMap::new(), line: Vec::with_capacity(2048) };
         Root { shared: Rc::new(RefCell::new(shared)), seed: random_seed(), calls: HashMap::new() }
     }
 
@@ -542,11 +580,7 @@ impl Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.started_ns = now_nanos().unwrap_or(0);
-        let pairs = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
-            Ok(pairs) => pairs,
-            Err(_) => return fail_closed(Reason::InternalError),
-        };
-        let headers = Headers::new(pairs);
+        let Some(headers) = request_headers() else { return fail_closed(Reason::InternalError) };
         let now = self.started_ns / 1_000_000_000;
         if now == 0 {
             return fail_closed(Reason::InternalError);

@@ -4,8 +4,9 @@
 //! Order of checks: size and shape, `alg` (before anything else), `typ`,
 //! `crit`, `kid`; then the claims pick the bundle (`sub`'s trust domain, or an
 //! exact `iss` match for OIDC); then the cheap claim checks (`exp`, `nbf`,
-//! `iat`, `aud`); the signature last. A verified token is cached by hash
-//! until its `exp`, tied to the bundle generation that verified it.
+//! `iat`, `aud`); the signature last. A verified token is cached (keyed by its
+//! exact bytes, as Envoy's `jwt_authn` cache is) until its `exp`, tied to the
+//! bundle generation that verified it.
 
 pub mod bundles;
 pub mod host_crypto;
@@ -45,6 +46,9 @@ pub struct Identity {
     pub exp: u64,
     /// Short hash of the token, for logs. Never the token.
     pub token_hash: String,
+    /// Unique per successful verification in this VM: what cached decisions are tied to, so a
+    /// decision never outlives the verified token it was made for (re-verification renews it).
+    pub serial: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,12 +80,15 @@ pub struct Verifier {
     max_token_bytes: usize,
     issuers: Vec<Issuer>,
     pub bundles: BundleStore,
-    cache: Option<LruCache<[u8; 16], Cached>>,
+    /// Verified tokens by their exact bytes: a hit costs one fast hash and one comparison, no
+    /// SHA-256. Only tokens that passed every check get in, so callers cannot fill it.
+    cache: Option<LruCache<Box<[u8]>, Cached>>,
     pub stats: IdentityStats,
     host: Option<HostVerify>,
+    serials: u64,
 }
 
-/// First 16 bytes of SHA-256: the cache key.
+/// First 16 bytes of SHA-256: what a token's short hash is made from.
 pub fn token_digest(token: &[u8]) -> [u8; 16] {
     let full: [u8; 32] = Sha256::digest(token).into();
     let mut out = [0u8; 16];
@@ -124,6 +131,7 @@ impl Verifier {
             cache: NonZeroUsize::new(config.cache_size).map(LruCache::new),
             stats: IdentityStats::default(),
             host: None,
+            serials: 0,
         })
     }
 
@@ -134,16 +142,10 @@ impl Verifier {
 
     /// Verifies a bearer token at time `now` (Unix seconds).
     pub fn verify(&mut self, token: &[u8], now: u64) -> Result<Rc<Identity>, Reason> {
-        self.verify_digested(token, &token_digest(token), now)
-    }
-
-    /// As [`Verifier::verify`], with the token's digest already computed by the caller.
-    pub fn verify_digested(&mut self, token: &[u8], digest: &[u8; 16], now: u64) -> Result<Rc<Identity>, Reason> {
-        let digest = *digest;
         if token.len() > self.max_token_bytes {
             return Err(Reason::TokenMalformed);
         }
-        if let Some(hit) = self.cached(&digest, now)? {
+        if let Some(hit) = self.cached(token, now)? {
             self.stats.cache_hits += 1;
             return Ok(hit);
         }
@@ -210,25 +212,27 @@ impl Verifier {
             subject: subject.to_string(),
             iat: claims.iat,
             exp,
-            token_hash: short_hash(&digest),
+            token_hash: short_hash(&token_digest(token)),
+            serial: self.serials,
         });
+        self.serials = self.serials.wrapping_add(1);
         if let Some(cache) = self.cache.as_mut() {
-            cache.put(digest, Cached { identity: identity.clone(), source, generation });
+            cache.put(token.into(), Cached { identity: identity.clone(), source, generation });
         }
         Ok(identity)
     }
 
-    fn cached(&mut self, digest: &[u8; 16], now: u64) -> Result<Option<Rc<Identity>>, Reason> {
+    fn cached(&mut self, token: &[u8], now: u64) -> Result<Option<Rc<Identity>>, Reason> {
         let Some(cache) = self.cache.as_mut() else { return Ok(None) };
-        let Some(entry) = cache.get(digest) else { return Ok(None) };
+        let Some(entry) = cache.get(token) else { return Ok(None) };
         let fresh = self.bundles.generation(entry.source) == Some(entry.generation);
         if !fresh {
             // The bundle changed (rotation or revocation): verify again.
-            cache.pop(digest);
+            cache.pop(token);
             return Ok(None);
         }
         if now > entry.identity.exp.saturating_add(self.skew) {
-            cache.pop(digest);
+            cache.pop(token);
             return Err(Reason::TokenExpired);
         }
         Ok(Some(entry.identity.clone()))
