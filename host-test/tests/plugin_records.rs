@@ -435,3 +435,78 @@ fn secrets_never_reach_logs_records_replies_or_metric_names() {
     let payload = minted.split('.').nth(1).unwrap();
     assert!(!seen.iter().any(|(_, t)| t.contains(payload)), "the minted token's payload leaked");
 }
+
+/// What the proxy has been handed so far, without flushing: (record lines, allow counter).
+fn handed_over(rig: &Rig) -> (usize, i64) {
+    (logged_records(&rig.vm).len(), rig.vm.metric("mandate.decisions.allow").unwrap_or(0))
+}
+
+#[test]
+fn records_and_counters_wait_for_the_tick_by_default_and_nothing_is_lost() {
+    let Some(mut rig) = start("records_and_counters_wait_for_the_tick_by_default_and_nothing_is_lost", minter()) else { return };
+    assert_eq!(rig.vm.tick_period_ms(), 1000, "default flush period drives the tick");
+    let req = rig.tickets();
+    for i in 0..3 {
+        let s = rig.send_minted(&req, &format!("jti-{i}"));
+        let _ = rig.forwarded(s);
+        assert!(rig.state_record(s).is_some(), "filter state is set per request, never batched");
+    }
+    assert_eq!(handed_over(&rig), (0, 0), "nothing handed over before the tick");
+    rig.vm.advance(Duration::from_millis(1000)).unwrap();
+    assert_eq!(handed_over(&rig), (3, 3), "one tick hands over every record and count");
+    let batch = rig.vm.logs().iter().filter(|l| l.message.contains(DECISION_PREFIX)).count();
+    assert_eq!(batch, 1, "three records in one log call");
+}
+
+#[test]
+fn a_full_record_buffer_is_handed_over_without_waiting() {
+    let Some(mut rig) = start("a_full_record_buffer_is_handed_over_without_waiting", Value::Null) else { return };
+    let req = rig.tickets();
+    for _ in 0..60 {
+        let s = rig.send(&req);
+        let _ = rig.forwarded(s);
+    }
+    let (lines, _) = handed_over(&rig);
+    assert!(lines >= 30, "32 KB of ~800-byte records must have been handed over, got {lines}");
+    assert_eq!(rig.records().len(), 60, "and the rest at the tick");
+}
+
+#[test]
+fn flush_ms_zero_hands_over_each_record_and_count_at_once() {
+    let Some(mut rig) = start_configured("flush_ms_zero_hands_over_each_record_and_count_at_once", Value::Null, true, |c| {
+        c["records"] = json!({"flush_ms": 0});
+    }) else {
+        return;
+    };
+    let req = rig.tickets();
+    for n in 1..=2 {
+        let s = rig.send(&req);
+        let _ = rig.forwarded(s);
+        assert_eq!(handed_over(&rig), (n, n as i64));
+    }
+    assert_eq!(rig.vm.tick_period_ms(), 0, "no minter, no fetched bundles, no batching: no tick");
+}
+
+#[test]
+fn records_buffered_under_the_old_configuration_survive_a_reconfiguration() {
+    let Some(mut rig) = start("records_buffered_under_the_old_configuration_survive_a_reconfiguration", Value::Null) else { return };
+    let req = rig.tickets();
+    let s = rig.send(&req);
+    let _ = rig.forwarded(s);
+    assert_eq!(handed_over(&rig), (0, 0));
+    let mut cfg = config(&rig.key, &rig.intent_key, Value::Null);
+    cfg["records"] = json!({"flush_ms": 0});
+    rig.vm.configure(cfg.to_string().as_bytes()).expect("reconfigured");
+    assert_eq!(handed_over(&rig), (1, 1), "flushed before the new configuration took over");
+}
+
+#[test]
+fn records_buffered_when_the_plugin_stops_are_handed_over() {
+    let Some(mut rig) = start("records_buffered_when_the_plugin_stops_are_handed_over", Value::Null) else { return };
+    let req = rig.tickets();
+    let s = rig.send(&req);
+    let _ = rig.forwarded(s);
+    assert_eq!(handed_over(&rig), (0, 0));
+    assert!(rig.vm.shutdown().expect("proxy_on_done"), "the root agrees to stop");
+    assert_eq!(handed_over(&rig), (1, 1), "flushed in on_done");
+}

@@ -55,11 +55,25 @@ pub struct RecordsConfig {
     /// The record as filter state `wasm.mandate.decision`, for Envoy access logs.
     #[serde(default = "default_true")]
     pub filter_state: bool,
+    /// How long log lines and the per-request counters may wait in the filter before they are
+    /// handed to the proxy in one call (as Envoy's own file access log buffers). 0: every
+    /// record and counter at once.
+    #[serde(default = "default_flush_ms")]
+    pub flush_ms: u64,
+}
+
+/// Longest a buffered record may wait.
+pub const MAX_FLUSH_MS: u64 = 10_000;
+/// Shortest batching period (the host's timer granularity is coarse; below this, don't batch).
+pub const MIN_FLUSH_MS: u64 = 50;
+
+fn default_flush_ms() -> u64 {
+    1000
 }
 
 impl Default for RecordsConfig {
     fn default() -> Self {
-        RecordsConfig { log: true, filter_state: true }
+        RecordsConfig { log: true, filter_state: true, flush_ms: default_flush_ms() }
     }
 }
 
@@ -295,6 +309,9 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     if !c.records.log && !c.records.filter_state {
         return Err(ConfigError::new("records", "at least one of `log` and `filter_state` must be true"));
     }
+    if c.records.flush_ms != 0 && !(MIN_FLUSH_MS..=MAX_FLUSH_MS).contains(&c.records.flush_ms) {
+        return Err(ConfigError::new("records.flush_ms", format!("must be 0 (no batching) or {MIN_FLUSH_MS}..={MAX_FLUSH_MS}")));
+    }
     if let Some(m) = &c.minter {
         if m.cluster.is_empty() {
             return Err(ConfigError::new("minter.cluster", "must not be empty"));
@@ -412,6 +429,16 @@ mod tests {
         assert_eq!(e.field, "identity.header");
         let e = parse(br#"{"upstream": {"decision_id_header": ""}}"#).unwrap_err();
         assert_eq!(e.field, "upstream.decision_id_header");
+    }
+
+    #[test]
+    fn record_flush_period_out_of_range_is_refused_naming_it() {
+        assert_eq!(parse(b"{}").unwrap().records.flush_ms, 1000);
+        assert_eq!(parse(br#"{"records": {"flush_ms": 0}}"#).unwrap().records.flush_ms, 0);
+        for bad in [1, 49, 10_001, u64::MAX] {
+            let e = parse(format!(r#"{{"records": {{"flush_ms": {bad}}}}}"#).as_bytes()).unwrap_err();
+            assert_eq!(e.field, "records.flush_ms", "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -64,11 +64,43 @@ extern "C" {
 
 /// Metrics defined lazily by name. Unlike the SDK wrappers these never panic:
 /// a metric the host refuses is simply not recorded.
+///
+/// Per-request counters (decisions, cache hits) can be batched: counted here and handed to the
+/// host once per flush, one call per counter, instead of several host calls per request.
 #[derive(Default)]
 struct Metrics {
     ids: HashMap<String, Option<u32>>,
     /// Hot-path counters by (effect, reason): no string building per request.
     decisions: HashMap<(u8, Reason), (Option<u32>, Option<u32>)>,
+    /// Cache hit/miss counter ids by slot (see [`Metrics::hit`]), defined on first use.
+    hits: [Option<Option<u32>>; 7],
+    /// Counts waiting for the next flush, by metric id (a handful of distinct ids).
+    pending: Vec<(u32, i64)>,
+    batched: bool,
+}
+
+const HIT_NAMES: [&str; 7] = [
+    "mandate.cache.identity.hit",
+    "mandate.cache.identity.miss",
+    "mandate.cache.decision.hit",
+    "mandate.cache.decision.miss",
+    "mandate.cache.credential.hit",
+    "mandate.cache.credential.miss",
+    "mandate.degraded.legacy_static_secret",
+];
+
+/// Slots in [`HIT_NAMES`].
+#[derive(Clone, Copy)]
+enum Cache {
+    Identity = 0,
+    Decision = 2,
+    Credential = 4,
+}
+const DEGRADED_SLOT: usize = 6;
+
+fn increment(id: u32, n: i64) {
+    // SAFETY: plain value call.
+    let _ = unsafe { proxy_increment_metric(id, n) };
 }
 
 impl Metrics {
@@ -90,9 +122,45 @@ impl Metrics {
             }
         };
         for id in [ids.0, ids.1].into_iter().flatten() {
-            // SAFETY: plain value call.
-            let _ = unsafe { proxy_increment_metric(id, 1) };
+            self.count(id);
         }
+    }
+
+    /// One more for a per-request counter: now, or at the next flush when batched.
+    fn count(&mut self, id: u32) {
+        if !self.batched {
+            return increment(id, 1);
+        }
+        match self.pending.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, n)) => *n += 1,
+            None => self.pending.push((id, 1)),
+        }
+    }
+
+    fn flush(&mut self) {
+        for (id, n) in self.pending.drain(..) {
+            increment(id, n);
+        }
+    }
+
+    fn slot(&mut self, slot: usize) {
+        let id = match self.hits.get(slot).copied().flatten() {
+            Some(id) => id,
+            None => {
+                let id = HIT_NAMES.get(slot).and_then(|name| self.id(MetricType::Counter, name));
+                if let Some(s) = self.hits.get_mut(slot) {
+                    *s = Some(id);
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            self.count(id);
+        }
+    }
+
+    fn hit(&mut self, cache: Cache, hit: bool) {
+        self.slot(cache as usize + usize::from(!hit));
     }
 
     fn id(&mut self, kind: MetricType, name: &str) -> Option<u32> {
@@ -107,14 +175,14 @@ impl Metrics {
         id
     }
 
+    /// Rare counters (minter, revocations, bundles) always go to the host at once.
     fn inc(&mut self, name: &str) {
         self.add(name, 1);
     }
 
     fn add(&mut self, name: &str, n: i64) {
         if let Some(id) = self.id(MetricType::Counter, name) {
-            // SAFETY: plain value call.
-            let _ = unsafe { proxy_increment_metric(id, n) };
+            increment(id, n);
         }
     }
 
@@ -124,19 +192,10 @@ impl Metrics {
             let _ = unsafe { proxy_record_metric(id, value) };
         }
     }
-
-    fn hit(&mut self, cache: &'static str, hit: bool) {
-        let name = match (cache, hit) {
-            ("identity", true) => "mandate.cache.identity.hit",
-            ("identity", false) => "mandate.cache.identity.miss",
-            ("decision", true) => "mandate.cache.decision.hit",
-            ("decision", false) => "mandate.cache.decision.miss",
-            ("credential", true) => "mandate.cache.credential.hit",
-            _ => "mandate.cache.credential.miss",
-        };
-        self.inc(name);
-    }
 }
+
+/// Buffered record lines are handed over before they reach this size.
+const LINES_LIMIT: usize = 32 * 1024;
 
 /// The request headers in one host call, indexed in place (see [`Headers::from_map`]).
 fn request_headers() -> Option<Headers> {
@@ -156,7 +215,7 @@ fn request_headers() -> Option<Headers> {
     Headers::from_map(buf).ok()
 }
 
-/// Writes the decision-record line to the proxy's log (bytes: no UTF-8 re-check, no copy).
+/// Writes record lines to the proxy's log (bytes: no UTF-8 re-check, no copy).
 fn log_record_line(line: &[u8]) {
     // SAFETY: the pointer references a live buffer for the duration of the call.
     let _ = unsafe { proxy_log(LogLevel::Info, line.as_ptr(), line.len()) };
@@ -194,6 +253,8 @@ struct Shared {
     pending: HashMap<u32, Pending>,
     /// The record line, reused: `LOG_PREFIX` then the JSON.
     line: Vec<u8>,
+    /// Record lines waiting for the next flush (batched mode), newline-separated.
+    lines: Vec<u8>,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
@@ -213,24 +274,50 @@ impl Shared {
         rec.write_json(&mut self.line);
         self.metrics.decision(d.effect(), d.reason());
         if d.identity_checked {
-            self.metrics.hit("identity", d.identity_cache_hit);
+            self.metrics.hit(Cache::Identity, d.identity_cache_hit);
         }
         if d.policy.is_some() {
-            self.metrics.hit("decision", d.decision_cache_hit);
+            self.metrics.hit(Cache::Decision, d.decision_cache_hit);
         }
         if d.credential.is_some() {
-            self.metrics.hit("credential", d.credential_cache_hit);
+            self.metrics.hit(Cache::Credential, d.credential_cache_hit);
         }
         if d.degraded.is_some() {
-            self.metrics.inc("mandate.degraded.legacy_static_secret");
+            self.metrics.slot(DEGRADED_SLOT);
         }
         // A stream without filter state (its client left) still gets its log line.
         if to_log || !set_filter_state {
-            log_record_line(&self.line);
+            if self.metrics.batched {
+                self.lines.extend_from_slice(&self.line);
+                self.lines.push(b'\n');
+                if self.lines.len() >= LINES_LIMIT {
+                    self.flush_lines();
+                }
+            } else {
+                log_record_line(&self.line);
+            }
         }
         if set_filter_state && to_state {
             set_record_state(self.line.get(LOG_PREFIX.len()..).unwrap_or_default());
         }
+    }
+}
+
+impl Shared {
+    /// Hands buffered record lines and counts to the host: one log call, one call per counter.
+    fn flush(&mut self) {
+        self.flush_lines();
+        self.metrics.flush();
+    }
+
+    fn flush_lines(&mut self) {
+        if self.lines.last() == Some(&b'\n') {
+            self.lines.pop();
+        }
+        if !self.lines.is_empty() {
+            log_record_line(&self.lines);
+        }
+        self.lines.clear();
     }
 }
 
@@ -347,7 +434,7 @@ struct Root {
 
 impl Root {
     fn new() -> Root {
-        let shared = Shared { engine: None, metrics: Metrics::default(), policy_hash: String::new(), flights: HashMap::new(), pending: HashMap::new(), line: Vec::with_capacity(2048) };
+        let shared = Shared { engine: None, metrics: Metrics::default(), policy_hash: String::new(), flights: HashMap::new(), pending: HashMap::new(), line: Vec::with_capacity(2048), lines: Vec::new() };
         Root { shared: Rc::new(RefCell::new(shared)), seed: random_seed(), calls: HashMap::new() }
     }
 
@@ -404,6 +491,14 @@ fn log_fetch(report: &FetchReport, metrics: &mut Metrics) {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        // The plugin is stopping: nothing buffered may be lost.
+        if let Ok(mut shared) = self.shared.try_borrow_mut() {
+            shared.flush();
+        }
+        true
+    }
+
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Some(call) = self.calls.remove(&token_id) else { return };
         let Some(now_ns) = now_nanos() else { return };
@@ -477,6 +572,13 @@ impl RootContext for Root {
             || config.identity.oidc_issuers.iter().any(|o| o.jwks.cluster.is_some());
         // Tick several times per poll interval so a poll is never a whole tick late.
         let tick_ms = config.minter.as_ref().and_then(|m| m.revocations.as_ref()).map(|r| (r.interval_ms / 4).clamp(50, 1000));
+        // Batched records and counters are flushed on the tick.
+        let flush_ms = config.records.flush_ms;
+        let tick_ms = match (tick_ms, flush_ms) {
+            (t, 0) => t,
+            (Some(t), f) => Some(t.min(f)),
+            (None, f) => Some(f),
+        };
         let mut engine = match Engine::new(config, self.seed, host_env) {
             Ok(engine) => engine,
             Err(e) => {
@@ -498,15 +600,21 @@ impl RootContext for Root {
                 log(LogLevel::Error, "configuration update while a request is in flight");
                 return false;
             };
+            // What the previous configuration buffered goes out under it.
+            shared.flush();
+            shared.metrics.batched = flush_ms > 0;
             shared.engine = Some(engine);
             shared.policy_hash = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
         }
         self.calls.clear();
         if background || tick_ms.is_some() {
-            // Ticks drive bundle refresh and revocation polls; the first round goes out now.
+            // Ticks drive bundle refresh, revocation polls and flushes; the first round goes out now.
             let period = Duration::from_millis(tick_ms.unwrap_or(1000).min(1000));
             if hostcalls::set_tick_period(period).is_err() {
-                log(LogLevel::Warn, "cannot set tick period; bundles and revocations will not refresh");
+                log(LogLevel::Warn, "cannot set tick period; bundles and revocations will not refresh, records are not batched");
+                if let Ok(mut shared) = self.shared.try_borrow_mut() {
+                    shared.metrics.batched = false;
+                }
             }
             self.background();
         }
@@ -515,6 +623,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if let Ok(mut shared) = self.shared.try_borrow_mut() {
+            shared.flush();
+        }
         self.background();
     }
 

@@ -176,7 +176,9 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
     let seen2 = echo.requests().pop().unwrap();
     assert_eq!(seen2.header("authorization").as_deref(), Some(auth.as_str()), "credential not reused");
     assert_eq!(counter(&envoy, "wasmcustom.mandate.minter.calls"), 1);
-    assert_eq!(counter(&envoy, "wasmcustom.mandate.cache.credential.hit"), 1);
+    // Per-request counters reach Envoy on the filter's next tick (1 s by default).
+    let (hit, _) = wait_until(Duration::from_secs(5), || (counter(&envoy, "wasmcustom.mandate.cache.credential.hit") == 1).then_some(()));
+    assert!(hit.is_some(), "credential cache hit counted");
 
     // The decision record names the credential by jti, never by value.
     let entries = envoy.wait_access_log(2, Duration::from_secs(5)).expect("access log");

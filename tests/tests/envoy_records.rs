@@ -118,8 +118,30 @@ fn access_log_and_prometheus_carry_every_decision() {
     let raw_log = std::fs::read_to_string(envoy.access_log_path()).unwrap_or_default();
     assert!(!raw_log.contains(&svid), "the caller's token is in the access log");
 
-    // Prometheus: the counters moved by exactly N and M, per effect and per reason.
-    let after = prometheus(&envoy);
+    // The same six records in Envoy's own log, as `mandate.decision {json}` lines: batched by the
+    // filter (several per log call) and handed over on its next tick.
+    let mut ids: Vec<String> = allowed.iter().map(|(_, id)| id.clone()).chain(denied.iter().map(|(_, id, _, _)| id.clone())).collect();
+    ids.sort();
+    let t0 = std::time::Instant::now();
+    let logged = loop {
+        let mut logged: Vec<String> = envoy
+            .log()
+            .lines()
+            .filter_map(|l| l.find("mandate.decision ").map(|i| &l[i + "mandate.decision ".len()..]))
+            .map(|j| serde_json::from_str::<Value>(j).unwrap_or_else(|e| panic!("record line is not JSON ({e}): {j}")))
+            .filter_map(|r| r["decision_id"].as_str().map(str::to_string))
+            .collect();
+        logged.sort();
+        if logged == ids || t0.elapsed() > std::time::Duration::from_secs(5) {
+            break logged;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(logged, ids, "every decision has exactly one line in Envoy's log");
+    assert!(!envoy.log().contains(&svid), "the caller's token is in Envoy's log");
+
+    // Prometheus: the counters moved by exactly N and M, per effect and per reason. Per-request
+    // counters reach Envoy on the filter's next tick (records.flush_ms, 1 s by default).
     let expect = [
         ("mandate_decisions_allow", 3.0),
         ("mandate_decisions_allow_allowed", 3.0),
@@ -134,7 +156,16 @@ fn access_log_and_prometheus_carry_every_decision() {
         ("mandate_cache_decision_miss", 4.0),
         ("mandate_cache_decision_hit", 1.0),
     ];
-    let moved: Vec<(&str, f64)> = expect.iter().map(|(n, _)| (*n, delta(&before, &after, n))).collect();
+    let t0 = std::time::Instant::now();
+    let moved = loop {
+        let after = prometheus(&envoy);
+        let moved: Vec<(&str, f64)> = expect.iter().map(|(n, _)| (*n, delta(&before, &after, n))).collect();
+        if moved == expect.to_vec() || t0.elapsed() > std::time::Duration::from_secs(5) {
+            break moved;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    eprintln!("counters handed over {:?} after the last request", t0.elapsed());
     assert_eq!(moved, expect.to_vec(), "prometheus deltas (name, got) vs expected");
     let text = envoy.stats_prometheus().unwrap();
     assert!(text.contains("# TYPE mandate_decisions_allow counter"), "no counter type line");

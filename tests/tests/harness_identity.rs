@@ -24,14 +24,18 @@ fn remote_config() -> Value {
         "trust_domains": [{"name": TD, "bundle": {
             "cluster": CLUSTER, "path": "/bundle", "authority": "spire.internal",
             "refresh_s": 300, "retry_s": RETRY_S, "timeout_ms": 1000}}],
-    }, "policy": open_policy()})
+    }, "policy": open_policy(), "records": UNBATCHED.clone()})
 }
+
+/// Counters and record lines handed over per request, so they can be read right after it
+/// (batching has its own tests in host-test's plugin_records).
+static UNBATCHED: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| json!({"flush_ms": 0}));
 
 fn inline_config(key: &TestKey, cache_size: Option<u64>) -> Value {
     let mut c = json!({"identity": {
         "audiences": [AUD],
         "trust_domains": [{"name": TD, "bundle": {"inline": spiffe_bundle(&[key], None)}}],
-    }, "policy": open_policy()});
+    }, "policy": open_policy(), "records": UNBATCHED.clone()});
     if let Some(n) = cache_size {
         c["identity"]["cache_size"] = json!(n);
     }
@@ -403,7 +407,7 @@ fn host_times_out_calls_like_envoy() {
 fn records_delivery_can_skip_the_log_line_but_never_both() {
     let key = TestKey::es256("k1");
     let mut config = inline_config(&key, None);
-    config["records"] = json!({"log": false});
+    config["records"] = json!({"log": false, "flush_ms": 0});
     let Some((host, mut vm)) = start("records_delivery_can_skip_the_log_line_but_never_both", &config) else { return };
     allowed(&host, &mut vm, &token(&key, T0, T0 + 300));
     assert_eq!(count_logs(&vm, "mandate.decision "), 0, "no log line");

@@ -21,6 +21,16 @@ pub const MINTER: &str = "minter";
 pub const INTENT_ISS: &str = "https://intents.example.org";
 pub const TICKETS_AUD: &str = "https://tickets.internal";
 pub const DECISION_PREFIX: &str = "mandate.decision ";
+
+/// Decision records in the VM's log so far: one per line, several lines per batched log call.
+pub fn logged_records(vm: &Vm) -> Vec<Value> {
+    vm.logs()
+        .iter()
+        .flat_map(|l| l.message.lines())
+        .filter_map(|l| l.strip_prefix(DECISION_PREFIX))
+        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("decision record is not JSON ({e}): {j}")))
+        .collect()
+}
 const REQUIRE_ENV: &str = "MANDATE_REQUIRE_ENVOY";
 
 /// The built filter: `$MANDATE_PLUGIN_WASM` or `target/wasm32-wasip1/release/mandate_plugin.wasm`.
@@ -122,13 +132,19 @@ pub fn start(test: &str, minter: Value) -> Option<Rig> {
 
 /// Like [`start`]; `declare_minter: false` leaves the minter cluster unknown to the host.
 pub fn start_with(test: &str, minter: Value, declare_minter: bool) -> Option<Rig> {
+    start_configured(test, minter, declare_minter, |_| {})
+}
+
+/// Like [`start_with`], with a last say on the plugin configuration.
+pub fn start_configured(test: &str, minter: Value, declare_minter: bool, edit: impl FnOnce(&mut Value)) -> Option<Rig> {
     let host = host(test)?;
     if declare_minter {
         host.add_upstream(MINTER);
     }
     let key = TestKey::es256("svid-k1");
     let intent_key = TestKey::es256("intent-k1");
-    let cfg = config(&key, &intent_key, minter);
+    let mut cfg = config(&key, &intent_key, minter);
+    edit(&mut cfg);
     let vm = host.new_vm(b"", cfg.to_string().as_bytes()).expect("configuration accepted");
     Some(Rig { host, vm, key, intent_key })
 }
@@ -203,14 +219,16 @@ impl Rig {
         s
     }
 
-    /// Every decision record logged so far, parsed (panics on invalid JSON).
-    pub fn records(&self) -> Vec<Value> {
-        self.vm
-            .logs()
-            .iter()
-            .filter_map(|l| l.message.strip_prefix(DECISION_PREFIX))
-            .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("decision record is not JSON ({e}): {j}")))
-            .collect()
+    /// Hands over what the filter batches (record lines, per-request counters), as its next
+    /// tick would. Background work is time-gated, so an extra tick starts nothing early.
+    pub fn flush(&mut self) {
+        self.vm.force_tick().expect("tick");
+    }
+
+    /// Every decision record logged so far (after a flush), parsed (panics on invalid JSON).
+    pub fn records(&mut self) -> Vec<Value> {
+        self.flush();
+        logged_records(&self.vm)
     }
 
     /// The record set as the stream's filter state (`mandate.decision`).
@@ -220,7 +238,9 @@ impl Rig {
             .map(|v| serde_json::from_slice(&v).unwrap_or_else(|e| panic!("filter state is not JSON ({e})")))
     }
 
-    pub fn metric(&self, name: &str) -> i64 {
+    /// A counter's value after a flush.
+    pub fn metric(&mut self, name: &str) -> i64 {
+        self.flush();
         self.vm.metric(name).unwrap_or(0)
     }
 
