@@ -324,6 +324,11 @@ impl Engine {
             self.stats.credential_cache_hits += 1;
             d.credential_cache_hit = true;
             inject(&mut edits, &cred, d);
+            // A header sent at most once is overwritten by the set itself (Envoy's replace): no
+            // separate removal, one host call fewer. Sent twice or more, it is removed first.
+            if h.all(&cred.header).nth(1).is_none() {
+                edits.remove.retain(|n| *n != cred.header);
+            }
             return Ok(Verdict::Forward(edits));
         }
         let request = MintRequest {
@@ -996,7 +1001,10 @@ mod tests {
         // Same subject, audience, scopes, task: reused from the cache, no exchange.
         let out = run_at(&mut e, &get(&[], &b), NOW + 40);
         assert!(out.decision.credential_cache_hit);
-        let Verdict::Forward(_) = out.verdict else { panic!("expected a cached credential") };
+        let Verdict::Forward(warm) = out.verdict else { panic!("expected a cached credential") };
+        // The caller's single authorization header is overwritten by the set (a replace).
+        assert!(!warm.remove.contains(&"authorization".to_string()), "{warm:?}");
+        assert_eq!(warm.set.iter().filter(|(k, _)| k == "authorization").count(), 1);
         // Within the 10 s margin of exp: a fresh exchange.
         let out = run_at(&mut e, &get(&[], &b), NOW + 51);
         let _ = plan(out);
@@ -1041,6 +1049,28 @@ mod tests {
         let Verdict::Forward(edits) = v else { panic!() };
         assert!(edits.set.contains(&("x-api-key".to_string(), b"sk_live_abc".to_vec())));
         assert_eq!(d.degraded, Some("legacy_static_secret"));
+    }
+
+    #[test]
+    fn credential_header_smuggled_twice_is_removed_before_the_set() {
+        // A legacy credential header that is not a standing-secret header, sent twice by the
+        // caller: a replace would overwrite only one copy on older proxies, so both are removed.
+        let k = TestKey::es256("k");
+        let mut e = minting_engine(&k);
+        let b = bearer(&k);
+        let req = get(&[(":authority", "old-crm.internal"), (":path", "/sync"), ("x-agent-intent", "crm.sync")], &b);
+        let (p, mut d) = plan(run(&mut e, &req));
+        let body = json!({"access_token": "sk_live_abc", "issued_token_type": mint::STATIC_SECRET_TYPE, "token_type": "ApiKey",
+                          "expires_in": 60, "mandate_legacy": true, "mandate_header": "x-legacy-key"}).to_string();
+        let _ = e.finish_mint(&p, Ok((200, body.as_bytes())), NOW, &mut d);
+        let mut twice = req.clone();
+        twice.push(("x-legacy-key", "forged-1"));
+        twice.push(("x-legacy-key", "forged-2"));
+        let out = run(&mut e, &twice);
+        assert!(out.decision.credential_cache_hit, "{:?}", out.decision);
+        let edits = edits(out);
+        assert!(edits.remove.contains(&"x-legacy-key".to_string()), "{edits:?}");
+        assert!(edits.set.contains(&("x-legacy-key".to_string(), b"sk_live_abc".to_vec())));
     }
 
     #[test]

@@ -175,6 +175,8 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
     assert_eq!(again.status, 200, "body: {}", again.text());
     let seen2 = echo.requests().pop().unwrap();
     assert_eq!(seen2.header("authorization").as_deref(), Some(auth.as_str()), "credential not reused");
+    // Warm, the caller's token is overwritten in place (one replace): still exactly one value.
+    assert_eq!(seen2.header_all("authorization").len(), 1, "{:?}", seen2.headers);
     assert_eq!(counter(&envoy, "wasmcustom.mandate.minter.calls"), 1);
     // Per-request counters reach Envoy on the filter's next tick (1 s by default).
     let (hit, _) = wait_until(Duration::from_secs(5), || (counter(&envoy, "wasmcustom.mandate.cache.credential.hit") == 1).then_some(()));
