@@ -132,6 +132,10 @@ struct Judged {
     expires_at: u64,
 }
 
+/// Longest decision-cache key kept (serial, flags and the six fields as sent): with the path
+/// stored twice more in the entry, at most ~6 KB per entry.
+const MAX_CACHED_KEY_BYTES: usize = 2048;
+
 /// The request's inputs to the policy exactly as sent (before any parsing), so that a
 /// repeat of the same bytes by the same verified token can reuse the judgement.
 struct Sent<'h> {
@@ -175,7 +179,7 @@ pub struct Engine {
     policy: Option<Policy>,
     intents: IntentVerifier,
     environment: Option<String>,
-    decisions: Option<LruCache<Box<[u8]>, Rc<Judged>>>,
+    decisions: Option<LruCache<Box<[u8]>, Rc<Judged>, std::collections::hash_map::RandomState>>,
     /// Reused for decision-cache keys: no allocation on a hit.
     key_buf: Vec<u8>,
     credentials: CredentialCache,
@@ -206,7 +210,12 @@ impl Engine {
             None => (None, IntentVerifier::new(&[], 0, "policy.intent_issuers")?),
         };
         let environment = policy.as_ref().and_then(|p| p.environment.clone()).or(host_environment);
-        let decisions = policy.as_ref().and_then(|p| NonZeroUsize::new(p.cache.size)).map(LruCache::new);
+        // Keys carry caller-chosen bytes: SipHash with per-VM random keys, so no caller can
+        // aim entries at one bucket.
+        let decisions = policy
+            .as_ref()
+            .and_then(|p| NonZeroUsize::new(p.cache.size))
+            .map(|n| LruCache::with_hasher(n, std::collections::hash_map::RandomState::new()));
         let credentials = config.minter.as_ref().map_or(CredentialCache::new(0, 0), |m| CredentialCache::new(m.cache_size, m.refresh_margin_s));
         Ok(Engine {
             credentials,
@@ -264,9 +273,13 @@ impl Engine {
         // reused when this verified token sent exactly these bytes before.
         let sent = Sent::read(h);
         let standing_secret = self.standing_secret_presented(h);
-        let cacheable = self.decisions.is_some() && sent.unambiguous();
+        let mut cacheable = self.decisions.is_some() && sent.unambiguous();
         if cacheable {
             sent.key_into(&mut self.key_buf, identity.serial, standing_secret);
+            // Bounded entries: a caller with a valid token cannot grow the cache by sending long
+            // paths (the entry keeps the key and up to two forms of the path). Longer requests
+            // are judged every time.
+            cacheable = self.key_buf.len() <= MAX_CACHED_KEY_BYTES;
         }
         let cached = if cacheable {
             let key = self.key_buf.as_slice();
@@ -313,6 +326,10 @@ impl Engine {
         d.reason = Some(decision.reason);
 
         // 4. Inject: strip what the caller must not control, set what mandate vouches for.
+        // A reserved header whose name is not UTF-8 could not be named for removal: refuse.
+        if h.reserved_name_unreadable() {
+            return Err(Reason::InternalError);
+        }
         let mut edits = self.upstream_edits(h, &d.id, &identity);
         if let Some(target) = &judged.rewrite {
             edits.set.push((":path".to_string(), target.clone()));
@@ -919,6 +936,35 @@ mod tests {
             assert_eq!(out.decision.path.as_deref(), Some("/tickets/1"));
             assert!(edits(out).set.contains(&(":path".to_string(), b"/tickets/1?x=1".to_vec())));
         }
+    }
+
+    #[test]
+    fn long_paths_are_judged_every_time_and_never_fill_the_cache() {
+        let k = TestKey::es256("k");
+        let mut e = engine(&k);
+        let b = bearer(&k);
+        let long = format!("/tickets/{}", "a".repeat(MAX_CACHED_KEY_BYTES));
+        for _ in 0..3 {
+            let out = run(&mut e, &get(&[(":path", &long)], &b));
+            assert!(!out.decision.decision_cache_hit);
+            assert_eq!(out.decision.effect(), Effect::Allow, "judged, and judged the same: {:?}", out.decision.reason());
+        }
+        assert_eq!(e.decision_cache_len(), 0, "nothing stored for an oversized request");
+        assert_eq!(run(&mut e, &get(&[], &b)).decision.effect(), Effect::Allow);
+        assert_eq!(e.decision_cache_len(), 1);
+    }
+
+    #[test]
+    fn spoofed_reserved_header_with_non_utf8_name_fails_closed() {
+        let k = TestKey::es256("k");
+        let mut e = engine(&k);
+        let b = bearer(&k);
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = get(&[], &b).into_iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect();
+        pairs.push((b"x-mandate-identity\xff".to_vec(), b"spiffe://example.org/admin".to_vec()));
+        let h = Headers::new(pairs);
+        let out = e.on_request(&Request { headers: &h, now: NOW });
+        assert_eq!(out.decision.reason(), Reason::InternalError);
+        assert!(matches!(out.verdict, Verdict::Reply(_)), "never forwarded");
     }
 
     #[test]

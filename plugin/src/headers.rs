@@ -94,6 +94,13 @@ impl Headers {
         self.all(name).next().is_some()
     }
 
+    /// Whether a header in mandate's reserved namespace has a name that is not UTF-8: it could
+    /// not be named for removal (Envoy's codecs never produce one; another filter might).
+    pub fn reserved_name_unreadable(&self) -> bool {
+        let prefix = RESERVED_PREFIX.as_bytes();
+        self.pairs().any(|(k, _)| k.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix)) && std::str::from_utf8(k).is_err())
+    }
+
     /// Names of incoming headers in mandate's reserved namespace.
     pub fn reserved_names(&self) -> Vec<String> {
         let prefix = RESERVED_PREFIX.as_bytes();

@@ -492,9 +492,11 @@ fn log_fetch(report: &FetchReport, metrics: &mut Metrics) {
 
 impl Context for Root {
     fn on_done(&mut self) -> bool {
-        // The plugin is stopping: nothing buffered may be lost.
+        // The plugin is stopping: nothing buffered may be lost, and no tick will come for
+        // records of streams that finish later, so those go out at once.
         if let Ok(mut shared) = self.shared.try_borrow_mut() {
             shared.flush();
+            shared.metrics.batched = false;
         }
         true
     }
