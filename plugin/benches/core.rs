@@ -50,7 +50,7 @@ fn verifier(keys: &[&TestKey], cache: usize) -> Verifier {
 
 fn warm_engine(min: Duration) -> f64 {
     use mandate_plugin::engine::{Engine, Request, Verdict};
-    use mandate_plugin::headers::Headers;
+    use mandate_plugin::headers::{serialize_pairs, Headers};
     use mandate_plugin::record::DecisionRecord;
     let key = TestKey::es256("k");
     let cfg = json!({
@@ -81,8 +81,10 @@ fn warm_engine(min: Duration) -> f64 {
     let mut d = out.decision;
     let body = json!({"access_token": "a.b.c", "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "expires_in": 300}).to_string();
     engine.finish_mint(&plan, Ok((200, body.as_bytes())), NOW, &mut d);
+    // As the shell gets them: the host's serialized map, indexed in place.
+    let map = serialize_pairs(&pairs);
     let engine_ns = bench("engine.on_request (all caches hit)", min, || {
-        let headers = Headers::new(black_box(pairs.clone()));
+        let headers = Headers::from_map(black_box(map.clone())).unwrap();
         let out = engine.on_request(&Request { headers: &headers, now: NOW });
         assert!(matches!(out.verdict, Verdict::Forward(_)));
         black_box(out);

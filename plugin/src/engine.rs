@@ -340,12 +340,7 @@ impl Engine {
         if let Some(cred) = self.credentials.get(&key, req.now) {
             self.stats.credential_cache_hits += 1;
             d.credential_cache_hit = true;
-            inject(&mut edits, &cred, d);
-            // A header sent at most once is overwritten by the set itself (Envoy's replace): no
-            // separate removal, one host call fewer. Sent twice or more, it is removed first.
-            if h.all(&cred.header).nth(1).is_none() {
-                edits.remove.retain(|n| *n != cred.header);
-            }
+            inject(&mut edits, &cred, d, Some(h));
             return Ok(Verdict::Forward(edits));
         }
         let request = MintRequest {
@@ -475,7 +470,7 @@ impl Engine {
                 let cred = Rc::new(cred);
                 self.credentials.put(plan.key, cred.clone());
                 let mut edits = plan.edits.clone();
-                inject(&mut edits, &cred, d);
+                inject(&mut edits, &cred, d, None);
                 (Verdict::Forward(edits), None)
             }
             Err(e) => (self.deny_mint(d), Some(e)),
@@ -587,8 +582,13 @@ impl Engine {
 }
 
 /// Sets the credential header (replacing any incoming one) and records what was injected.
-fn inject(edits: &mut HeaderEdits, cred: &Credential, d: &mut Decision) {
-    if !edits.remove.contains(&cred.header) {
+/// With the request's headers at hand, a header the caller sent at most once is overwritten
+/// by the set itself (Envoy's replace): no separate removal, one host call fewer. Sent twice
+/// or more, or unknown, it is removed first.
+fn inject(edits: &mut HeaderEdits, cred: &Credential, d: &mut Decision, sent: Option<&Headers>) {
+    if sent.is_some_and(|h| h.all(&cred.header).nth(1).is_none()) {
+        edits.remove.retain(|n| *n != cred.header);
+    } else if !edits.remove.contains(&cred.header) {
         edits.remove.push(cred.header.clone());
     }
     edits.set.push((cred.header.clone(), cred.value.as_bytes().to_vec()));

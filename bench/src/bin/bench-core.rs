@@ -106,6 +106,26 @@ mod native {
         }
     }
 
+    /// One warm request the way the shell handles it: index the host's header map, run the
+    /// engine, write the record line into the reused buffer, look up the metric ids.
+    fn shell_request(
+        engine: &mut Engine,
+        map: &[u8],
+        now: u64,
+        line: &mut Vec<u8>,
+        ids: &mut HashMap<String, Option<u32>>,
+        decs: &mut HashMap<(u8, &'static str), IdPair>,
+    ) {
+        let h = Headers::from_map(map.to_vec()).unwrap();
+        let out = engine.on_request(&Request { headers: &h, now });
+        line.clear();
+        line.extend_from_slice(LOG_PREFIX.as_bytes());
+        DecisionRecord::new(&out.decision, Some("bench"), "0123456789ab", now * 1000, 42)
+            .write_json(line);
+        metrics(ids, decs, out.decision.reason().code());
+        black_box(&*line);
+    }
+
     pub fn main() {
         let args: Vec<String> = std::env::args().collect();
         let quick = args.iter().any(|a| a == "--quick");
@@ -163,14 +183,7 @@ mod native {
             let t0 = Instant::now();
             let mut line = Vec::with_capacity(2048);
             while t0.elapsed() < Duration::from_secs(10) {
-                let h = Headers::from_map(warm_map.clone()).unwrap();
-                let out = engine.on_request(&Request { headers: &h, now });
-                line.clear();
-                line.extend_from_slice(LOG_PREFIX.as_bytes());
-                DecisionRecord::new(&out.decision, Some("bench"), "0123456789ab", now * 1000, 42)
-                    .write_json(&mut line);
-                metrics(&mut ids, &mut decs, out.decision.reason().code());
-                black_box(&line);
+                shell_request(&mut engine, &warm_map, now, &mut line, &mut ids, &mut decs);
             }
             return;
         }
@@ -237,14 +250,7 @@ mod native {
         let mut ids2 = HashMap::new();
         let mut decs2 = HashMap::new();
         let t_all = bench("all of the above, as the shell does it", min, || {
-            let h = Headers::from_map(warm_map.clone()).unwrap();
-            let out = engine.on_request(&Request { headers: &h, now });
-            line.clear();
-            line.extend_from_slice(LOG_PREFIX.as_bytes());
-            DecisionRecord::new(&out.decision, Some("bench"), "0123456789ab", now * 1000, 42)
-                .write_json(&mut line);
-            metrics(&mut ids2, &mut decs2, out.decision.reason().code());
-            black_box(&line);
+            shell_request(&mut engine, &warm_map, now, &mut line, &mut ids2, &mut decs2)
         });
         println!(
             "split of the warm total: headers {:.0}%, engine {:.0}%, record line {:.0}%, metrics {:.0}%",
