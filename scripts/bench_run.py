@@ -3,7 +3,7 @@
 side on loopback, runs wrk against them in alternating rounds, runs minter-load against a minter
 alone, prints the table and writes target/bench/{summary,results}.json.
 
-Configurations (all: Envoy --concurrency 1, direct-response route, the same request headers):
+Configurations (all: Envoy --concurrency 1 unless --concurrency says otherwise, direct-response route, the same request headers):
   a  no filter
   b  no-op Rust proxy-wasm filter (one header read + one header set)
   c  jwt_authn with jwt_cache_config
@@ -141,7 +141,7 @@ def http_get(url, timeout=2):
 
 
 class Envoy:
-    def __init__(self, key, work, envoy_bin, base_id, http_filters, clusters, cpu, log_level="info"):
+    def __init__(self, key, work, envoy_bin, base_id, http_filters, clusters, cpu, log_level="info", concurrency=1):
         self.key = key
         self.dir = work / f"envoy-{key}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ class Envoy:
         self.admin_path = self.dir / "admin.address"
         self.base_id = base_id
         cmd = [str(envoy_bin), "-c", str(self.config), "--base-id", str(base_id), "--disable-hot-restart",
-               "--concurrency", "1", "--log-level", log_level, "--log-path", str(self.log_path),
+               "--concurrency", str(concurrency), "--log-level", log_level, "--log-path", str(self.log_path),
                "--admin-address-path", str(self.admin_path), "--file-flush-interval-msec", "1000"]
         if cpu is not None:
             cmd = ["taskset", "-c", str(cpu)] + cmd
@@ -280,6 +280,7 @@ def main():
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--configs", default="abcdefgr")
     ap.add_argument("--pin", action="store_true", help="Envoy on CPU 0, wrk on CPU 1")
+    ap.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads")
     ap.add_argument("--minter-requests", type=int, default=30000)
     ap.add_argument("--plugin-wasm", type=Path, default=ROOT / "target/wasm32-wasip1/release/mandate_plugin.wasm")
     ap.add_argument("--noop-wasm", type=Path, required=True)
@@ -345,7 +346,7 @@ def main():
     for i, k in enumerate(configs):
         filters, clusters = setups[k]
         envoys[k] = Envoy(k, a.work, a.envoy, base + i, filters, clusters, envoy_cpu,
-                          log_level="warning" if k == "x" else "info")
+                          log_level="warning" if k == "x" else "info", concurrency=a.concurrency)
     for k in configs:
         envoys[k].wait_ready()
     log("envoys ready: " + ", ".join(f"{k}=:{envoys[k].port} (base-id {envoys[k].base_id})" for k in configs))
@@ -452,7 +453,7 @@ def main():
     p = lines.append
     p("")
     p(f"mandate bench ({a.mode}): {a.rounds} round(s) x {a.duration} s per configuration, wrk -t1 -c{a.connections}, "
-      f"Envoy --concurrency 1{', pinned (Envoy CPU 0, wrk CPU 1)' if a.pin else ''}")
+      f"Envoy --concurrency {a.concurrency}{', pinned (Envoy CPU 0, wrk CPU 1)' if a.pin else ''}")
     p(f"machine: {os.cpu_count()} CPUs, load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end (shared: figures are noisy)")
     p("")
     hdr = f"{'':3}{'configuration':<29}{'req/s':>9}{'spread':>8}{'p50 ms':>8}{'p99 ms':>8}  {'/(a)':>5} {'/(b)':>5} {'/(c)':>5} {'/(d)':>5}{'RSS MB':>8}{'alloc MB':>9}"
@@ -509,6 +510,7 @@ def main():
         "duration_s": a.duration,
         "connections": a.connections,
         "pinned": a.pin,
+        "concurrency": a.concurrency,
         "cpus": os.cpu_count(),
         "loadavg_start": load_start[0],
         "loadavg_end": os.getloadavg()[0],
