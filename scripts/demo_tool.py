@@ -6,7 +6,7 @@
                                                    NAME@=FILE inserts FILE's YAML block as is)
   demo_tool.py wait-envoy ADMIN_FILE TIMEOUT_S     print the mandate listener port once ready
   demo_tool.py request TITLE [METHOD ]URL SEEN_FILE [HEADER: VALUE]...   send one request, tell the story
-  demo_tool.py post URL                         POST an empty form, print status and body
+  demo_tool.py post URL [--json B|--form B] [--tls PKI NAME] [--save FIELD FILE]   POST to the minter
   demo_tool.py decisions ENVOY_LOG              print the decision records, one line each
 """
 import http.server
@@ -177,13 +177,46 @@ def describe_jwt(value):
         return ""
 
 
-def post(url):
-    req = urllib.request.Request(url, data=b"", method="POST")
+def post(args):
+    """POST to the minter: `post URL [--json BODY | --form BODY] [--tls DIR NAME] [--save FIELD FILE]`.
+
+    With --tls, the minter is verified against DIR/ca.pem and NAME.pem/NAME.key is the client
+    certificate. --save writes one field of a JSON answer to FILE.
+    """
+    import ssl
+    url, rest = args[0], args[1:]
+    data, ctype, ctx, save = b"", "application/x-www-form-urlencoded", None, None
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--json":
+            data, ctype = rest.pop(0).encode(), "application/json"
+        elif flag == "--form":
+            data = rest.pop(0).encode()
+        elif flag == "--tls":
+            pki, name = rest.pop(0), rest.pop(0)
+            ctx = ssl.create_default_context(cafile=f"{pki}/ca.pem")
+            ctx.load_cert_chain(f"{pki}/{name}.pem", f"{pki}/{name}.key")
+        elif flag == "--save":
+            save = (rest.pop(0), rest.pop(0))
+        else:
+            sys.exit(f"post: unknown flag {flag}")
+    req = urllib.request.Request(url, data=data, method="POST", headers={"content-type": ctype})
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            print(f"  minter  <- {r.status} {r.read().decode()}")
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            status, body = r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        print(f"  minter  <- {e.code} {e.read().decode()}")
+        status, body = e.code, e.read().decode()
+    except urllib.error.URLError as e:
+        status, body = 0, f"connection refused by the minter: {e.reason}"
+    print(f"  minter  <- {status} {body}")
+    if save:
+        field, out = save
+        try:
+            value = json.loads(body)[field]
+        except (ValueError, KeyError, TypeError):
+            sys.exit(f"post: no `{field}` in the answer")
+        with open(out, "w") as f:
+            f.write(str(value))
 
 
 def decisions(log_file):
@@ -197,7 +230,7 @@ def decisions(log_file):
             continue
         cred = (r.get("credential") or {}).get("jti")
         print(f"  {r['decision_id']}  {r['effect']:<6} {r['reason']:<24} rule={r.get('rule_id') or '-':<22} "
-              f"intent={r.get('intent') or '-':<16} task={r.get('task') or '-':<7} {r.get('method') or ''} "
+              f"intent={r.get('intent') or '-':<16} task={(r.get('task') or '-'):<27} {r.get('method') or ''} "
               f"{r.get('authority') or ''}{r.get('path') or ''}" + (f"  credential jti={cred}" if cred else ""))
 
 
@@ -212,7 +245,7 @@ def main():
     elif cmd == "request":
         request(args[0], args[1], args[2], args[3:])
     elif cmd == "post":
-        post(args[0])
+        post(args)
     elif cmd == "decisions":
         decisions(args[0])
     else:

@@ -1,31 +1,60 @@
 //! Writes everything scripts/demo needs into OUTDIR, generated fresh per run:
 //!   plugin.json    plugin config: trust domain acme.example (inline bundle), the
-//!                  support-agent policy from policies/, an intent issuer, the minter cluster
-//!   minter.json    minter config trusting the same bundle (state in OUTDIR/minter-state)
+//!                  support-agent policy from policies/ (registered tasks), an intent issuer,
+//!                  the minter cluster
+//!   minter.json    minter config as production runs it: HTTPS, mutual TLS with named clients
+//!                  (the gateway may mint and read the feed; the orchestrator may create and
+//!                  end tasks; nobody else, not even an agent holding a certificate from the
+//!                  same CA), registered tasks only; state in OUTDIR/minter-state
 //!   agent.svid     JWT-SVID of spiffe://acme.example/agent/support/a1 (5 minutes)
 //!   rogue.svid     the same claims signed by a key the trust domain does not hold
-//!   intent.jwt     a signed intent token: customer.lookup for task CASE-7, bound to the agent
+//!
+//! `mandate-demo-setup intent OUTDIR TASK` writes OUTDIR/intent.jwt: a signed intent token
+//! (`typ: intent+jwt`) for customer.lookup, bound to the agent, this gateway and TASK (the id
+//! the minter gave the task when the orchestrator registered it).
+//!
+//! The PKI (CA, minter server certificate, client certificates) comes from
+//! scripts/gen-test-certs in OUTDIR/pki.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use mandate_e2e::{testkit, unix_now, workspace_root};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const AUDIENCE: &str = "spiffe://acme.example/gateway";
 const AGENT: &str = "spiffe://acme.example/agent/support/a1";
+const INTENT_ISSUER: &str = "https://intents.acme.example";
+/// The proxy's identity at the minter (its client certificate's URI SAN).
+pub const GATEWAY_CLIENT: &str = "spiffe://acme.example/gateway/envoy";
+/// The orchestrator's identity at the minter.
+pub const ORCHESTRATOR_CLIENT: &str = "spiffe://acme.example/orchestrator";
+
+/// The intent issuer's key: a fixed test key, so that the `intent` step signs with the key
+/// whose public half `plugin.json` trusts.
+fn intent_key() -> testkit::TestKey {
+    testkit::TestKey::rsa("intents-1", 0)
+}
 
 fn main() -> Result<()> {
-    let out = PathBuf::from(std::env::args().nth(1).context("usage: mandate-demo-setup OUTDIR")?);
-    std::fs::create_dir_all(&out)?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [out] => setup(Path::new(out)),
+        [cmd, out, task] if cmd == "intent" => intent(Path::new(out), task),
+        _ => bail!("usage: mandate-demo-setup OUTDIR | mandate-demo-setup intent OUTDIR TASK"),
+    }
+}
+
+fn setup(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
     let now = unix_now();
     let spire = testkit::TestKey::es256("spire-1");
-    let intents = testkit::TestKey::es256("intents-1");
     let bundle = testkit::spiffe_bundle(&[&spire], Some(300));
 
     let policy_path = workspace_root().join("policies/support-agent.policy.json");
     let raw = std::fs::read(&policy_path).with_context(|| policy_path.display().to_string())?;
     let mut policy: Value = serde_json::from_slice(&raw)?;
-    policy["intent_issuers"] = json!([{"issuer": "https://intents.acme.example", "jwks": testkit::plain_jwks(&[&intents])}]);
+    policy["intent_issuers"] =
+        json!([{"issuer": INTENT_ISSUER, "audiences": [AUDIENCE], "jwks": testkit::plain_jwks(&[&intent_key()])}]);
 
     let plugin = json!({
         "identity": {
@@ -34,10 +63,11 @@ fn main() -> Result<()> {
             "trust_domains": [{"name": "acme.example", "bundle": {"inline": bundle}}]
         },
         "policy": policy,
-        "minter": {"cluster": "minter", "timeout_ms": 1000, "revocations": {"interval_ms": 500}}
+        "minter": {"cluster": "minter", "authority": "localhost", "timeout_ms": 1000, "revocations": {"interval_ms": 500}}
     });
     std::fs::write(out.join("plugin.json"), plugin.to_string())?;
 
+    let pki: PathBuf = out.join("pki");
     let minter = json!({
         "listen": "127.0.0.1:0",
         "issuer": "https://minter.acme.example",
@@ -45,7 +75,21 @@ fn main() -> Result<()> {
         "workers": 1,
         "log_level": "error",
         "identity": {"audiences": [AUDIENCE], "trust_domains": [{"name": "acme.example", "bundle": {"inline": bundle}}]},
-        "audiences": {"acme.example": ["*"]},
+        "tls": {"cert": pki.join("server.pem"), "key": pki.join("server.key"), "client_ca": pki.join("ca.pem")},
+        "client_auth": {"mode": "mtls", "clients": [
+            {"client_id": GATEWAY_CLIENT, "roles": ["mint", "feed"]},
+            {"client_id": ORCHESTRATOR_CLIENT, "roles": ["tasks", "revoke"]}
+        ]},
+        // Destinations are the policy's resources (their `audience`, else their name).
+        "audiences": {"acme.example": ["tickets", "ticket-comments", "kb-articles", "customer-db"]},
+        "scopes": {
+            "tickets": ["tickets:read", "kb:read"],
+            "ticket-comments": ["tickets:read", "kb:read", "tickets:comment"],
+            "kb-articles": ["tickets:read", "kb:read"],
+            "customer-db": ["customers:read", "customers:write"]
+        },
+        "require_task": true,
+        "tasks": {"require_registered": true, "default_ttl_s": 900, "max_ttl_s": 3600},
         "ttl": {"default_s": 120, "max_s": 300}
     });
     std::fs::write(out.join("minter.json"), minter.to_string())?;
@@ -53,8 +97,15 @@ fn main() -> Result<()> {
     let claims = json!({"sub": AGENT, "aud": AUDIENCE, "iat": now.saturating_sub(5), "exp": now + 300});
     std::fs::write(out.join("agent.svid"), spire.sign(&claims))?;
     std::fs::write(out.join("rogue.svid"), testkit::TestKey::es256("spire-1").sign(&claims))?;
-    let intent = json!({"iss": "https://intents.acme.example", "sub": AGENT, "exp": now + 600, "iat": now,
-                        "intents": ["customer.lookup"], "task": "CASE-7"});
-    std::fs::write(out.join("intent.jwt"), intents.sign(&intent))?;
+    Ok(())
+}
+
+fn intent(out: &Path, task: &str) -> Result<()> {
+    let now = unix_now();
+    let key = intent_key();
+    let header = json!({"alg": key.alg(), "kid": key.kid, "typ": "intent+jwt"});
+    let claims = json!({"iss": INTENT_ISSUER, "sub": AGENT, "aud": AUDIENCE, "exp": now + 600, "iat": now,
+                        "intents": ["customer.lookup"], "task": task});
+    std::fs::write(out.join("intent.jwt"), key.sign_raw(key.alg(), &header.to_string(), &claims.to_string()))?;
     Ok(())
 }
