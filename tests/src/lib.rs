@@ -1077,6 +1077,72 @@ pub fn raw_http(port: u16, request: &[u8]) -> Result<HttpResponse> {
     parse_response(&buf)
 }
 
+/// A TLS client identity for [`https`]: the CA that signed the server, and optionally a client
+/// certificate (`NAME.pem` / `NAME.key` from `scripts/gen-test-certs`).
+pub struct TlsClient {
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl TlsClient {
+    /// Trusts `pki/ca.pem`; presents `pki/{name}.pem` when `name` is given.
+    pub fn new(pki: &Path, name: Option<&str>) -> Result<TlsClient> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(pki.join("ca.pem"))? {
+            roots.add(cert?)?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let config = match name {
+            Some(n) => {
+                let chain = CertificateDer::pem_file_iter(pki.join(format!("{n}.pem")))?.collect::<Result<Vec<_>, _>>()?;
+                let key = PrivateKeyDer::from_pem_file(pki.join(format!("{n}.key")))?;
+                builder.with_client_auth_cert(chain, key)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(TlsClient { config: std::sync::Arc::new(config) })
+    }
+
+    /// One HTTPS request to `127.0.0.1:port` (server name `localhost`), `connection: close`.
+    /// A TLS-level refusal (say, a client certificate the server rejects) is an `Err`.
+    pub fn request(&self, port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<HttpResponse> {
+        let name = rustls_pki_types::ServerName::try_from("localhost")?;
+        let conn = rustls::ClientConnection::new(self.config.clone(), name)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+        for (n, v) in headers {
+            let _ = write!(req, "{n}: {v}\r\n");
+        }
+        req.push_str("\r\n");
+        tls.write_all(req.as_bytes())?;
+        tls.write_all(body)?;
+        tls.flush()?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match tls.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // Servers often close without close_notify after `connection: close`.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => break,
+                Err(e) => return Err(e.into()),
+            }
+            if response_complete(&buf) {
+                break;
+            }
+        }
+        parse_response(&buf)
+    }
+}
+
 /// Whether `buf` holds a whole response whose end is known without the connection closing.
 fn response_complete(buf: &[u8]) -> bool {
     let Ok((status, headers, head_end)) = parse_head(buf) else { return false };
