@@ -6,7 +6,7 @@
                                                    NAME@=FILE inserts FILE's YAML block as is)
   demo_tool.py wait-envoy ADMIN_FILE TIMEOUT_S     print the mandate listener port once ready
   demo_tool.py request TITLE [METHOD ]URL SEEN_FILE [HEADER: VALUE]...   send one request, tell the story
-  demo_tool.py post URL                         POST an empty form, print status and body
+  demo_tool.py post URL [JSON]                  POST an empty form (or a JSON body), print status and body
   demo_tool.py decisions ENVOY_LOG              print the decision records, one line each
 """
 import http.server
@@ -177,8 +177,12 @@ def describe_jwt(value):
         return ""
 
 
-def post(url):
-    req = urllib.request.Request(url, data=b"", method="POST")
+def post(url, json_body=None):
+    if json_body is None:
+        req = urllib.request.Request(url, data=b"", method="POST")
+    else:
+        req = urllib.request.Request(url, data=json_body.encode(), method="POST",
+                                     headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             print(f"  minter  <- {r.status} {r.read().decode()}")
@@ -212,7 +216,7 @@ def main():
     elif cmd == "request":
         request(args[0], args[1], args[2], args[3:])
     elif cmd == "post":
-        post(args[0])
+        post(args[0], args[1] if len(args) > 1 else None)
     elif cmd == "decisions":
         decisions(args[0])
     else:

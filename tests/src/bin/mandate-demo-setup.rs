@@ -46,7 +46,17 @@ fn main() -> Result<()> {
         "log_level": "error",
         "identity": {"audiences": [AUDIENCE], "trust_domains": [{"name": "acme.example", "bundle": {"inline": bundle}}]},
         "audiences": {"acme.example": ["*"]},
-        "ttl": {"default_s": 120, "max_s": 300}
+        // An audience without a scope list gets no scope: name what the policy's intents ask for.
+        "scopes": {
+            "tickets": ["tickets:read", "kb:read", "tickets:comment"],
+            "ticket-comments": ["tickets:read", "kb:read", "tickets:comment"],
+            "kb-articles": ["tickets:read", "kb:read"],
+            "customer-db": ["customers:read", "customers:write"]
+        },
+        "ttl": {"default_s": 120, "max_s": 300},
+        // Loopback development setup; the task CASE-7 is an ad-hoc name, ended per agent.
+        "dev": true,
+        "tasks": {"require_registered": false}
     });
     std::fs::write(out.join("minter.json"), minter.to_string())?;
 
