@@ -452,7 +452,7 @@ impl Prepared {
         for url in state.config.bundle_urls.clone() {
             background.spawn(crate::verify::fetch_loop(state.identity.clone(), url, state.log));
         }
-        state.log.info(serde_json::json!({"msg": "listening", "addr": addr.to_string(), "tls": tls.is_some(), "client_auth": format!("{:?}", state.auth.mode()), "kid": state.current_keys().current_kid}));
+        state.log.info(serde_json::json!({"msg": "listening", "addr": addr.to_string(), "tls": tls.is_some(), "client_auth": format!("{:?}", state.auth.mode()), "dev": state.config.dev, "tasks_require_registered": state.config.tasks.require_registered, "kid": state.current_keys().current_kid}));
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         loop {

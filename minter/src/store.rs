@@ -180,11 +180,12 @@ pub struct RevokeOutcome {
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<RevokeOutcome, String>>;
+type TaskReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 enum Cmd {
     Issued(IssuedRecord),
     Revoke { req: RevokeRequest, at: u64, client_id: String, reply: Reply },
-    CreateTask { task: Task, reply: tokio::sync::oneshot::Sender<Result<(), String>> },
+    CreateTask { task: Task, reply: TaskReply },
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -585,7 +586,7 @@ struct Changes {
 
 fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64, token_max_s: u64) {
     let mut replies: Vec<(Reply, Result<RevokeOutcome, String>)> = Vec::new();
-    let mut task_replies: Vec<(tokio::sync::oneshot::Sender<Result<(), String>>, Result<(), String>)> = Vec::new();
+    let mut task_replies: Vec<(TaskReply, Result<(), String>)> = Vec::new();
     let mut flushes = Vec::new();
     // Revocations must survive power loss: fsync the WAL on their commits
     // (FULL); batches of issued-token records only need to survive a crash of

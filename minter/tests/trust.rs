@@ -655,7 +655,7 @@ fn restored_or_restarted_minter_changes_epoch_and_stale_cursor_is_reset() {
     assert_eq!(v["reset"], true);
     assert_eq!(v["revocations"][0]["value"], BOB);
     // A made-up epoch is treated the same.
-    let (_, v, _) = call(&h, "GET", &format!("/revocations?since=999&epoch=forged"), Body::None, None);
+    let (_, v, _) = call(&h, "GET", "/revocations?since=999&epoch=forged", Body::None, None);
     assert_eq!((v["reset"].as_bool(), v["revocations"].as_array().unwrap().len()), (Some(true), 1));
 }
 
