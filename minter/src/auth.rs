@@ -52,17 +52,6 @@ pub struct Client {
     pub audiences: Option<Arc<Vec<String>>>,
 }
 
-impl Client {
-    /// 403 `access_denied` unless the client has `role` (every endpoint but `/token`).
-    pub fn require(&self, role: Role) -> Result<(), OAuthError> {
-        if self.roles.has(role) {
-            Ok(())
-        } else {
-            Err(OAuthError::access_denied(format!("client lacks role `{}`", role.as_str())))
-        }
-    }
-}
-
 struct Known {
     secret_sha256: Option<[u8; 32]>,
     roles: Roles,

@@ -203,17 +203,15 @@ fn outcome_response(st: &AppState, client: &Client, outcome: Result<crate::store
     }
 }
 
-/// Authenticates and checks one role (403 `access_denied` without it).
+/// Authenticates and checks the client has one of `roles` (else 403 `access_denied`,
+/// naming the first).
 fn authorize(st: &AppState, peer: &Peer, headers: &HeaderMap, path: &str, roles: &[Role]) -> Result<Client, OAuthError> {
     let client = authenticate(st, peer, headers, path)?;
     if roles.iter().any(|r| client.roles.has(*r)) {
         return Ok(client);
     }
-    let e = match roles.first() {
-        Some(r) => client.require(*r).err(),
-        None => None,
-    }
-    .unwrap_or_else(|| OAuthError::access_denied("client lacks the role"));
+    let name = roles.first().map_or("?", |r| r.as_str());
+    let e = OAuthError::access_denied(format!("client lacks role `{name}`"));
     st.log.info(serde_json::json!({"msg": "client refused", "path": path, "client_id": client.client_id, "error": e.error, "why": e.description}));
     Err(e)
 }
@@ -408,11 +406,14 @@ pub fn prepare(config: MinterConfig) -> Result<Prepared> {
 }
 
 /// Like `prepare`, with an optional listen override (`--listen`).
-pub fn prepare_on(config: MinterConfig, listen: Option<SocketAddr>) -> Result<Prepared> {
-    let addr = match listen {
-        Some(a) => a,
-        None => config.listen_addr()?,
-    };
+pub fn prepare_on(mut config: MinterConfig, listen: Option<SocketAddr>) -> Result<Prepared> {
+    if let Some(a) = listen {
+        // The rules that depend on the address (dev mode and shared secrets
+        // without TLS stay on loopback) apply to the override too.
+        config.listen = a.to_string();
+        config = config.finish(std::path::Path::new(""))?;
+    }
+    let addr = config.listen_addr()?;
     let tls = match &config.tls {
         Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(t)?)),
         None => None,

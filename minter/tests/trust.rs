@@ -206,6 +206,19 @@ fn configurations_that_open_the_minter_to_any_caller_are_refused() {
     assert!(MinterConfig::from_json(c).is_err());
 }
 
+#[test]
+fn listen_override_cannot_move_shared_secrets_or_dev_mode_off_loopback() {
+    let env = Env::new();
+    let any: std::net::SocketAddr = "0.0.0.0:0".parse().unwrap();
+    let cfg = MinterConfig::from_json(env.with_clients(&[("proxy", &["mint"])])).unwrap();
+    let e = mandate_minter::server::prepare_on(cfg, Some(any)).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(e.contains("tls"), "{e}");
+    let cfg = MinterConfig::from_json(env.dev()).unwrap();
+    assert!(mandate_minter::server::prepare_on(cfg, Some(any)).is_err());
+    let cfg = MinterConfig::from_json(env.dev()).unwrap();
+    assert!(mandate_minter::server::prepare_on(cfg, Some("127.0.0.1:0".parse().unwrap())).is_ok());
+}
+
 /// PKI for the mTLS tests: a CA, a server certificate, a registered proxy
 /// certificate, and an agent's X.509-SVID issued by the same CA.
 struct Pki {
