@@ -98,13 +98,14 @@ pub fn build(new: NewTask, client_id: &str, now: u64) -> Task {
 pub fn check_for_token(st: &AppState, task: &str, subject: &str, intent: Option<&str>, now: u64) -> Result<Option<u64>, OAuthError> {
     match st.store.task(task) {
         Some(t) => {
+            // Binding first: a subject the task is not bound to learns nothing about it.
+            if !t.subjects.iter().any(|s| s == subject) {
+                return Err(OAuthError::refused("task_not_bound", "task not bound to this subject"));
+            }
             match t.state(now) {
                 TaskState::Ended => return Err(OAuthError::refused("task_ended", "task ended")),
                 TaskState::Expired => return Err(OAuthError::refused("task_expired", "task expired")),
                 TaskState::Active => {}
-            }
-            if !t.subjects.iter().any(|s| s == subject) {
-                return Err(OAuthError::refused("task_not_bound", "task not bound to this subject"));
             }
             if st.store.task_revoked_for(task, subject) {
                 return Err(OAuthError::refused("task_ended", "task ended"));
