@@ -64,6 +64,8 @@ pub fn minter_config(bundle: &Value) -> Value {
         "identity": {"audiences": [AUD], "trust_domains": [{"name": TRUST_DOMAIN, "bundle": {"inline": bundle}}]},
         "audiences": {TRUST_DOMAIN: ["tickets"]},
         "scopes": {"tickets": ["tickets:read"]},
-        "ttl": {"default_s": 300, "max_s": 300}
+        "ttl": {"default_s": 300, "max_s": 300},
+        "dev": true,
+        "tasks": {"require_registered": false}
     })
 }

@@ -1,6 +1,7 @@
-//! Client (proxy) authentication: loopback, HTTP Basic shared secret, or mTLS.
+//! Client (proxy, orchestrator) authentication: loopback (dev only), HTTP
+//! Basic shared secret, or mTLS; every client is named and has roles.
 
-use crate::config::{ClientAuthConfig, ClientAuthMode};
+use crate::config::{ClientAuthConfig, ClientAuthMode, Role};
 use crate::error::OAuthError;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -17,16 +18,43 @@ pub struct Peer {
     pub cert_identity: Option<Arc<str>>,
 }
 
+/// A set of roles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles(u8);
+
+impl Roles {
+    fn bit(r: Role) -> u8 {
+        match r {
+            Role::Mint => 1,
+            Role::MintLegacy => 2,
+            Role::Revoke => 4,
+            Role::Feed => 8,
+            Role::Tasks => 16,
+        }
+    }
+    pub fn all() -> Roles {
+        Roles::from_slice(&Role::ALL)
+    }
+    pub fn from_slice(roles: &[Role]) -> Roles {
+        Roles(roles.iter().fold(0, |acc, r| acc | Roles::bit(*r)))
+    }
+    pub fn has(self, r: Role) -> bool {
+        self.0 & Roles::bit(r) != 0
+    }
+}
+
 /// An authenticated client.
 #[derive(Debug, Clone)]
 pub struct Client {
     pub client_id: String,
+    pub roles: Roles,
     /// Audiences this client may obtain tokens for (None: any allowed by policy).
     pub audiences: Option<Arc<Vec<String>>>,
 }
 
 struct Known {
     secret_sha256: Option<[u8; 32]>,
+    roles: Roles,
     audiences: Option<Arc<Vec<String>>>,
 }
 
@@ -101,6 +129,7 @@ impl ClientAuth {
             .map(|c| {
                 let known = Known {
                     secret_sha256: c.secret_sha256.as_deref().and_then(hex32),
+                    roles: Roles::from_slice(&c.roles),
                     audiences: c.audiences.clone().map(Arc::new),
                 };
                 (c.client_id.clone(), known)
@@ -121,7 +150,7 @@ impl ClientAuth {
                     ip => ip,
                 };
                 if ip.is_loopback() {
-                    Ok(Client { client_id: "loopback".into(), audiences: None })
+                    Ok(Client { client_id: "loopback".into(), roles: Roles::all(), audiences: None })
                 } else {
                     Err(OAuthError::invalid_client("only loopback clients are accepted in none_loopback mode"))
                 }
@@ -136,7 +165,7 @@ impl ClientAuth {
                 let known = self.clients.get(&id);
                 let ok = known.and_then(|k| k.secret_sha256.as_ref()).is_some_and(|h| ct_eq(h, &presented));
                 match (ok, known) {
-                    (true, Some(k)) => Ok(Client { client_id: id, audiences: k.audiences.clone() }),
+                    (true, Some(k)) => Ok(Client { client_id: id, roles: k.roles, audiences: k.audiences.clone() }),
                     _ => Err(OAuthError::invalid_client("client authentication failed")),
                 }
             }
@@ -144,11 +173,10 @@ impl ClientAuth {
                 let Some(identity) = peer.cert_identity.as_deref() else {
                     return Err(OAuthError::invalid_client("a client certificate is required"));
                 };
-                if self.clients.is_empty() {
-                    return Ok(Client { client_id: identity.to_string(), audiences: None });
-                }
+                // Only named clients: a certificate from the CA alone grants nothing
+                // (an agent may hold an X.509-SVID from the same CA).
                 match self.clients.get(identity) {
-                    Some(k) => Ok(Client { client_id: identity.to_string(), audiences: k.audiences.clone() }),
+                    Some(k) => Ok(Client { client_id: identity.to_string(), roles: k.roles, audiences: k.audiences.clone() }),
                     None => Err(OAuthError::invalid_client("client certificate identity not registered")),
                 }
             }
@@ -165,6 +193,15 @@ mod tests {
         assert_eq!(form_decode("a%3Ab+c").as_deref(), Some("a:b c"));
         assert_eq!(form_decode("%zz"), None);
         assert_eq!(form_decode("%4"), None);
+    }
+
+    #[test]
+    fn role_sets() {
+        let r = Roles::from_slice(&[Role::Mint, Role::Feed]);
+        assert!(r.has(Role::Mint) && r.has(Role::Feed));
+        assert!(!r.has(Role::MintLegacy) && !r.has(Role::Revoke) && !r.has(Role::Tasks));
+        assert!(Role::ALL.iter().all(|x| Roles::all().has(*x)));
+        assert!(!Roles::default().has(Role::Mint));
     }
 
     #[test]

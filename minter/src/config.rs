@@ -40,9 +40,17 @@ pub struct MinterConfig {
     /// template) → audiences its workloads may obtain tokens for. `*` allows any.
     #[serde(default)]
     pub audiences: BTreeMap<String, Vec<String>>,
-    /// Audience → scopes that may be requested for it (absent: any scope).
+    /// Audience → scopes that may be requested for it. An absent audience (or
+    /// an empty list) allows no scope; `["*"]` is the explicit opt-in for any.
     #[serde(default)]
     pub scopes: BTreeMap<String, Vec<String>>,
+    /// Development setup: allows `client_auth.mode = "none_loopback"`, whose
+    /// implicit client `loopback` has every role.
+    #[serde(default)]
+    pub dev: bool,
+    /// Registered tasks (`POST /tasks`).
+    #[serde(default)]
+    pub tasks: TasksConfig,
     /// Refuse exchanges without a `task` parameter.
     #[serde(default)]
     pub require_task: bool,
@@ -89,10 +97,60 @@ impl Default for TtlConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksConfig {
+    /// Refuse `/token` for a task the minter did not issue (`task_unknown`).
+    #[serde(default = "default_true")]
+    pub require_registered: bool,
+    /// Lifetime of a task created without `ttl_s`, seconds.
+    #[serde(default = "default_task_ttl")]
+    pub default_ttl_s: u64,
+    /// Longest `ttl_s` accepted by `POST /tasks`, seconds.
+    #[serde(default = "default_task_max_ttl")]
+    pub max_ttl_s: u64,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig { require_registered: true, default_ttl_s: default_task_ttl(), max_ttl_s: default_task_max_ttl() }
+    }
+}
+
+/// What an authenticated client may do.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `POST /token` for non-legacy audiences.
+    Mint,
+    /// `POST /token` for legacy audiences (static secrets).
+    MintLegacy,
+    /// `POST /tasks/{id}/end`, `POST /revoke`.
+    Revoke,
+    /// `GET /revocations`.
+    Feed,
+    /// `POST /tasks`, `GET /tasks/{id}`.
+    Tasks,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [Role::Mint, Role::MintLegacy, Role::Revoke, Role::Feed, Role::Tasks];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Mint => "mint",
+            Role::MintLegacy => "mint_legacy",
+            Role::Revoke => "revoke",
+            Role::Feed => "feed",
+            Role::Tasks => "tasks",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuthMode {
-    /// Development: any peer on 127.0.0.0/8 or ::1; client_id `loopback`.
+    /// Development only (`dev: true`): any peer on 127.0.0.0/8 or ::1; client_id
+    /// `loopback`, with every role.
     #[default]
     NoneLoopback,
     /// HTTP Basic with client_id / client_secret; secrets stored as SHA-256 hex.
@@ -106,9 +164,10 @@ pub enum ClientAuthMode {
 pub struct ClientAuthConfig {
     #[serde(default)]
     pub mode: ClientAuthMode,
-    /// Known clients. For `shared_secret` every client needs `secret_sha256`;
-    /// for `mtls` the list is optional (empty: any certificate from the CA) and
-    /// `client_id` matches the certificate's identity (URI SAN, else DNS SAN, else CN).
+    /// Named clients. For `shared_secret` every client needs `secret_sha256`;
+    /// for `mtls` the list is required (a certificate from the CA alone is not
+    /// enough) and `client_id` matches the certificate's identity (URI SAN,
+    /// else DNS SAN, else CN).
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
 }
@@ -120,6 +179,9 @@ pub struct ClientConfig {
     /// Lowercase hex SHA-256 of the client secret (`mandate-minter hash-secret`).
     #[serde(default)]
     pub secret_sha256: Option<String>,
+    /// What this client may do (required, non-empty).
+    #[serde(default)]
+    pub roles: Vec<Role>,
     /// If set, the audiences this client may obtain tokens for (else `unauthorized_client`).
     #[serde(default)]
     pub audiences: Option<Vec<String>>,
@@ -172,6 +234,12 @@ fn default_ttl() -> u64 {
 }
 fn default_max_ttl() -> u64 {
     300
+}
+fn default_task_ttl() -> u64 {
+    3600
+}
+fn default_task_max_ttl() -> u64 {
+    86400
 }
 fn default_true() -> bool {
     true
@@ -255,10 +323,25 @@ impl MinterConfig {
         self.identity_parsed = Some(parsed.identity);
         self.bundle_urls = urls;
         for (td, auds) in &self.audiences {
-            if auds.iter().any(|a| a.is_empty()) {
-                bail!("`audiences.{td}` contains an empty audience");
+            for a in auds {
+                if a != "*" {
+                    crate::values::audience(a).map_err(|e| anyhow!("`audiences.{td}`: {e}"))?;
+                }
             }
         }
+        for (aud, scopes) in &self.scopes {
+            crate::values::audience(aud).map_err(|e| anyhow!("`scopes`: {e}"))?;
+            if scopes.iter().any(|s| s == "*") && scopes.len() > 1 {
+                bail!("`scopes.{aud}`: `*` (any scope) must be the only entry");
+            }
+            if scopes.iter().any(|s| s.is_empty() || !s.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))) {
+                bail!("`scopes.{aud}` contains an empty or malformed scope");
+            }
+        }
+        if self.tasks.default_ttl_s == 0 || self.tasks.max_ttl_s == 0 || self.tasks.default_ttl_s > self.tasks.max_ttl_s {
+            bail!("`tasks.default_ttl_s` and `tasks.max_ttl_s` must be positive, default ≤ max");
+        }
+        let listen_ip = self.listen_addr()?.ip();
         match self.client_auth.mode {
             ClientAuthMode::SharedSecret => {
                 if self.client_auth.clients.is_empty() {
@@ -270,16 +353,30 @@ impl MinterConfig {
                         bail!("client `{}`: `secret_sha256` must be 64 hex digits", c.client_id);
                     }
                 }
+                if self.tls.is_none() && !listen_ip.is_loopback() {
+                    bail!("`client_auth.mode = shared_secret` sends secrets: it needs `tls` unless `listen` is a loopback address (got {listen_ip})");
+                }
             }
             ClientAuthMode::Mtls => {
                 if self.tls.as_ref().and_then(|t| t.client_ca.as_ref()).is_none() {
                     bail!("`client_auth.mode = mtls` needs `tls.cert`, `tls.key` and `tls.client_ca`");
                 }
+                if self.client_auth.clients.is_empty() {
+                    bail!("`client_auth.mode = mtls` needs `client_auth.clients`: a certificate from the CA alone grants nothing");
+                }
+                if self.client_auth.clients.iter().any(|c| c.secret_sha256.is_some()) {
+                    bail!("`client_auth.mode = mtls`: clients take no `secret_sha256`");
+                }
             }
             ClientAuthMode::NoneLoopback => {
-                let ip = self.listen_addr()?.ip();
-                if !ip.is_loopback() {
-                    bail!("`client_auth.mode = none_loopback` (the default) requires a loopback `listen` address, got {ip}");
+                if !self.dev {
+                    bail!("`client_auth.mode = none_loopback` (the default) is for development only: set `\"dev\": true`, or use `mtls` or `shared_secret` with named clients");
+                }
+                if !listen_ip.is_loopback() {
+                    bail!("`client_auth.mode = none_loopback` requires a loopback `listen` address, got {listen_ip}");
+                }
+                if !self.client_auth.clients.is_empty() {
+                    bail!("`client_auth.clients` is not used with `client_auth.mode = none_loopback` (the loopback client has every role)");
                 }
             }
         }
@@ -287,6 +384,14 @@ impl MinterConfig {
         for c in &self.client_auth.clients {
             if c.client_id.is_empty() || !seen.insert(c.client_id.clone()) {
                 bail!("client ids must be non-empty and unique (`{}`)", c.client_id);
+            }
+            if c.roles.is_empty() {
+                bail!("client `{}`: `roles` is required (one or more of mint, mint_legacy, revoke, feed, tasks)", c.client_id);
+            }
+            if let Some(auds) = &c.audiences {
+                for a in auds.iter().filter(|a| *a != "*") {
+                    crate::values::audience(a).map_err(|e| anyhow!("client `{}`: `audiences`: {e}", c.client_id))?;
+                }
             }
         }
         if let Some(l) = &self.legacy {

@@ -9,11 +9,25 @@ pub struct OAuthError {
     pub status: StatusCode,
     pub error: &'static str,
     pub description: String,
+    /// Extension member `mandate_reason` (task and revocation refusals), read by the plugin.
+    pub mandate_reason: Option<&'static str>,
 }
 
 impl OAuthError {
     fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> OAuthError {
-        OAuthError { status, error, description: description.into() }
+        OAuthError { status, error, description: description.into(), mandate_reason: None }
+    }
+    /// 400 `invalid_grant` with `mandate_reason` (task / revocation refusals).
+    pub fn refused(reason: &'static str, d: impl Into<String>) -> OAuthError {
+        OAuthError { mandate_reason: Some(reason), ..Self::new(StatusCode::BAD_REQUEST, "invalid_grant", d) }
+    }
+    /// 403 `access_denied`: the client is known but lacks the role (not `/token`).
+    pub fn access_denied(d: impl Into<String>) -> OAuthError {
+        Self::new(StatusCode::FORBIDDEN, "access_denied", d)
+    }
+    /// 404 `not_found` (an unknown task).
+    pub fn not_found(d: impl Into<String>) -> OAuthError {
+        Self::new(StatusCode::NOT_FOUND, "not_found", d)
     }
     pub fn invalid_request(d: impl Into<String>) -> OAuthError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
@@ -44,7 +58,11 @@ impl OAuthError {
 
 impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": self.error, "error_description": self.description}).to_string();
+        let mut body = serde_json::json!({"error": self.error, "error_description": self.description});
+        if let (Some(r), Some(o)) = (self.mandate_reason, body.as_object_mut()) {
+            o.insert("mandate_reason".into(), r.into());
+        }
+        let body = body.to_string();
         let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -22,7 +22,9 @@ pub mod keys;
 pub mod legacy;
 pub mod server;
 pub mod store;
+pub mod tasks;
 pub mod tls;
+pub mod values;
 pub mod verify;
 
 pub use server::{prepare, spawn, Handle, Prepared};

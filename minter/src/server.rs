@@ -1,15 +1,16 @@
 //! HTTP(S) server: state, routes, connection handling, lifecycle.
 
 use crate::auth::{Client, ClientAuth, Peer};
-use crate::config::MinterConfig;
+use crate::config::{MinterConfig, Role};
 use crate::error::OAuthError;
 use crate::keys::{self, KeySet};
 use crate::legacy::{self, SecretFile};
-use crate::store::{Kind, Store};
+use crate::store::{Kind, RevokeRequest, Store};
 use crate::verify::IdentitySource;
 use crate::Log;
 use anyhow::{anyhow, Context, Result};
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Extension, Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -41,7 +42,7 @@ impl AppState {
         let log = Log { level: config.log_level };
         let identity = IdentitySource::new(config.identity()?.clone()).map_err(|e| anyhow!("identity: {e}"))?;
         let keyset = keys::load_or_create(&config.state_dir)?;
-        let store = Store::open(&config.state_dir)?;
+        let store = Store::open(&config.state_dir, config.ttl.max_s)?;
         let legacy = match &config.legacy {
             Some(l) => {
                 let f = legacy::load(&l.secrets_file)?;
@@ -122,6 +123,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
         .route("/token", post(token))
+        .route("/tasks", post(create_task))
+        .route("/tasks/{task}", get(get_task))
         .route("/tasks/{task}/end", post(end_task))
         .route("/revoke", post(revoke))
         .route("/revocations", get(revocations))
@@ -183,13 +186,11 @@ async fn token(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderM
     }
 }
 
-async fn do_revoke(st: &AppState, client: &Client, kind: Kind, value: &str) -> Response {
-    if value.is_empty() || value.len() > 2048 {
-        return OAuthError::invalid_request("revocation value must be 1-2048 bytes").into_response();
-    }
-    match st.store.revoke(kind, value, &client.client_id).await {
+fn outcome_response(st: &AppState, client: &Client, outcome: Result<crate::store::RevokeOutcome>) -> Response {
+    match outcome {
         Ok(outcome) => {
-            st.log.info(serde_json::json!({"msg": "revoked", "client_id": client.client_id, "kind": kind, "value": value, "seq": outcome.revocation.seq, "created": outcome.created, "live_tokens": outcome.jtis.len()}));
+            let r = &outcome.revocation;
+            st.log.info(serde_json::json!({"msg": "revoked", "client_id": client.client_id, "kind": r.kind, "value": r.value, "subject": r.subject, "seq": r.seq, "created": outcome.created, "live_tokens": outcome.jtis.len()}));
             match serde_json::to_string(&outcome) {
                 Ok(s) => json_response(StatusCode::OK, s, "no-store"),
                 Err(_) => OAuthError::server_error("encoding failed").into_response(),
@@ -202,42 +203,165 @@ async fn do_revoke(st: &AppState, client: &Client, kind: Kind, value: &str) -> R
     }
 }
 
-async fn end_task(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, UrlPath(task): UrlPath<String>) -> Response {
-    let client = match authenticate(&st, &peer, &headers, "/tasks/end") {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
-    do_revoke(&st, &client, Kind::Task, &task).await
+/// Authenticates and checks the client has one of `roles` (else 403 `access_denied`,
+/// naming the first).
+fn authorize(st: &AppState, peer: &Peer, headers: &HeaderMap, path: &str, roles: &[Role]) -> Result<Client, OAuthError> {
+    let client = authenticate(st, peer, headers, path)?;
+    if roles.iter().any(|r| client.roles.has(*r)) {
+        return Ok(client);
+    }
+    let name = roles.first().map_or("?", |r| r.as_str());
+    let e = OAuthError::access_denied(format!("client lacks role `{name}`"));
+    st.log.info(serde_json::json!({"msg": "client refused", "path": path, "client_id": client.client_id, "error": e.error, "why": e.description}));
+    Err(e)
 }
 
-async fn revoke(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, body: Bytes) -> Response {
-    let client = match authenticate(&st, &peer, &headers, "/revoke") {
+/// The task id of a `/tasks/{task}…` path, validated like every task id.
+fn task_path(task: Result<UrlPath<String>, PathRejection>) -> Result<String, OAuthError> {
+    let UrlPath(task) = task.map_err(|_| OAuthError::invalid_request("the task id in the path is not valid UTF-8"))?;
+    crate::values::task(&task).map_err(|e| OAuthError::invalid_request(e.0))?;
+    Ok(task)
+}
+
+async fn create_task(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, body: Bytes) -> Response {
+    let client = match authorize(&st, &peer, &headers, "/tasks", &[Role::Tasks]) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let fields: Vec<(String, String)> = if content_type_is(&headers, "application/json") {
-        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
-            Ok(m) => m.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect(),
-            Err(_) => return OAuthError::invalid_request("malformed JSON body").into_response(),
-        }
-    } else if content_type_is(&headers, FORM) {
-        match serde_urlencoded::from_bytes(&body) {
-            Ok(v) => v,
-            Err(_) => return OAuthError::invalid_request("malformed form body").into_response(),
-        }
-    } else {
-        return OAuthError::invalid_request("content-type must be application/json or application/x-www-form-urlencoded").into_response();
+    if !content_type_is(&headers, "application/json") {
+        return OAuthError::invalid_request("content-type must be application/json").into_response();
+    }
+    let new = match crate::tasks::parse_create(&body, &st.config.tasks) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
     };
-    let targets: Vec<(Kind, &str)> =
-        fields.iter().filter_map(|(k, v)| Kind::parse(k).map(|kind| (kind, v.as_str()))).collect();
-    match targets.as_slice() {
-        [(kind, value)] => do_revoke(&st, &client, *kind, value).await,
-        _ => OAuthError::invalid_request("name exactly one of `task`, `jti` or `subject`").into_response(),
+    let now = crate::now();
+    let task = crate::tasks::build(new, &client.client_id, now);
+    let body = task.to_json(now);
+    match st.store.create_task(task.clone()).await {
+        Ok(()) => {
+            st.log.info(serde_json::json!({"msg": "task created", "client_id": client.client_id, "task": task.id, "subjects": task.subjects.len(), "expires_at": task.expires_at}));
+            json_response(StatusCode::CREATED, body.to_string(), "no-store")
+        }
+        Err(e) => {
+            st.log.error(serde_json::json!({"msg": "task creation failed", "error": e.to_string()}));
+            OAuthError::server_error("task could not be recorded").into_response()
+        }
     }
 }
 
+async fn get_task(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, task: Result<UrlPath<String>, PathRejection>) -> Response {
+    if let Err(e) = authorize(&st, &peer, &headers, "/tasks/{task}", &[Role::Tasks, Role::Revoke]) {
+        return e.into_response();
+    }
+    let id = match task_path(task) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    match st.store.task(&id) {
+        Some(t) => json_response(StatusCode::OK, t.to_json(crate::now()).to_string(), "no-store"),
+        None => OAuthError::not_found("no such task").into_response(),
+    }
+}
+
+async fn end_task(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, task: Result<UrlPath<String>, PathRejection>) -> Response {
+    let client = match authorize(&st, &peer, &headers, "/tasks/{task}/end", &[Role::Revoke]) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let id = match task_path(task) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    // Only registered tasks: an ad-hoc task name is not globally unique (use
+    // `POST /revoke` with `task` and `subject`).
+    if st.store.task(&id).is_none() {
+        return OAuthError::not_found("no such task").into_response();
+    }
+    let outcome = st.store.revoke(RevokeRequest { kind: Kind::Task, value: id, subject: None }, &client.client_id).await;
+    outcome_response(&st, &client, outcome)
+}
+
+/// The fields of a `/revoke` body (JSON object of strings, or a form).
+fn revoke_fields(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, OAuthError> {
+    if content_type_is(headers, "application/json") {
+        let m = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+            .map_err(|_| OAuthError::invalid_request("malformed JSON body"))?;
+        let mut out = Vec::new();
+        for (k, v) in m {
+            match v {
+                serde_json::Value::String(s) => out.push((k, s)),
+                _ if Kind::parse(&k).is_some() => return Err(OAuthError::invalid_request(format!("`{k}` must be a string"))),
+                _ => {}
+            }
+        }
+        Ok(out)
+    } else if content_type_is(headers, FORM) {
+        serde_urlencoded::from_bytes(body).map_err(|_| OAuthError::invalid_request("malformed form body"))
+    } else {
+        Err(OAuthError::invalid_request("content-type must be application/json or application/x-www-form-urlencoded"))
+    }
+}
+
+/// Validates a `/revoke` request: exactly one of `task`, `jti`, `subject`,
+/// except that `task` may come with a `subject` that scopes it.
+fn revoke_request(st: &AppState, fields: &[(String, String)]) -> Result<RevokeRequest, OAuthError> {
+    let mut task = None;
+    let mut jti = None;
+    let mut subject = None;
+    for (k, v) in fields {
+        let slot = match k.as_str() {
+            "task" => &mut task,
+            "jti" => &mut jti,
+            "subject" => &mut subject,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(OAuthError::invalid_request(format!("parameter `{k}` repeated")));
+        }
+        *slot = Some(v.clone());
+    }
+    let invalid = |e: crate::values::Invalid| OAuthError::invalid_request(e.0);
+    match (task, jti, subject) {
+        (Some(task), None, subject) => {
+            crate::values::task(&task).map_err(invalid)?;
+            if let Some(s) = &subject {
+                crate::values::subject(s).map_err(invalid)?;
+            }
+            if subject.is_none() && st.store.task(&task).is_none() {
+                return Err(OAuthError::invalid_request(
+                    "an unregistered task name is not globally unique: name the `subject` whose task ends",
+                ));
+            }
+            Ok(RevokeRequest { kind: Kind::Task, value: task, subject })
+        }
+        (None, Some(jti), None) => {
+            crate::values::jti(&jti).map_err(invalid)?;
+            Ok(RevokeRequest { kind: Kind::Jti, value: jti, subject: None })
+        }
+        (None, None, Some(subject)) => {
+            crate::values::subject(&subject).map_err(invalid)?;
+            Ok(RevokeRequest { kind: Kind::Subject, value: subject, subject: None })
+        }
+        _ => Err(OAuthError::invalid_request("name exactly one of `task` (optionally with `subject`), `jti` or `subject`")),
+    }
+}
+
+async fn revoke(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, body: Bytes) -> Response {
+    let client = match authorize(&st, &peer, &headers, "/revoke", &[Role::Revoke]) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let req = match revoke_fields(&headers, &body).and_then(|f| revoke_request(&st, &f)) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let outcome = st.store.revoke(req, &client.client_id).await;
+    outcome_response(&st, &client, outcome)
+}
+
 async fn revocations(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
-    if let Err(e) = authenticate(&st, &peer, &headers, "/revocations") {
+    if let Err(e) = authorize(&st, &peer, &headers, "/revocations", &[Role::Feed]) {
         return e.into_response();
     }
     let since = match q.get("since").map(|s| s.parse::<i64>()) {
@@ -250,9 +374,13 @@ async fn revocations(State(st): St, Extension(peer): Extension<Peer>, headers: H
         Some(Ok(n)) if (1..=10_000).contains(&n) => n,
         _ => return OAuthError::invalid_request("`limit` must be 1-10000").into_response(),
     };
-    let (cursor, list, more) = st.store.feed(since, limit);
-    let body = serde_json::json!({"cursor": cursor, "revocations": list, "more": more});
-    json_response(StatusCode::OK, body.to_string(), "no-store")
+    let max_bytes = match q.get("max_bytes").map(|s| s.parse::<usize>()) {
+        None => crate::store::FEED_MAX_BYTES,
+        Some(Ok(n)) if n >= crate::store::FEED_MIN_BYTES => n,
+        _ => return OAuthError::invalid_request(format!("`max_bytes` must be an integer ≥ {}", crate::store::FEED_MIN_BYTES)).into_response(),
+    };
+    let page = st.store.feed(since, q.get("epoch").map(String::as_str), limit, max_bytes, crate::now());
+    json_response(StatusCode::OK, page.body, "no-store")
 }
 
 async fn jwks(State(st): St) -> Response {
@@ -278,11 +406,14 @@ pub fn prepare(config: MinterConfig) -> Result<Prepared> {
 }
 
 /// Like `prepare`, with an optional listen override (`--listen`).
-pub fn prepare_on(config: MinterConfig, listen: Option<SocketAddr>) -> Result<Prepared> {
-    let addr = match listen {
-        Some(a) => a,
-        None => config.listen_addr()?,
-    };
+pub fn prepare_on(mut config: MinterConfig, listen: Option<SocketAddr>) -> Result<Prepared> {
+    if let Some(a) = listen {
+        // The rules that depend on the address (dev mode and shared secrets
+        // without TLS stay on loopback) apply to the override too.
+        config.listen = a.to_string();
+        config = config.finish(std::path::Path::new(""))?;
+    }
+    let addr = config.listen_addr()?;
     let tls = match &config.tls {
         Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(t)?)),
         None => None,
@@ -322,7 +453,7 @@ impl Prepared {
         for url in state.config.bundle_urls.clone() {
             background.spawn(crate::verify::fetch_loop(state.identity.clone(), url, state.log));
         }
-        state.log.info(serde_json::json!({"msg": "listening", "addr": addr.to_string(), "tls": tls.is_some(), "client_auth": format!("{:?}", state.auth.mode()), "kid": state.current_keys().current_kid}));
+        state.log.info(serde_json::json!({"msg": "listening", "addr": addr.to_string(), "tls": tls.is_some(), "client_auth": format!("{:?}", state.auth.mode()), "dev": state.config.dev, "tasks_require_registered": state.config.tasks.require_registered, "kid": state.current_keys().current_kid}));
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         loop {

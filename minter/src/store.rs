@@ -1,17 +1,20 @@
-//! Durable state in SQLite (WAL): revocations (committed with
-//! `synchronous=FULL`) and the record of issued tokens (`NORMAL`).
+//! Durable state in SQLite (WAL): registered tasks and revocations (committed
+//! with `synchronous=FULL`) and the record of issued tokens (`NORMAL`).
 //!
 //! One dedicated writer thread owns the connection. Issued-token records are
 //! write-behind: the hot path only queues them, and the writer commits them in
 //! batches. Revocations go through the same queue (so they are ordered after
 //! every record queued before them) but the caller waits for the commit, and
 //! the in-memory view that the hot path checks is updated only after it.
-//! Startup loads every revocation back into memory: a restart loses nothing.
+//! Startup loads every revocation and registered task back into memory: a
+//! restart loses nothing. Each open picks a new random feed `epoch`, so a
+//! restored database (or any restart) makes every proxy start over from a
+//! snapshot instead of trusting a cursor from another history.
 
 use anyhow::{anyhow, Context, Result};
 use rusqlite::{params, Connection};
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,6 +27,12 @@ const BATCH_MAX: usize = 4096;
 const WRITE_BEHIND: Duration = Duration::from_millis(10);
 /// Issued-token records are kept this long past their expiry.
 const ISSUED_RETENTION_S: u64 = 3600;
+/// Registered tasks are kept (and answered by `GET /tasks/{id}`) this long past their expiry.
+pub const TASK_RETENTION_S: u64 = 7 * 86400;
+/// Largest feed page body, bytes, whatever the client asks for.
+pub const FEED_MAX_BYTES: usize = 196_608;
+/// Smallest `max_bytes` a client may ask for.
+pub const FEED_MIN_BYTES: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,12 +60,100 @@ impl Kind {
     }
 }
 
+/// One entry of the revocation feed.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Revocation {
     pub seq: i64,
     pub kind: Kind,
     pub value: String,
+    /// Task entries scoped to one subject (ad-hoc task names are not globally unique).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub at: u64,
+    /// After this (unix s) no credential the entry covers can be live: the feed stops listing it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+}
+
+impl Revocation {
+    /// Whether the values pass today's validation (entries recorded by older
+    /// versions may not; they still block, but are not published).
+    fn publishable(&self) -> bool {
+        let value_ok = match self.kind {
+            Kind::Task => crate::values::task(&self.value).is_ok(),
+            Kind::Jti => crate::values::jti(&self.value).is_ok(),
+            Kind::Subject => crate::values::subject(&self.value).is_ok(),
+        };
+        value_ok && self.subject.as_deref().is_none_or(|s| crate::values::subject(s).is_ok())
+    }
+}
+
+/// What to revoke.
+#[derive(Debug, Clone)]
+pub struct RevokeRequest {
+    pub kind: Kind,
+    pub value: String,
+    /// With `kind = task`: only for this subject.
+    pub subject: Option<String>,
+}
+
+/// A task registered with `POST /tasks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub id: String,
+    pub subjects: Vec<String>,
+    /// Empty: any intent.
+    pub intents: Vec<String>,
+    pub label: Option<String>,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub ended_at: Option<u64>,
+    pub client_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    Active,
+    Ended,
+    Expired,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Active => "active",
+            TaskState::Ended => "ended",
+            TaskState::Expired => "expired",
+        }
+    }
+}
+
+impl Task {
+    pub fn state(&self, now: u64) -> TaskState {
+        if self.ended_at.is_some() {
+            TaskState::Ended
+        } else if self.expires_at <= now {
+            TaskState::Expired
+        } else {
+            TaskState::Active
+        }
+    }
+
+    /// The wire form (`POST /tasks`, `GET /tasks/{id}`).
+    pub fn to_json(&self, now: u64) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "task": self.id,
+            "subjects": self.subjects,
+            "intents": self.intents,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "state": self.state(now).as_str(),
+        });
+        if let (Some(l), Some(o)) = (&self.label, v.as_object_mut()) {
+            o.insert("label".into(), l.clone().into());
+        }
+        v
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -83,19 +180,27 @@ pub struct RevokeOutcome {
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<RevokeOutcome, String>>;
+type TaskReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 enum Cmd {
     Issued(IssuedRecord),
-    Revoke { kind: Kind, value: String, at: u64, client_id: String, reply: Reply },
+    Revoke { req: RevokeRequest, at: u64, client_id: String, reply: Reply },
+    CreateTask { task: Task, reply: TaskReply },
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 #[derive(Default)]
 struct View {
+    /// Tasks revoked for every subject.
     tasks: HashSet<String>,
+    /// Tasks revoked for some subjects: task → subjects.
+    task_subjects: HashMap<String, HashSet<String>>,
     jtis: HashSet<String>,
     subjects: HashSet<String>,
+    /// Publishable entries, by seq.
     feed: Vec<Revocation>,
+    registered: HashMap<String, Arc<Task>>,
+    count: usize,
 }
 
 impl View {
@@ -107,36 +212,53 @@ impl View {
         }
     }
     fn add(&mut self, r: Revocation) {
-        let set = match r.kind {
-            Kind::Task => &mut self.tasks,
-            Kind::Jti => &mut self.jtis,
-            Kind::Subject => &mut self.subjects,
-        };
-        set.insert(r.value.clone());
-        self.feed.push(r);
+        self.count += 1;
+        match (r.kind, &r.subject) {
+            (Kind::Task, Some(sub)) => {
+                self.task_subjects.entry(r.value.clone()).or_default().insert(sub.clone());
+            }
+            (Kind::Task, None) => {
+                self.tasks.insert(r.value.clone());
+            }
+            (Kind::Jti, _) => {
+                self.jtis.insert(r.value.clone());
+            }
+            (Kind::Subject, _) => {
+                self.subjects.insert(r.value.clone());
+            }
+        }
+        if r.publishable() {
+            self.feed.push(r);
+        }
     }
+}
+
+/// One page of the revocation feed.
+#[derive(Debug, Clone)]
+pub struct FeedPage {
+    pub epoch: String,
+    pub cursor: i64,
+    pub reset: bool,
+    pub more: bool,
+    pub revocations: Vec<Revocation>,
+    /// The serialised page (what `GET /revocations` answers).
+    pub body: String,
 }
 
 pub struct Store {
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     view: Arc<RwLock<View>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    epoch: String,
 }
 
 fn open_db(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS revocations (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            kind TEXT NOT NULL,
-            value TEXT NOT NULL,
-            at INTEGER NOT NULL,
-            client_id TEXT NOT NULL,
-            UNIQUE(kind, value));
-         CREATE TABLE IF NOT EXISTS issued (
+        "CREATE TABLE IF NOT EXISTS issued (
             jti TEXT PRIMARY KEY,
             sub TEXT NOT NULL,
             task TEXT,
@@ -146,35 +268,141 @@ fn open_db(path: &Path) -> Result<Connection> {
             exp INTEGER NOT NULL);
          CREATE INDEX IF NOT EXISTS issued_task ON issued(task);
          CREATE INDEX IF NOT EXISTS issued_sub ON issued(sub);
-         CREATE INDEX IF NOT EXISTS issued_exp ON issued(exp);",
+         CREATE INDEX IF NOT EXISTS issued_exp ON issued(exp);
+         CREATE TABLE IF NOT EXISTS tasks (
+            id TEXT PRIMARY KEY,
+            subjects TEXT NOT NULL,
+            intents TEXT NOT NULL,
+            label TEXT,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            ended_at INTEGER,
+            client_id TEXT NOT NULL);",
     )?;
+    migrate_revocations(&mut conn)?;
     Ok(conn)
 }
 
+const REVOCATIONS_V2: &str = "CREATE TABLE revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    subject TEXT NOT NULL DEFAULT '',
+    at INTEGER NOT NULL,
+    until INTEGER,
+    client_id TEXT NOT NULL,
+    UNIQUE(kind, value, subject))";
+
+/// Creates the revocations table, or rebuilds one from before subject-scoped
+/// entries (UNIQUE(kind, value), no `subject`/`until`), keeping every seq.
+fn migrate_revocations(conn: &mut Connection) -> Result<()> {
+    let columns: Vec<String> = {
+        let mut stmt = conn.prepare("PRAGMA table_info(revocations)")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    if columns.is_empty() {
+        conn.execute_batch(REVOCATIONS_V2)?;
+    } else if !columns.iter().any(|c| c == "subject") {
+        let tx = conn.transaction()?;
+        tx.execute_batch(&format!(
+            "ALTER TABLE revocations RENAME TO revocations_v1;
+             {REVOCATIONS_V2};
+             INSERT INTO revocations (seq, kind, value, subject, at, until, client_id)
+                SELECT seq, kind, value, '', at,
+                       CASE WHEN kind = 'jti' THEN (SELECT exp FROM issued WHERE issued.jti = revocations_v1.value) END,
+                       client_id
+                FROM revocations_v1 ORDER BY seq;
+             DROP TABLE revocations_v1;"
+        ))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn load_tasks(conn: &Connection, now: u64) -> Result<HashMap<String, Arc<Task>>> {
+    let mut out = HashMap::new();
+    let mut stmt = conn.prepare(
+        "SELECT id, subjects, intents, label, created_at, expires_at, ended_at, client_id FROM tasks WHERE expires_at >= ?1",
+    )?;
+    let rows = stmt.query_map(params![now.saturating_sub(TASK_RETENTION_S) as i64], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, Option<i64>>(6)?,
+            r.get::<_, String>(7)?,
+        ))
+    })?;
+    for row in rows {
+        let (id, subjects, intents, label, created_at, expires_at, ended_at, client_id) = row?;
+        let subjects: Vec<String> = serde_json::from_str(&subjects).with_context(|| format!("task {id}: subjects"))?;
+        let intents: Vec<String> = serde_json::from_str(&intents).with_context(|| format!("task {id}: intents"))?;
+        let task = Task {
+            id: id.clone(),
+            subjects,
+            intents,
+            label,
+            created_at: u64::try_from(created_at).unwrap_or(0),
+            expires_at: u64::try_from(expires_at).unwrap_or(0),
+            ended_at: ended_at.map(|e| u64::try_from(e).unwrap_or(0)),
+            client_id,
+        };
+        out.insert(id, Arc::new(task));
+    }
+    Ok(out)
+}
+
 impl Store {
-    pub fn open(state_dir: &Path) -> Result<Store> {
+    /// Opens (creating or migrating) the database in `state_dir`.
+    /// `token_max_s` (`ttl.max_s`) bounds how long a task's credentials can
+    /// outlive the task: a task entry's `until` is the task's expiry plus it.
+    pub fn open(state_dir: &Path, token_max_s: u64) -> Result<Store> {
         std::fs::create_dir_all(state_dir)?;
         let conn = open_db(&state_dir.join(DB_FILE))?;
         let mut view = View::default();
         {
-            let mut stmt = conn.prepare("SELECT seq, kind, value, at FROM revocations ORDER BY seq")?;
+            let mut stmt = conn.prepare("SELECT seq, kind, value, subject, at, until FROM revocations ORDER BY seq")?;
             let rows = stmt.query_map([], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                ))
             })?;
             for row in rows {
-                let (seq, kind, value, at) = row?;
+                let (seq, kind, value, subject, at, until) = row?;
                 let kind = Kind::parse(&kind).ok_or_else(|| anyhow!("unknown revocation kind {kind:?} in database"))?;
-                view.add(Revocation { seq, kind, value, at: u64::try_from(at).unwrap_or(0) });
+                view.add(Revocation {
+                    seq,
+                    kind,
+                    value,
+                    subject: (!subject.is_empty()).then_some(subject),
+                    at: u64::try_from(at).unwrap_or(0),
+                    until: until.map(|u| u64::try_from(u).unwrap_or(0)),
+                });
             }
         }
+        view.registered = load_tasks(&conn, crate::now())?;
         let view = Arc::new(RwLock::new(view));
         let (tx, rx) = mpsc::channel();
         let writer_view = view.clone();
         let writer = std::thread::Builder::new()
             .name("minter-sqlite".into())
-            .spawn(move || writer_loop(conn, rx, writer_view))
+            .spawn(move || writer_loop(conn, rx, writer_view, token_max_s))
             .context("starting the SQLite writer")?;
-        Ok(Store { tx: Mutex::new(Some(tx)), view, writer: Mutex::new(Some(writer)) })
+        Ok(Store { tx: Mutex::new(Some(tx)), view, writer: Mutex::new(Some(writer)), epoch: crate::exchange::random_id() })
+    }
+
+    /// This store's feed epoch (new at every open).
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     fn send(&self, cmd: Cmd) -> bool {
@@ -184,11 +412,34 @@ impl Store {
         }
     }
 
+    /// Revoked for everyone (a task: globally; a jti; a subject).
     pub fn is_revoked(&self, kind: Kind, value: &str) -> bool {
         match self.view.read() {
             Ok(v) => v.set(kind).contains(value),
             Err(_) => true, // poisoned: fail closed
         }
+    }
+
+    /// Whether `task` is revoked globally or for `subject`.
+    pub fn task_revoked_for(&self, task: &str, subject: &str) -> bool {
+        match self.view.read() {
+            Ok(v) => v.tasks.contains(task) || v.task_subjects.get(task).is_some_and(|s| s.contains(subject)),
+            Err(_) => true,
+        }
+    }
+
+    /// A registered task.
+    pub fn task(&self, id: &str) -> Option<Arc<Task>> {
+        self.view.read().ok()?.registered.get(id).cloned()
+    }
+
+    /// Records a new task durably, then makes it visible.
+    pub async fn create_task(&self, task: Task) -> Result<()> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if !self.send(Cmd::CreateTask { task, reply }) {
+            return Err(anyhow!("store closed"));
+        }
+        rx.await.map_err(|_| anyhow!("store writer stopped"))?.map_err(|e| anyhow!(e))
     }
 
     /// Queues an issued-token record (write-behind). False if the store is closed.
@@ -197,9 +448,10 @@ impl Store {
     }
 
     /// Records a revocation durably, then makes it visible to the hot path.
-    pub async fn revoke(&self, kind: Kind, value: &str, client_id: &str) -> Result<RevokeOutcome> {
+    /// A registered task revoked without a subject is ended (its state becomes `ended`).
+    pub async fn revoke(&self, req: RevokeRequest, client_id: &str) -> Result<RevokeOutcome> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let cmd = Cmd::Revoke { kind, value: value.to_string(), at: crate::now(), client_id: client_id.to_string(), reply };
+        let cmd = Cmd::Revoke { req, at: crate::now(), client_id: client_id.to_string(), reply };
         if !self.send(cmd) {
             return Err(anyhow!("store closed"));
         }
@@ -215,19 +467,56 @@ impl Store {
         rx.await.map_err(|_| anyhow!("store writer stopped"))
     }
 
-    /// Revocations with `seq > since`, at most `limit`; the cursor to poll with next, and whether more remain.
-    pub fn feed(&self, since: i64, limit: usize) -> (i64, Vec<Revocation>, bool) {
-        let Ok(v) = self.view.read() else { return (since, Vec::new(), false) };
-        let start = v.feed.partition_point(|r| r.seq <= since);
-        let rest = v.feed.get(start..).unwrap_or(&[]);
-        let page: Vec<Revocation> = rest.iter().take(limit).cloned().collect();
-        let more = rest.len() > page.len();
-        let cursor = page.last().map_or(since, |r| r.seq);
-        (cursor, page, more)
+    /// One page of the feed. `epoch` absent or not this store's: from the
+    /// beginning, `reset: true`. Entries past their `until` are skipped (the
+    /// cursor still moves past them). At most `limit` entries and a body of at
+    /// most `max_bytes` (capped at `FEED_MAX_BYTES`).
+    pub fn feed(&self, since: i64, epoch: Option<&str>, limit: usize, max_bytes: usize, now: u64) -> FeedPage {
+        let reset = epoch != Some(self.epoch.as_str());
+        let since = if reset { 0 } else { since };
+        let budget = max_bytes.min(FEED_MAX_BYTES);
+        let epoch_json = serde_json::Value::String(self.epoch.clone()).to_string();
+        // Upper bound of the envelope: the widest cursor and booleans.
+        let envelope = format!(r#"{{"epoch":{epoch_json},"cursor":{},"reset":false,"more":false,"revocations":[]}}"#, i64::MIN).len();
+        let mut cursor = since;
+        let mut more = false;
+        let mut parts: Vec<String> = Vec::new();
+        let mut list = Vec::new();
+        let mut size = envelope;
+        if let Ok(v) = self.view.read() {
+            let start = v.feed.partition_point(|r| r.seq <= since);
+            for r in v.feed.get(start..).unwrap_or(&[]) {
+                if r.until.is_some_and(|u| u <= now) {
+                    cursor = r.seq;
+                    continue;
+                }
+                if parts.len() >= limit {
+                    more = true;
+                    break;
+                }
+                let Ok(s) = serde_json::to_string(r) else { continue };
+                let add = s.len() + usize::from(!parts.is_empty());
+                // Value limits keep every entry far below the smallest budget;
+                // an empty page would never advance, so one entry always goes.
+                if size + add > budget && !parts.is_empty() {
+                    more = true;
+                    break;
+                }
+                size += add;
+                cursor = r.seq;
+                parts.push(s);
+                list.push(r.clone());
+            }
+        }
+        let body = format!(
+            r#"{{"epoch":{epoch_json},"cursor":{cursor},"reset":{reset},"more":{more},"revocations":[{}]}}"#,
+            parts.join(",")
+        );
+        FeedPage { epoch: self.epoch.clone(), cursor, reset, more, revocations: list, body }
     }
 
     pub fn revocation_count(&self) -> usize {
-        self.view.read().map_or(0, |v| v.feed.len())
+        self.view.read().map_or(0, |v| v.count)
     }
 
     /// Commits what is queued and stops the writer. Blocking.
@@ -248,7 +537,7 @@ impl Drop for Store {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<View>>) {
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<View>>, token_max_s: u64) {
     lower_priority();
     let mut last_purge = 0u64;
     loop {
@@ -273,25 +562,40 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<V
         if now >= last_purge + 60 {
             last_purge = now;
             let _ = conn.execute("DELETE FROM issued WHERE exp < ?1", params![now.saturating_sub(ISSUED_RETENTION_S) as i64]);
+            let horizon = now.saturating_sub(TASK_RETENTION_S);
+            if conn.execute("DELETE FROM tasks WHERE expires_at < ?1", params![horizon as i64]).is_ok() {
+                if let Ok(mut v) = view.write() {
+                    v.registered.retain(|_, t| t.expires_at >= horizon);
+                }
+            }
         }
         if batch.is_empty() {
             continue;
         }
-        process(&mut conn, batch, &view, now);
+        process(&mut conn, batch, &view, now, token_max_s);
     }
 }
 
-fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64) {
+/// What a committed batch changes in the in-memory view.
+#[derive(Default)]
+struct Changes {
+    added: Vec<Revocation>,
+    created: Vec<Task>,
+    ended: Vec<(String, u64)>,
+}
+
+fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64, token_max_s: u64) {
     let mut replies: Vec<(Reply, Result<RevokeOutcome, String>)> = Vec::new();
+    let mut task_replies: Vec<(TaskReply, Result<(), String>)> = Vec::new();
     let mut flushes = Vec::new();
     // Revocations must survive power loss: fsync the WAL on their commits
     // (FULL); batches of issued-token records only need to survive a crash of
     // the process (NORMAL still checkpoints safely).
-    let durable = batch.iter().any(|c| matches!(c, Cmd::Revoke { .. }));
+    let durable = batch.iter().any(|c| matches!(c, Cmd::Revoke { .. } | Cmd::CreateTask { .. }));
     let _ = conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" });
-    let result = (|| -> rusqlite::Result<Vec<Revocation>> {
+    let result = (|| -> rusqlite::Result<Changes> {
         let tx = conn.transaction()?;
-        let mut added = Vec::new();
+        let mut changes = Changes::default();
         {
             let mut ins = tx.prepare_cached(
                 "INSERT OR IGNORE INTO issued (jti, sub, task, aud, client_id, iat, exp) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -302,35 +606,61 @@ fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64
                         ins.execute(params![r.jti, r.sub, r.task, r.aud, r.client_id, r.iat as i64, r.exp as i64])?;
                     }
                     Cmd::Flush(reply) => flushes.push(reply),
-                    Cmd::Revoke { kind, value, at, client_id, reply } => {
-                        let outcome = revoke_one(&tx, kind, &value, at, &client_id, now);
-                        if let Ok(o) = &outcome {
+                    Cmd::Revoke { req, at, client_id, reply } => {
+                        let outcome = revoke_one(&tx, &req, at, &client_id, now, token_max_s);
+                        if let Ok((o, ended)) = &outcome {
                             if o.created {
-                                added.push(o.revocation.clone());
+                                changes.added.push(o.revocation.clone());
+                            }
+                            if let Some(e) = ended {
+                                changes.ended.push((req.value.clone(), *e));
                             }
                         }
-                        replies.push((reply, outcome.map_err(|e| e.to_string())));
+                        replies.push((reply, outcome.map(|(o, _)| o).map_err(|e| e.to_string())));
+                    }
+                    Cmd::CreateTask { task, reply } => {
+                        let r = insert_task(&tx, &task);
+                        if r.is_ok() {
+                            changes.created.push(task);
+                        }
+                        task_replies.push((reply, r.map_err(|e| e.to_string())));
                     }
                 }
             }
         }
         tx.commit()?;
-        Ok(added)
+        Ok(changes)
     })();
     match result {
-        Ok(added) => {
+        Ok(changes) => {
             if let Ok(mut v) = view.write() {
-                for r in added {
+                for r in changes.added {
                     v.add(r);
+                }
+                for t in changes.created {
+                    v.registered.insert(t.id.clone(), Arc::new(t));
+                }
+                for (id, at) in changes.ended {
+                    if let Some(t) = v.registered.get_mut(&id) {
+                        let mut ended = (**t).clone();
+                        ended.ended_at = Some(at);
+                        *t = Arc::new(ended);
+                    }
                 }
             }
             for (reply, outcome) in replies {
+                let _ = reply.send(outcome);
+            }
+            for (reply, outcome) in task_replies {
                 let _ = reply.send(outcome);
             }
         }
         Err(e) => {
             eprintln!("{}", serde_json::json!({"level": "error", "msg": "sqlite write failed", "error": e.to_string()}));
             for (reply, _) in replies {
+                let _ = reply.send(Err(format!("storage error: {e}")));
+            }
+            for (reply, _) in task_replies {
                 let _ = reply.send(Err(format!("storage error: {e}")));
             }
         }
@@ -340,19 +670,71 @@ fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64
     }
 }
 
-fn revoke_one(tx: &rusqlite::Transaction<'_>, kind: Kind, value: &str, at: u64, client_id: &str, now: u64) -> rusqlite::Result<RevokeOutcome> {
+fn insert_task(tx: &rusqlite::Transaction<'_>, t: &Task) -> rusqlite::Result<()> {
+    let subjects = serde_json::to_string(&t.subjects).unwrap_or_else(|_| "[]".into());
+    let intents = serde_json::to_string(&t.intents).unwrap_or_else(|_| "[]".into());
+    tx.execute(
+        "INSERT INTO tasks (id, subjects, intents, label, created_at, expires_at, ended_at, client_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7)",
+        params![t.id, subjects, intents, t.label, t.created_at as i64, t.expires_at as i64, t.client_id],
+    )?;
+    Ok(())
+}
+
+/// Records one revocation; also returns when a registered task was ended by it.
+fn revoke_one(
+    tx: &rusqlite::Transaction<'_>,
+    req: &RevokeRequest,
+    at: u64,
+    client_id: &str,
+    now: u64,
+    token_max_s: u64,
+) -> rusqlite::Result<(RevokeOutcome, Option<u64>)> {
+    let kind = req.kind;
+    let value = req.value.as_str();
+    let subject_key = req.subject.as_deref().unwrap_or("");
+    let mut ended = None;
+    let until: Option<u64> = match kind {
+        Kind::Task => {
+            let registered: Option<i64> = tx
+                .query_row("SELECT expires_at FROM tasks WHERE id = ?1", params![value], |r| r.get(0))
+                .map(Some)
+                .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
+            match registered {
+                Some(exp) => {
+                    if req.subject.is_none() {
+                        let n = tx.execute("UPDATE tasks SET ended_at = ?1 WHERE id = ?2 AND ended_at IS NULL", params![at as i64, value])?;
+                        if n > 0 {
+                            ended = Some(at);
+                        }
+                    }
+                    Some(u64::try_from(exp).unwrap_or(0).saturating_add(token_max_s))
+                }
+                None => None, // an ad-hoc task has no expiry: the entry is permanent
+            }
+        }
+        Kind::Jti => tx
+            .query_row("SELECT exp FROM issued WHERE jti = ?1", params![value], |r| r.get::<_, i64>(0))
+            .map(|e| Some(u64::try_from(e).unwrap_or(0)))
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?,
+        Kind::Subject => None,
+    };
     let inserted = tx.execute(
-        "INSERT OR IGNORE INTO revocations (kind, value, at, client_id) VALUES (?1, ?2, ?3, ?4)",
-        params![kind.as_str(), value, at as i64, client_id],
+        "INSERT OR IGNORE INTO revocations (kind, value, subject, at, until, client_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![kind.as_str(), value, subject_key, at as i64, until.map(|u| u as i64), client_id],
     )?;
-    let (seq, at_db): (i64, i64) = tx.query_row(
-        "SELECT seq, at FROM revocations WHERE kind = ?1 AND value = ?2",
-        params![kind.as_str(), value],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+    let (seq, at_db, until_db): (i64, i64, Option<i64>) = tx.query_row(
+        "SELECT seq, at, until FROM revocations WHERE kind = ?1 AND value = ?2 AND subject = ?3",
+        params![kind.as_str(), value, subject_key],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    let jtis = match kind {
-        Kind::Jti => vec![value.to_string()],
-        Kind::Task | Kind::Subject => {
+    let jtis = match (kind, req.subject.as_deref()) {
+        (Kind::Jti, _) => vec![value.to_string()],
+        (Kind::Task, Some(sub)) => {
+            let mut stmt = tx.prepare_cached("SELECT jti FROM issued WHERE task = ?1 AND sub = ?2 AND exp >= ?3 ORDER BY iat")?;
+            let rows = stmt.query_map(params![value, sub, now as i64], |r| r.get::<_, String>(0))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        }
+        (Kind::Task, None) | (Kind::Subject, _) => {
             let sql = if kind == Kind::Task {
                 "SELECT jti FROM issued WHERE task = ?1 AND exp >= ?2 ORDER BY iat"
             } else {
@@ -363,11 +745,19 @@ fn revoke_one(tx: &rusqlite::Transaction<'_>, kind: Kind, value: &str, at: u64, 
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         }
     };
-    Ok(RevokeOutcome {
-        revocation: Revocation { seq, kind, value: value.to_string(), at: u64::try_from(at_db).unwrap_or(0) },
+    let outcome = RevokeOutcome {
+        revocation: Revocation {
+            seq,
+            kind,
+            value: value.to_string(),
+            subject: req.subject.clone(),
+            at: u64::try_from(at_db).unwrap_or(0),
+            until: until_db.map(|u| u64::try_from(u).unwrap_or(0)),
+        },
         created: inserted > 0,
         jtis,
-    })
+    };
+    Ok((outcome, ended))
 }
 
 /// Used by tests and tools: whether a jti was recorded (opens its own read connection).
@@ -385,5 +775,57 @@ fn lower_priority() {
     unsafe {
         let tid = libc::gettid();
         let _ = libc::setpriority(libc::PRIO_PROCESS as _, tid as libc::id_t, 10);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn largest_possible_entry_fits_the_smallest_page() {
+        // The widest values the validation allows: a task name that JSON escapes
+        // to twice its length, scoped to the longest subject.
+        let r = Revocation {
+            seq: i64::MAX,
+            kind: Kind::Task,
+            value: "\"".repeat(crate::values::MAX_TASK),
+            subject: Some(format!("spiffe://example.org/{}", "a".repeat(crate::values::MAX_SUBJECT - 21))),
+            at: u64::MAX,
+            until: Some(u64::MAX),
+        };
+        assert!(crate::values::task(&r.value).is_ok());
+        assert!(r.subject.as_deref().is_some_and(|s| crate::values::subject(s).is_ok()));
+        let entry = serde_json::to_string(&r).unwrap().len();
+        let envelope = format!(r#"{{"epoch":"{}","cursor":{},"reset":false,"more":false,"revocations":[]}}"#, "A".repeat(22), i64::MIN).len();
+        assert!(entry + envelope <= FEED_MIN_BYTES, "{entry} + {envelope}");
+        assert!(entry <= 2600, "{entry}");
+    }
+
+    #[test]
+    fn feed_page_never_exceeds_the_budget_and_always_advances() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 300).unwrap();
+        {
+            let mut v = store.view.write().unwrap();
+            for seq in 1..=200 {
+                v.add(Revocation { seq, kind: Kind::Subject, value: format!("spiffe://example.org/{}", "s".repeat(2000)), subject: None, at: 1, until: None });
+            }
+        }
+        let (mut since, mut seen) = (0, 0);
+        let epoch = store.epoch().to_string();
+        loop {
+            let p = store.feed(since, Some(&epoch), 1000, FEED_MIN_BYTES, 10);
+            assert!(p.body.len() <= FEED_MIN_BYTES);
+            assert!(!p.revocations.is_empty());
+            seen += p.revocations.len();
+            assert!(p.cursor > since);
+            since = p.cursor;
+            if !p.more {
+                break;
+            }
+        }
+        assert_eq!(seen, 200);
     }
 }

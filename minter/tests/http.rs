@@ -37,6 +37,8 @@ impl Env {
             "workers": 1,
             "log_level": "off",
             "reload_check_s": 1,
+            "dev": true,
+            "tasks": {"require_registered": false},
             "identity": {
                 "audiences": ["mandate-minter"],
                 "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&self.key], None)}}]
@@ -264,9 +266,10 @@ fn audience_scope_and_ttl_ceilings() {
     let (s, v) = exchange(&h, &tok, "payments-api", "payments:read payments:admin", "t");
     assert_eq!((s, v["error"].as_str()), (400, Some("invalid_scope")), "{v}");
     assert!(v["error_description"].as_str().unwrap().contains("payments:admin"));
-    // No scope list for crm: any scope.
-    let (s, _) = exchange(&h, &tok, "crm", "contacts:read", "t");
-    assert_eq!(s, 200);
+    // No scope list for crm: no scope at all (any scope is an explicit opt-in).
+    let (s, v) = exchange(&h, &tok, "crm", "contacts:read", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_scope")), "{v}");
+    assert_eq!(exchange(&h, &tok, "crm", "", "t").0, 200);
 
     // TTL: requested above the max is capped; below is honoured.
     let mut pairs = exchange_pairs(&tok, "payments-api", "payments:read", "t");
@@ -293,45 +296,62 @@ fn ttl_never_outlives_the_subject_token() {
     assert!((40..=45).contains(&ttl), "{ttl}");
 }
 
+fn post_json(h: &Handle, path: &str, body: Value) -> (u16, Value) {
+    let mut resp = agent().post(format!("{}{path}", h.base_url())).header("content-type", "application/json").send(body.to_string()).unwrap();
+    let status = resp.status().as_u16();
+    (status, serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap_or(Value::Null))
+}
+
+/// Registers a task bound to `subjects`; returns its id.
+fn create_task(h: &Handle, subjects: &[&str]) -> String {
+    let (s, v) = post_json(h, "/tasks", json!({"subjects": subjects}));
+    assert_eq!(s, 201, "{v}");
+    v["task"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn revocation_persists_across_restart_and_ended_task_is_refused() {
     let env = Env::new();
+    let mut cfg = env.config();
+    cfg["tasks"] = json!({"require_registered": true});
     let tok = env.svid(SUB, 600);
-    let h = start(env.config());
-    let (s, v) = exchange(&h, &tok, "payments-api", "", "task-a");
-    assert_eq!(s, 200);
+    let bob = "spiffe://example.org/agent/bob";
+    let h = start(cfg.clone());
+    let task_a = create_task(&h, &[SUB, bob]);
+    let task_b = create_task(&h, &[SUB]);
+    let (s, v) = exchange(&h, &tok, "payments-api", "", &task_a);
+    assert_eq!(s, 200, "{v}");
     let jti = claims_of(v["access_token"].as_str().unwrap())["jti"].as_str().unwrap().to_string();
-    let (s, v, _) = post_form(&h, "/tasks/task-a/end", &[], None);
+    let (s, v, _) = post_form(&h, &format!("/tasks/{task_a}/end"), &[], None);
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["kind"], "task");
-    assert_eq!(v["value"], "task-a");
+    assert_eq!(v["value"], task_a.as_str());
     assert_eq!(v["created"], true);
     assert_eq!(v["jtis"], json!([jti]));
-    let (s, v) = exchange(&h, &tok, "payments-api", "", "task-a");
+    let (s, v) = exchange(&h, &tok, "payments-api", "", &task_a);
     assert_eq!((s, v["error"].as_str(), v["error_description"].as_str()), (400, Some("invalid_grant"), Some("task ended")));
+    assert_eq!(v["mandate_reason"], "task_ended");
     // Other tasks still work; then revoke the subject (JSON body).
-    assert_eq!(exchange(&h, &tok, "payments-api", "", "task-b").0, 200);
-    let mut resp = agent()
-        .post(format!("{}/revoke", h.base_url()))
-        .header("content-type", "application/json")
-        .send(json!({"subject": SUB}).to_string())
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(exchange(&h, &tok, "payments-api", "", &task_b).0, 200);
+    let (s, v) = post_json(&h, "/revoke", json!({"subject": SUB}));
+    assert_eq!(s, 200, "{v}");
     assert_eq!(v["kind"], "subject");
     assert_eq!(v["jtis"].as_array().unwrap().len(), 2);
     h.shutdown().unwrap();
 
     // Same state dir, new process state: nothing lost.
-    let h = start(env.config());
-    let (s, v) = exchange(&h, &tok, "payments-api", "", "task-c");
-    assert_eq!((s, v["error_description"].as_str()), (400, Some("subject revoked")));
-    let other = env.svid("spiffe://example.org/agent/bob", 600);
-    let (s, v) = exchange(&h, &other, "payments-api", "", "task-a");
+    let h = start(cfg);
+    let (s, v) = exchange(&h, &tok, "payments-api", "", &task_b);
+    assert_eq!((s, v["error_description"].as_str(), v["mandate_reason"].as_str()), (400, Some("subject revoked"), Some("subject_revoked")));
+    let other = env.svid(bob, 600);
+    let (s, v) = exchange(&h, &other, "payments-api", "", &task_a);
     assert_eq!((s, v["error_description"].as_str()), (400, Some("task ended")));
-    assert_eq!(exchange(&h, &other, "payments-api", "", "task-d").0, 200);
+    let (s, v) = get_json(&h, &format!("/tasks/{task_a}"), None);
+    assert_eq!((s, v["state"].as_str()), (200, Some("ended")));
+    let task_d = create_task(&h, &[bob]);
+    assert_eq!(exchange(&h, &other, "payments-api", "", &task_d).0, 200);
     // Ending again is idempotent.
-    let (s, v, _) = post_form(&h, "/tasks/task-a/end", &[], None);
+    let (s, v, _) = post_form(&h, &format!("/tasks/{task_a}/end"), &[], None);
     assert_eq!((s, v["created"].as_bool()), (200, Some(false)));
 }
 
@@ -341,32 +361,42 @@ fn revocations_feed_with_cursor() {
     let h = start(env.config());
     let (s, v) = get_json(&h, "/revocations?since=0", None);
     assert_eq!(s, 200);
-    assert_eq!(v, json!({"cursor": 0, "revocations": [], "more": false}));
-    post_form(&h, "/tasks/t1/end", &[], None);
+    let epoch = v["epoch"].as_str().unwrap().to_string();
+    assert_eq!(epoch.len(), 22);
+    assert_eq!(v, json!({"epoch": epoch, "cursor": 0, "reset": true, "more": false, "revocations": []}));
+    let t1 = create_task(&h, &[SUB]);
+    post_form(&h, &format!("/tasks/{t1}/end"), &[], None);
     post_form(&h, "/revoke", &[("jti", "abc")], None);
     post_form(&h, "/revoke", &[("subject", "spiffe://example.org/x")], None);
-    let (_, v) = get_json(&h, "/revocations?since=0", None);
+    let (_, v) = get_json(&h, &format!("/revocations?since=0&epoch={epoch}"), None);
+    assert_eq!(v["reset"], false);
     let list = v["revocations"].as_array().unwrap();
     assert_eq!(list.len(), 3);
     let kinds: Vec<_> = list.iter().map(|r| r["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["task", "jti", "subject"]);
+    // A registered task's entry lives until the task's expiry plus the longest token lifetime.
+    let (_, task) = get_json(&h, &format!("/tasks/{t1}"), None);
+    assert_eq!(list[0]["until"].as_u64().unwrap(), task["expires_at"].as_u64().unwrap() + 300);
+    assert!(list[2].get("until").is_none());
     let seqs: Vec<i64> = list.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(v["cursor"].as_i64().unwrap(), *seqs.last().unwrap());
     assert!(list[0]["at"].as_u64().unwrap() >= now() - 5);
     // Page by cursor.
-    let (_, v1) = get_json(&h, &format!("/revocations?since={}&limit=1", seqs[0]), None);
+    let (_, v1) = get_json(&h, &format!("/revocations?since={}&limit=1&epoch={epoch}", seqs[0]), None);
     assert_eq!(v1["revocations"].as_array().unwrap().len(), 1);
     assert_eq!(v1["revocations"][0]["value"], "abc");
     assert_eq!(v1["more"], true);
-    let (_, v2) = get_json(&h, &format!("/revocations?since={}", v["cursor"]), None);
+    let (_, v2) = get_json(&h, &format!("/revocations?since={}&epoch={epoch}", v["cursor"]), None);
     assert_eq!(v2["revocations"], json!([]));
     assert_eq!(v2["cursor"], v["cursor"]);
-    post_form(&h, "/tasks/t2/end", &[], None);
-    let (_, v3) = get_json(&h, &format!("/revocations?since={}", v["cursor"]), None);
-    assert_eq!(v3["revocations"][0]["value"], "t2");
+    let t2 = create_task(&h, &[SUB]);
+    post_form(&h, &format!("/tasks/{t2}/end"), &[], None);
+    let (_, v3) = get_json(&h, &format!("/revocations?since={}&epoch={epoch}", v["cursor"]), None);
+    assert_eq!(v3["revocations"][0]["value"], t2.as_str());
     // Bad requests.
     assert_eq!(get_json(&h, "/revocations?since=x", None).0, 400);
+    assert_eq!(get_json(&h, "/revocations?max_bytes=100", None).0, 400);
     let (s, v, _) = post_form(&h, "/revoke", &[("jti", "a"), ("task", "b")], None);
     assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")));
 }
@@ -474,8 +504,8 @@ fn shared_secret_config(env: &Env) -> Value {
     cfg["client_auth"] = json!({
         "mode": "shared_secret",
         "clients": [
-            {"client_id": "proxy-a", "secret_sha256": mandate_minter::auth::hash_secret("s3cret:with+chars")},
-            {"client_id": "proxy-b", "secret_sha256": mandate_minter::auth::hash_secret("other"), "audiences": ["crm"]}
+            {"client_id": "proxy-a", "secret_sha256": mandate_minter::auth::hash_secret("s3cret:with+chars"), "roles": ["mint", "feed"]},
+            {"client_id": "proxy-b", "secret_sha256": mandate_minter::auth::hash_secret("other"), "roles": ["mint"], "audiences": ["crm"]}
         ]
     });
     cfg
@@ -556,6 +586,7 @@ fn toml_config_and_validation() {
 listen = "127.0.0.1:0"
 issuer = "https://minter.test"
 state_dir = "state"
+dev = true
 [identity]
 audiences = ["mandate-minter"]
 [[identity.trust_domains]]
@@ -727,7 +758,7 @@ fn mtls_client_certificates() {
     };
     let mut cfg = env.config();
     cfg["tls"] = json!({"cert": write("server.pem", &pki.server_cert_pem), "key": write("server.key", &pki.server_key_pem), "client_ca": write("ca.pem", &pki.ca_pem)});
-    cfg["client_auth"] = json!({"mode": "mtls", "clients": [{"client_id": "spiffe://example.org/proxy/envoy-1"}]});
+    cfg["client_auth"] = json!({"mode": "mtls", "clients": [{"client_id": "spiffe://example.org/proxy/envoy-1", "roles": ["mint"]}]});
     let h = start(cfg);
     assert!(h.base_url().starts_with("https://"));
     let tok = env.svid(SUB, 600);

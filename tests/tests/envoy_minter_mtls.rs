@@ -91,7 +91,7 @@ fn minter_over_mutual_tls_mints_for_the_certified_proxy_and_refuses_without_a_cl
     let issuer = SvidIssuer::new();
     let minter = mandate_minter::spawn(
         MinterConfig::from_json(minter_config(&issuer, &dir.path().join("state"), json!({
-            "client_auth": {"mode": "mtls", "clients": [{"client_id": CLIENT_ID, "audiences": [RESOURCE_AUDIENCE]}]},
+            "client_auth": {"mode": "mtls", "clients": [{"client_id": CLIENT_ID, "roles": ["mint", "feed"], "audiences": [RESOURCE_AUDIENCE]}]},
             "tls": {"cert": pki.join("server.pem"), "key": pki.join("server.key"), "client_ca": pki.join("ca.pem")}
         })))
             .expect("minter config"),

@@ -116,7 +116,7 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
     let issuer = SvidIssuer::new();
     let state = tempfile::tempdir().expect("minter state dir");
     let minter = mandate_minter::spawn(
-        MinterConfig::from_json(minter_config(&issuer, &state.path().join("state"), json!({"require_task": true, "ttl": {"default_s": 120, "max_s": 300}}))).expect("minter config"),
+        MinterConfig::from_json(minter_config(&issuer, &state.path().join("state"), json!({"dev": true, "require_task": true, "ttl": {"default_s": 120, "max_s": 300}}))).expect("minter config"),
     )
     .expect("minter starts");
     let minter_url = minter.base_url();
@@ -217,7 +217,14 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
     assert!(counter(&envoy, "http.rs.jwt_authn.denied") >= 4);
 
     // ---- 3. The task ends at the minter: the feed refuses it within about one poll interval.
-    let ended = http("POST", &format!("{minter_url}/tasks/T-1/end"), &[], b"").expect("end task");
+    // T-1 is an ad-hoc task name (not registered): it ends for this agent only.
+    let ended = http(
+        "POST",
+        &format!("{minter_url}/revoke"),
+        &[("content-type", "application/json")],
+        json!({"task": "T-1", "subject": subject}).to_string().as_bytes(),
+    )
+    .expect("end task");
     assert_eq!(ended.status, 200, "{}", ended.text());
     let ended = ended.json().unwrap();
     assert!(ended["jtis"].as_array().is_some_and(|j| j.iter().any(|x| x == jti.as_str())), "{ended}");

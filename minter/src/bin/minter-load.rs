@@ -90,6 +90,8 @@ fn fixture(dir: &std::path::Path) -> Result<()> {
         "issuer": "https://minter.load.test",
         "state_dir": "state",
         "log_level": "error",
+        "dev": true,
+        "tasks": {"require_registered": false},
         "identity": {"audiences": ["mandate-minter"], "trust_domains": [{"name": "example.org", "bundle": {"inline": bundle}}]},
         "audiences": {"example.org": ["payments-api", "crm"]},
         "scopes": {"payments-api": ["payments:read", "payments:write"]},
