@@ -25,7 +25,8 @@ fn main() -> Result<()> {
     let policy_path = workspace_root().join("policies/support-agent.policy.json");
     let raw = std::fs::read(&policy_path).with_context(|| policy_path.display().to_string())?;
     let mut policy: Value = serde_json::from_slice(&raw)?;
-    policy["intent_issuers"] = json!([{"issuer": "https://intents.acme.example", "jwks": testkit::plain_jwks(&[&intents])}]);
+    policy["intent_issuers"] =
+        json!([{"issuer": "https://intents.acme.example", "jwks": testkit::plain_jwks(&[&intents]), "audiences": [AUDIENCE]}]);
 
     let plugin = json!({
         "identity": {
@@ -53,8 +54,8 @@ fn main() -> Result<()> {
     let claims = json!({"sub": AGENT, "aud": AUDIENCE, "iat": now.saturating_sub(5), "exp": now + 300});
     std::fs::write(out.join("agent.svid"), spire.sign(&claims))?;
     std::fs::write(out.join("rogue.svid"), testkit::TestKey::es256("spire-1").sign(&claims))?;
-    let intent = json!({"iss": "https://intents.acme.example", "sub": AGENT, "exp": now + 600, "iat": now,
+    let intent = json!({"iss": "https://intents.acme.example", "sub": AGENT, "aud": AUDIENCE, "exp": now + 600, "iat": now,
                         "intents": ["customer.lookup"], "task": "CASE-7"});
-    std::fs::write(out.join("intent.jwt"), intents.sign(&intent))?;
+    std::fs::write(out.join("intent.jwt"), intents.sign_intent(&intent))?;
     Ok(())
 }
