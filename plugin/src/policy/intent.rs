@@ -208,6 +208,11 @@ mod tests {
     #[test]
     fn intent_token_for_another_gateway_is_refused() {
         let k = TestKey::es256("i1");
+        // Before, an issuer without `audiences` (the default) took a token for any gateway:
+        // such a configuration is now refused.
+        let open: Vec<IntentIssuerConfig> =
+            serde_json::from_value(json!([{"issuer": "https://intent.example.org", "jwks": plain_jwks(&[&k])}])).unwrap();
+        assert!(IntentVerifier::new(&open, 30, "policy.intent_issuers").is_err(), "an issuer must name this gateway");
         let mut c = claims(ME);
         c["aud"] = json!("gateway-b");
         assert_eq!(verifier(&k).verify(k.sign_intent(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
