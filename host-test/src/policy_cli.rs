@@ -27,7 +27,7 @@ pub enum PolicyCommand {
         #[arg(long)]
         policy: PathBuf,
         /// A request as in case files: principal, intent, task, signed_intent, method, authority,
-        /// path, time, environment, standing_secret, token_lifetime_s.
+        /// path, time, environment, standing_secret, token_lifetime_s, minter.
         #[arg(long)]
         request: PathBuf,
         /// Print JSON instead of text.

@@ -603,3 +603,28 @@ fn legacy_secret_for_authorization_keeps_its_scheme() {
     assert_eq!(header(&up, "authorization").as_deref(), Some("Basic c3ZjOnB3"));
     assert_eq!(up.iter().filter(|(k, _)| k == "authorization").count(), 1);
 }
+
+// ------------------------------------------------------------------ issue 11: no confused deputy
+
+#[test]
+fn host_header_cannot_choose_the_credential_audience() {
+    // A catch-all allow for service workloads: before, a request to an unmatched host was minted
+    // a credential whose audience was the `:authority` the caller chose (say, the payments API).
+    let Some(mut rig) = start_configured("host_header_cannot_choose_the_credential_audience", minter(), true, |cfg| {
+        cfg["policy"]["classes"].as_array_mut().unwrap().push(json!({"name": "svc", "principals": ["spiffe://example.org/svc/*"]}));
+        cfg["policy"]["rules"].as_array_mut().unwrap().push(json!({"id": "services", "effect": "allow", "classes": ["svc"]}));
+    }) else {
+        return;
+    };
+    let svc = rig.svid_for("spiffe://example.org/svc/billing");
+    let s = rig.send(&Req::get("payments.internal", "/transfer").bearer(&svc));
+    assert!(rig.mint_calls().is_empty(), "no exchange for an audience the caller chose");
+    rig.denied(s, 403, "no_resource_matched");
+    // A matched resource without an explicit audience: its name, whatever the authority says.
+    let s = rig.send(&Req::get("reports.internal:8443", "/q").bearer(&svc));
+    let call = rig.one_mint_call();
+    assert!(form(&call).contains(&("audience".into(), "reports".into())), "{:?}", form(&call));
+    rig.answer(&call, token_reply("jti-r", T0 + 60, T0));
+    rig.forwarded(s);
+    no_warnings(&rig);
+}

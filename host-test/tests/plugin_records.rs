@@ -240,26 +240,29 @@ fn each_deny_family_has_one_record_and_exact_metrics() {
 }
 
 #[test]
-fn dry_run_deny_is_recorded_and_still_minted() {
-    let Some(mut rig) = start("dry_run_deny_is_recorded_and_still_minted", minter()) else { return };
+fn dry_run_denial_forwards_without_any_credential() {
+    // A would-be denial goes upstream to be observed, never armed: before, it was minted a
+    // credential (with the allow rule's scopes) like any allow.
+    let Some(mut rig) = start("dry_run_denial_forwards_without_any_credential", minter()) else { return };
     let before = counters(&rig);
     let rec = one_record(&mut rig, |rig| {
         let req = Req::get("wiki.internal", "/page").intent("wiki.read").bearer(&rig.svid());
         let s = rig.send(&req);
-        let call = rig.one_mint_call();
-        assert!(form(&call).contains(&("audience".into(), "wiki".into())));
-        rig.answer(&call, token_reply("jti-w", T0 + 60, T0));
-        rig.forwarded(s);
+        assert!(rig.mint_calls().is_empty(), "no exchange for a would-be denial");
+        let up = rig.forwarded(s);
+        assert!(header(&up, "authorization").is_none(), "neither a minted credential nor the caller's token");
         s
     });
     assert_eq!((rec["effect"].as_str(), rec["reason"].as_str(), rec["dry_run"].as_bool()), (Some("dry_run_deny"), Some("denied_by_rule"), Some(true)));
     assert_eq!((rec["rule_id"].as_str(), rec["dry_run_rule_id"].as_str()), (Some("agents"), Some("wiki-freeze")));
-    assert_eq!(rec["credential"]["jti"], json!("jti-w"));
+    assert_eq!(rec["credential"], Value::Null);
+    assert_eq!(rec["credential_withheld"], json!("dry_run"));
     assert_eq!((rec["resource"].as_str(), rec["sensitivity"].as_str()), (Some("wiki"), Some("public")));
     assert_eq!(
         moved(&rig, &before, "mandate.decisions."),
         expect(&[("mandate.decisions.dry_run_deny", 1), ("mandate.decisions.dry_run_deny.denied_by_rule", 1)])
     );
+    assert_eq!(rig.metric("mandate.cache.credential.miss"), 0, "no credential was looked for");
 }
 
 #[test]
@@ -331,7 +334,7 @@ fn secrets_never_reach_logs_records_replies_or_metric_names() {
     let Some(mut rig) = start("secrets_never_reach_logs_records_replies_or_metric_names", minter()) else { return };
     let svid = rig.svid();
     let intent = rig.intent_token(&["ticket.read"], Some("T-9"));
-    let bad_intent = TestKey::es256("intent-k1").sign(&json!({"iss": INTENT_ISS, "sub": AGENT, "exp": T0 + 60, "intents": ["ticket.read"]}));
+    let bad_intent = TestKey::es256("intent-k1").sign_intent(&json!({"iss": INTENT_ISS, "sub": AGENT, "aud": AUD, "exp": T0 + 60, "intents": ["ticket.read"]}));
     let forged = TestKey::es256("svid-k1").sign(&svid_claims(AGENT, AUD, T0, T0 + 3600));
     let expired = rig.key.sign(&svid_claims(AGENT, AUD, T0 - 7200, T0 - 3600));
     let api_key = "sk_live_51HqLyjWDarjtT1zdp7dcXfZq2Lm9";

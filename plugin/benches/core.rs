@@ -158,6 +158,7 @@ fn main() {
         now: NOW,
         environment: Some("prod"),
         standing_secret: false,
+        minter: false,
     };
     assert_eq!(policy.evaluate(&input).effect, mandate_plugin::decision::Effect::Allow);
     let pol_ns = bench("evaluate (last resource, 200 rules)", min, || {

@@ -174,7 +174,17 @@ pub struct BundleSourceConfig {
     pub retry_s: u64,
     #[serde(default = "default_fetch_timeout")]
     pub timeout_ms: u64,
+    /// Fetched bundles only: how long after the last good fetch the bundle still verifies
+    /// tokens while fetches fail, seconds (default 3600, 60..=604800). Past it, tokens of
+    /// this trust domain or issuer get `bundle_unavailable`. Inline bundles never age.
+    #[serde(default)]
+    pub max_bundle_age_s: Option<u64>,
 }
+
+/// Default `max_bundle_age_s` of fetched bundles, seconds.
+pub const DEFAULT_MAX_BUNDLE_AGE_S: u64 = 3600;
+/// Bounds of `max_bundle_age_s`, seconds.
+pub const MAX_BUNDLE_AGE_RANGE: std::ops::RangeInclusive<u64> = 60..=604_800;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -355,6 +365,9 @@ fn validate_source(field: &str, s: &BundleSourceConfig) -> Result<(), ConfigErro
     match (&s.inline, &s.cluster) {
         (Some(_), Some(_)) => Err(ConfigError::new(field, "set either `inline` or `cluster`, not both")),
         (None, None) => Err(ConfigError::new(field, "one of `inline` or `cluster` is required")),
+        (Some(_), None) if s.max_bundle_age_s.is_some() => {
+            Err(ConfigError::new(format!("{field}.max_bundle_age_s"), "applies to fetched (`cluster`) bundles only: inline bundles never age"))
+        }
         (Some(v), None) => {
             let raw = serde_json::to_vec(v).map_err(|e| ConfigError::new(format!("{field}.inline"), e.to_string()))?;
             crate::identity::jwks::parse_bundle(&raw)
@@ -376,6 +389,16 @@ fn validate_source(field: &str, s: &BundleSourceConfig) -> Result<(), ConfigErro
             }
             if s.timeout_ms < 10 || s.timeout_ms > 60_000 {
                 return Err(ConfigError::new(format!("{field}.timeout_ms"), "must be between 10 and 60000"));
+            }
+            let max_age = s.max_bundle_age_s.unwrap_or(DEFAULT_MAX_BUNDLE_AGE_S);
+            if !MAX_BUNDLE_AGE_RANGE.contains(&max_age) {
+                return Err(ConfigError::new(format!("{field}.max_bundle_age_s"), "must be between 60 and 604800"));
+            }
+            if max_age <= s.refresh_s {
+                return Err(ConfigError::new(
+                    format!("{field}.max_bundle_age_s"),
+                    format!("must exceed refresh_s ({}), or the bundle goes stale before its next refresh (default 3600)", s.refresh_s),
+                ));
             }
             Ok(())
         }

@@ -83,6 +83,9 @@ pub struct Decision {
     /// Whether a token was found and verification attempted (for cache hit/miss counting).
     pub identity_checked: bool,
     pub credential: Option<crate::record::CredentialInfo>,
+    /// Why no credential was minted although a minter is configured (`dry_run`: a would-be
+    /// denial goes upstream, but never with a credential).
+    pub credential_withheld: Option<&'static str>,
     /// Set when the request went upstream with a weaker credential than a minted one.
     pub degraded: Option<&'static str>,
     pub request_id: Option<String>,
@@ -127,7 +130,7 @@ struct Judged {
     intent_signed: bool,
     /// The normalised request target, when it differs from what was sent.
     rewrite: Option<Vec<u8>>,
-    /// Set when a minter is configured.
+    /// Set when a minter is configured and the policy allowed a matched resource.
     credential_key: Option<[u8; 16]>,
     expires_at: u64,
 }
@@ -336,7 +339,17 @@ impl Engine {
         }
 
         // 5. Just-in-time credential: only now, after every check passed.
-        let (Some(m), Some(key)) = (&self.config.minter, judged.credential_key) else { return Ok(Verdict::Forward(edits)) };
+        let Some(m) = &self.config.minter else { return Ok(Verdict::Forward(edits)) };
+        if decision.effect == Effect::DryRunDeny {
+            // A would-be denial is let through to be observed, never armed: no exchange.
+            d.credential_withheld = Some("dry_run");
+            return Ok(Verdict::Forward(edits));
+        }
+        // The audience comes from the matched resource only (the policy refuses an allow
+        // without one when a minter is configured): never from the caller's `:authority`.
+        let (Some(key), Some(audience)) = (judged.credential_key, decision.audience.as_deref()) else {
+            return Err(Reason::NoResourceMatched);
+        };
         if let Some(cred) = self.credentials.get(&key, req.now) {
             self.stats.credential_cache_hits += 1;
             d.credential_cache_hit = true;
@@ -345,7 +358,7 @@ impl Engine {
         }
         let request = MintRequest {
             subject_token: token.to_vec(),
-            audience: decision.audience.as_deref().unwrap_or(&judged.authority).to_string(),
+            audience: audience.to_string(),
             scopes: decision.scopes.clone(),
             ttl_s: decision.ttl_s,
             task: d.task.as_deref().map(str::to_string),
@@ -421,6 +434,7 @@ impl Engine {
             now,
             environment: self.environment.as_deref(),
             standing_secret,
+            minter: self.config.minter.is_some(),
         };
         let decision = Rc::new(policy.evaluate(&input));
         let ttl_end = now.saturating_add(policy.cache.ttl_s);
@@ -431,10 +445,12 @@ impl Engine {
         let rewrite = self.config.upstream.rewrite_path.then(|| path.target().into_bytes()).filter(|t| t.as_slice() != raw_path);
         let intent = intent_name.as_deref().map(Rc::from).or(d.intent.take());
         let task: Option<Rc<str>> = task.as_deref().map(Rc::from);
-        let credential_key = self.config.minter.as_ref().map(|_| {
-            let audience = decision.audience.as_deref().unwrap_or(&authority);
-            mint::credential_key(&identity.principal, audience, &decision.scopes, task.as_deref(), intent.as_deref())
-        });
+        let credential_key = match (&self.config.minter, decision.effect, decision.audience.as_deref()) {
+            (Some(_), Effect::Allow, Some(audience)) => {
+                Some(mint::credential_key(&identity.principal, audience, &decision.scopes, task.as_deref(), intent.as_deref()))
+            }
+            _ => None,
+        };
         Ok(Judged {
             policy: decision,
             method,
@@ -838,10 +854,10 @@ mod tests {
         let k = TestKey::es256("k");
         let ik = TestKey::es256("intent-key");
         let mut p = policy();
-        p["intent_issuers"] = json!([{"issuer": "https://intent", "jwks": plain_jwks(&[&ik])}]);
+        p["intent_issuers"] = json!([{"issuer": "https://intent", "jwks": plain_jwks(&[&ik]), "audiences": [AUD]}]);
         let mut e = engine_with(&k, json!({}), Some(p));
         let b = format!("Bearer {}", k.sign(&svid_claims(SUB, AUD, NOW + 1700, NOW + 2200)));
-        let it = ik.sign(&json!({"iss": "https://intent", "sub": SUB, "exp": NOW + 7200, "intents": ["customer.lookup"], "task": "T-9"}));
+        let it = ik.sign_intent(&json!({"iss": "https://intent", "sub": SUB, "aud": AUD, "exp": NOW + 7200, "intents": ["customer.lookup"], "task": "T-9"}));
         let h = get(&[(":authority", "crm.internal"), (":path", "/customers/7"), ("x-agent-intent", "customer.lookup"), ("x-agent-intent-token", &it)], &b);
         // 10:29:50 — allowed, cached until the window closes at 10:30.
         let t = NOW + 29 * 60 + 50;
@@ -972,10 +988,10 @@ mod tests {
         let k = TestKey::es256("k");
         let ik = TestKey::es256("ik");
         let mut p = policy();
-        p["intent_issuers"] = json!([{"issuer": "https://intent", "jwks": plain_jwks(&[&ik])}]);
+        p["intent_issuers"] = json!([{"issuer": "https://intent", "jwks": plain_jwks(&[&ik]), "audiences": [AUD]}]);
         let mut e = engine_with(&k, json!({}), Some(p));
         let b = bearer(&k);
-        let it = ik.sign(&json!({"iss": "https://intent", "sub": SUB, "exp": NOW + 60, "intents": ["ticket.read"], "task": "T-1"}));
+        let it = ik.sign_intent(&json!({"iss": "https://intent", "sub": SUB, "aud": AUD, "exp": NOW + 60, "intents": ["ticket.read"], "task": "T-1"}));
         let out = run(&mut e, &get(&[("x-agent-intent-token", &it), ("x-agent-task", "T-2")], &b));
         assert_eq!(out.decision.reason(), Reason::IntentTokenInvalid);
     }
@@ -1145,5 +1161,108 @@ mod tests {
     fn credential_values_never_appear_in_decision_debug_or_display() {
         let cred = Credential { header: "authorization".into(), value: "Bearer SECRET".into(), exp: 1, jti: Some("j".into()), task: None, subject: "s".into(), legacy: false };
         assert!(!cred.to_string().contains("SECRET"));
+    }
+
+    // ---------------- issue 11: no confused deputy, dry run, registered tasks ----------------
+
+    fn minting_engine_with(key: &TestKey, p: serde_json::Value) -> Engine {
+        let identity = json!({"audiences": [AUD], "upstream_header": "x-mandate-identity",
+            "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[key], None)}}]});
+        let cfg = json!({"identity": identity, "policy": p, "minter": {"cluster": "minter", "timeout_ms": 300}});
+        Engine::new(config::parse(cfg.to_string().as_bytes()).unwrap(), 7, None).unwrap()
+    }
+
+    #[test]
+    fn host_header_cannot_choose_the_credential_audience() {
+        // A catch-all allow: before, an unmatched request was minted a credential for whatever
+        // `:authority` the caller sent, e.g. the payments service's audience.
+        let k = TestKey::es256("k");
+        let mut e = minting_engine_with(&k, json!({
+            "resources": [{"name": "tickets", "hosts": ["tickets.internal"], "paths": ["/tickets/**"]}],
+            "rules": [{"id": "anyone", "effect": "allow"}]
+        }));
+        let b = bearer(&k);
+        let no_intent = |extra: &[(&'static str, &'static str)], b: &str| -> Vec<(String, String)> {
+            get(extra, "").into_iter().filter(|(n, _)| *n != "x-agent-intent").map(|(n, v)| (n.to_string(), if n == "authorization" { b.to_string() } else { v.to_string() })).collect()
+        };
+        let send = |e: &mut Engine, h: Vec<(String, String)>| {
+            let pairs: Vec<(&str, &str)> = h.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            run(e, &pairs)
+        };
+        let out = send(&mut e, no_intent(&[(":authority", "payments.internal"), (":path", "/transfer")], &b));
+        assert_eq!(out.decision.reason(), Reason::NoResourceMatched);
+        let Verdict::Reply(r) = out.verdict else { panic!("an unmatched destination was forwarded or minted for") };
+        assert_eq!(r.status, 403);
+        // A matched resource without an explicit audience: its name, never the authority sent.
+        let (p, _) = plan(send(&mut e, no_intent(&[], &b)));
+        assert_eq!(p.request.audience, "tickets");
+    }
+
+    #[test]
+    fn dry_run_denial_forwards_without_any_credential() {
+        let k = TestKey::es256("k");
+        let b = bearer(&k);
+        // Policy-wide dry run: a would-be intent mismatch goes upstream, with no exchange.
+        let mut p = policy();
+        p["dry_run"] = json!(true);
+        p["resources"][0]["audience"] = json!("https://tickets.internal");
+        let mut e = minting_engine_with(&k, p);
+        let out = run(&mut e, &get(&[(":method", "POST")], &b));
+        assert_eq!((out.decision.effect(), out.decision.reason()), (Effect::DryRunDeny, Reason::IntentMismatch));
+        assert_eq!(out.decision.credential_withheld, Some("dry_run"));
+        assert!(out.decision.credential.is_none());
+        let ed = edits(out);
+        assert!(!ed.set.iter().any(|(n, _)| n == "authorization"), "{ed:?}");
+        assert!(ed.remove.contains(&"authorization".to_string()), "the caller's own token never goes upstream either");
+        // Even a would-be denial with no resource at all: forwarded bare, never minted for the authority.
+        let out = run(&mut e, &get(&[(":authority", "payments.internal"), (":path", "/x")], &b));
+        assert_eq!(out.decision.effect(), Effect::DryRunDeny);
+        assert!(matches!(out.verdict, Verdict::Forward(_)));
+        // A dry-run deny rule over an allowed request: recorded, forwarded, not minted.
+        let mut p = policy();
+        p["resources"][0]["audience"] = json!("https://tickets.internal");
+        p["rules"].as_array_mut().unwrap().insert(0, json!({"id": "trial", "effect": "deny", "intents": ["ticket.read"], "dry_run": true}));
+        let mut e = minting_engine_with(&k, p);
+        let out = run(&mut e, &get(&[], &b));
+        assert_eq!(out.decision.effect(), Effect::DryRunDeny);
+        assert_eq!(out.decision.credential_withheld, Some("dry_run"));
+        let ed = edits(out);
+        assert!(!ed.set.iter().any(|(n, _)| n == "authorization"), "{ed:?}");
+        assert_eq!(e.credential_cache_len(), 0);
+    }
+
+    #[test]
+    fn registered_tasks_need_a_task_and_a_voucher() {
+        let k = TestKey::es256("k");
+        let ik = TestKey::es256("ik");
+        let b = bearer(&k);
+        let mut p = policy();
+        p["tasks"] = json!("registered");
+        p["intent_issuers"] = json!([{"issuer": "https://intent", "jwks": plain_jwks(&[&ik]), "audiences": [AUD]}]);
+        // No minter: a header task is only a claim.
+        let mut e = engine_with(&k, json!({}), Some(p.clone()));
+        assert_eq!(run(&mut e, &get(&[], &b)).decision.reason(), Reason::TaskRequired);
+        assert_eq!(run(&mut e, &get(&[("x-agent-task", "T-8")], &b)).decision.reason(), Reason::TaskUnregistered);
+        let it = ik.sign_intent(&json!({"iss": "https://intent", "sub": SUB, "aud": AUD, "exp": NOW + 60, "intents": ["ticket.read"], "task": "T-8"}));
+        assert_eq!(run(&mut e, &get(&[("x-agent-intent-token", &it)], &b)).decision.effect(), Effect::Allow);
+        // With a minter, the minter checks registration at the exchange every allow goes through.
+        let mut e = minting_engine_with(&k, p);
+        assert_eq!(run(&mut e, &get(&[], &b)).decision.reason(), Reason::TaskRequired);
+        let (plan, _) = plan(run(&mut e, &get(&[("x-agent-task", "tsk_AAAAAAAAAAAAAAAAAAAAAA")], &b)));
+        assert_eq!(plan.request.task.as_deref(), Some("tsk_AAAAAAAAAAAAAAAAAAAAAA"));
+    }
+
+    #[test]
+    fn svid_replayed_as_intent_token_is_refused() {
+        // The agent's own SVID (a JWT with `sub` = the agent) sent as the intent token, where
+        // the intent issuer and the trust domain share a key.
+        let k = TestKey::es256("k");
+        let mut p = policy();
+        p["intent_issuers"] = json!([{"issuer": "https://intent", "jwks": plain_jwks(&[&k]), "audiences": [AUD]}]);
+        let mut e = engine_with(&k, json!({}), Some(p));
+        let b = bearer(&k);
+        let svid = k.sign(&json!({"iss": "https://intent", "sub": SUB, "aud": AUD, "iat": NOW, "exp": NOW + 60, "intents": ["customer.lookup"]}));
+        let h = get(&[(":authority", "crm.internal"), (":path", "/customers/7"), ("x-agent-intent", "customer.lookup"), ("x-agent-intent-token", &svid)], &b);
+        assert_eq!(run(&mut e, &h).decision.reason(), Reason::IntentTokenInvalid);
     }
 }

@@ -54,6 +54,11 @@ pub enum Reason {
     NoRuleMatched,
     TaskRevoked,
     SubjectRevoked,
+    /// The policy requires registered tasks and nothing vouches for this one.
+    TaskUnregistered,
+    /// A minter is configured but the request matched no resource: there is no audience to
+    /// mint for (the caller's `:authority` never chooses one).
+    NoResourceMatched,
 
     // --- availability (503) ---
     CredentialUnavailable,
@@ -113,6 +118,8 @@ impl Reason {
         Reason::NoRuleMatched,
         Reason::TaskRevoked,
         Reason::SubjectRevoked,
+        Reason::TaskUnregistered,
+        Reason::NoResourceMatched,
         Reason::CredentialUnavailable,
         Reason::NotConfigured,
         Reason::InternalError,
@@ -160,6 +167,8 @@ impl Reason {
             Reason::NoRuleMatched => "no_rule_matched",
             Reason::TaskRevoked => "task_revoked",
             Reason::SubjectRevoked => "subject_revoked",
+            Reason::TaskUnregistered => "task_unregistered",
+            Reason::NoResourceMatched => "no_resource_matched",
             Reason::CredentialUnavailable => "credential_unavailable",
             Reason::NotConfigured => "not_configured",
             Reason::InternalError => "internal_error",
@@ -181,7 +190,8 @@ impl Reason {
             IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid | MethodInvalid => Family::BadRequest,
             IntentRequired | TaskRequired | UnclassifiedPrincipal | IntentUnknown | IntentMismatch | IntentTokenRequired
             | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
-            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked => {
+            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked | TaskUnregistered
+            | NoResourceMatched => {
                 Family::Policy
             }
             CredentialUnavailable | NotConfigured | InternalError => Family::Unavailable,
@@ -242,6 +252,8 @@ impl Reason {
             NoRuleMatched => "no policy rule allows this request",
             TaskRevoked => "the task has ended or was revoked",
             SubjectRevoked => "the caller's credentials were revoked",
+            TaskUnregistered => "the task is not registered",
+            NoResourceMatched => "the destination matches no resource, so no credential can be issued for it",
             CredentialUnavailable => "a credential for the destination could not be obtained",
             NotConfigured => "the filter is not configured",
             InternalError => "internal error",

@@ -56,6 +56,9 @@ pub struct DecisionRecord<'a> {
     pub scopes: &'a [String],
     pub ttl_s: Option<u64>,
     pub credential: Option<&'a CredentialInfo>,
+    /// Why no credential went upstream although a minter is configured (`dry_run`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_withheld: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub degraded: Option<&'static str>,
     pub cache: CacheHits,
@@ -97,6 +100,7 @@ impl<'a> DecisionRecord<'a> {
             scopes: p.map_or(EMPTY, |p| p.scopes.as_slice()),
             ttl_s: p.and_then(|p| p.ttl_s),
             credential: d.credential.as_ref(),
+            credential_withheld: d.credential_withheld,
             degraded: d.degraded,
             cache: CacheHits { identity: d.identity_cache_hit, decision: d.decision_cache_hit, credential: d.credential_cache_hit },
             duration_us,

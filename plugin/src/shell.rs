@@ -484,7 +484,7 @@ fn log_fetch(report: &FetchReport, metrics: &mut Metrics) {
         FetchReport::Unchanged { .. } => metrics.inc("mandate.bundles.refresh_ok"),
         FetchReport::Failed { label, error, kept_previous } => {
             metrics.inc("mandate.bundles.refresh_failed");
-            let consequence = if *kept_previous { "keeping the last good bundle" } else { "no bundle yet: its tokens are refused" };
+            let consequence = if *kept_previous { "keeping the last good bundle" } else { "no usable bundle (none yet, or older than max_bundle_age_s): its tokens are refused" };
             log(LogLevel::Warn, &format!("mandate: bundle fetch for `{label}` failed ({error}); {consequence}"));
         }
     }

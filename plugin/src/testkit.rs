@@ -113,6 +113,12 @@ impl TestKey {
         self.sign_raw(self.alg(), &header.to_string(), &claims.to_string())
     }
 
+    /// Signs a signed intent token: standard header with `typ: intent+jwt`.
+    pub fn sign_intent(&self, claims: &Value) -> String {
+        let header = json!({"alg": self.alg(), "kid": self.kid, "typ": "intent+jwt"});
+        self.sign_raw(self.alg(), &header.to_string(), &claims.to_string())
+    }
+
     pub fn sign_with_header(&self, alg: &str, header: &Value, claims: &Value) -> String {
         self.sign_raw(alg, &header.to_string(), &claims.to_string())
     }

@@ -656,7 +656,7 @@ impl Fixture {
 
     /// A signed intent token for `sub`.
     pub fn intent_token(&self, sub: &str, intents: &[&str]) -> String {
-        self.intent_key.sign(&json!({
+        self.intent_key.sign_intent(&json!({
             "iss": INTENT_ISSUER, "sub": sub, "aud": INTENT_AUDIENCE,
             "iat": self.now - 5, "exp": self.now + 120, "intents": intents,
         }))

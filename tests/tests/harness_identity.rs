@@ -340,7 +340,7 @@ fn unknown_cluster_is_a_failed_fetch_retried_after_retry_s() {
     no_fetch(&vm);
     let failed = "cannot call cluster `spire`";
     assert_eq!(count_logs(&vm, failed), 1, "{:?}", vm.logs());
-    assert!(vm.logged("no bundle yet: its tokens are refused"), "{:?}", vm.logs());
+    assert!(vm.logged("no usable bundle (none yet, or older than max_bundle_age_s): its tokens are refused"), "{:?}", vm.logs());
     denied(&host, &mut vm, &token(&key, T0, T0 + 3600), "bundle_unavailable");
     step(&mut vm, RETRY_S - 1);
     assert_eq!(count_logs(&vm, failed), 1);

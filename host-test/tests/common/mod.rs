@@ -89,7 +89,7 @@ pub fn policy(intent_key: &TestKey) -> Value {
             {"name": "wiki.read", "operations": [{"resource": "wiki"}], "scopes": ["wiki:read"]},
             {"name": "crm.sync", "operations": [{"resource": "legacy-crm"}], "scopes": ["crm"]}
         ],
-        "intent_issuers": [{"issuer": INTENT_ISS, "jwks": plain_jwks(&[intent_key])}],
+        "intent_issuers": [{"issuer": INTENT_ISS, "jwks": plain_jwks(&[intent_key]), "audiences": [AUD]}],
         "rules": [
             {"id": "blocked-agent", "effect": "deny", "principals": [BLOCKED]},
             {"id": "wiki-freeze", "effect": "deny", "intents": ["wiki.read"], "dry_run": true},
@@ -160,11 +160,11 @@ impl Rig {
 
     /// A signed intent token for `AGENT`.
     pub fn intent_token(&self, intents: &[&str], task: Option<&str>) -> String {
-        let mut claims = json!({"iss": INTENT_ISS, "sub": AGENT, "iat": T0, "exp": T0 + 3600, "intents": intents});
+        let mut claims = json!({"iss": INTENT_ISS, "sub": AGENT, "aud": AUD, "iat": T0, "exp": T0 + 3600, "intents": intents});
         if let Some(t) = task {
             claims["task"] = json!(t);
         }
-        self.intent_key.sign(&claims)
+        self.intent_key.sign_intent(&claims)
     }
 
     /// `GET https://tickets.internal/tickets/1` with intent `ticket.read` and the agent's SVID.

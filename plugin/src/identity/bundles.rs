@@ -2,8 +2,11 @@
 //! with refresh scheduling for bundles fetched through an Envoy cluster.
 //!
 //! The store plans fetches and takes their results; the shell does the I/O.
-//! A failed fetch keeps the last good bundle; with no bundle yet, tokens of
-//! that domain are refused.
+//! A failed fetch keeps the last good bundle, but only for `max_bundle_age_s`
+//! after it was fetched: past that, or with no bundle yet, tokens of that
+//! domain are refused (`bundle_unavailable`). A fetched bundle whose
+//! `spiffe_sequence` is lower than the held one's is a rollback: refused, and
+//! the held bundle stays. Inline bundles never age.
 
 use super::jwks::{parse_bundle, Bundle};
 use crate::config::BundleSourceConfig;
@@ -22,6 +25,8 @@ pub struct Remote {
     pub refresh_s: u64,
     pub retry_s: u64,
     pub timeout_ms: u64,
+    /// The last good bundle verifies tokens for this long after it was fetched, seconds.
+    pub max_age_s: u64,
 }
 
 #[derive(Debug)]
@@ -34,6 +39,8 @@ pub struct Source {
     generation: u64,
     next_fetch_at: u64,
     in_flight: bool,
+    /// When the held bundle was last fetched (or confirmed unchanged), for remote sources.
+    good_at: u64,
     pub fetches_ok: u64,
     pub fetches_failed: u64,
     pub last_error: Option<String>,
@@ -49,11 +56,22 @@ pub struct FetchPlan {
     pub timeout_ms: u64,
 }
 
+impl Source {
+    fn usable(&self, now: u64) -> bool {
+        match &self.remote {
+            None => self.bundle.is_some(),
+            Some(r) => self.bundle.is_some() && now.saturating_sub(self.good_at) <= r.max_age_s,
+        }
+    }
+}
+
 /// What a fetch result did, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchReport {
     Updated { label: String, keys: usize, skipped: Vec<String> },
     Unchanged { label: String },
+    /// `kept_previous`: a bundle that may still verify tokens is kept (it exists and is not
+    /// older than `max_bundle_age_s`).
     Failed { label: String, error: String, kept_previous: bool },
 }
 
@@ -79,6 +97,7 @@ impl BundleStore {
                     refresh_s: cfg.refresh_s,
                     retry_s: cfg.retry_s,
                     timeout_ms: cfg.timeout_ms,
+                    max_age_s: cfg.max_bundle_age_s.unwrap_or(crate::config::DEFAULT_MAX_BUNDLE_AGE_S),
                 }),
             ),
             _ => return Err(format!("bundle source for `{label}` needs exactly one of inline or cluster")),
@@ -91,6 +110,7 @@ impl BundleStore {
             bundle,
             next_fetch_at: 0,
             in_flight: false,
+            good_at: 0,
             fetches_ok: 0,
             fetches_failed: 0,
             last_error: None,
@@ -112,9 +132,19 @@ impl BundleStore {
         self.by_trust_domain.get(name).copied()
     }
 
-    pub fn current(&self, id: SourceId) -> Option<(&Bundle, u64)> {
+    /// The bundle that may verify tokens at `now`: none before the first good fetch, and none
+    /// once the last good fetch is older than the source's `max_bundle_age_s`.
+    pub fn current(&self, id: SourceId, now: u64) -> Option<(&Bundle, u64)> {
         let s = self.sources.get(id)?;
+        if !s.usable(now) {
+            return None;
+        }
         s.bundle.as_ref().map(|b| (b, s.generation))
+    }
+
+    /// Whether the source's bundle may verify tokens at `now`.
+    pub fn usable(&self, id: SourceId, now: u64) -> bool {
+        self.sources.get(id).is_some_and(|s| s.usable(now))
     }
 
     pub fn generation(&self, id: SourceId) -> Option<u64> {
@@ -154,7 +184,17 @@ impl BundleStore {
         let s = self.sources.get_mut(id)?;
         let r = s.remote.clone()?;
         s.in_flight = false;
-        let parsed = result.and_then(|body| parse_bundle(body).map_err(|e| e.to_string()));
+        let parsed = result.and_then(|body| parse_bundle(body).map_err(|e| e.to_string())).and_then(|bundle| {
+            match (s.bundle.as_ref().and_then(|b| b.sequence), bundle.sequence) {
+                // SPIFFE bundles only move forward: an older sequence is a replayed (or
+                // restored) bundle that may still hold withdrawn keys.
+                (Some(held), Some(new)) if new < held => {
+                    Err(format!("spiffe_sequence {new} is lower than the held bundle's {held}: rollback refused"))
+                }
+                (Some(held), None) => Err(format!("bundle has no spiffe_sequence while the held one has {held}: rollback refused")),
+                _ => Ok(bundle),
+            }
+        });
         match parsed {
             Ok(bundle) => {
                 s.fetches_ok += 1;
@@ -163,6 +203,7 @@ impl BundleStore {
                 // `refresh_s`: a huge hint must not freeze a bundle with withdrawn keys.
                 let refresh = bundle.refresh_hint.map_or(r.refresh_s, |h| h.clamp(MIN_REFRESH_HINT_S, r.refresh_s));
                 s.next_fetch_at = now.saturating_add(refresh);
+                s.good_at = now;
                 let changed = s.bundle.as_ref().is_none_or(|b| b.digest != bundle.digest);
                 let report = if changed {
                     s.generation += 1;
@@ -177,7 +218,7 @@ impl BundleStore {
                 s.fetches_failed += 1;
                 s.last_error = Some(error.clone());
                 s.next_fetch_at = now.saturating_add(r.retry_s);
-                Some(FetchReport::Failed { label: s.label.clone(), error, kept_previous: s.bundle.is_some() })
+                Some(FetchReport::Failed { label: s.label.clone(), error, kept_previous: s.usable(now) })
             }
         }
     }

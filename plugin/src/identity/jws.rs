@@ -17,7 +17,7 @@ pub struct Parsed<'t> {
     pub token: &'t str,
     pub alg: Alg,
     pub kid: String,
-    /// `typ` as sent (already checked to be JWT or JOSE), for the signature library.
+    /// `typ` as sent (already checked against the expected [`Kind`]), for the signature library.
     pub typ: Option<String>,
     pub claims: Claims,
     /// The decoded claims JSON, for callers that need more than the registered claims.
@@ -64,9 +64,40 @@ pub struct Claims {
     pub jti: Option<String>,
 }
 
-/// Splits, decodes and checks the header and claims. Header checks come first
-/// (`alg` before anything else), then the claims are decoded.
+/// The kind of token a verifier expects, told apart by the JOSE `typ` header, so that a token
+/// made for one purpose is never accepted for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A JWT-SVID (or OIDC token): `typ` absent, `JWT` or `JOSE`, as the SPIFFE spec allows.
+    /// An intent token (`intent+jwt`) is refused here.
+    Svid,
+    /// A signed intent token: `typ` must be `intent+jwt` (RFC 8725 §3.11 explicit typing;
+    /// `application/intent+jwt` and any letter case are the same media type). An SVID, whose
+    /// `typ` is absent or `JWT`, is refused here.
+    Intent,
+}
+
+/// The media type of signed intent tokens (JOSE `typ`).
+pub const INTENT_TYP: &str = "intent+jwt";
+
+fn typ_ok(kind: Kind, typ: Option<&str>) -> bool {
+    match kind {
+        Kind::Svid => matches!(typ, None | Some("JWT" | "JOSE")),
+        Kind::Intent => typ.is_some_and(|t| {
+            let t = t.get(..12).filter(|p| p.eq_ignore_ascii_case("application/")).map_or(t, |_| t.get(12..).unwrap_or(""));
+            t.eq_ignore_ascii_case(INTENT_TYP)
+        }),
+    }
+}
+
+/// Splits, decodes and checks the header and claims of a JWT-SVID (see [`parse_as`]).
 pub fn parse(token: &[u8], max_len: usize) -> Result<Parsed<'_>, Reason> {
+    parse_as(token, max_len, Kind::Svid)
+}
+
+/// Splits, decodes and checks the header and claims. Header checks come first
+/// (`alg` before anything else, then `typ` for the expected kind), then the claims are decoded.
+pub fn parse_as(token: &[u8], max_len: usize, kind: Kind) -> Result<Parsed<'_>, Reason> {
     if token.len() > max_len {
         return Err(Reason::TokenMalformed);
     }
@@ -83,10 +114,8 @@ pub fn parse(token: &[u8], max_len: usize) -> Result<Parsed<'_>, Reason> {
     let header: RawHeader = serde_json::from_slice(&header_json).map_err(|_| Reason::TokenMalformed)?;
 
     let alg = header.alg.as_deref().and_then(Alg::parse).ok_or(Reason::AlgNotAllowed)?;
-    if let Some(typ) = header.typ.as_deref() {
-        if typ != "JWT" && typ != "JOSE" {
-            return Err(Reason::TypNotAllowed);
-        }
+    if !typ_ok(kind, header.typ.as_deref()) {
+        return Err(Reason::TypNotAllowed);
     }
     if header.crit.is_some() {
         return Err(Reason::CritNotAllowed);

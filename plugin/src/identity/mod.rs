@@ -177,7 +177,7 @@ impl Verifier {
                 (source, &self.audiences, IdentityKind::JwtSvid, id.as_str().to_string(), Some(td))
             }
         };
-        let (bundle, generation) = self.bundles.current(source).ok_or(Reason::BundleUnavailable)?;
+        let (bundle, generation) = self.bundles.current(source, now).ok_or(Reason::BundleUnavailable)?;
         let key = bundle.key(&parsed.kid).ok_or(Reason::KidUnknown)?;
         if !key.accepts(parsed.alg) {
             return Err(Reason::SignatureInvalid);
@@ -226,6 +226,11 @@ impl Verifier {
         let Some(cache) = self.cache.as_mut() else { return Ok(None) };
         let Some(entry) = cache.get(token) else { return Ok(None) };
         let fresh = self.bundles.generation(entry.source) == Some(entry.generation);
+        if fresh && !self.bundles.usable(entry.source, now) {
+            // The bundle that verified it is past `max_bundle_age_s`: nothing vouches any more.
+            cache.pop(token);
+            return Err(Reason::BundleUnavailable);
+        }
         if !fresh {
             // The bundle changed (rotation or revocation): verify again.
             cache.pop(token);

@@ -215,6 +215,19 @@ fn typ_access_token_refused() {
 }
 
 #[test]
+fn intent_token_replayed_as_svid_is_refused() {
+    // A signed intent token carries `sub` and `aud` too; if its issuer's key is also trusted
+    // for SVIDs (one key for both), only its type tells them apart.
+    let mut fx = fixture();
+    for typ in ["intent+jwt", "application/intent+jwt", "INTENT+JWT"] {
+        let t = fx.key.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "k1", "typ": typ}), &good_claims());
+        expect(&mut fx.verifier, &t, Reason::TypNotAllowed);
+    }
+    let t = fx.key.sign_intent(&good_claims());
+    expect(&mut fx.verifier, &t, Reason::TypNotAllowed);
+}
+
+#[test]
 fn crit_header_refused() {
     let mut fx = fixture();
     let t = fx.key.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "k1", "crit": ["exp"]}), &good_claims());
@@ -626,6 +639,118 @@ fn garbage_bundle_keeps_previous() {
     assert!(v.verify(key.sign(&svid_claims(SUB, AUD, NOW + 300, NOW + 600)).as_bytes(), NOW + 301).is_ok());
 }
 
+fn bundle_with(keys: &[&TestKey], sequence: Option<u64>) -> Vec<u8> {
+    let mut b = spiffe_bundle(keys, None);
+    match sequence {
+        Some(n) => b["spiffe_sequence"] = json!(n),
+        None => {
+            b.as_object_mut().unwrap().remove("spiffe_sequence");
+        }
+    }
+    serde_json::to_vec(&b).unwrap()
+}
+
+#[test]
+fn bundle_rollback_to_older_sequence_is_refused() {
+    // The attacker replays an old bundle (sequence 7) that still holds the key withdrawn
+    // at sequence 8: the held bundle stays, the fetch counts as failed.
+    let (current, mut v) = remote_fixture();
+    let withdrawn = TestKey::es256("old");
+    let p = v.bundles.due_fetches(NOW);
+    v.bundles.on_fetch(p[0].source, Ok(&bundle_with(&[&current], Some(8))), NOW).unwrap();
+    let p = v.bundles.due_fetches(NOW + 300);
+    let r = v.bundles.on_fetch(p[0].source, Ok(&bundle_with(&[&current, &withdrawn], Some(7))), NOW + 300).unwrap();
+    match r {
+        bundles::FetchReport::Failed { error, kept_previous, .. } => {
+            assert!(error.contains("rollback") && error.contains('7') && error.contains('8'), "{error}");
+            assert!(kept_previous);
+        }
+        other => panic!("rollback accepted: {other:?}"),
+    }
+    assert_eq!(v.bundles.sources()[0].fetches_failed, 1);
+    let old = withdrawn.sign(&svid_claims(SUB, AUD, NOW + 300, NOW + 600));
+    assert_eq!(v.verify(old.as_bytes(), NOW + 301).err(), Some(Reason::KidUnknown), "the withdrawn key stays withdrawn");
+    assert!(v.verify(current.sign(&svid_claims(SUB, AUD, NOW + 300, NOW + 600)).as_bytes(), NOW + 301).is_ok());
+    // Dropping the sequence altogether is a rollback too.
+    let p = v.bundles.due_fetches(NOW + 310);
+    let r = v.bundles.on_fetch(p[0].source, Ok(&bundle_with(&[&current, &withdrawn], None)), NOW + 310).unwrap();
+    assert!(matches!(r, bundles::FetchReport::Failed { kept_previous: true, .. }), "{r:?}");
+    // The same sequence again, and a newer one, are accepted.
+    let p = v.bundles.due_fetches(NOW + 320);
+    assert!(matches!(v.bundles.on_fetch(p[0].source, Ok(&bundle_with(&[&current], Some(8))), NOW + 320), Some(bundles::FetchReport::Unchanged { .. })));
+    let p = v.bundles.due_fetches(NOW + 620);
+    let r = v.bundles.on_fetch(p[0].source, Ok(&bundle_with(&[&withdrawn], Some(9))), NOW + 620).unwrap();
+    assert!(matches!(r, bundles::FetchReport::Updated { keys: 1, .. }), "{r:?}");
+}
+
+#[test]
+fn stale_bundle_stops_verifying_after_max_age() {
+    // The bundle endpoint goes down (or is blocked by the attacker) after one good fetch:
+    // the last good bundle must not be trusted forever.
+    let key = TestKey::es256("k1");
+    let cfg = identity_config(json!({"audiences": [AUD],
+        "trust_domains": [{"name": "example.org", "bundle": {"cluster": "spire", "refresh_s": 300, "retry_s": 10, "max_bundle_age_s": 900}}]}));
+    let mut v = Verifier::new(&cfg).unwrap();
+    let p = v.bundles.due_fetches(NOW);
+    v.bundles.on_fetch(p[0].source, Ok(&bundle_with(&[&key], Some(1))), NOW);
+    let token = key.sign(&svid_claims(SUB, AUD, NOW + 800, NOW + 2000));
+    assert!(v.verify(token.as_bytes(), NOW + 850).is_ok(), "fresh enough");
+    let p = v.bundles.due_fetches(NOW + 860);
+    let r = v.bundles.on_fetch(p[0].source, Err("503".into()), NOW + 860).unwrap();
+    assert!(matches!(r, bundles::FetchReport::Failed { kept_previous: true, .. }));
+    assert!(v.verify(token.as_bytes(), NOW + 900).is_ok(), "a cached verification until the bundle is too old");
+    assert_eq!(v.verify(token.as_bytes(), NOW + 901).err(), Some(Reason::BundleUnavailable), "cached verification refused too");
+    let fresh = key.sign(&svid_claims(SUB, AUD, NOW + 900, NOW + 2000));
+    assert_eq!(v.verify(fresh.as_bytes(), NOW + 901).err(), Some(Reason::BundleUnavailable));
+    let p = v.bundles.due_fetches(NOW + 910);
+    let r = v.bundles.on_fetch(p[0].source, Err("503".into()), NOW + 910).unwrap();
+    assert!(matches!(r, bundles::FetchReport::Failed { kept_previous: false, .. }), "reported as no usable bundle");
+    // The endpoint is back: the same bundle, confirmed, verifies again.
+    let p = v.bundles.due_fetches(NOW + 920);
+    v.bundles.on_fetch(p[0].source, Ok(&bundle_with(&[&key], Some(1))), NOW + 920);
+    assert!(v.verify(fresh.as_bytes(), NOW + 921).is_ok());
+}
+
+#[test]
+fn unchanged_bundle_fetches_keep_it_fresh_and_default_age_is_an_hour() {
+    let (key, mut v) = remote_fixture();
+    let mut t = NOW;
+    let token = |now: u64| key.sign(&svid_claims(SUB, AUD, now, now + 60));
+    for _ in 0..20 {
+        let p = v.bundles.due_fetches(t);
+        v.bundles.on_fetch(p[0].source, Ok(&bundle_with(&[&key], Some(1))), t);
+        assert!(v.verify(token(t).as_bytes(), t + 1).is_ok());
+        t += 300;
+    }
+    let last_good = t - 300;
+    assert!(v.verify(token(last_good + 3600).as_bytes(), last_good + 3600).is_ok());
+    assert_eq!(v.verify(token(last_good + 3601).as_bytes(), last_good + 3601).err(), Some(Reason::BundleUnavailable));
+}
+
+#[test]
+fn inline_bundle_never_ages() {
+    let mut fx = fixture();
+    let later = NOW + 365 * 86_400;
+    assert!(fx.verifier.verify(fx.key.sign(&svid_claims(SUB, AUD, later, later + 60)).as_bytes(), later).is_ok());
+}
+
+#[test]
+fn config_bounds_max_bundle_age() {
+    let err = |bundle: Value| {
+        config::parse(json!({"identity": {"audiences": ["a"], "trust_domains": [{"name": "example.org", "bundle": bundle}]}}).to_string().as_bytes())
+            .unwrap_err()
+            .field
+    };
+    let field = "identity.trust_domains[0].bundle.max_bundle_age_s";
+    assert_eq!(err(json!({"cluster": "c", "max_bundle_age_s": 59})), field);
+    assert_eq!(err(json!({"cluster": "c", "max_bundle_age_s": 604_801})), field);
+    assert_eq!(err(json!({"cluster": "c", "refresh_s": 600, "max_bundle_age_s": 600})), field, "stale before its refresh");
+    assert_eq!(err(json!({"cluster": "c", "refresh_s": 7200})), field, "the default (3600) must exceed refresh_s too");
+    assert_eq!(err(json!({"inline": {"keys": []}, "max_bundle_age_s": 600})), field, "inline bundles never age");
+    let ok = json!({"identity": {"audiences": ["a"], "trust_domains": [{"name": "example.org", "bundle": {"cluster": "c", "max_bundle_age_s": 604_800}}]}});
+    assert!(config::parse(ok.to_string().as_bytes()).is_ok());
+}
+
 // ---------- cache ----------
 
 #[test]
@@ -650,7 +775,7 @@ fn cache_dropped_when_bundle_rotates() {
     assert_eq!(v.stats.cache_hits, 1);
     // The key is removed from the bundle (revoked): the cached verification must not survive.
     let p = v.bundles.due_fetches(NOW + 300);
-    v.bundles.on_fetch(p[0].source, Ok(br#"{"keys":[]}"#), NOW + 300);
+    v.bundles.on_fetch(p[0].source, Ok(br#"{"keys":[],"spiffe_sequence":2}"#), NOW + 300);
     assert_eq!(v.verify(t.as_bytes(), NOW + 300).err(), Some(Reason::KidUnknown));
 }
 

@@ -17,6 +17,9 @@ pub struct CaseFile {
     pub policy: String,
     #[serde(default)]
     pub description: Option<String>,
+    /// The deployment has a minter (default for every case that does not say otherwise).
+    #[serde(default)]
+    pub minter: bool,
     pub cases: Vec<Case>,
 }
 
@@ -57,6 +60,10 @@ pub struct CaseRequest {
     pub environment: Option<String>,
     #[serde(default)]
     pub standing_secret: bool,
+    /// A minter is configured (it checks task registration at every exchange, and needs a
+    /// matched resource to mint for). Default: the case file's `minter`, else false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minter: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -187,6 +194,7 @@ pub fn with_input<T>(
         now,
         environment: environment.as_deref(),
         standing_secret: r.standing_secret,
+        minter: r.minter.unwrap_or(false),
     };
     Ok(Ok(f(&input)))
 }
@@ -223,7 +231,9 @@ pub fn run_file(path: &Path) -> Result<(PathBuf, Vec<CaseResult>), String> {
     let policy = load_policy(&policy_path)?;
     let mut results = Vec::new();
     for case in &file.cases {
-        let d = evaluate_request(&policy, &case.request).map_err(|e| format!("{}: case `{}`: {e}", path.display(), case.name))?;
+        let mut request = case.request.clone();
+        request.minter = request.minter.or(Some(file.minter));
+        let d = evaluate_request(&policy, &request).map_err(|e| format!("{}: case `{}`: {e}", path.display(), case.name))?;
         results.push(check(case, &d));
     }
     Ok((policy_path, results))

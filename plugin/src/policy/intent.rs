@@ -1,5 +1,7 @@
 //! Declared intent: the `x-agent-intent` / `x-agent-task` headers and signed
-//! intent tokens (JWTs from a configured intent issuer, bound to the caller).
+//! intent tokens (JWTs from a configured intent issuer, bound to the caller and
+//! to this gateway by `aud`, and typed `intent+jwt` so that they are never
+//! mistaken for an SVID, nor an SVID for them).
 
 use super::{IntentIssuerConfig, SignedIntent};
 use crate::config::ConfigError;
@@ -68,6 +70,18 @@ impl IntentVerifier {
             if c.issuer.is_empty() {
                 return Err(ConfigError::new(format!("{field}.issuer"), "must not be empty"));
             }
+            // Without an audience, a token issued for any other gateway would be accepted here.
+            if c.audiences.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{field}.audiences"),
+                    "at least one audience is required: intent tokens must name this gateway, or they replay across gateways",
+                ));
+            }
+            for (j, a) in c.audiences.iter().enumerate() {
+                if a.is_empty() {
+                    return Err(ConfigError::new(format!("{field}.audiences[{j}]"), "must not be empty"));
+                }
+            }
             let raw = serde_json::to_vec(&c.jwks).map_err(|e| ConfigError::new(format!("{field}.jwks"), e.to_string()))?;
             let bundle = parse_bundle(&raw).map_err(|e| ConfigError::new(format!("{field}.jwks"), e.to_string()))?;
             issuers.push(Issuer { issuer: c.issuer.clone(), bundle, audiences: c.audiences.clone() });
@@ -82,7 +96,8 @@ impl IntentVerifier {
     /// Verifies an intent token for `principal`. Any failure is `intent_token_invalid`.
     pub fn verify(&self, token: &[u8], principal: &str, now: u64) -> Result<SignedIntent, Reason> {
         let bad = Reason::IntentTokenInvalid;
-        let parsed = jws::parse(token, MAX_INTENT_TOKEN).map_err(|_| bad)?;
+        // `typ: intent+jwt` only: an SVID (typ absent or JWT) is never an intent token.
+        let parsed = jws::parse_as(token, MAX_INTENT_TOKEN, jws::Kind::Intent).map_err(|_| bad)?;
         let c = &parsed.claims;
         let issuer = c.iss.as_deref().and_then(|iss| self.issuers.iter().find(|i| i.issuer == iss)).ok_or(bad)?;
         let key = issuer.bundle.key(&parsed.kid).ok_or(bad)?;
@@ -100,7 +115,8 @@ impl IntentVerifier {
         {
             return Err(bad);
         }
-        if !issuer.audiences.is_empty() && !c.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)) {
+        // Bound to this gateway: a token for another one (or for none) is refused.
+        if !c.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)) {
             return Err(bad);
         }
         crate::identity::verify_signature(&parsed, key, now, self.skew).map_err(|_| bad)?;
@@ -140,7 +156,7 @@ mod tests {
     #[test]
     fn valid_intent_token() {
         let k = TestKey::es256("i1");
-        let s = verifier(&k).verify(k.sign(&claims(ME)).as_bytes(), ME, NOW).unwrap();
+        let s = verifier(&k).verify(k.sign_intent(&claims(ME)).as_bytes(), ME, NOW).unwrap();
         assert_eq!(s.intents, vec!["repo.write"]);
         assert_eq!(s.task.as_deref(), Some("PR-42"));
     }
@@ -148,7 +164,7 @@ mod tests {
     #[test]
     fn intent_token_stolen_from_another_agent() {
         let k = TestKey::es256("i1");
-        let t = k.sign(&claims("spiffe://example.org/agent/other"));
+        let t = k.sign_intent(&claims("spiffe://example.org/agent/other"));
         assert_eq!(verifier(&k).verify(t.as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
     }
 
@@ -156,13 +172,13 @@ mod tests {
     fn intent_token_forged_by_caller() {
         let k = TestKey::es256("i1");
         let forger = TestKey::es256("i1");
-        assert_eq!(verifier(&k).verify(forger.sign(&claims(ME)).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+        assert_eq!(verifier(&k).verify(forger.sign_intent(&claims(ME)).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
     }
 
     #[test]
     fn intent_token_expired() {
         let k = TestKey::es256("i1");
-        assert_eq!(verifier(&k).verify(k.sign(&claims(ME)).as_bytes(), ME, NOW + 91), Err(Reason::IntentTokenInvalid));
+        assert_eq!(verifier(&k).verify(k.sign_intent(&claims(ME)).as_bytes(), ME, NOW + 91), Err(Reason::IntentTokenInvalid));
     }
 
     #[test]
@@ -170,7 +186,7 @@ mod tests {
         let k = TestKey::es256("i1");
         let mut c = claims(ME);
         c["iss"] = json!("https://evil");
-        assert_eq!(verifier(&k).verify(k.sign(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+        assert_eq!(verifier(&k).verify(k.sign_intent(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
     }
 
     #[test]
@@ -178,7 +194,7 @@ mod tests {
         let k = TestKey::es256("i1");
         let mut c = claims(ME);
         c["aud"] = json!("other");
-        assert_eq!(verifier(&k).verify(k.sign(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+        assert_eq!(verifier(&k).verify(k.sign_intent(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
     }
 
     #[test]
@@ -186,7 +202,62 @@ mod tests {
         let k = TestKey::es256("i1");
         let mut c = claims(ME);
         c["intents"] = json!(["Repo Write"]);
-        assert_eq!(verifier(&k).verify(k.sign(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+        assert_eq!(verifier(&k).verify(k.sign_intent(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+    }
+
+    #[test]
+    fn intent_token_for_another_gateway_is_refused() {
+        let k = TestKey::es256("i1");
+        // Before, an issuer without `audiences` (the default) took a token for any gateway:
+        // such a configuration is now refused.
+        let open: Vec<IntentIssuerConfig> =
+            serde_json::from_value(json!([{"issuer": "https://intent.example.org", "jwks": plain_jwks(&[&k])}])).unwrap();
+        assert!(IntentVerifier::new(&open, 30, "policy.intent_issuers").is_err(), "an issuer must name this gateway");
+        let mut c = claims(ME);
+        c["aud"] = json!("gateway-b");
+        assert_eq!(verifier(&k).verify(k.sign_intent(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+        // No audience at all: issued for every gateway, accepted by none.
+        let mut c = claims(ME);
+        c.as_object_mut().unwrap().remove("aud");
+        assert_eq!(verifier(&k).verify(k.sign_intent(&c).as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid));
+        let mut c = claims(ME);
+        c["aud"] = json!(["gateway-b", "mandate"]);
+        assert!(verifier(&k).verify(k.sign_intent(&c).as_bytes(), ME, NOW).is_ok(), "one of several audiences names us");
+    }
+
+    #[test]
+    fn intent_issuer_without_audiences_is_a_configuration_error() {
+        let k = TestKey::es256("i1");
+        for cfg in [
+            json!([{"issuer": "https://intent.example.org", "jwks": plain_jwks(&[&k])}]),
+            json!([{"issuer": "https://intent.example.org", "jwks": plain_jwks(&[&k]), "audiences": []}]),
+        ] {
+            let cfg: Vec<IntentIssuerConfig> = serde_json::from_value(cfg).unwrap();
+            let e = IntentVerifier::new(&cfg, 30, "policy.intent_issuers").err().unwrap();
+            assert_eq!(e.field, "policy.intent_issuers[0].audiences");
+        }
+        let cfg: Vec<IntentIssuerConfig> =
+            serde_json::from_value(json!([{"issuer": "https://i", "jwks": plain_jwks(&[&k]), "audiences": [""]}])).unwrap();
+        assert_eq!(IntentVerifier::new(&cfg, 30, "p").err().unwrap().field, "p[0].audiences[0]");
+    }
+
+    #[test]
+    fn svid_replayed_as_intent_token_is_refused() {
+        // One key signs both (an issuer that also mints SVIDs, or a shared key): a token typed
+        // as a JWT, or untyped, is an SVID whatever its claims say.
+        let k = TestKey::es256("i1");
+        for header in [json!({"alg": "ES256", "kid": "i1", "typ": "JWT"}), json!({"alg": "ES256", "kid": "i1"}), json!({"alg": "ES256", "kid": "i1", "typ": "JOSE"})] {
+            let t = k.sign_with_header("ES256", &header, &claims(ME));
+            assert_eq!(verifier(&k).verify(t.as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid), "{header}");
+        }
+        for typ in ["at+jwt", "intent", "txntoken+jwt", "application/jwt"] {
+            let t = k.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "i1", "typ": typ}), &claims(ME));
+            assert_eq!(verifier(&k).verify(t.as_bytes(), ME, NOW), Err(Reason::IntentTokenInvalid), "{typ}");
+        }
+        for typ in ["intent+jwt", "INTENT+JWT", "application/intent+jwt"] {
+            let t = k.sign_with_header("ES256", &json!({"alg": "ES256", "kid": "i1", "typ": typ}), &claims(ME));
+            assert!(verifier(&k).verify(t.as_bytes(), ME, NOW).is_ok(), "{typ}");
+        }
     }
 
     fn h(pairs: &[(&str, &[u8])]) -> Headers {

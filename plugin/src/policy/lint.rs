@@ -39,6 +39,12 @@ pub fn lint(p: &Policy) -> Vec<Finding> {
         }
     }
 
+    if p.tasks == super::TaskMode::Declared {
+        out.push(warn(
+            "policy".into(),
+            "tasks: declared takes any x-agent-task the caller sends, so an agent can name a fresh task after its task ended; set \"tasks\": \"registered\"".into(),
+        ));
+    }
     if p.unclassified == super::Unclassified::Allow && !p.classes.is_empty() {
         out.push(warn("policy".into(), "callers matching no class skip every class limit (unclassified: allow)".into()));
     }

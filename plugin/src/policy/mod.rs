@@ -4,7 +4,8 @@
 //! limits (token lifetime, standing secrets) → declared intent → destination
 //! resource → intent binding and sensitivity ceilings → signed-intent
 //! requirements → rules (any matching deny wins; otherwise a matching allow
-//! is required). The policy is compiled once from configuration; evaluation
+//! is required) → with a minter, a matched resource (its audience is what is
+//! minted for) → in `tasks: registered` mode, a task something vouches for. The policy is compiled once from configuration; evaluation
 //! is pure and takes the time as input, so tests and the CLI drive it directly.
 
 pub mod cases;
@@ -82,6 +83,24 @@ pub struct PolicyConfig {
     pub intent_issuers: Vec<IntentIssuerConfig>,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// Where task ids may come from: `registered` (a minter checks them at every exchange, or
+    /// a verified signed intent token carries them) or `declared` (any `x-agent-task` value).
+    #[serde(default)]
+    pub tasks: TaskMode,
+}
+
+/// How far the filter trusts a task id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskMode {
+    /// Every request carries a task, and the task is vouched for: by the minter, which refuses
+    /// unknown, ended, expired or unbound tasks at every exchange, or by a verified signed
+    /// intent token that names it. Anything else is `task_unregistered`.
+    Registered,
+    /// The caller's `x-agent-task` is taken as sent (and only required where an intent says
+    /// `require_task`). The agent can name a fresh task whenever one ends.
+    #[default]
+    Declared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -178,7 +197,8 @@ pub struct IntentIssuerConfig {
     pub issuer: String,
     /// The issuer's public keys (JWKS).
     pub jwks: serde_json::Value,
-    /// If set, intent tokens must name one of these audiences.
+    /// Audiences that name this gateway: an intent token must name one of them, so a token
+    /// issued for another gateway cannot be replayed here. Required, non-empty.
     #[serde(default)]
     pub audiences: Vec<String>,
 }
@@ -287,6 +307,7 @@ pub struct Policy {
     pub intents: Vec<Intent>,
     pub rules: Vec<Rule>,
     pub cache: DecisionCacheConfig,
+    pub tasks: TaskMode,
 }
 
 /// Verified claims of a signed intent token.
@@ -313,6 +334,9 @@ pub struct PolicyInput<'a> {
     pub now: u64,
     pub environment: Option<&'a str>,
     pub standing_secret: bool,
+    /// A minter is configured: every allow is exchanged for a credential there, and the minter
+    /// checks the task's registration at every exchange.
+    pub minter: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -585,6 +609,7 @@ impl Policy {
             intents,
             rules,
             cache: c.decision_cache.clone(),
+            tasks: c.tasks,
         })
     }
 
@@ -731,6 +756,20 @@ impl Policy {
             }
         }
         let Some(allow) = allow else { return deny(Reason::NoRuleMatched) };
+        // A credential is minted only for a resource the policy names, with its audience:
+        // never for whatever `:authority` the caller sent (confused deputy).
+        if input.minter && resource.is_none() {
+            return deny(Reason::NoResourceMatched);
+        }
+        if self.tasks == TaskMode::Registered {
+            let Some(task) = input.task else { return deny(Reason::TaskRequired) };
+            // Vouched for by the minter (registration is checked at every exchange, and with a
+            // minter every allow is exchanged) or by the verified signed intent token.
+            let signed = input.signed_intent.and_then(|s| s.task.as_deref()) == Some(task);
+            if !input.minter && !signed {
+                return deny(Reason::TaskUnregistered);
+            }
+        }
         d.rule_id = Some(allow.id.clone());
         if let Some(dr) = dry_deny {
             d.effect = Effect::DryRunDeny;

@@ -53,6 +53,7 @@ fn input<'a>(principal: &'a str, intent: Option<&'a str>, method: &'a str, host:
         now: WED_1000,
         environment: Some("prod"),
         standing_secret: false,
+        minter: false,
     }
 }
 
@@ -283,4 +284,95 @@ fn require_task_binds_the_task_to_the_signed_token() {
     assert_eq!(p.evaluate(&claimed_only).reason, Reason::TaskRequired, "a header task is not bound");
     let bound = PolicyInput { signed_intent: Some(&with_task), task: Some("CASE-7"), ..base_in };
     assert_eq!(p.evaluate(&bound).effect, Effect::Allow);
+}
+
+// ---------------- registered tasks (issue 11, gap 2) ----------------
+
+fn registered() -> Policy {
+    let mut v = base();
+    v["tasks"] = json!("registered");
+    policy(v)
+}
+
+#[test]
+fn task_mode_defaults_to_declared_and_parses_registered() {
+    assert_eq!(policy(base()).tasks, TaskMode::Declared);
+    assert_eq!(registered().tasks, TaskMode::Registered);
+    let mut v = base();
+    v["tasks"] = json!("whatever-the-agent-says");
+    assert!(serde_json::from_value::<PolicyConfig>(v).is_err(), "an unknown mode is a configuration error");
+}
+
+#[test]
+fn registered_mode_requires_a_task() {
+    let p = registered();
+    let i = PolicyInput { minter: true, ..input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1") };
+    assert_eq!(p.evaluate(&i).reason, Reason::TaskRequired);
+    let d = p.evaluate(&PolicyInput { task: Some("tsk_1"), ..i });
+    assert_eq!(d.effect, Effect::Allow, "{d:?}");
+}
+
+#[test]
+fn declared_task_without_minter_is_unregistered() {
+    // Without a minter nothing checks the task: an agent whose task ended names a fresh one.
+    let p = registered();
+    let i = PolicyInput { task: Some("T-8"), ..input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1") };
+    let d = p.evaluate(&i);
+    assert_eq!((d.effect, d.reason), (Effect::Deny, Reason::TaskUnregistered));
+    assert!(d.scopes.is_empty());
+    // Declared mode keeps the old behaviour, for those who opt into it.
+    assert_eq!(policy(base()).evaluate(&i).effect, Effect::Allow);
+}
+
+#[test]
+fn task_from_a_verified_signed_intent_is_registered_without_a_minter() {
+    let p = registered();
+    let signed = SignedIntent { intents: vec!["ticket.read".into()], task: Some("CASE-7".into()), exp: WED_1000 + 60 };
+    let base_in = input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1");
+    let bound = PolicyInput { signed_intent: Some(&signed), task: Some("CASE-7"), ..base_in.clone() };
+    assert_eq!(p.evaluate(&bound).effect, Effect::Allow);
+    // A signed token without a task does not vouch for a header task.
+    let taskless = SignedIntent { task: None, ..signed.clone() };
+    let header_only = PolicyInput { signed_intent: Some(&taskless), task: Some("CASE-7"), ..base_in };
+    assert_eq!(p.evaluate(&header_only).reason, Reason::TaskUnregistered);
+}
+
+#[test]
+fn registered_mode_lets_an_explicit_deny_speak_first() {
+    let p = registered();
+    let mut v = base();
+    v["tasks"] = json!("registered");
+    v["intents"][0]["operations"][0]["methods"] = json!(["GET", "DELETE"]);
+    let p2 = policy(v);
+    let i = input(AGENT, Some("ticket.read"), "DELETE", "tickets.internal", "/tickets/1");
+    assert_eq!(p2.evaluate(&i).reason, Reason::DeniedByRule);
+    assert_eq!(p.evaluate(&input(AGENT, Some("ticket.read"), "POST", "tickets.internal", "/tickets/1")).reason, Reason::IntentMismatch);
+}
+
+#[test]
+fn lint_warns_on_declared_tasks() {
+    let text = |p: &Policy| lint::lint(p).iter().map(|f| format!("{} {}", f.subject, f.message)).collect::<Vec<_>>();
+    assert!(text(&policy(base())).iter().any(|t| t.contains("tasks") && t.contains("declared")));
+    assert!(!text(&registered()).iter().any(|t| t.contains("declared")));
+}
+
+// ---------------- no confused deputy (issue 11, gap 4) ----------------
+
+#[test]
+fn host_header_cannot_choose_the_credential_audience() {
+    // A catch-all allow (no intent, no resource) for unclassified callers: with a minter, the
+    // old filter minted for whatever `:authority` was sent. Now: no resource, no credential.
+    let mut v = base();
+    v["unclassified"] = json!("allow");
+    v["rules"].as_array_mut().unwrap().push(json!({"id": "anyone", "effect": "allow", "principals": ["spiffe://example.org/svc/*"]}));
+    v["require_signed_intent_above"] = serde_json::Value::Null;
+    let p = policy(v);
+    let i = input("spiffe://example.org/svc/x", None, "GET", "payments.internal", "/transfer");
+    assert_eq!(p.evaluate(&i).effect, Effect::Allow, "without a minter nothing is minted: the allow stands");
+    let d = p.evaluate(&PolicyInput { minter: true, ..i });
+    assert_eq!((d.effect, d.reason), (Effect::Deny, Reason::NoResourceMatched));
+    assert_eq!(d.audience, None);
+    let matched = PolicyInput { minter: true, ..input("spiffe://example.org/svc/x", None, "GET", "reports.internal", "/reports/1") };
+    let d = p.evaluate(&matched);
+    assert_eq!((d.effect, d.audience.as_deref()), (Effect::Allow, Some("reports")), "the resource's name is the audience");
 }
