@@ -40,6 +40,13 @@ impl OAuthError {
     pub fn server_error(d: impl Into<String>) -> OAuthError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", d)
     }
+    pub fn not_found(d: impl Into<String>) -> OAuthError {
+        Self::new(StatusCode::NOT_FOUND, "not_found", d)
+    }
+    /// `invalid_request` with another 4xx status (405, 413, 415, ...): the request itself is wrong.
+    pub fn invalid_request_status(status: StatusCode, d: impl Into<String>) -> OAuthError {
+        Self::new(status, "invalid_request", d)
+    }
 }
 
 impl IntoResponse for OAuthError {
