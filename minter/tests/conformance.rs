@@ -89,7 +89,7 @@ fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
 }
 
 /// A complete, valid exchange; cases remove, repeat or change parameters.
-fn good<'a>(subject: &'a str) -> Vec<(&'a str, &'a str)> {
+fn good(subject: &str) -> Vec<(&str, &str)> {
     vec![
         ("grant_type", GRANT_TOKEN_EXCHANGE),
         ("subject_token", subject),
@@ -143,7 +143,8 @@ fn every_bad_token_request_gets_its_rfc6749_error() {
     };
     let secrets = [subject.as_str(), actor.as_str(), forged.as_str(), "sk_live_123"];
 
-    let cases: Vec<(&str, Vec<(&str, &str)>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("missing grant_type", without(&g, "grant_type"), 400, "invalid_request"),
         ("repeated grant_type", with(&g, &[("grant_type", GRANT_TOKEN_EXCHANGE)]), 400, "invalid_request"),
         ("wrong grant_type", replaced(&g, "grant_type", "client_credentials"), 400, "unsupported_grant_type"),
