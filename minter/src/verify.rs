@@ -41,8 +41,6 @@ struct Freshness {
     last_good: AtomicU64,
     /// `spiffe_sequence` of the current bundle (None: none yet, or the bundle has none).
     sequence: Mutex<Option<u64>>,
-    /// The current bundle's bytes (an identical re-fetch publishes nothing new).
-    current: Mutex<Option<Arc<Vec<u8>>>>,
 }
 
 /// Why a fetched bundle was not published.
@@ -92,7 +90,7 @@ impl IdentitySource {
         let freshness = fetched
             .iter()
             .map(|(td, max_age_s)| {
-                let f = Freshness { max_age_s: *max_age_s, last_good: AtomicU64::new(0), sequence: Mutex::new(None), current: Mutex::new(None) };
+                let f = Freshness { max_age_s: *max_age_s, last_good: AtomicU64::new(0), sequence: Mutex::new(None) };
                 (td.clone(), f)
             })
             .collect();
@@ -117,15 +115,11 @@ impl IdentitySource {
             }
         }
         *seq = sequence;
-        let mut cur = fresh.current.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = cur.as_ref().is_none_or(|c| c.as_slice() != body.as_slice());
-        if changed {
-            let body = Arc::new(body);
-            *cur = Some(body.clone());
-            if let Ok(mut f) = self.fetched.write() {
-                let gen = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-                f.insert(trust_domain.to_string(), (gen, body));
-            }
+        // Every good fetch reaches each thread's Verifier (an unchanged bundle keeps its
+        // verification cache there), so a verifier-side age bound sees the fetch too.
+        if let Ok(mut f) = self.fetched.write() {
+            let gen = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            f.insert(trust_domain.to_string(), (gen, Arc::new(body)));
         }
         fresh.last_good.store(now.max(1), Ordering::Release);
         Ok(())
