@@ -337,9 +337,9 @@ fn failing_answers() -> Vec<(&'static str, bool, Option<CalloutReply>)> {
         ("missing expires_in", false, Some(json_reply(200, &json!({"access_token": MINTER_SECRET, "token_type": "Bearer"})))),
         ("access_token not a header value", false, Some(json_reply(200, &json!({"access_token": format!("{MINTER_SECRET}\r\nx-evil: 1"), "expires_in": 60})))),
         ("unexpected token type", false, Some(json_reply(200, &json!({"access_token": MINTER_SECRET, "issued_token_type": "urn:ietf:params:oauth:token-type:saml2", "expires_in": 60})))),
-        ("legacy with a bad header name", false, Some(json_reply(200, &json!({"access_token": MINTER_SECRET, "expires_in": 60, "mandate_legacy": true, "mandate_header": "bad header"})))),
-        ("legacy naming a pseudo-header", false, Some(json_reply(200, &json!({"access_token": MINTER_SECRET, "expires_in": 60, "mandate_legacy": true, "mandate_header": ":authority"})))),
-        ("legacy naming a mandate header", false, Some(json_reply(200, &json!({"access_token": MINTER_SECRET, "expires_in": 60, "mandate_legacy": true, "mandate_header": "x-mandate-identity"})))),
+        ("legacy with a bad header name", false, Some(json_reply(200, &json!({"access_token": MINTER_SECRET, "expires_in": 60, "issued_token_type": "urn:mandate:token-type:static-secret", "token_type": "N_A", "mandate_header": "bad header"})))),
+        ("legacy naming a pseudo-header", false, Some(json_reply(200, &json!({"access_token": MINTER_SECRET, "expires_in": 60, "issued_token_type": "urn:mandate:token-type:static-secret", "token_type": "N_A", "mandate_header": ":authority"})))),
+        ("legacy naming a mandate header", false, Some(json_reply(200, &json!({"access_token": MINTER_SECRET, "expires_in": 60, "issued_token_type": "urn:mandate:token-type:static-secret", "token_type": "N_A", "mandate_header": "x-mandate-identity"})))),
         ("body over the limit", true, Some(CalloutReply::ok(200, &[], vec![b' '; 64 * 1024 + 1]))),
     ]
 }
@@ -569,8 +569,8 @@ fn legacy_destination_gets_the_static_secret_and_is_marked_degraded() {
     let s = rig.send(&req);
     let call = rig.one_mint_call();
     assert!(form(&call).contains(&("audience".into(), "legacy-crm".into())), "audience = the resource's name");
-    let body = json!({"access_token": secret, "issued_token_type": "urn:mandate:token-type:static-secret", "token_type": "ApiKey",
-                      "expires_in": 120, "scope": "", "mandate_legacy": true, "mandate_header": "x-api-key"});
+    let body = json!({"access_token": secret, "issued_token_type": "urn:mandate:token-type:static-secret", "token_type": "N_A",
+                      "expires_in": 120, "mandate_header": "x-api-key", "mandate_scheme": "ApiKey"});
     rig.answer(&call, json_reply(200, &body));
     let up = rig.forwarded(s);
     assert_eq!(header(&up, "x-api-key").as_deref(), Some(secret), "the secret alone, no scheme");
@@ -597,7 +597,7 @@ fn legacy_secret_for_authorization_keeps_its_scheme() {
     let s = rig.send(&req);
     let call = rig.one_mint_call();
     let body = json!({"access_token": "c3ZjOnB3", "issued_token_type": "urn:mandate:token-type:static-secret",
-                      "token_type": "Basic", "expires_in": 120, "mandate_legacy": true});
+                      "token_type": "N_A", "expires_in": 120, "mandate_header": "authorization", "mandate_scheme": "Basic"});
     rig.answer(&call, json_reply(200, &body));
     let up = rig.forwarded(s);
     assert_eq!(header(&up, "authorization").as_deref(), Some("Basic c3ZjOnB3"));

@@ -377,7 +377,7 @@ fn secrets_never_reach_logs_records_replies_or_metric_names() {
     // A legacy secret.
     let s = rig.send(&Req::new("POST", "old-crm.internal", "/sync").intent("crm.sync").bearer(&svid));
     let call = rig.one_mint_call();
-    rig.answer(&call, json_reply(200, &json!({"access_token": legacy, "expires_in": 60, "mandate_legacy": true, "mandate_header": "x-api-key"})));
+    rig.answer(&call, json_reply(200, &json!({"access_token": legacy, "expires_in": 60, "issued_token_type": "urn:mandate:token-type:static-secret", "token_type": "N_A", "mandate_header": "x-api-key"})));
     assert_eq!(header(&rig.forwarded(s), "x-api-key").as_deref(), Some(legacy));
     streams.push(s);
     assert_eq!(rig.records().len(), streams.len(), "one record per request");

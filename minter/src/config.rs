@@ -69,6 +69,9 @@ pub struct MinterConfig {
     /// How often the signing-key file and the legacy secret file are checked for changes, seconds.
     #[serde(default = "default_reload")]
     pub reload_check_s: u64,
+    /// Signing-key publication and rotation.
+    #[serde(default)]
+    pub keys: KeysConfig,
 
     /// Parsed and validated `identity`, with bundle URLs split out (filled by `load`/`finish`).
     #[serde(skip)]
@@ -146,6 +149,36 @@ impl Role {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// `cache-control: public, max-age=…` of the JWKS, seconds: how long resource servers may
+    /// cache it. Their own cache (e.g. jwt_authn's `cache_duration`) should not be longer.
+    #[serde(default = "default_jwks_max_age")]
+    pub jwks_max_age_s: u64,
+    /// A new key is published this long before it signs (default and minimum: `jwks_max_age_s`).
+    #[serde(default)]
+    pub publish_before_use_s: Option<u64>,
+    /// Keys kept and published (minimum 3: next, current, previous).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Rotate on a schedule: a new pending key every this many seconds (≥ `publish_before_use_s`).
+    #[serde(default)]
+    pub rotate_every_s: Option<u64>,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig { jwks_max_age_s: default_jwks_max_age(), publish_before_use_s: None, keep: default_keep(), rotate_every_s: None }
+    }
+}
+
+impl KeysConfig {
+    pub fn publish_before_use_s(&self) -> u64 {
+        self.publish_before_use_s.unwrap_or(self.jwks_max_age_s)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuthMode {
@@ -218,13 +251,20 @@ pub enum LogLevel {
     Debug,
 }
 
-/// A trust-domain bundle the minter fetches over HTTP.
+/// A trust-domain bundle the minter fetches itself.
 #[derive(Debug, Clone)]
 pub struct BundleUrl {
     pub trust_domain: String,
     pub url: String,
     pub refresh_s: u64,
+    /// PEM file of the only CA trusted for an `https://` URL (required for https).
+    pub bundle_ca: Option<PathBuf>,
+    /// How long the last good bundle is trusted once fetches fail, seconds.
+    pub max_bundle_age_s: u64,
 }
+
+/// Default `max_bundle_age_s`.
+pub const DEFAULT_MAX_BUNDLE_AGE_S: u64 = 3600;
 
 fn default_listen() -> String {
     "127.0.0.1:8181".into()
@@ -249,6 +289,12 @@ fn default_max_body() -> usize {
 }
 fn default_reload() -> u64 {
     2
+}
+fn default_jwks_max_age() -> u64 {
+    300
+}
+fn default_keep() -> usize {
+    crate::keys::MIN_KEYS_KEPT
 }
 
 impl MinterConfig {
@@ -293,6 +339,11 @@ impl MinterConfig {
             resolve(&mut l.secrets_file);
         }
         self.validate()?;
+        for u in self.bundle_urls.iter_mut() {
+            if let Some(ca) = u.bundle_ca.as_mut() {
+                resolve(ca);
+            }
+        }
         Ok(self)
     }
 
@@ -402,6 +453,25 @@ impl MinterConfig {
         if self.max_body_bytes < 1024 {
             bail!("`max_body_bytes` must be at least 1024");
         }
+        let k = &self.keys;
+        if k.jwks_max_age_s == 0 || k.jwks_max_age_s > 86_400 {
+            bail!("`keys.jwks_max_age_s` must be 1-86400");
+        }
+        if k.publish_before_use_s() < k.jwks_max_age_s {
+            bail!(
+                "`keys.publish_before_use_s` ({}) must be at least `keys.jwks_max_age_s` ({}): a key must be published for one JWKS cache period before it signs",
+                k.publish_before_use_s(),
+                k.jwks_max_age_s
+            );
+        }
+        if k.keep < crate::keys::MIN_KEYS_KEPT {
+            bail!("`keys.keep` must be at least {} (next, current, previous)", crate::keys::MIN_KEYS_KEPT);
+        }
+        if let Some(every) = k.rotate_every_s {
+            if every == 0 || every < k.publish_before_use_s() {
+                bail!("`keys.rotate_every_s` ({every}) must be at least `keys.publish_before_use_s` ({})", k.publish_before_use_s());
+            }
+        }
         Ok(())
     }
 
@@ -422,35 +492,121 @@ fn serde_path_to_error_json(de: &mut serde_json::Deserializer<serde_json::de::St
     MinterConfig::deserialize(de).map_err(|e| anyhow!("{e}"))
 }
 
-/// Takes `bundle_url`/`refresh_s` out of `identity.trust_domains[*]`, leaving a
-/// placeholder remote source the minter feeds itself.
-fn split_bundle_urls(identity: &serde_json::Value) -> Result<(serde_json::Value, Vec<BundleUrl>)> {
+/// Takes `bundle_url`, `refresh_s`, `bundle_ca` and `max_bundle_age_s` out of
+/// `identity.trust_domains[*]`, leaving a placeholder remote source the minter feeds itself.
+/// `http://` is allowed only to a loopback host (127.0.0.0/8, ::1, `localhost`); `https://`
+/// needs `bundle_ca`, the only CA trusted for that fetch.
+pub fn split_bundle_urls(identity: &serde_json::Value) -> Result<(serde_json::Value, Vec<BundleUrl>)> {
     let mut identity = identity.clone();
     let mut urls = Vec::new();
     if let Some(tds) = identity.get_mut("trust_domains").and_then(|v| v.as_array_mut()) {
         for (i, td) in tds.iter_mut().enumerate() {
             let Some(obj) = td.as_object_mut() else { continue };
             let Some(url) = obj.remove("bundle_url") else {
-                if obj.contains_key("refresh_s") {
-                    bail!("identity.trust_domains[{i}].refresh_s needs bundle_url");
+                for k in ["refresh_s", "bundle_ca", "max_bundle_age_s"] {
+                    if obj.contains_key(k) {
+                        bail!("identity.trust_domains[{i}].{k} needs bundle_url");
+                    }
                 }
                 continue;
             };
             let url = url.as_str().ok_or_else(|| anyhow!("identity.trust_domains[{i}].bundle_url must be a string"))?.to_string();
-            if !url.starts_with("http://") {
-                bail!("identity.trust_domains[{i}].bundle_url: only http:// URLs are supported (serve bundles on a local sidecar)");
+            let bundle_ca = match obj.remove("bundle_ca") {
+                None => None,
+                Some(v) => Some(PathBuf::from(v.as_str().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("identity.trust_domains[{i}].bundle_ca must be a PEM file path"))?)),
+            };
+            let target = BundleTarget::parse(&url).map_err(|e| anyhow!("identity.trust_domains[{i}].bundle_url: {e}"))?;
+            match (target.tls, &bundle_ca) {
+                (false, Some(_)) => bail!("identity.trust_domains[{i}].bundle_ca applies to https:// URLs only"),
+                (true, None) => bail!("identity.trust_domains[{i}].bundle_url is https://: give `bundle_ca`, the PEM file of the CA that signs the bundle server's certificate (no system roots are trusted)"),
+                _ => {}
             }
             let refresh_s = match obj.remove("refresh_s") {
                 Some(v) => v.as_u64().filter(|s| *s >= 5).ok_or_else(|| anyhow!("identity.trust_domains[{i}].refresh_s must be an integer ≥ 5"))?,
                 None => 300,
             };
+            let max_bundle_age_s = match obj.remove("max_bundle_age_s") {
+                Some(v) => v.as_u64().filter(|s| *s >= refresh_s).ok_or_else(|| anyhow!("identity.trust_domains[{i}].max_bundle_age_s must be an integer ≥ refresh_s ({refresh_s})"))?,
+                None => DEFAULT_MAX_BUNDLE_AGE_S.max(refresh_s),
+            };
             if obj.contains_key("bundle") {
                 bail!("identity.trust_domains[{i}]: give either bundle or bundle_url, not both");
             }
             let name = obj.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
-            obj.insert("bundle".into(), serde_json::json!({"cluster": "minter-bundle-url", "refresh_s": refresh_s}));
-            urls.push(BundleUrl { trust_domain: name, url, refresh_s });
+            obj.insert("bundle".into(), serde_json::json!({"cluster": "minter-bundle-url", "refresh_s": refresh_s, "retry_s": refresh_s.min(10)}));
+            urls.push(BundleUrl { trust_domain: name, url, refresh_s, bundle_ca, max_bundle_age_s });
         }
     }
     Ok((identity, urls))
+}
+
+/// Where a bundle URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleTarget {
+    pub tls: bool,
+    /// Host as written (brackets removed from an IPv6 literal).
+    pub host: String,
+    pub port: u16,
+    /// `host[:port]` for the Host header.
+    pub authority: String,
+    pub path: String,
+}
+
+impl BundleTarget {
+    /// Parses `http://` or `https://` URLs; refuses userinfo, fragments, a missing host and
+    /// `http://` to anything but a loopback host.
+    pub fn parse(url: &str) -> Result<BundleTarget, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err("only http:// (loopback) and https:// URLs are supported".into());
+        };
+        if url.bytes().any(|b| !(0x21..=0x7e).contains(&b)) || url.contains('#') {
+            return Err("the URL must be visible ASCII without a fragment".into());
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (rest.get(..i).unwrap_or(rest), rest.get(i..).unwrap_or("/")),
+            None => (rest, "/"),
+        };
+        if authority.contains('@') {
+            return Err("userinfo is not allowed in a bundle URL".into());
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or("bad IPv6 literal")?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse::<u16>().map_err(|_| "bad port")?,
+                None if after.is_empty() => if tls { 443 } else { 80 },
+                None => return Err("bad authority".into()),
+            };
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| "bad port")?),
+                None => (authority.to_string(), if tls { 443 } else { 80 }),
+            }
+        };
+        if host.is_empty() {
+            return Err("the URL names no host".into());
+        }
+        if !tls && !is_loopback_host(&host) {
+            return Err(format!(
+                "plain http:// is allowed only to a loopback host (127.0.0.0/8, ::1, localhost), not `{host}`: use https:// with `bundle_ca`"
+            ));
+        }
+        Ok(BundleTarget { tls, host, port, authority: authority.to_string(), path: path.to_string() })
+    }
+}
+
+/// 127.0.0.0/8, ::1 (also as ::ffff:127.x) or `localhost`.
+pub fn is_loopback_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => v4.is_loopback(),
+        Ok(std::net::IpAddr::V6(v6)) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        Err(_) => false,
+    }
 }

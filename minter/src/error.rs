@@ -54,6 +54,10 @@ impl OAuthError {
     pub fn server_error(d: impl Into<String>) -> OAuthError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", d)
     }
+    /// `invalid_request` with another 4xx status (405, 413, 415, ...): the request itself is wrong.
+    pub fn invalid_request_status(status: StatusCode, d: impl Into<String>) -> OAuthError {
+        Self::new(status, "invalid_request", d)
+    }
 }
 
 impl IntoResponse for OAuthError {

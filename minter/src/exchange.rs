@@ -81,12 +81,27 @@ fn parse_scope(scope: Option<&str>) -> Result<Vec<String>, OAuthError> {
     Ok(out)
 }
 
-/// The `act` claim of an already verified JWT, if any (bounded depth).
-fn act_claim(token: &str) -> Result<Option<Value>, OAuthError> {
+/// The claims of an already verified JWT.
+fn claims_of(token: &str) -> Result<Value, OAuthError> {
     let payload = token.split('.').nth(1).ok_or_else(|| OAuthError::invalid_grant("malformed token"))?;
     let raw = URL_SAFE_NO_PAD.decode(payload).map_err(|_| OAuthError::invalid_grant("malformed token"))?;
-    let claims: Value = serde_json::from_slice(&raw).map_err(|_| OAuthError::invalid_grant("malformed token"))?;
-    let Some(act) = claims.get("act") else { return Ok(None) };
+    serde_json::from_slice(&raw).map_err(|_| OAuthError::invalid_grant("malformed token"))
+}
+
+/// `may_act.sub` of verified claims, if the claim is present (RFC 8693 §4.4).
+fn may_act_sub(claims: &Value) -> Result<Option<String>, OAuthError> {
+    match claims.get("may_act") {
+        None => Ok(None),
+        Some(m) => match m.get("sub").and_then(Value::as_str) {
+            Some(sub) if m.is_object() && !sub.is_empty() => Ok(Some(sub.to_string())),
+            _ => Err(OAuthError::invalid_grant("malformed `may_act` claim in the subject token")),
+        },
+    }
+}
+
+/// The `act` claim of verified claims, if any, and its depth (bounded).
+fn act_claim(claims: &Value) -> Result<(Option<Value>, usize), OAuthError> {
+    let Some(act) = claims.get("act") else { return Ok((None, 0)) };
     let mut depth = 0;
     let mut cur = act;
     loop {
@@ -100,7 +115,7 @@ fn act_claim(token: &str) -> Result<Option<Value>, OAuthError> {
             None => break,
         }
     }
-    Ok(Some(act.clone()))
+    Ok((Some(act.clone()), depth))
 }
 
 /// Claims of an issued token.
@@ -186,10 +201,15 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
     if !client.roles.has(role) {
         return Err(OAuthError::unauthorized_client(format!("client lacks role `{}`", role.as_str())));
     }
-    match p.requested_token_type.as_deref() {
-        None | Some(TOKEN_TYPE_JWT) | Some(TOKEN_TYPE_ACCESS_TOKEN) => {}
-        Some(TOKEN_TYPE_STATIC_SECRET) if legacy => {}
-        Some(_) => return Err(OAuthError::invalid_target("cannot issue the requested token type for this audience")),
+    // RFC 8693 §2.1: a type that cannot be issued is refused, never silently replaced.
+    match (p.requested_token_type.as_deref(), legacy) {
+        (None, _) | (Some(TOKEN_TYPE_JWT | TOKEN_TYPE_ACCESS_TOKEN), false) | (Some(TOKEN_TYPE_STATIC_SECRET), true) => {}
+        (Some(TOKEN_TYPE_JWT | TOKEN_TYPE_ACCESS_TOKEN), true) => {
+            return Err(OAuthError::invalid_request(format!("this audience is served a static secret: `requested_token_type` must be {TOKEN_TYPE_STATIC_SECRET} or absent")))
+        }
+        (Some(_), _) => {
+            return Err(OAuthError::invalid_request(format!("`requested_token_type` must be {TOKEN_TYPE_JWT}, {TOKEN_TYPE_ACCESS_TOKEN} or absent")))
+        }
     }
     let scopes = parse_scope(p.scope.as_deref())?;
     if let Some(t) = &p.task {
@@ -208,15 +228,37 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
         },
     };
 
-    // The minter verifies the subject itself: it is never an open token oracle.
+    // The minter verifies the subject itself: it is never an open token oracle. Claims are
+    // read from a token only after it verified.
     let subject = verify(st, "subject_token", subject_token, now)?;
-    let (actor, act_chain) = match &p.actor_token {
-        Some(a) => {
-            let v = verify(st, "actor_token", a, now)?;
-            let nested = act_claim(a)?;
-            (Some(v), nested)
+    let subject_claims = claims_of(subject_token)?;
+    let (subject_act, subject_depth) = act_claim(&subject_claims)?;
+    let may_act = may_act_sub(&subject_claims)?;
+    let actor = match &p.actor_token {
+        Some(a) => Some(verify(st, "actor_token", a, now)?),
+        None => None,
+    };
+    // RFC 8693 §4.4: when the subject names who may act for it, no one else may.
+    if let (Some(allowed), Some(a)) = (&may_act, &actor) {
+        if *allowed != a.principal {
+            return Err(OAuthError::invalid_grant("the actor is not the one the subject token's `may_act` names"));
         }
-        None => (None, act_claim(subject_token)?),
+    }
+    // RFC 8693 §4.1: the new actor goes in front of the subject's delegation chain, which is
+    // kept whole (the actor token's own history is not the subject's and is not copied).
+    let act = match &actor {
+        Some(a) => {
+            if subject_depth >= MAX_ACT_DEPTH {
+                return Err(OAuthError::invalid_grant("delegation chain too deep"));
+            }
+            let mut o = serde_json::Map::new();
+            o.insert("sub".into(), Value::String(a.principal.clone()));
+            if let Some(prev) = subject_act {
+                o.insert("act".into(), prev);
+            }
+            Some(Value::Object(o))
+        }
+        None => subject_act,
     };
 
     if st.store.is_revoked(Kind::Subject, &subject.principal) {
@@ -277,15 +319,6 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
     let exp = now + ttl;
     let scope_str = scopes.join(" ");
     let jti = random_id();
-    let act = actor.as_ref().map(|a| {
-        let mut o = serde_json::Map::new();
-        o.insert("sub".into(), Value::String(a.principal.clone()));
-        if let Some(prev) = act_chain.clone() {
-            o.insert("act".into(), prev);
-        }
-        Value::Object(o)
-    });
-    let act = act.or(act_chain);
 
     let body = if legacy {
         let secrets = st.legacy_secrets();
@@ -293,15 +326,19 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
             .secrets
             .get(&audience)
             .ok_or_else(|| OAuthError::invalid_target("no credential is configured for this legacy audience"))?;
-        serde_json::json!({
+        // RFC 6749 §7.1 / RFC 8693 §2.2.1: a static secret is not an OAuth access token, so
+        // `token_type` is `N_A`; where and how to send it are mandate extension members.
+        let mut body = serde_json::json!({
             "access_token": secret.secret,
             "issued_token_type": TOKEN_TYPE_STATIC_SECRET,
-            "token_type": secret.scheme.clone().unwrap_or_else(|| "ApiKey".into()),
+            "token_type": "N_A",
             "expires_in": ttl,
-            "scope": scope_str,
-            "mandate_legacy": true,
             "mandate_header": secret.header,
-        })
+        });
+        if let (Some(o), Some(scheme)) = (body.as_object_mut(), secret.scheme.as_ref().filter(|s| !s.is_empty())) {
+            o.insert("mandate_scheme".into(), Value::String(scheme.clone()));
+        }
+        body
     } else {
         let claims = Claims {
             iss: &st.config.issuer,
@@ -318,13 +355,16 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
             client_id: &client.client_id,
         };
         let token = st.current_keys().sign_jwt(&claims).map_err(|_| OAuthError::server_error("signing failed"))?;
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "access_token": token,
             "issued_token_type": TOKEN_TYPE_JWT,
             "token_type": "Bearer",
             "expires_in": ttl,
-            "scope": scope_str,
-        })
+        });
+        if let Some(o) = body.as_object_mut().filter(|_| !scope_str.is_empty()) {
+            o.insert("scope".into(), Value::String(scope_str.clone()));
+        }
+        body
     };
 
     let record = IssuedRecord {
@@ -387,14 +427,22 @@ mod tests {
     fn act_nesting() {
         let claims = serde_json::json!({"sub": "x", "act": {"sub": "a", "act": {"sub": "b"}}});
         let tok = format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(claims.to_string()));
-        let act = act_claim(&tok).ok().flatten();
-        assert_eq!(act, Some(serde_json::json!({"sub": "a", "act": {"sub": "b"}})));
+        let act = claims_of(&tok).and_then(|c| act_claim(&c)).ok();
+        assert_eq!(act, Some((Some(serde_json::json!({"sub": "a", "act": {"sub": "b"}})), 2)));
         let mut deep = serde_json::json!({"sub": "z"});
         for _ in 0..MAX_ACT_DEPTH {
             deep = serde_json::json!({"sub": "y", "act": deep});
         }
-        let tok = format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(serde_json::json!({"act": deep}).to_string()));
-        assert!(act_claim(&tok).is_err());
+        assert!(act_claim(&serde_json::json!({"act": deep})).is_err());
+    }
+
+    #[test]
+    fn malformed_may_act_is_refused() {
+        assert_eq!(may_act_sub(&serde_json::json!({})).ok(), Some(None));
+        assert_eq!(may_act_sub(&serde_json::json!({"may_act": {"sub": "a"}})).ok(), Some(Some("a".to_string())));
+        for bad in [serde_json::json!("a"), serde_json::json!({}), serde_json::json!({"sub": 1}), serde_json::json!({"sub": ""})] {
+            assert!(may_act_sub(&serde_json::json!({"may_act": bad})).is_err(), "{bad}");
+        }
     }
 
     #[test]

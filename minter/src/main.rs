@@ -24,7 +24,7 @@ struct Cli {
 enum Command {
     /// Serve (the default).
     Serve,
-    /// Add a new current signing key; the previous public key stays published.
+    /// Add a pending signing key: published at once, signing after `keys.publish_before_use_s`.
     RotateKey,
     /// Validate the configuration and exit.
     CheckConfig,
@@ -43,8 +43,12 @@ fn main() -> Result<()> {
         Command::Serve => serve(&cli),
         Command::RotateKey => {
             let config = load(&cli)?;
-            let kid = mandate_minter::keys::rotate(&config.state_dir)?;
-            println!("{}", serde_json::json!({"rotated": kid, "note": "a running minter picks the new key up within reload_check_s"}));
+            let r = mandate_minter::keys::rotate(&config.state_dir, &mandate_minter::keys::Policy::from_config(&config))?;
+            println!(
+                "{}",
+                serde_json::json!({"rotated": r.kid, "signs_from": r.not_before, "published": r.published, "dropped": r.dropped,
+                                   "note": "a running minter publishes the new key within reload_check_s and signs with it from signs_from"})
+            );
             Ok(())
         }
         Command::CheckConfig => {

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tower_service::Service as _;
@@ -34,14 +34,25 @@ pub struct AppState {
     pub allowed_audiences: HashMap<String, HashSet<String>>,
     pub scopes: HashMap<String, HashSet<String>>,
     keys: RwLock<Arc<KeySet>>,
+    /// Rotation policy (from `keys` and `ttl`).
+    pub key_policy: keys::Policy,
+    /// kid → when this process first published it.
+    keys_seen: Mutex<HashMap<String, u64>>,
     legacy: RwLock<Arc<SecretFile>>,
+    /// `public, max-age=<keys.jwks_max_age_s>`.
+    jwks_cache_control: HeaderValue,
 }
 
 impl AppState {
     pub fn new(config: MinterConfig) -> Result<AppState> {
         let log = Log { level: config.log_level };
-        let identity = IdentitySource::new(config.identity()?.clone()).map_err(|e| anyhow!("identity: {e}"))?;
-        let keyset = keys::load_or_create(&config.state_dir)?;
+        let fetched: Vec<(String, u64)> = config.bundle_urls.iter().map(|u| (u.trust_domain.clone(), u.max_bundle_age_s)).collect();
+        let identity = IdentitySource::new(config.identity()?.clone(), &fetched).map_err(|e| anyhow!("identity: {e}"))?;
+        let key_policy = keys::Policy::from_config(&config);
+        keys::ensure_created(&config.state_dir)?;
+        let mut keys_seen = HashMap::new();
+        let keyset = keys::load(&config.state_dir, &key_policy, &mut keys_seen, crate::now())?;
+        let jwks_cache_control = HeaderValue::from_str(&format!("public, max-age={}", config.keys.jwks_max_age_s))?;
         let store = Store::open(&config.state_dir, config.ttl.max_s)?;
         let legacy = match &config.legacy {
             Some(l) => {
@@ -68,7 +79,10 @@ impl AppState {
             allowed_audiences,
             scopes,
             keys: RwLock::new(Arc::new(keyset)),
+            key_policy,
+            keys_seen: Mutex::new(keys_seen),
             legacy: RwLock::new(Arc::new(legacy)),
+            jwks_cache_control,
             config,
         })
     }
@@ -87,13 +101,28 @@ impl AppState {
         }
     }
 
-    /// Picks up a rotated key file or an edited legacy secret file.
-    fn reload_if_changed(&self) {
+    /// Rotates on schedule, publishes a new key file at once, switches the signer when a pending
+    /// key's time comes, and picks up an edited legacy secret file.
+    pub fn reload_if_changed(&self) {
         let dir = &self.config.state_dir;
-        if keys::modified(dir) != self.current_keys().modified {
-            match keys::load(dir) {
+        let now = crate::now();
+        if let Some(every) = self.config.keys.rotate_every_s {
+            if self.current_keys().newest_created.saturating_add(every) <= now {
+                match keys::rotate_at(dir, &self.key_policy, now) {
+                    Ok(r) => self.log.info(serde_json::json!({"msg": "scheduled key rotation", "pending_kid": r.kid, "signs_from": r.not_before, "dropped": r.dropped})),
+                    Err(e) => self.log.error(serde_json::json!({"msg": "scheduled key rotation failed", "error": e.to_string()})),
+                }
+            }
+        }
+        let loaded = self.current_keys();
+        let due = loaded.next_change.is_some_and(|t| t <= now);
+        if due || keys::modified(dir) != loaded.modified {
+            let mut seen = self.keys_seen.lock().unwrap_or_else(|p| p.into_inner());
+            match keys::load(dir, &self.key_policy, &mut seen, now) {
                 Ok(k) => {
-                    self.log.info(serde_json::json!({"msg": "signing keys reloaded", "current_kid": k.current_kid, "published": k.kids}));
+                    if k.kids != loaded.kids || k.current_kid != loaded.current_kid {
+                        self.log.info(serde_json::json!({"msg": "signing keys reloaded", "current_kid": k.current_kid, "published": k.kids, "next_change": k.next_change}));
+                    }
                     if let Ok(mut g) = self.keys.write() {
                         *g = Arc::new(k);
                     }
@@ -130,8 +159,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/revocations", get(revocations))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+async fn not_found() -> Response {
+    OAuthError::not_found("no such endpoint").into_response()
+}
+
+/// Every error answer is JSON (RFC 6749 §5.2 shape) with `cache-control: no-store`, including
+/// axum's own: the empty 404 and 405, the plain-text 413 of the body limit, the plain-text 400
+/// of a path that does not decode (a non-UTF-8 task id), a bad query string.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+    if is_json {
+        return resp;
+    }
+    let err = match status {
+        StatusCode::NOT_FOUND => OAuthError::not_found("no such endpoint"),
+        StatusCode::METHOD_NOT_ALLOWED => OAuthError::invalid_request_status(status, "method not allowed on this endpoint"),
+        StatusCode::PAYLOAD_TOO_LARGE => OAuthError::invalid_request_status(status, "request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => OAuthError::invalid_request_status(status, "unsupported content type"),
+        s if s.is_server_error() => OAuthError::server_error("internal error"),
+        s => OAuthError::invalid_request_status(s, "malformed request"),
+    };
+    let mut out = err.into_response();
+    *out.status_mut() = status;
+    if let Some(allow) = resp.headers().get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 fn json_response(status: StatusCode, body: String, cache: &'static str) -> Response {
@@ -384,7 +451,10 @@ async fn revocations(State(st): St, Extension(peer): Extension<Peer>, headers: H
 }
 
 async fn jwks(State(st): St) -> Response {
-    json_response(StatusCode::OK, st.current_keys().jwks.clone(), "public, max-age=60")
+    let mut resp = json_response(StatusCode::OK, st.current_keys().jwks.clone(), "no-store");
+    resp.headers_mut().insert(header::CACHE_CONTROL, st.jwks_cache_control.clone());
+    resp.headers_mut().remove(header::PRAGMA);
+    resp
 }
 
 async fn healthz(State(st): St) -> Response {
@@ -395,6 +465,7 @@ async fn healthz(State(st): St) -> Response {
 /// A configured, bound, not yet serving minter.
 pub struct Prepared {
     pub state: Arc<AppState>,
+    fetchers: Vec<crate::verify::BundleFetcher>,
     listener: std::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
@@ -418,11 +489,12 @@ pub fn prepare_on(mut config: MinterConfig, listen: Option<SocketAddr>) -> Resul
         Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(t)?)),
         None => None,
     };
+    let fetchers = config.bundle_urls.iter().map(crate::verify::BundleFetcher::new).collect::<Result<Vec<_>>>()?;
     let state = Arc::new(AppState::new(config)?);
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    Ok(Prepared { state, listener, tls, addr })
+    Ok(Prepared { state, fetchers, listener, tls, addr })
 }
 
 impl Prepared {
@@ -436,7 +508,7 @@ impl Prepared {
 
     /// Serves until `shutdown` completes, then closes connections and flushes SQLite.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Prepared { state, listener, tls, addr } = self;
+        let Prepared { state, fetchers, listener, tls, addr } = self;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let app = router(state.clone());
         let mut background = JoinSet::new();
@@ -450,8 +522,8 @@ impl Prepared {
                 }
             });
         }
-        for url in state.config.bundle_urls.clone() {
-            background.spawn(crate::verify::fetch_loop(state.identity.clone(), url, state.log));
+        for fetcher in fetchers {
+            background.spawn(crate::verify::fetch_loop(state.identity.clone(), fetcher, state.log));
         }
         state.log.info(serde_json::json!({"msg": "listening", "addr": addr.to_string(), "tls": tls.is_some(), "client_auth": format!("{:?}", state.auth.mode()), "dev": state.config.dev, "tasks_require_registered": state.config.tasks.require_registered, "kid": state.current_keys().current_kid}));
         let mut conns = JoinSet::new();

@@ -36,6 +36,7 @@ impl Env {
             "state_dir": self.dir.path().join("state"),
             "workers": 1,
             "log_level": "off",
+            "dev": true,
             "reload_check_s": 1,
             "dev": true,
             "tasks": {"require_registered": false},
@@ -415,9 +416,12 @@ fn legacy_audience_gets_the_static_secret() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["access_token"], "sk_live_123");
     assert_eq!(v["issued_token_type"], "urn:mandate:token-type:static-secret");
-    assert_eq!(v["token_type"], "ApiKey");
-    assert_eq!(v["mandate_legacy"], true);
+    // RFC 6749 §7.1: not an access token, so `N_A`; where to put it is mandate's extension.
+    assert_eq!(v["token_type"], "N_A");
+    assert!(v.get("mandate_legacy").is_none(), "{v}");
     assert_eq!(v["mandate_header"], "x-api-key");
+    assert!(v.get("mandate_scheme").is_none(), "no scheme configured: {v}");
+    assert!(v.get("scope").is_none(), "empty scope is omitted: {v}");
     assert_eq!(v["expires_in"], 120);
     // Same checks as any audience: a forged subject gets nothing.
     let forged = TestKey::es256("td-key-1").sign(&svid_claims(SUB, "mandate-minter", now(), now() + 60));
@@ -444,7 +448,8 @@ fn delegation_sets_and_nests_act() {
     assert_eq!(c["sub"], SUB);
     assert_eq!(c["act"], json!({"sub": ACTOR}));
 
-    // An actor token that is itself delegated: its act is nested.
+    // An actor token that is itself delegated: the new act names the actor in front of the
+    // SUBJECT's chain (here: none); the actor's own history is not the subject's.
     let n = now();
     let mut claims = svid_claims(ACTOR, "mandate-minter", n, n + 600);
     claims["act"] = json!({"sub": "spiffe://example.org/human-proxy/h1"});
@@ -455,7 +460,7 @@ fn delegation_sets_and_nests_act() {
     let (s, v, _) = post_form(&h, "/token", &pairs, None);
     assert_eq!(s, 200, "{v}");
     let c = claims_of(v["access_token"].as_str().unwrap());
-    assert_eq!(c["act"], json!({"sub": ACTOR, "act": {"sub": "spiffe://example.org/human-proxy/h1"}}));
+    assert_eq!(c["act"], json!({"sub": ACTOR}));
 
     // A forged actor token is refused; actor_token without its type too.
     let forged = TestKey::es256("nope").sign(&svid_claims(ACTOR, "mandate-minter", n, n + 600));
@@ -543,37 +548,109 @@ fn shared_secret_client_auth() {
     assert_eq!(get_json(&h, "/healthz", None).0, 200);
 }
 
+fn rotation_config(env: &Env) -> Value {
+    let mut cfg = env.config();
+    cfg["keys"] = json!({"jwks_max_age_s": 2, "publish_before_use_s": 2});
+    cfg
+}
+
+fn kids_of(h: &Handle) -> (Vec<String>, String) {
+    let resp = agent().get(format!("{}/.well-known/jwks.json", h.base_url())).call().unwrap();
+    let cache = resp.headers().get("cache-control").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let jwks: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
+    (jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect(), cache)
+}
+
+fn signing_kid(h: &Handle, tok: &str) -> (String, String) {
+    let (s, v) = exchange(h, tok, "payments-api", "", "t");
+    assert_eq!(s, 200, "{v}");
+    let jwt = v["access_token"].as_str().unwrap().to_string();
+    (header_of(&jwt)["kid"].as_str().unwrap().to_string(), jwt)
+}
+
+/// Gap 7: a rotated key used to sign within `reload_check_s` while resource servers still held
+/// a JWKS without it. Now it is published at once and signs only after `publish_before_use_s`.
 #[test]
-fn key_rotation_keeps_previous_key_published() {
+fn new_key_is_published_before_it_signs() {
     let env = Env::new();
-    let h = start(env.config());
+    let h = start(rotation_config(&env));
     let tok = env.svid(SUB, 600);
-    let (_, v) = exchange(&h, &tok, "payments-api", "", "t");
-    let old = v["access_token"].as_str().unwrap().to_string();
-    let old_kid = header_of(&old)["kid"].as_str().unwrap().to_string();
-    let new_kid = mandate_minter::keys::rotate(&env.dir.path().join("state")).unwrap();
-    assert_ne!(old_kid, new_kid);
-    let mut rotated = false;
-    for _ in 0..40 {
+    let (old_kid, old) = signing_kid(&h, &tok);
+    let (_, cache) = kids_of(&h);
+    assert_eq!(cache, "public, max-age=2");
+    let policy = mandate_minter::keys::Policy::from_config(&h.state.config);
+    let r = mandate_minter::keys::rotate(&env.dir.path().join("state"), &policy).unwrap();
+    assert_ne!(old_kid, r.kid);
+    // Published within reload_check_s ...
+    let t0 = std::time::Instant::now();
+    while !kids_of(&h).0.contains(&r.kid) {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(4), "the pending key was not published");
         std::thread::sleep(std::time::Duration::from_millis(100));
-        if h.state.current_keys().current_kid == new_kid {
-            rotated = true;
-            break;
-        }
     }
-    assert!(rotated, "running minter picked up the rotated key");
-    let (_, jwks) = get_json(&h, "/.well-known/jwks.json", None);
-    let kids: Vec<_> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect();
-    assert_eq!(kids, [new_kid.clone(), old_kid]);
-    let (_, v) = exchange(&h, &tok, "payments-api", "", "t");
-    let new = v["access_token"].as_str().unwrap();
-    assert_eq!(header_of(new)["kid"], new_kid.as_str());
-    verify_with_jwks(&h, new);
+    let published_at = now();
+    // ... and not signing while one JWKS cache period has not passed since.
+    let mut switched_at = None;
+    while switched_at.is_none() {
+        let (kid, jwt) = signing_kid(&h, &tok);
+        if kid == r.kid {
+            switched_at = Some(now());
+        } else {
+            assert_eq!(kid, old_kid);
+            verify_with_jwks(&h, &jwt);
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "the new key never signed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let switched_at = switched_at.unwrap();
+    // (Whole seconds on both sides: one second of rounding.)
+    assert!(switched_at + 1 >= published_at + 2, "signed {}s after it was published (max-age 2)", switched_at - published_at);
+    let (_, new) = signing_kid(&h, &tok);
+    verify_with_jwks(&h, &new);
     verify_with_jwks(&h, &old);
     // The key file is private.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(mandate_minter::keys::key_path(&env.dir.path().join("state"))).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Gap 7: only two keys were kept, so two rotations within a token's lifetime unpublished a key
+/// that live tokens were signed with.
+#[test]
+fn two_quick_rotations_keep_every_live_tokens_key_published() {
+    let env = Env::new();
+    let h = start(rotation_config(&env));
+    let tok = env.svid(SUB, 600);
+    let (first_kid, first) = signing_kid(&h, &tok);
+    let policy = mandate_minter::keys::Policy::from_config(&h.state.config);
+    let a = mandate_minter::keys::rotate(&env.dir.path().join("state"), &policy).unwrap();
+    let b = mandate_minter::keys::rotate(&env.dir.path().join("state"), &policy).unwrap();
+    let c = mandate_minter::keys::rotate(&env.dir.path().join("state"), &policy).unwrap();
+    assert!(c.dropped.is_empty(), "{c:?}");
+    let t0 = std::time::Instant::now();
+    loop {
+        let (kids, _) = kids_of(&h);
+        if kids.len() == 4 {
+            assert_eq!(kids, [c.kid.clone(), b.kid.clone(), a.kid.clone(), first_kid.clone()]);
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(4), "{kids:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    verify_with_jwks(&h, &first);
+}
+
+/// Gap 7: rotation on a schedule (`keys.rotate_every_s`).
+#[test]
+fn keys_rotate_on_a_schedule() {
+    let env = Env::new();
+    let mut cfg = rotation_config(&env);
+    cfg["keys"]["rotate_every_s"] = json!(2);
+    let h = start(cfg);
+    let t0 = std::time::Instant::now();
+    while kids_of(&h).0.len() < 3 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", kids_of(&h).0);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -843,4 +920,310 @@ fn load_tool_fixture_and_run() {
     assert_eq!(r["errors"], 0);
     assert!(r["exchanges_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["p99_ms"].as_f64().unwrap() >= r["p50_ms"].as_f64().unwrap());
+}
+
+// ---- Gap 8: RFC 8693 conformance of the answers and of delegation ----
+
+/// Gap 8: a subject token's `act` chain (who delegated to whom before) used to be replaced by
+/// the actor token's chain, erasing the subject's delegation history.
+#[test]
+fn actor_chain_cannot_erase_the_subjects_delegation_history() {
+    let env = Env::new();
+    let h = start(env.config());
+    let n = now();
+    let mut subject = svid_claims(SUB, "mandate-minter", n, n + 600);
+    subject["act"] = json!({"sub": "spiffe://example.org/orchestrator/first", "act": {"sub": "spiffe://example.org/human/h1"}});
+    let subject = env.key.sign(&subject);
+    // The actor brings its own, unrelated history: it must not replace the subject's.
+    let mut actor = svid_claims(ACTOR, "mandate-minter", n, n + 600);
+    actor["act"] = json!({"sub": "spiffe://example.org/innocent/looking"});
+    let actor = env.key.sign(&actor);
+    let mut pairs = exchange_pairs(&subject, "payments-api", "payments:read", "t");
+    pairs.push(("actor_token", &actor));
+    pairs.push(("actor_token_type", TOKEN_TYPE_JWT));
+    let (s, v, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!(s, 200, "{v}");
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    assert_eq!(
+        c["act"],
+        json!({"sub": ACTOR, "act": {"sub": "spiffe://example.org/orchestrator/first", "act": {"sub": "spiffe://example.org/human/h1"}}})
+    );
+}
+
+/// Gap 8: a chain at the depth limit cannot grow past it.
+#[test]
+fn delegation_chain_cannot_grow_past_the_depth_limit() {
+    let env = Env::new();
+    let h = start(env.config());
+    let n = now();
+    let mut chain = json!({"sub": "spiffe://example.org/a/0"});
+    for i in 1..mandate_minter::exchange::MAX_ACT_DEPTH {
+        chain = json!({"sub": format!("spiffe://example.org/a/{i}"), "act": chain});
+    }
+    let mut subject = svid_claims(SUB, "mandate-minter", n, n + 600);
+    subject["act"] = chain;
+    let subject = env.key.sign(&subject);
+    let actor = env.svid(ACTOR, 600);
+    let (s, _) = exchange(&h, &subject, "payments-api", "", "t");
+    assert_eq!(s, 200, "the chain itself is within the limit");
+    let mut pairs = exchange_pairs(&subject, "payments-api", "", "t");
+    pairs.push(("actor_token", &actor));
+    pairs.push(("actor_token_type", TOKEN_TYPE_JWT));
+    let (s, v, _) = post_form(&h, "/token", &pairs, None);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")), "{v}");
+}
+
+/// Gap 8: `may_act` in the subject token (RFC 8693 §4.4) was ignored: any verified workload
+/// could make itself the actor.
+#[test]
+fn may_act_names_who_may_act() {
+    let env = Env::new();
+    let h = start(env.config());
+    let n = now();
+    let mut subject = svid_claims(SUB, "mandate-minter", n, n + 600);
+    subject["may_act"] = json!({"sub": ACTOR});
+    let subject = env.key.sign(&subject);
+    let with_actor = |actor: &str| {
+        let mut pairs = exchange_pairs(&subject, "payments-api", "", "t");
+        pairs.push(("actor_token", actor));
+        pairs.push(("actor_token_type", TOKEN_TYPE_JWT));
+        let (s, v, _) = post_form(&h, "/token", &pairs, None);
+        (s, v)
+    };
+    // Someone else, with a perfectly valid token of its own, is not who may act.
+    let intruder = env.svid("spiffe://example.org/agent/mallory", 600);
+    let (s, v) = with_actor(&intruder);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")), "{v}");
+    assert!(v["error_description"].as_str().unwrap().contains("may_act"), "{v}");
+    // A forged token naming the allowed actor is refused as a token first: claims of an
+    // unverified actor token are never trusted.
+    let forged = TestKey::es256("td-key-1").sign(&svid_claims(ACTOR, "mandate-minter", n, n + 600));
+    let (s, v) = with_actor(&forged);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")), "{v}");
+    assert!(v["error_description"].as_str().unwrap().starts_with("actor_token rejected"), "{v}");
+    // The named actor is accepted.
+    let (s, v) = with_actor(&env.svid(ACTOR, 600));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(claims_of(v["access_token"].as_str().unwrap())["act"], json!({"sub": ACTOR}));
+    // Without an actor the subject's own exchange is unaffected.
+    assert_eq!(exchange(&h, &subject, "payments-api", "", "t").0, 200);
+}
+
+/// Gap 8: a `requested_token_type` that cannot be issued was answered with another type (a JWT
+/// request for a legacy audience got the static secret) or with `invalid_target`.
+#[test]
+fn requested_token_type_that_cannot_be_issued_is_invalid_request() {
+    let env = Env::new();
+    let secrets = env.dir.path().join("secrets.json");
+    std::fs::write(&secrets, json!({"legacy-crm": {"secret": "sk_live_123", "header": "authorization", "scheme": "Basic"}}).to_string()).unwrap();
+    let mut cfg = env.config();
+    cfg["legacy"] = json!({"audiences": ["legacy-crm"], "secrets_file": secrets});
+    let h = start(cfg);
+    let tok = env.svid(SUB, 600);
+    let ask = |aud: &str, rtt: &str| {
+        let mut pairs = exchange_pairs(&tok, aud, "", "t");
+        pairs.push(("requested_token_type", rtt));
+        let (s, v, cache) = post_form(&h, "/token", &pairs, None);
+        (s, v, cache)
+    };
+    for (aud, rtt) in [
+        ("legacy-crm", TOKEN_TYPE_JWT),
+        ("legacy-crm", "urn:ietf:params:oauth:token-type:access_token"),
+        ("payments-api", "urn:mandate:token-type:static-secret"),
+        ("payments-api", "urn:ietf:params:oauth:token-type:saml2"),
+        ("payments-api", "urn:ietf:params:oauth:token-type:txn_token"),
+    ] {
+        let (s, v, cache) = ask(aud, rtt);
+        assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")), "{aud} {rtt}: {v}");
+        assert!(!v.to_string().contains("sk_live"), "{v}");
+        assert_eq!(cache, "no-store");
+    }
+    let (s, v, _) = ask("legacy-crm", "urn:mandate:token-type:static-secret");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["token_type"], "N_A");
+    assert_eq!(v["mandate_header"], "authorization");
+    assert_eq!(v["mandate_scheme"], "Basic");
+    let (s, v, _) = ask("payments-api", "urn:ietf:params:oauth:token-type:access_token");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["token_type"], "Bearer");
+    assert!(v.get("scope").is_none(), "empty scope is omitted: {v}");
+}
+
+// ---- Gap 5: trust bundles fetched by the minter ----
+
+/// A bundle server on loopback: answers the queued (status, body) pairs in order, then repeats
+/// the last one; counts requests. With `tls`, serves HTTPS.
+fn bundle_server(answers: Vec<(u16, String)>, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let i = seen.load(std::sync::atomic::Ordering::SeqCst);
+            let (status, body) = answers.get(i).or(answers.last()).cloned().unwrap();
+            let reply = format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let mut buf = [0u8; 4096];
+            match &tls {
+                None => {
+                    let mut s = stream;
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(reply.as_bytes());
+                }
+                Some(cfg) => {
+                    let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else { continue };
+                    let mut s = rustls::StreamOwned::new(conn, stream);
+                    if s.read(&mut buf).is_err() {
+                        continue; // handshake refused by the client
+                    }
+                    let _ = s.write_all(reply.as_bytes());
+                    s.conn.send_close_notify();
+                    let _ = s.flush();
+                }
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (addr, count)
+}
+
+fn tls_server_config(pki: &Pki) -> std::sync::Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    std::sync::Arc::new(cfg)
+}
+
+/// Exchanges until `want(status, body)` holds or `secs` pass; returns the last answer.
+fn exchange_until(h: &Handle, tok: &str, secs: u64, want: impl Fn(u16, &Value) -> bool) -> (u16, Value) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let (s, v) = exchange(h, tok, "payments-api", "", "t");
+        if want(s, &v) || t0.elapsed() > std::time::Duration::from_secs(secs) {
+            return (s, v);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Gap 5: bundles were fetched over plain HTTP from any host: anyone on the path could hand the
+/// minter their own keys.
+#[test]
+fn plain_http_bundle_url_to_remote_host_is_refused() {
+    let env = Env::new();
+    for url in ["http://bundles.example.org/bundle", "http://10.0.0.7:8543/bundle", "http://[2001:db8::1]/b", "http://127.0.0.1@evil.example/b", "ftp://127.0.0.1/b"] {
+        let mut cfg = env.config();
+        cfg["identity"]["trust_domains"] = json!([{"name": "example.org", "bundle_url": url}]);
+        let err = format!("{:#}", MinterConfig::from_json(cfg).unwrap_err());
+        assert!(err.contains("bundle_url"), "{url}: {err}");
+    }
+    for url in ["http://127.0.0.1:8543/bundle", "http://127.9.9.9/b", "http://[::1]:80/b", "http://localhost:9/b"] {
+        let mut cfg = env.config();
+        cfg["identity"]["trust_domains"] = json!([{"name": "example.org", "bundle_url": url}]);
+        assert!(MinterConfig::from_json(cfg).is_ok(), "{url}");
+    }
+}
+
+/// Gap 5: https bundle URLs need a pinned CA; no system roots are trusted.
+#[test]
+fn https_bundle_url_without_a_pinned_ca_is_refused() {
+    let env = Env::new();
+    let mut cfg = env.config();
+    cfg["identity"]["trust_domains"] = json!([{"name": "example.org", "bundle_url": "https://bundles.example.org/bundle"}]);
+    let err = format!("{:#}", MinterConfig::from_json(cfg).unwrap_err());
+    assert!(err.contains("bundle_ca"), "{err}");
+    let mut cfg = env.config();
+    cfg["identity"]["trust_domains"] = json!([{"name": "example.org", "bundle_url": "http://127.0.0.1:1/b", "bundle_ca": "/x.pem"}]);
+    assert!(MinterConfig::from_json(cfg).is_err(), "bundle_ca on plain http");
+}
+
+/// Gap 5: an https bundle is fetched trusting only `bundle_ca`: a server whose certificate
+/// chains to another CA (a man in the middle with a "real" certificate) is not believed.
+#[test]
+fn https_bundle_is_fetched_with_the_pinned_ca_only() {
+    let env = Env::new();
+    let pki_a = pki();
+    let pki_b = pki();
+    let bundle = spiffe_bundle(&[&env.key], None).to_string();
+    let (addr, count) = bundle_server(vec![(200, bundle)], Some(tls_server_config(&pki_a)));
+    let tok = env.svid(SUB, 600);
+    let start_with_ca = |ca_pem: &str, name: &str| {
+        let ca = env.dir.path().join(name);
+        std::fs::write(&ca, ca_pem).unwrap();
+        let mut cfg = env.config();
+        cfg["state_dir"] = json!(env.dir.path().join(format!("state-{name}")));
+        cfg["identity"]["trust_domains"] =
+            json!([{"name": "example.org", "bundle_url": format!("https://localhost:{}/bundle", addr.port()), "bundle_ca": ca}]);
+        start(cfg)
+    };
+    // The wrong CA: the handshake fails, no bundle, tokens refused.
+    let wrong = start_with_ca(&pki_b.ca_pem, "wrong-ca.pem");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let (s, v) = exchange(&wrong, &tok, "payments-api", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")), "{v}");
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 0, "a bundle was served over an untrusted connection");
+    drop(wrong);
+    // The pinned CA: fetched and used.
+    let right = start_with_ca(&pki_a.ca_pem, "right-ca.pem");
+    let (s, v) = exchange_until(&right, &tok, 5, |s, _| s == 200);
+    assert_eq!(s, 200, "{v}");
+}
+
+/// Gap 5: a bundle server (or someone in its place) could roll the bundle back to an older
+/// `spiffe_sequence`, bringing back withdrawn keys.
+#[test]
+fn bundle_rollback_to_older_sequence_is_refused() {
+    let env = Env::new();
+    let withdrawn = TestKey::es256("withdrawn-key");
+    let mut current = spiffe_bundle(&[&env.key], None);
+    current["spiffe_sequence"] = json!(5);
+    let mut old = spiffe_bundle(&[&withdrawn], None);
+    old["spiffe_sequence"] = json!(4);
+    let (addr, count) = bundle_server(vec![(200, current.to_string()), (200, old.to_string())], None);
+    let mut cfg = env.config();
+    cfg["log_level"] = json!("error");
+    cfg["identity"]["trust_domains"] = json!([{"name": "example.org", "bundle_url": format!("http://{addr}/bundle"), "refresh_s": 5}]);
+    let h = start(cfg);
+    let tok = env.svid(SUB, 600);
+    assert_eq!(exchange_until(&h, &tok, 5, |s, _| s == 200).0, 200);
+    // Wait for the rollback to be offered (the second fetch, refresh_s later).
+    let t0 = std::time::Instant::now();
+    while count.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "no second fetch");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let n = now();
+    let with_withdrawn = withdrawn.sign(&svid_claims(SUB, "mandate-minter", n, n + 600));
+    let (s, v) = exchange(&h, &with_withdrawn, "payments-api", "", "t");
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")), "a withdrawn key is trusted again: {v}");
+    assert_eq!(exchange(&h, &tok, "payments-api", "", "t").0, 200, "the current bundle stays");
+}
+
+/// Gap 5: the last good bundle was trusted forever while the bundle endpoint was down (keys
+/// revoked in the meantime stayed valid). After `max_bundle_age_s` that domain's tokens are
+/// refused with `bundle_unavailable`.
+#[test]
+fn stale_bundle_stops_vouching_after_max_bundle_age() {
+    let env = Env::new();
+    let bundle = spiffe_bundle(&[&env.key], None).to_string();
+    let (addr, _count) = bundle_server(vec![(200, bundle), (503, "{}".into())], None);
+    let mut cfg = env.config();
+    cfg["identity"]["trust_domains"] =
+        json!([{"name": "example.org", "bundle_url": format!("http://{addr}/bundle"), "refresh_s": 5, "max_bundle_age_s": 5}]);
+    let h = start(cfg);
+    let tok = env.svid(SUB, 600);
+    assert_eq!(exchange_until(&h, &tok, 5, |s, _| s == 200).0, 200);
+    let (s, v) = exchange_until(&h, &tok, 12, |s, _| s != 200);
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")), "{v}");
+    assert_eq!(v["error_description"], "subject_token rejected: bundle_unavailable");
 }

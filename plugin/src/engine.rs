@@ -1083,7 +1083,7 @@ mod tests {
             Ok((200, b"not json".to_vec())),
             Ok((200, b"{\"token_type\":\"Bearer\",\"expires_in\":60}".to_vec())),
             Ok((200, b"{\"access_token\":\"a\\r\\nb\",\"expires_in\":60}".to_vec())),
-            Ok((200, b"{\"access_token\":\"x\",\"expires_in\":60,\"mandate_legacy\":true,\"mandate_header\":\":path\"}".to_vec())),
+            Ok((200, b"{\"access_token\":\"x\",\"expires_in\":60,\"issued_token_type\":\"urn:mandate:token-type:static-secret\",\"token_type\":\"N_A\",\"mandate_header\":\":path\"}".to_vec())),
             Err(MintError::Dispatch("BadArgument".into())),
         ];
         for a in answers {
@@ -1105,12 +1105,31 @@ mod tests {
         let mut e = minting_engine(&k);
         let b = bearer(&k);
         let (p, mut d) = plan(run(&mut e, &get(&[(":authority", "old-crm.internal"), (":path", "/sync"), ("x-agent-intent", "crm.sync")], &b)));
-        let body = json!({"access_token": "sk_live_abc", "issued_token_type": mint::STATIC_SECRET_TYPE, "token_type": "ApiKey",
-                          "expires_in": 60, "mandate_legacy": true, "mandate_header": "x-api-key"}).to_string();
+        let body = json!({"access_token": "sk_live_abc", "issued_token_type": mint::STATIC_SECRET_TYPE, "token_type": "N_A",
+                          "expires_in": 60, "mandate_header": "x-api-key", "mandate_scheme": "ApiKey"}).to_string();
         let (v, _) = e.finish_mint(&p, Ok((200, body.as_bytes())), NOW, &mut d);
         let Verdict::Forward(edits) = v else { panic!() };
         assert!(edits.set.contains(&("x-api-key".to_string(), b"sk_live_abc".to_vec())));
         assert_eq!(d.degraded, Some("legacy_static_secret"));
+    }
+
+    #[test]
+    fn legacy_token_type_n_a_is_never_sent_as_a_scheme() {
+        // RFC 6749 §7.1: a static secret's token_type is `N_A`; the scheme is `mandate_scheme`.
+        for (scheme, want) in [(None, "c3ZjOnB3".to_string()), (Some("Basic"), "Basic c3ZjOnB3".to_string())] {
+            let k = TestKey::es256("k");
+            let mut e = minting_engine(&k);
+            let b = bearer(&k);
+            let (p, mut d) = plan(run(&mut e, &get(&[(":authority", "old-crm.internal"), (":path", "/sync"), ("x-agent-intent", "crm.sync")], &b)));
+            let mut body = json!({"access_token": "c3ZjOnB3", "issued_token_type": mint::STATIC_SECRET_TYPE, "token_type": "N_A",
+                                  "expires_in": 60, "mandate_header": "authorization"});
+            if let Some(s) = scheme {
+                body["mandate_scheme"] = json!(s);
+            }
+            let (v, _) = e.finish_mint(&p, Ok((200, body.to_string().as_bytes())), NOW, &mut d);
+            let Verdict::Forward(edits) = v else { panic!("{scheme:?}: not forwarded") };
+            assert!(edits.set.contains(&("authorization".to_string(), want.clone().into_bytes())), "{scheme:?}: {:?}", edits.set);
+        }
     }
 
     #[test]
@@ -1122,8 +1141,8 @@ mod tests {
         let b = bearer(&k);
         let req = get(&[(":authority", "old-crm.internal"), (":path", "/sync"), ("x-agent-intent", "crm.sync")], &b);
         let (p, mut d) = plan(run(&mut e, &req));
-        let body = json!({"access_token": "sk_live_abc", "issued_token_type": mint::STATIC_SECRET_TYPE, "token_type": "ApiKey",
-                          "expires_in": 60, "mandate_legacy": true, "mandate_header": "x-legacy-key"}).to_string();
+        let body = json!({"access_token": "sk_live_abc", "issued_token_type": mint::STATIC_SECRET_TYPE, "token_type": "N_A",
+                          "expires_in": 60, "mandate_header": "x-legacy-key"}).to_string();
         let _ = e.finish_mint(&p, Ok((200, body.as_bytes())), NOW, &mut d);
         let mut twice = req.clone();
         twice.push(("x-legacy-key", "forged-1"));

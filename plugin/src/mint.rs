@@ -187,12 +187,13 @@ impl std::fmt::Display for MintError {
 struct TokenResponse {
     access_token: Option<String>,
     issued_token_type: Option<String>,
-    token_type: Option<String>,
+    // `token_type` is not read: `Bearer` for a JWT, `N_A` for a static secret (RFC 6749 §7.1).
     expires_in: Option<u64>,
-    #[serde(default)]
-    mandate_legacy: bool,
+    /// Static secrets: the header to send it in, and its scheme (`authorization` only).
     #[serde(default)]
     mandate_header: Option<String>,
+    #[serde(default)]
+    mandate_scheme: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -224,7 +225,8 @@ pub fn parse_response(
     let token = r.access_token.filter(|t| header_value_ok(t)).ok_or(MintError::Malformed("access_token missing or not a header value"))?;
     let expires_in = r.expires_in.filter(|e| *e > 0).ok_or(MintError::Malformed("expires_in missing"))?;
     let mut exp = now.saturating_add(expires_in);
-    if r.mandate_legacy || r.issued_token_type.as_deref() == Some(STATIC_SECRET_TYPE) {
+    // A static secret is recognised by its issued type (its `token_type` is `N_A`, RFC 6749 §7.1).
+    if r.issued_token_type.as_deref() == Some(STATIC_SECRET_TYPE) {
         let header = r.mandate_header.unwrap_or_else(|| "authorization".into()).to_ascii_lowercase();
         // The minter names the header; never let it name a pseudo-header or ours.
         if crate::config::check_header_name("minter.mandate_header", &header).is_err()
@@ -232,7 +234,7 @@ pub fn parse_response(
         {
             return Err(MintError::Malformed("bad legacy header name"));
         }
-        let value = match r.token_type.as_deref() {
+        let value = match r.mandate_scheme.as_deref() {
             Some(s) if header == "authorization" && !s.is_empty() => format!("{s} {token}"),
             _ => token,
         };
