@@ -54,11 +54,16 @@ pub enum Reason {
     NoRuleMatched,
     TaskRevoked,
     SubjectRevoked,
+    /// The minter does not know the task, or it is not bound to this caller or intent.
+    TaskUnregistered,
+    TaskExpired,
 
     // --- availability (503) ---
     CredentialUnavailable,
     NotConfigured,
     InternalError,
+    /// The revocation feed has not been heard from for `max_stale_s`.
+    RevocationsStale,
 }
 
 /// The broad family a reason belongs to; used for the HTTP status and metric grouping.
@@ -113,9 +118,12 @@ impl Reason {
         Reason::NoRuleMatched,
         Reason::TaskRevoked,
         Reason::SubjectRevoked,
+        Reason::TaskUnregistered,
+        Reason::TaskExpired,
         Reason::CredentialUnavailable,
         Reason::NotConfigured,
         Reason::InternalError,
+        Reason::RevocationsStale,
     ];
 
     /// Stable snake_case code, identical to the serde form.
@@ -160,9 +168,12 @@ impl Reason {
             Reason::NoRuleMatched => "no_rule_matched",
             Reason::TaskRevoked => "task_revoked",
             Reason::SubjectRevoked => "subject_revoked",
+            Reason::TaskUnregistered => "task_unregistered",
+            Reason::TaskExpired => "task_expired",
             Reason::CredentialUnavailable => "credential_unavailable",
             Reason::NotConfigured => "not_configured",
             Reason::InternalError => "internal_error",
+            Reason::RevocationsStale => "revocations_stale",
         }
     }
 
@@ -181,10 +192,9 @@ impl Reason {
             IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid | MethodInvalid => Family::BadRequest,
             IntentRequired | TaskRequired | UnclassifiedPrincipal | IntentUnknown | IntentMismatch | IntentTokenRequired
             | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
-            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked => {
-                Family::Policy
-            }
-            CredentialUnavailable | NotConfigured | InternalError => Family::Unavailable,
+            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked
+            | TaskUnregistered | TaskExpired => Family::Policy,
+            CredentialUnavailable | NotConfigured | InternalError | RevocationsStale => Family::Unavailable,
         }
     }
 
@@ -242,9 +252,12 @@ impl Reason {
             NoRuleMatched => "no policy rule allows this request",
             TaskRevoked => "the task has ended or was revoked",
             SubjectRevoked => "the caller's credentials were revoked",
+            TaskUnregistered => "the task is not registered for this caller",
+            TaskExpired => "the task has expired",
             CredentialUnavailable => "a credential for the destination could not be obtained",
             NotConfigured => "the filter is not configured",
             InternalError => "internal error",
+            RevocationsStale => "revocation data is out of date; no credential is issued",
         }
     }
 }
@@ -277,5 +290,11 @@ mod tests {
         assert_eq!(Reason::IntentMismatch.http_status(), 403);
         assert_eq!(Reason::CredentialUnavailable.http_status(), 503);
         assert_eq!(Reason::Allowed.http_status(), 200);
+        assert_eq!(Reason::RevocationsStale.http_status(), 503);
+        assert_eq!(Reason::TaskUnregistered.http_status(), 403);
+        assert_eq!(Reason::TaskExpired.http_status(), 403);
+        for code in ["revocations_stale", "task_unregistered", "task_expired"] {
+            assert!(Reason::from_code(code).is_some(), "{code}");
+        }
     }
 }
