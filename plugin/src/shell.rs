@@ -710,6 +710,7 @@ impl RootContext for Root {
                 log(LogLevel::Error, "configuration update while a request is in flight");
                 return false;
             };
+            let shared = &mut *shared;
             // What the previous configuration buffered goes out under it.
             shared.flush();
             shared.metrics.batched = flush_ms > 0;
