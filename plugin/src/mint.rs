@@ -725,3 +725,76 @@ impl RevocationFeed {
         self.active() && self.lag_s(now_s) > cfg.max_stale_s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reason::Reason;
+    use serde_json::json;
+
+    #[test]
+    fn epoch_with_query_characters_cannot_inject_poll_parameters() {
+        for epoch in ["E1&since=0", "E1#x", "E 1", "E1\n", "é", "", &"e".repeat(129)] {
+            let body = json!({"epoch": epoch, "cursor": 1, "revocations": []}).to_string();
+            assert!(matches!(parse_feed(200, body.as_bytes()), Err(MintError::Malformed(_))), "{epoch:?}");
+        }
+        let body = json!({"epoch": "Zm9v-YmFy_0.~", "cursor": 1, "revocations": []}).to_string();
+        assert!(parse_feed(200, body.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn feed_page_that_is_not_a_page_is_refused() {
+        for body in [
+            json!({"cursor": -1, "revocations": []}),
+            json!({"cursor": "7", "revocations": []}),
+            json!({"revocations": []}),
+            json!({"cursor": 1}),
+            json!({"cursor": 1, "revocations": {"kind": "task"}}),
+            json!([1, 2]),
+        ] {
+            assert!(parse_feed(200, body.to_string().as_bytes()).is_err(), "{body}");
+        }
+        assert_eq!(parse_feed(503, b"{}"), Err(MintError::Status(503)));
+        let mut big = br#"{"cursor":1,"revocations":[]}"#.to_vec();
+        big.resize(MAX_FEED_BYTES + 1, b' ');
+        assert_eq!(parse_feed(200, &big), Err(MintError::TooLarge), "never parsed past the callout limit");
+    }
+
+    #[test]
+    fn subject_field_on_other_kinds_cannot_narrow_them() {
+        // A subject or jti entry is global whatever else it carries.
+        let body = json!({"cursor": 2, "revocations": [
+            {"seq": 1, "kind": "subject", "value": "spiffe://td/a", "subject": "spiffe://td/b"},
+            {"seq": 2, "kind": "jti", "value": "j1", "subject": "spiffe://td/b"}]})
+        .to_string();
+        let page = parse_feed(200, body.as_bytes()).unwrap();
+        assert!(page.revocations.iter().all(|r| r.subject.is_none()));
+    }
+
+    #[test]
+    fn minter_error_body_cannot_turn_an_outage_into_a_refusal_or_back() {
+        let ended = json!({"error": "invalid_grant", "mandate_reason": "task_ended"}).to_string();
+        assert_eq!(refusal(400, ended.as_bytes()), Some(Reason::TaskRevoked));
+        for (status, body) in [
+            (401, ended.clone()),
+            (500, ended.clone()),
+            (400, json!({"error": "invalid_client", "mandate_reason": "task_ended"}).to_string()),
+            (400, json!({"error": "invalid_grant", "mandate_reason": ["task_ended"]}).to_string()),
+            (400, json!({"error": "invalid_grant", "mandate_reason": "TASK_ENDED"}).to_string()),
+            (400, "task_ended".to_string()),
+            (400, format!("{}{}", ended, " ".repeat(MAX_RESPONSE_BYTES))),
+        ] {
+            assert_eq!(refusal(status, body.as_bytes()), None, "{status} {}", body.get(..80).unwrap_or(&body));
+        }
+    }
+
+    #[test]
+    fn revoked_set_is_a_union_across_resets() {
+        let mut set = RevokedSet::default();
+        set.add(&Revocation { kind: RevocationKind::Task, value: "T".into(), subject: Some("a".into()) });
+        set.add(&Revocation { kind: RevocationKind::Task, value: "T".into(), subject: Some("b".into()) });
+        assert!(set.task_revoked("T", "a") && set.task_revoked("T", "b") && !set.task_revoked("T", "c"));
+        set.add(&Revocation { kind: RevocationKind::Task, value: "T".into(), subject: None });
+        assert!(set.task_revoked("T", "c"), "a global entry covers everyone");
+    }
+}
