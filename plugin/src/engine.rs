@@ -61,7 +61,7 @@ pub struct FeedReport {
     pub received: usize,
     /// Entries of unknown kinds, skipped.
     pub skipped: usize,
-    /// The minter's epoch changed (or it said `reset`): its cursor was taken.
+    /// The minter's epoch changed from a known one (or it said `reset`): its cursor was taken.
     pub reset: bool,
     pub more: bool,
     pub cursor: u64,
@@ -540,7 +540,8 @@ impl Engine {
         Ok(FeedReport {
             received: page.revocations.len(),
             skipped: page.skipped,
-            reset: page.reset || page.epoch != epoch_before,
+            // The first answer always starts a cursor; a reset is a change from a known epoch.
+            reset: epoch_before.is_some() && (page.reset || page.epoch != epoch_before),
             more: page.more,
             cursor: self.feed.cursor,
         })
@@ -1192,7 +1193,7 @@ mod tests {
         assert!(e.due_poll(NOW * 1000 + 100).is_none(), "one poll in flight");
         let feed = json!({"epoch": "E1", "cursor": 5, "revocations": [{"seq": 5, "kind": "task", "value": "T-7", "at": NOW}]}).to_string();
         let r = e.on_revocations(Ok((200, feed.as_bytes())), NOW * 1000).unwrap();
-        assert_eq!((r.received, r.skipped, r.cursor, r.reset), (1, 0, 5, true));
+        assert_eq!((r.received, r.skipped, r.cursor, r.reset), (1, 0, 5, false), "the first answer is no reset");
         assert_eq!(e.credential_cache_len(), 0);
         let out = run(&mut e, &get(&[("x-agent-task", "T-7")], &b));
         assert_eq!(out.decision.reason(), Reason::TaskRevoked);
