@@ -96,7 +96,7 @@ fn allow_record_carries_the_whole_decision() {
         let call = rig.one_mint_call();
         // The decision's duration spans the exchange: 7 ms on the host clock.
         rig.vm.advance(Duration::from_millis(7)).unwrap();
-        rig.answer(&call, token_reply("jti-42", T0 + 120, T0));
+        rig.answer(&call, token_reply_for(&call, "jti-42", T0 + 120, T0));
         s
     });
     let token_hash = rec["token_hash"].as_str().unwrap();
@@ -299,7 +299,7 @@ fn waiters_each_get_their_own_record() {
     assert!(rig.records().is_empty(), "nothing recorded while waiting");
     let call = rig.one_mint_call();
     rig.vm.advance(Duration::from_millis(3)).unwrap();
-    rig.answer(&call, token_reply("jti-1", T0 + 120, T0));
+    rig.answer(&call, token_reply_for(&call, "jti-1", T0 + 120, T0));
     let records = rig.records();
     assert_eq!(records.len(), 3);
     for (i, s) in streams.iter().enumerate() {
@@ -341,7 +341,7 @@ fn secrets_never_reach_logs_records_replies_or_metric_names() {
     let cookie = "session=s%3AeyJ1c2VyIjoiYWxpY2UifQ.Zk3nq8TQ1yX2wB7mR4pL";
     let basic_password = "hunter2-Pa55w0rd-Qz8rT1vY";
     let basic = format!("Basic {}", b64(format!("svc-user:{basic_password}").as_bytes()));
-    let minted = minted_jwt("jti-red", T0 + 120);
+    let minted = minted_jwt_for("jti-red", T0 + 120, TICKETS_AUD, Some("T-9"));
     let legacy = "sk_live_legacy_Zr8Qm2Wn5Tb7Yc1Xd4Ve";
     let minter_secret = "minter-internal-Jq3Lw9Ks2Hd6Fg8P";
 
@@ -350,7 +350,7 @@ fn secrets_never_reach_logs_records_replies_or_metric_names() {
     let req = rig.tickets().task("T-9").with("x-agent-intent-token", &intent).with("cookie", cookie);
     let s = rig.send(&req);
     let call = rig.one_mint_call();
-    rig.answer(&call, token_reply("jti-red", T0 + 120, T0));
+    rig.answer(&call, token_reply_for(&call, "jti-red", T0 + 120, T0));
     assert_eq!(header(&rig.forwarded(s), "authorization"), Some(format!("Bearer {minted}")));
     streams.push(s);
     // From the cache.
@@ -447,7 +447,9 @@ fn handed_over(rig: &Rig) -> (usize, i64) {
 #[test]
 fn records_and_counters_wait_for_the_tick_by_default_and_nothing_is_lost() {
     let Some(mut rig) = start("records_and_counters_wait_for_the_tick_by_default_and_nothing_is_lost", minter()) else { return };
-    assert_eq!(rig.vm.tick_period_ms(), 1000, "default flush period drives the tick");
+    // With a minter the revocation feed is always polled: its tick (a quarter of the 1 s
+    // interval) comes sooner than the default flush period, and flushes too.
+    assert_eq!(rig.vm.tick_period_ms(), 250, "the feed's tick drives the flush");
     let req = rig.tickets();
     for i in 0..3 {
         let s = rig.send_minted(&req, &format!("jti-{i}"));

@@ -345,13 +345,25 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         if m.cache_size > 1_000_000 {
             return Err(ConfigError::new("minter.cache_size", "must be at most 1000000"));
         }
-        if let Some(r) = &m.revocations {
-            if !r.path.starts_with('/') {
-                return Err(ConfigError::new("minter.revocations.path", "must start with `/`"));
-            }
-            if !(100..=3_600_000).contains(&r.interval_ms) {
-                return Err(ConfigError::new("minter.revocations.interval_ms", "must be between 100 and 3600000"));
-            }
+        let r = &m.revocations;
+        if !r.path.starts_with('/') || r.path.contains(['?', '#']) {
+            return Err(ConfigError::new("minter.revocations.path", "must start with `/` and carry no query or fragment"));
+        }
+        if !(5..=3600).contains(&r.max_stale_s) {
+            return Err(ConfigError::new("minter.revocations.max_stale_s", "must be between 5 and 3600"));
+        }
+        if !(100..=3_600_000).contains(&r.interval_ms) {
+            return Err(ConfigError::new("minter.revocations.interval_ms", "must be between 100 and 3600000"));
+        }
+        // Several polls must fit in the staleness bound, or one slow poll makes the filter stale.
+        if r.interval_ms.saturating_mul(3) > r.max_stale_s.saturating_mul(1000) {
+            return Err(ConfigError::new("minter.revocations.interval_ms", "must be at most a third of max_stale_s"));
+        }
+        if !(crate::mint::MIN_FEED_PAGE_BYTES..=crate::mint::MAX_FEED_PAGE_BYTES).contains(&r.max_bytes) {
+            return Err(ConfigError::new(
+                "minter.revocations.max_bytes",
+                format!("must be between {} and {}", crate::mint::MIN_FEED_PAGE_BYTES, crate::mint::MAX_FEED_PAGE_BYTES),
+            ));
         }
     }
     if let Some(p) = &c.policy {
@@ -462,6 +474,34 @@ mod tests {
             let e = parse(format!(r#"{{"records": {{"flush_ms": {bad}}}}}"#).as_bytes()).unwrap_err();
             assert_eq!(e.field, "records.flush_ms", "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn revocation_feed_is_on_with_defaults_whenever_a_minter_is_configured() {
+        let c = parse(br#"{"minter": {"cluster": "minter"}}"#).unwrap();
+        let r = &c.minter.unwrap().revocations;
+        assert_eq!((r.path.as_str(), r.interval_ms, r.max_stale_s, r.max_bytes), ("/revocations", 1000, 30, 196_608));
+        assert_eq!(r.max_backoff_ms(), 7500, "failed polls back off to a quarter of max_stale_s at most");
+    }
+
+    #[test]
+    fn revocation_settings_out_of_range_are_refused_naming_them() {
+        for (bad, field) in [
+            (r#"{"max_stale_s": 4}"#, "minter.revocations.max_stale_s"),
+            (r#"{"max_stale_s": 3601}"#, "minter.revocations.max_stale_s"),
+            (r#"{"interval_ms": 99}"#, "minter.revocations.interval_ms"),
+            (r#"{"interval_ms": 10001, "max_stale_s": 30}"#, "minter.revocations.interval_ms"),
+            (r#"{"max_bytes": 4095}"#, "minter.revocations.max_bytes"),
+            (r#"{"max_bytes": 262144}"#, "minter.revocations.max_bytes"),
+            (r#"{"path": "/revocations?since=9"}"#, "minter.revocations.path"),
+            (r#"{"path": "revocations"}"#, "minter.revocations.path"),
+        ] {
+            let raw = format!(r#"{{"minter": {{"cluster": "minter", "revocations": {bad}}}}}"#);
+            let e = parse(raw.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{bad}: {e}");
+        }
+        let e = parse(br#"{"minter": {"cluster": "m", "revocations": {"enabled": false}}}"#).unwrap_err();
+        assert!(e.message.contains("enabled"), "polling cannot be switched off: {e}");
     }
 
     #[test]

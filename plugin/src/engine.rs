@@ -8,7 +8,7 @@ use crate::config::{Config, ConfigError};
 use crate::decision::{DecisionIds, Effect, LocalReply};
 use crate::headers::{Duplicate, Headers};
 use crate::identity::{Identity, Verifier};
-use crate::mint::{self, Credential, CredentialCache, MintError, MintRequest, RevokedSet};
+use crate::mint::{self, Credential, CredentialCache, MintError, MintRequest, RevocationFeed};
 use crate::record::CredentialInfo;
 use crate::policy::intent::{self, IntentVerifier};
 use crate::policy::path::{normalize, normalize_authority};
@@ -52,6 +52,19 @@ impl MintPlan {
     pub fn body(&self) -> Vec<u8> {
         self.request.form_body()
     }
+}
+
+/// What one revocation poll brought.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedReport {
+    /// Entries applied (revoked set updated, matching credentials purged).
+    pub received: usize,
+    /// Entries of unknown kinds, skipped.
+    pub skipped: usize,
+    /// The minter's epoch changed from a known one (or it said `reset`): its cursor was taken.
+    pub reset: bool,
+    pub more: bool,
+    pub cursor: u64,
 }
 
 /// A revocation poll the shell should dispatch.
@@ -186,9 +199,8 @@ pub struct Engine {
     /// Reused for decision-cache keys: no allocation on a hit.
     key_buf: Vec<u8>,
     credentials: CredentialCache,
-    pub revoked: RevokedSet,
-    next_poll_at: u64,
-    poll_in_flight: bool,
+    /// The revocation feed: revoked set, cursor, epoch, freshness and poll schedule.
+    pub feed: RevocationFeed,
     pub stats: EngineStats,
 }
 
@@ -222,9 +234,7 @@ impl Engine {
         let credentials = config.minter.as_ref().map_or(CredentialCache::new(0, 0), |m| CredentialCache::new(m.cache_size, m.refresh_margin_s));
         Ok(Engine {
             credentials,
-            revoked: RevokedSet::default(),
-            next_poll_at: 0,
-            poll_in_flight: false,
+            feed: RevocationFeed::default(),
             config,
             ids: DecisionIds::new(id_seed),
             identity,
@@ -255,6 +265,10 @@ impl Engine {
         let header = |name| req.headers.single(name).ok().flatten().and_then(crate::record::correlation_value);
         d.request_id = header("x-request-id");
         d.traceparent = header("traceparent");
+        // A VM polls the feed once it serves requests; its staleness clock starts here.
+        if self.config.minter.is_some() {
+            self.feed.activate(req.now);
+        }
         match self.decide(req, &mut d) {
             Ok(verdict) => Outcome { verdict, decision: d },
             Err(reason) => self.deny(d, reason),
@@ -316,10 +330,10 @@ impl Engine {
         d.intent_signed = judged.intent_signed;
         d.policy = Some(decision.clone());
         // Revocations apply to cached decisions too: checked on every request.
-        if d.task.as_deref().is_some_and(|t| self.revoked.task_revoked(t)) {
+        if d.task.as_deref().is_some_and(|t| self.feed.revoked.task_revoked(t, &identity.principal)) {
             return Err(Reason::TaskRevoked);
         }
-        if self.revoked.subject_revoked(&identity.principal) {
+        if self.feed.revoked.subject_revoked(&identity.principal) {
             return Err(Reason::SubjectRevoked);
         }
         if decision.effect == Effect::Deny {
@@ -350,6 +364,10 @@ impl Engine {
         let (Some(key), Some(audience)) = (judged.credential_key, decision.audience.as_deref()) else {
             return Err(Reason::NoResourceMatched);
         };
+        // Revocations not heard of for too long: no cached credential, no new one.
+        if self.feed.stale(&m.revocations, req.now) {
+            return Err(Reason::RevocationsStale);
+        }
         if let Some(cred) = self.credentials.get(&key, req.now) {
             self.stats.credential_cache_hits += 1;
             d.credential_cache_hit = true;
@@ -474,14 +492,18 @@ impl Engine {
             return (self.deny_mint(d), Some(MintError::Dispatch("no minter configured".into())));
         };
         let subject = d.identity.as_ref().map_or("", |i| i.principal.as_str()).to_string();
-        let parsed = answer.and_then(|(status, body)| mint::parse_response(m, status, body, now, &subject, plan.request.task.as_deref()));
+        let request = &plan.request;
+        let parsed = answer.and_then(|(status, body)| mint::parse_response(m, status, body, now, &subject, request.task.as_deref(), &request.audience));
+        let revoked = &self.feed.revoked;
         match parsed {
             // A revocation may have arrived while the exchange was in flight: re-check.
-            Ok(cred) if cred.task.as_deref().is_some_and(|t| self.revoked.task_revoked(t)) => (self.deny_with(d, Reason::TaskRevoked), None),
-            Ok(cred) if self.revoked.subject_revoked(&cred.subject) => (self.deny_with(d, Reason::SubjectRevoked), None),
-            Ok(cred) if cred.jti.as_deref().is_some_and(|j| self.revoked.jti_revoked(j)) => {
+            Ok(cred) if cred.task.as_deref().is_some_and(|t| revoked.task_revoked(t, &cred.subject)) => (self.deny_with(d, Reason::TaskRevoked), None),
+            Ok(cred) if revoked.subject_revoked(&cred.subject) => (self.deny_with(d, Reason::SubjectRevoked), None),
+            Ok(cred) if cred.jti.as_deref().is_some_and(|j| revoked.jti_revoked(j)) => {
                 (self.deny_mint(d), Some(MintError::Malformed("the minted credential's jti is already revoked")))
             }
+            // The feed went stale while the exchange was in flight: not used, not cached.
+            Ok(_) if self.feed.stale(&m.revocations, now) => (self.deny_with(d, Reason::RevocationsStale), None),
             Ok(cred) => {
                 let cred = Rc::new(cred);
                 self.credentials.put(plan.key, cred.clone());
@@ -489,6 +511,8 @@ impl Engine {
                 inject(&mut edits, &cred, d, None);
                 (Verdict::Forward(edits), None)
             }
+            // The minter refused the task or the caller: a refusal (403), not an outage.
+            Err(MintError::Refused(reason)) => (self.deny_with(d, reason), Some(MintError::Refused(reason))),
             Err(e) => (self.deny_mint(d), Some(e)),
         }
     }
@@ -503,46 +527,51 @@ impl Engine {
         Verdict::Reply(LocalReply::deny(reason, &d.id, &self.config.upstream.decision_id_header))
     }
 
-    /// A revocation poll, if one is configured and due.
+    /// A revocation poll, if a minter is configured, this VM serves requests, and one is due.
     pub fn due_poll(&mut self, now_ms: u64) -> Option<PollPlan> {
         let m = self.config.minter.as_ref()?;
-        let r = m.revocations.as_ref()?;
-        // Host timers fire a little early or late; a tenth of the interval of slack keeps
-        // polls on schedule instead of slipping a whole tick.
-        if self.poll_in_flight || now_ms.saturating_add(r.interval_ms / 10) < self.next_poll_at {
-            return None;
-        }
-        self.poll_in_flight = true;
-        self.next_poll_at = now_ms.saturating_add(r.interval_ms);
-        Some(PollPlan {
-            cluster: m.cluster.clone(),
-            authority: m.authority.clone().unwrap_or_else(|| m.cluster.clone()),
-            path: format!("{}?since={}", r.path, self.revoked.cursor),
-            timeout_ms: m.timeout_ms.max(1000),
-        })
+        let timeout_ms = m.timeout_ms.max(1000);
+        let path = self.feed.due(&m.revocations, timeout_ms, now_ms)?;
+        Some(PollPlan { cluster: m.cluster.clone(), authority: m.authority.clone().unwrap_or_else(|| m.cluster.clone()), path, timeout_ms })
     }
 
-    /// Takes a revocation feed answer: remembers revoked tasks and subjects, purges
-    /// matching credentials, and drops cached decisions. Returns how many entries were new.
-    pub fn on_revocations(&mut self, answer: Result<(u16, &[u8]), MintError>, now: u64) -> Result<usize, MintError> {
-        self.poll_in_flight = false;
+    /// Takes a revocation feed answer (or the poll's failure): remembers revoked tasks,
+    /// (task, subject) pairs, subjects and jtis, purges matching credentials, and drops cached
+    /// decisions. A failure schedules the retry with backoff.
+    pub fn on_revocations(&mut self, answer: Result<(u16, &[u8]), MintError>, now_ms: u64) -> Result<FeedReport, MintError> {
         self.stats.revocation_polls += 1;
-        let batch = answer.and_then(|(status, body)| mint::parse_revocations(status, body)).inspect_err(|_| {
+        let Some(m) = &self.config.minter else { return Err(MintError::Dispatch("no minter configured".into())) };
+        let epoch_before = self.feed.epoch.clone();
+        let page = self.feed.on_answer(&m.revocations, answer, now_ms).inspect_err(|_| {
             self.stats.revocation_poll_failures += 1;
         })?;
-        let n = batch.revocations.len();
-        for r in &batch.revocations {
-            self.revoked.add(r);
+        for r in &page.revocations {
             self.credentials.purge(r);
         }
-        if n > 0 {
+        if !page.revocations.is_empty() {
             if let Some(c) = self.decisions.as_mut() {
                 c.clear();
             }
         }
-        self.revoked.cursor = self.revoked.cursor.max(batch.cursor);
-        self.revoked.last_poll = Some(now);
-        Ok(n)
+        Ok(FeedReport {
+            received: page.revocations.len(),
+            skipped: page.skipped,
+            // The first answer always starts a cursor; a reset is a change from a known epoch.
+            reset: epoch_before.is_some() && (page.reset || page.epoch != epoch_before),
+            more: page.more,
+            cursor: self.feed.cursor,
+        })
+    }
+
+    /// Seconds since the feed was last heard from (0 until this VM starts polling).
+    pub fn feed_lag_s(&self, now_s: u64) -> u64 {
+        self.feed.lag_s(now_s)
+    }
+
+    /// Hands the feed state to the engine of a new configuration: the revoked set, cursor,
+    /// epoch and freshness carry over (no replay, nothing forgotten); the schedule restarts.
+    pub fn take_feed_from(&mut self, old: Engine) {
+        self.feed = old.feed.carried();
     }
 
     pub fn credential_cache_len(&self) -> usize {
@@ -1012,13 +1041,43 @@ mod tests {
         Engine::new(config::parse(cfg.to_string().as_bytes()).unwrap(), 7, None).unwrap()
     }
 
-    fn minted_jwt(jti: &str, exp: u64) -> String {
+    const TICKETS: &str = "https://tickets.internal";
+
+    fn jwt_with(claims: &serde_json::Value) -> String {
         use crate::testkit::b64;
-        format!("{}.{}.sig", b64(br#"{"alg":"ES256","kid":"m"}"#), b64(json!({"jti": jti, "exp": exp, "aud": "https://tickets.internal"}).to_string().as_bytes()))
+        format!("{}.{}.sig", b64(br#"{"alg":"ES256","kid":"m"}"#), b64(claims.to_string().as_bytes()))
+    }
+
+    /// A minted token as the minter issues it for SUB at the tickets audience, for `task`.
+    fn minted_jwt_for(jti: &str, exp: u64, task: Option<&str>) -> String {
+        let mut c = json!({"jti": jti, "exp": exp, "aud": TICKETS, "sub": SUB});
+        if let Some(t) = task {
+            c["task"] = json!(t);
+        }
+        jwt_with(&c)
+    }
+
+    fn minted_jwt(jti: &str, exp: u64) -> String {
+        minted_jwt_for(jti, exp, None)
+    }
+
+    fn answer_with(token: &str, exp: u64) -> Vec<u8> {
+        json!({"access_token": token, "issued_token_type": mint::JWT_TOKEN_TYPE, "token_type": "Bearer", "expires_in": exp - NOW}).to_string().into_bytes()
+    }
+
+    fn token_answer_for(jti: &str, exp: u64, task: Option<&str>) -> Vec<u8> {
+        answer_with(&minted_jwt_for(jti, exp, task), exp)
     }
 
     fn token_answer(jti: &str, exp: u64) -> Vec<u8> {
-        json!({"access_token": minted_jwt(jti, exp), "issued_token_type": mint::JWT_TOKEN_TYPE, "token_type": "Bearer", "expires_in": exp - NOW}).to_string().into_bytes()
+        token_answer_for(jti, exp, None)
+    }
+
+    /// One good (empty) revocation poll at `now`, so the feed is not stale.
+    fn fresh_feed(e: &mut Engine, now: u64) {
+        e.due_poll(now * 1000).expect("a poll is due");
+        let page = json!({"epoch": "E1", "cursor": e.feed.cursor, "revocations": []}).to_string();
+        e.on_revocations(Ok((200, page.as_bytes())), now * 1000).unwrap();
     }
 
     fn plan(out: Outcome) -> (Box<MintPlan>, Decision) {
@@ -1060,6 +1119,7 @@ mod tests {
         let auth = edits.set.iter().find(|(k, _)| k == "authorization").unwrap();
         assert_eq!(String::from_utf8_lossy(&auth.1), format!("Bearer {}", minted_jwt("jti-1", NOW + 60)));
         assert_eq!(d.credential.as_ref().unwrap().jti.as_deref(), Some("jti-1"));
+        fresh_feed(&mut e, NOW + 40);
         // Same subject, audience, scopes, task: reused from the cache, no exchange.
         let out = run_at(&mut e, &get(&[], &b), NOW + 40);
         assert!(out.decision.credential_cache_hit);
@@ -1160,20 +1220,335 @@ mod tests {
         let mut e = minting_engine(&k);
         let b = bearer(&k);
         let (p, mut d) = plan(run(&mut e, &get(&[("x-agent-task", "T-7")], &b)));
-        let body = token_answer("jti-7", NOW + 100);
+        let body = token_answer_for("jti-7", NOW + 100, Some("T-7"));
         e.finish_mint(&p, Ok((200, &body)), NOW, &mut d);
         assert_eq!(e.credential_cache_len(), 1);
-        assert!(e.due_poll(NOW * 1000).is_some());
+        let poll = e.due_poll(NOW * 1000).unwrap();
+        assert_eq!(poll.path, "/revocations?since=0&max_bytes=196608", "no epoch known yet");
         assert!(e.due_poll(NOW * 1000 + 100).is_none(), "one poll in flight");
-        let feed = json!({"cursor": 5, "revocations": [{"seq": 5, "kind": "task", "value": "T-7", "at": NOW}]}).to_string();
-        assert_eq!(e.on_revocations(Ok((200, feed.as_bytes())), NOW), Ok(1));
+        let feed = json!({"epoch": "E1", "cursor": 5, "revocations": [{"seq": 5, "kind": "task", "value": "T-7", "at": NOW}]}).to_string();
+        let r = e.on_revocations(Ok((200, feed.as_bytes())), NOW * 1000).unwrap();
+        assert_eq!((r.received, r.skipped, r.cursor, r.reset), (1, 0, 5, false), "the first answer is no reset");
         assert_eq!(e.credential_cache_len(), 0);
         let out = run(&mut e, &get(&[("x-agent-task", "T-7")], &b));
         assert_eq!(out.decision.reason(), Reason::TaskRevoked);
         let poll = e.due_poll(NOW * 1000 + 600).unwrap();
-        assert_eq!(poll.path, "/revocations?since=5");
+        assert_eq!(poll.path, "/revocations?since=5&epoch=E1&max_bytes=196608");
         // Other tasks are unaffected.
         let (_, _) = plan(run(&mut e, &get(&[("x-agent-task", "T-8")], &b)));
+    }
+
+    // ---------------- revocation feed (issue 11, gap 3) ----------------
+
+    const MS: u64 = NOW * 1000;
+
+    fn feed_page(epoch: &str, cursor: u64, entries: serde_json::Value, more: bool) -> String {
+        json!({"epoch": epoch, "cursor": cursor, "reset": false, "more": more, "revocations": entries}).to_string()
+    }
+
+    fn task_entry(seq: u64, task: &str) -> serde_json::Value {
+        json!({"seq": seq, "kind": "task", "value": task, "at": NOW})
+    }
+
+    /// A minting engine that has served a request (so it polls) and taken one empty page.
+    fn polling_engine(k: &TestKey) -> Engine {
+        let mut e = minting_engine(k);
+        let _ = run(&mut e, &get(&[], &bearer(k)));
+        e.due_poll(MS).unwrap();
+        e.on_revocations(Ok((200, feed_page("E1", 0, json!([]), false).as_bytes())), MS).unwrap();
+        e
+    }
+
+    #[test]
+    fn vm_that_serves_no_requests_never_polls() {
+        // Envoy's main-thread VM has a root context and ticks, but never serves a request.
+        let k = TestKey::es256("k");
+        let mut e = minting_engine(&k);
+        for t in 0..100 {
+            assert!(e.due_poll(MS + t * 1000).is_none());
+        }
+        assert_eq!(e.feed_lag_s(NOW + 100), 0, "no staleness before it serves");
+        let _ = run_at(&mut e, &get(&[], &bearer(&k)), NOW + 100);
+        assert!(e.due_poll(MS + 100_000).is_some(), "polls from its first request on");
+        assert_eq!(e.feed_lag_s(NOW + 103), 3, "the staleness clock starts with the first request");
+    }
+
+    #[test]
+    fn oversized_feed_page_cannot_freeze_revocations() {
+        let k = TestKey::es256("k");
+        let mut e = polling_engine(&k);
+        // The plugin asks for pages below its read limit.
+        let p = e.due_poll(MS + 500).unwrap();
+        assert!(p.path.contains("&max_bytes=196608"), "{}", p.path);
+        // A minter that ignores max_bytes sends ~1000 entries of 210-byte task ids (> 256 KiB).
+        let entries: Vec<_> = (1..=1000).map(|i| task_entry(i, &format!("{i:0>210}"))).collect();
+        let big = feed_page("E1", 1000, json!(entries), false);
+        assert!(big.len() > mint::MAX_FEED_BYTES);
+        assert_eq!(e.on_revocations(Ok((200, big.as_bytes())), MS + 500), Err(MintError::TooLarge));
+        // The shell refuses to read it (TooLarge) the same way; either way the next poll asks
+        // for fewer entries instead of the same page forever.
+        let p = e.due_poll(MS + 1500).unwrap();
+        assert_eq!(p.path, "/revocations?since=0&epoch=E1&max_bytes=196608&limit=500");
+        assert_eq!(e.on_revocations(Err(MintError::TooLarge), MS + 1500), Err(MintError::TooLarge));
+        let p = e.due_poll(MS + 3500).unwrap();
+        assert!(p.path.ends_with("&limit=250"), "{}", p.path);
+        let half: Vec<_> = (1..=250).map(|i| task_entry(i, &format!("{i:0>210}"))).collect();
+        let page = feed_page("E1", 250, json!(half), true);
+        let r = e.on_revocations(Ok((200, page.as_bytes())), MS + 3500).unwrap();
+        assert_eq!((r.received, r.cursor), (250, 250));
+        let p = e.due_poll(MS + 3500).expect("more: the next page at once");
+        assert_eq!(p.path, "/revocations?since=250&epoch=E1&max_bytes=196608&limit=250");
+        assert!(e.feed.revoked.task_revoked(&format!("{:0>210}", 7), SUB));
+    }
+
+    #[test]
+    fn unknown_revocation_kind_does_not_stall_the_cursor() {
+        let k = TestKey::es256("k");
+        let mut e = polling_engine(&k);
+        e.due_poll(MS + 500).unwrap();
+        let page = feed_page("E1", 9, json!([
+            {"seq": 7, "kind": "audience", "value": "https://tickets.internal", "at": NOW},
+            {"seq": 8, "kind": {"nested": true}},
+            "not even an object",
+            task_entry(9, "T-9"),
+        ]), false);
+        let r = e.on_revocations(Ok((200, page.as_bytes())), MS + 500).unwrap();
+        assert_eq!((r.received, r.skipped, r.cursor), (1, 3, 9));
+        assert_eq!(e.due_poll(MS + 1000).unwrap().path, "/revocations?since=9&epoch=E1&max_bytes=196608");
+        assert_eq!(run(&mut e, &get(&[("x-agent-task", "T-9")], &bearer(&k))).decision.reason(), Reason::TaskRevoked);
+    }
+
+    #[test]
+    fn malformed_entry_of_a_known_kind_fails_the_page_and_backs_off() {
+        let k = TestKey::es256("k");
+        for bad in [json!({"seq": 1, "kind": "task"}), json!({"seq": 1, "kind": "task", "value": 7}), json!({"seq": 1, "kind": "task", "value": "T", "subject": 3})] {
+            let mut e = polling_engine(&k);
+            e.due_poll(MS + 500).unwrap();
+            let page = feed_page("E1", 1, json!([bad]), false);
+            assert!(matches!(e.on_revocations(Ok((200, page.as_bytes())), MS + 500), Err(MintError::Malformed(_))), "{bad}");
+            assert_eq!(e.feed.cursor, 0);
+        }
+        let mut e = polling_engine(&k);
+        e.due_poll(MS + 500).unwrap();
+        let page = json!({"epoch": "E 1\n", "cursor": 1, "revocations": []}).to_string();
+        assert!(e.on_revocations(Ok((200, page.as_bytes())), MS + 500).is_err(), "an epoch that cannot go in a query");
+    }
+
+    #[test]
+    fn restored_minter_epoch_resets_the_cursor() {
+        let k = TestKey::es256("k");
+        let mut e = polling_engine(&k);
+        e.due_poll(MS + 500).unwrap();
+        e.on_revocations(Ok((200, feed_page("E1", 500, json!([task_entry(500, "T-7")]), false).as_bytes())), MS + 500).unwrap();
+        assert_eq!(e.due_poll(MS + 1000).unwrap().path, "/revocations?since=500&epoch=E1&max_bytes=196608");
+        // The minter's database is restored from a backup: a new epoch, seq restarts low.
+        let restored = json!({"epoch": "E2", "cursor": 3, "reset": true, "more": false, "revocations": [task_entry(3, "T-9")]}).to_string();
+        let r = e.on_revocations(Ok((200, restored.as_bytes())), MS + 1000).unwrap();
+        assert!(r.reset);
+        assert_eq!(r.cursor, 3, "the answer's cursor, not max(500, 3)");
+        assert_eq!(e.due_poll(MS + 1500).unwrap().path, "/revocations?since=3&epoch=E2&max_bytes=196608");
+        // New revocations after the restore are heard; old ones are not forgotten.
+        e.on_revocations(Ok((200, feed_page("E2", 4, json!([task_entry(4, "T-10")]), false).as_bytes())), MS + 1500).unwrap();
+        for t in ["T-7", "T-9", "T-10"] {
+            assert_eq!(run(&mut e, &get(&[("x-agent-task", t)], &bearer(&k))).decision.reason(), Reason::TaskRevoked, "{t}");
+        }
+        // An epoch change without `reset` is a reset too.
+        e.due_poll(MS + 2000).unwrap();
+        let r = e.on_revocations(Ok((200, feed_page("E3", 1, json!([]), false).as_bytes())), MS + 2000).unwrap();
+        assert_eq!((r.reset, r.cursor), (true, 1));
+    }
+
+    #[test]
+    fn more_pages_are_fetched_at_once_but_never_in_a_hot_loop() {
+        let k = TestKey::es256("k");
+        let mut e = polling_engine(&k);
+        e.due_poll(MS + 500).unwrap();
+        e.on_revocations(Ok((200, feed_page("E1", 2, json!([task_entry(1, "A"), task_entry(2, "B")]), true).as_bytes())), MS + 520).unwrap();
+        assert_eq!(e.due_poll(MS + 520).unwrap().path, "/revocations?since=2&epoch=E1&max_bytes=196608");
+        // `more` without progress (a broken minter): wait an interval, not a loop.
+        e.on_revocations(Ok((200, feed_page("E1", 2, json!([]), true).as_bytes())), MS + 530).unwrap();
+        assert!(e.due_poll(MS + 530).is_none());
+        assert!(e.due_poll(MS + 1020).is_some());
+    }
+
+    #[test]
+    fn failed_polls_back_off_exponentially_up_to_a_quarter_of_max_stale() {
+        let k = TestKey::es256("k");
+        let mut e = polling_engine(&k);
+        // interval 500 ms, max_stale_s 30: 500, 1000, 2000, 4000, then 7500 ms at most.
+        let mut t = MS + 500;
+        let mut gaps = Vec::new();
+        e.due_poll(t).unwrap();
+        for _ in 0..7 {
+            e.on_revocations(Err(MintError::NoResponse), t).unwrap_err();
+            let mut next = t + 1;
+            while e.due_poll(next).is_none() {
+                next += 1;
+            }
+            gaps.push(next - t);
+            t = next;
+        }
+        // Less the tenth-of-interval (50 ms) slack allowed for early timers.
+        assert_eq!(gaps, [450, 950, 1950, 3950, 7450, 7450, 7450]);
+        assert_eq!(mint::RevocationFeed::backoff_ms(&e.config().minter.as_ref().unwrap().revocations, 1), 500);
+        assert_eq!(mint::RevocationFeed::backoff_ms(&e.config().minter.as_ref().unwrap().revocations, 3), 2000);
+    }
+
+    #[test]
+    fn dead_feed_stops_cached_credentials_after_max_stale() {
+        let k = TestKey::es256("k");
+        let mut e = polling_engine(&k);
+        let b = bearer(&k);
+        let (p, mut d) = plan(run(&mut e, &get(&[], &b)));
+        e.finish_mint(&p, Ok((200, &token_answer("jti-1", NOW + 200))), NOW, &mut d);
+        assert!(run_at(&mut e, &get(&[], &b), NOW + 30).decision.credential_cache_hit, "30 s after the last good poll: still fresh");
+        // The feed dies: every poll fails.
+        let mut t = MS + 500;
+        while t < MS + 40_000 {
+            if e.due_poll(t).is_some() {
+                let _ = e.on_revocations(Err(MintError::NoResponse), t);
+            }
+            t += 100;
+        }
+        let out = run_at(&mut e, &get(&[], &b), NOW + 31);
+        assert_eq!(out.decision.reason(), Reason::RevocationsStale);
+        let Verdict::Reply(r) = out.verdict else { panic!("a stale filter forwarded") };
+        assert_eq!(r.status, 503);
+        // Nor does it mint: another task (no cached credential) is refused the same way.
+        assert_eq!(run_at(&mut e, &get(&[("x-agent-task", "T-2")], &b), NOW + 31).decision.reason(), Reason::RevocationsStale);
+        // An exchange that lands after the feed went stale is not used nor cached.
+        let (p2, mut d2) = plan(run_at(&mut e, &get(&[("x-agent-task", "T-3")], &b), NOW + 29));
+        let (v, _) = e.finish_mint(&p2, Ok((200, &token_answer_for("jti-3", NOW + 200, Some("T-3")))), NOW + 31, &mut d2);
+        assert!(matches!(v, Verdict::Reply(_)));
+        assert_eq!(d2.reason(), Reason::RevocationsStale);
+        // The feed comes back: served from the cache again.
+        let p = loop {
+            if let Some(p) = e.due_poll(t) {
+                break p;
+            }
+            t += 100;
+        };
+        assert!(p.path.contains("since=0&epoch=E1"));
+        e.on_revocations(Ok((200, feed_page("E1", 0, json!([]), false).as_bytes())), (NOW + 32) * 1000).unwrap();
+        assert!(run_at(&mut e, &get(&[], &b), NOW + 32).decision.credential_cache_hit);
+    }
+
+    #[test]
+    fn fresh_vm_whose_feed_never_answers_goes_stale_from_its_first_request() {
+        let k = TestKey::es256("k");
+        let mut e = minting_engine(&k);
+        let b = bearer(&k);
+        let _ = plan(run(&mut e, &get(&[], &b)));
+        assert!(matches!(run_at(&mut e, &get(&[], &b), NOW + 30).verdict, Verdict::Mint(_)));
+        assert_eq!(run_at(&mut e, &get(&[], &b), NOW + 31).decision.reason(), Reason::RevocationsStale);
+        assert_eq!(e.feed_lag_s(NOW + 31), 31);
+    }
+
+    #[test]
+    fn task_revoked_for_one_subject_spares_the_others() {
+        let k = TestKey::es256("k");
+        let mut e = polling_engine(&k);
+        let b = bearer(&k);
+        let other = format!("Bearer {}", k.sign(&svid_claims("spiffe://example.org/agent/a2", AUD, NOW, NOW + 300)));
+        let (p, mut d) = plan(run(&mut e, &get(&[("x-agent-task", "CASE-7")], &b)));
+        e.finish_mint(&p, Ok((200, &token_answer_for("jti-a1", NOW + 100, Some("CASE-7")))), NOW, &mut d);
+        e.due_poll(MS + 500).unwrap();
+        let page = feed_page("E1", 1, json!([{"seq": 1, "kind": "task", "value": "CASE-7", "subject": SUB, "at": NOW}]), false);
+        e.on_revocations(Ok((200, page.as_bytes())), MS + 500).unwrap();
+        assert_eq!(e.credential_cache_len(), 0, "that subject's credential for the task is purged");
+        assert_eq!(run(&mut e, &get(&[("x-agent-task", "CASE-7")], &b)).decision.reason(), Reason::TaskRevoked);
+        let out = run(&mut e, &get(&[("x-agent-task", "CASE-7")], &other));
+        assert!(matches!(out.verdict, Verdict::Mint(_)), "another agent's CASE-7 is not ended: {:?}", out.decision.reason());
+    }
+
+    #[test]
+    fn feed_state_survives_reconfiguration_without_replay() {
+        let k = TestKey::es256("k");
+        let mut old = polling_engine(&k);
+        old.due_poll(MS + 500).unwrap();
+        old.on_revocations(Ok((200, feed_page("E1", 42, json!([task_entry(42, "T-7")]), false).as_bytes())), MS + 500).unwrap();
+        let mut e = minting_engine(&k);
+        e.take_feed_from(old);
+        assert_eq!(e.due_poll(MS + 600).unwrap().path, "/revocations?since=42&epoch=E1&max_bytes=196608", "at once, from where it was");
+        assert_eq!(run(&mut e, &get(&[("x-agent-task", "T-7")], &bearer(&k))).decision.reason(), Reason::TaskRevoked);
+    }
+
+    // ---------------- minted token checks (gap 8) and minter refusals (gap 2) ----------------
+
+    #[test]
+    fn minted_token_for_another_audience_is_not_injected() {
+        let k = TestKey::es256("k");
+        let b = bearer(&k);
+        let exp = NOW + 100;
+        let cases = [
+            ("another audience", json!({"jti": "j", "exp": exp, "aud": "https://payments.internal", "sub": SUB, "task": "T-1"})),
+            ("audience list without ours", json!({"jti": "j", "exp": exp, "aud": ["https://payments.internal"], "sub": SUB, "task": "T-1"})),
+            ("no audience", json!({"jti": "j", "exp": exp, "sub": SUB, "task": "T-1"})),
+            ("another subject", json!({"jti": "j", "exp": exp, "aud": TICKETS, "sub": "spiffe://example.org/agent/admin", "task": "T-1"})),
+            ("no subject", json!({"jti": "j", "exp": exp, "aud": TICKETS, "task": "T-1"})),
+            ("another task", json!({"jti": "j", "exp": exp, "aud": TICKETS, "sub": SUB, "task": "T-2"})),
+            ("no task", json!({"jti": "j", "exp": exp, "aud": TICKETS, "sub": SUB})),
+            ("task as a number", json!({"jti": "j", "exp": exp, "aud": TICKETS, "sub": SUB, "task": 1})),
+        ];
+        for (what, claims) in cases {
+            let mut e = minting_engine(&k);
+            let (p, mut d) = plan(run(&mut e, &get(&[("x-agent-task", "T-1")], &b)));
+            let token = jwt_with(&claims);
+            let (v, failure) = e.finish_mint(&p, Ok((200, &answer_with(&token, exp))), NOW, &mut d);
+            let Verdict::Reply(r) = v else { panic!("{what}: injected") };
+            assert_eq!((r.status, d.reason()), (503, Reason::CredentialUnavailable), "{what}");
+            assert!(matches!(failure, Some(MintError::Mismatch(_))), "{what}: {failure:?}");
+            assert!(!failure.unwrap().to_string().contains(&token), "{what}: the error names the token");
+            assert_eq!(e.credential_cache_len(), 0, "{what}: cached");
+        }
+        for (what, token) in [("opaque", "opaque-token-value".to_string()), ("unreadable claims", "a.b.c".to_string())] {
+            let mut e = minting_engine(&k);
+            let (p, mut d) = plan(run(&mut e, &get(&[], &b)));
+            let (v, _) = e.finish_mint(&p, Ok((200, &answer_with(&token, exp))), NOW, &mut d);
+            assert!(matches!(v, Verdict::Reply(_)), "{what}");
+        }
+        // The audience as a list naming ours, the right subject and task: injected.
+        let mut e = minting_engine(&k);
+        let (p, mut d) = plan(run(&mut e, &get(&[("x-agent-task", "T-1")], &b)));
+        let token = jwt_with(&json!({"jti": "j", "exp": exp, "aud": ["x", TICKETS], "sub": SUB, "task": "T-1"}));
+        assert!(matches!(e.finish_mint(&p, Ok((200, &answer_with(&token, exp))), NOW, &mut d).0, Verdict::Forward(_)));
+    }
+
+    #[test]
+    fn ended_task_refused_by_minter_is_403_not_503() {
+        let k = TestKey::es256("k");
+        let b = bearer(&k);
+        for (minter_reason, reason) in [
+            ("task_ended", Reason::TaskRevoked),
+            ("subject_revoked", Reason::SubjectRevoked),
+            ("actor_revoked", Reason::SubjectRevoked),
+            ("task_unknown", Reason::TaskUnregistered),
+            ("task_not_bound", Reason::TaskUnregistered),
+            ("intent_not_in_task", Reason::TaskUnregistered),
+            ("task_expired", Reason::TaskExpired),
+        ] {
+            let mut e = minting_engine(&k);
+            let (p, mut d) = plan(run(&mut e, &get(&[("x-agent-task", "T-1")], &b)));
+            let body = json!({"error": "invalid_grant", "error_description": "no", "mandate_reason": minter_reason}).to_string();
+            let (v, failure) = e.finish_mint(&p, Ok((400, body.as_bytes())), NOW, &mut d);
+            let Verdict::Reply(r) = v else { panic!("{minter_reason}: forwarded") };
+            assert_eq!((r.status, d.reason()), (403, reason), "{minter_reason}");
+            assert!(r.body.contains(reason.code()) && !r.body.contains(minter_reason) || reason.code() == minter_reason, "{minter_reason}: {}", r.body);
+            assert_eq!(failure, Some(MintError::Refused(reason)));
+        }
+        // Anything else stays an outage: 503 credential_unavailable.
+        for (status, body) in [
+            (400, json!({"error": "invalid_grant", "mandate_reason": "something_new"})),
+            (400, json!({"error": "invalid_request", "mandate_reason": "task_ended"})),
+            (500, json!({"error": "invalid_grant", "mandate_reason": "task_ended"})),
+            (400, json!({"error": "invalid_grant"})),
+        ] {
+            let mut e = minting_engine(&k);
+            let (p, mut d) = plan(run(&mut e, &get(&[("x-agent-task", "T-1")], &b)));
+            let (v, _) = e.finish_mint(&p, Ok((status, body.to_string().as_bytes())), NOW, &mut d);
+            let Verdict::Reply(r) = v else { panic!() };
+            assert_eq!((r.status, d.reason()), (503, Reason::CredentialUnavailable), "{status} {body}");
+        }
     }
 
     #[test]

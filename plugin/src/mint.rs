@@ -43,6 +43,23 @@ fn default_poll_path() -> String {
 fn default_poll_ms() -> u64 {
     1000
 }
+fn default_max_stale() -> u64 {
+    30
+}
+fn default_feed_bytes() -> u64 {
+    MAX_FEED_PAGE_BYTES
+}
+
+/// Largest revocation-feed answer read (the callout limit): never more is copied in.
+pub const MAX_FEED_BYTES: usize = 256 * 1024;
+/// Largest page the plugin asks for (`max_bytes`), well below [`MAX_FEED_BYTES`]; also the
+/// minter's own cap.
+pub const MAX_FEED_PAGE_BYTES: u64 = 196_608;
+/// Smallest `max_bytes` the minter accepts.
+pub const MIN_FEED_PAGE_BYTES: u64 = 4096;
+/// Page size (`limit`) asked for after a page came back over [`MAX_FEED_BYTES`] (a minter that
+/// ignores `max_bytes`); halved on every further oversized page, kept until the epoch changes.
+const FEED_LIMIT_START: u32 = 500;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,8 +84,9 @@ pub struct MinterConfig {
     /// Credential cache entries per worker.
     #[serde(default = "default_cache")]
     pub cache_size: usize,
+    /// The revocation feed: always polled when a minter is configured (defaults if absent).
     #[serde(default)]
-    pub revocations: Option<RevocationConfig>,
+    pub revocations: RevocationConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +96,32 @@ pub struct RevocationConfig {
     pub path: String,
     #[serde(default = "default_poll_ms")]
     pub interval_ms: u64,
+    /// Past this age of the last good poll (or, before one, of the moment this VM started
+    /// polling) the filter neither uses cached credentials nor mints: 503 `revocations_stale`.
+    #[serde(default = "default_max_stale")]
+    pub max_stale_s: u64,
+    /// Page size in bytes asked of the minter (`max_bytes`).
+    #[serde(default = "default_feed_bytes")]
+    pub max_bytes: u64,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            path: default_poll_path(),
+            interval_ms: default_poll_ms(),
+            max_stale_s: default_max_stale(),
+            max_bytes: default_feed_bytes(),
+        }
+    }
+}
+
+impl RevocationConfig {
+    /// Longest wait between failed polls: a quarter of `max_stale_s` (at least one interval),
+    /// so a feed that comes back is heard from well before the filter goes stale.
+    pub fn max_backoff_ms(&self) -> u64 {
+        (self.max_stale_s.saturating_mul(1000) / 4).max(self.interval_ms)
+    }
 }
 
 /// A credential to inject upstream.
@@ -169,6 +213,11 @@ pub enum MintError {
     Malformed(&'static str),
     TooLarge,
     Dispatch(String),
+    /// The minter refused the exchange for a reason the caller must hear (a refusal, not an
+    /// outage): an ended, expired or unregistered task, a revoked subject.
+    Refused(crate::reason::Reason),
+    /// The minted token is not what was asked for (audience, subject or task).
+    Mismatch(&'static str),
 }
 
 impl std::fmt::Display for MintError {
@@ -179,6 +228,8 @@ impl std::fmt::Display for MintError {
             MintError::Malformed(w) => write!(f, "malformed minter answer: {w}"),
             MintError::TooLarge => write!(f, "minter answer too large"),
             MintError::Dispatch(e) => write!(f, "cannot call the minter: {e}"),
+            MintError::Refused(r) => write!(f, "the minter refused the exchange: {}", r.code()),
+            MintError::Mismatch(w) => write!(f, "minted token refused: {w}"),
         }
     }
 }
@@ -200,6 +251,68 @@ struct TokenResponse {
 struct JwtPeek {
     jti: Option<String>,
     exp: Option<u64>,
+    sub: Option<String>,
+    aud: Option<Audience>,
+    task: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn names(&self, audience: &str) -> bool {
+        match self {
+            Audience::One(a) => a == audience,
+            Audience::Many(list) => list.iter().any(|a| a == audience),
+        }
+    }
+}
+
+/// An RFC 6749 error answer with the minter's `mandate_reason` extension.
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    error: Option<String>,
+    mandate_reason: Option<String>,
+}
+
+/// The refusal a minter's error answer carries, if it is one the caller must hear (403), not
+/// an outage (503). Only `400 invalid_grant` with a known `mandate_reason` counts.
+pub fn refusal(status: u16, body: &[u8]) -> Option<crate::reason::Reason> {
+    use crate::reason::Reason;
+    if status != 400 || body.len() > MAX_RESPONSE_BYTES {
+        return None;
+    }
+    let e: ErrorAnswer = serde_json::from_slice(body).ok()?;
+    if e.error.as_deref() != Some("invalid_grant") {
+        return None;
+    }
+    match e.mandate_reason.as_deref()? {
+        "task_ended" => Some(Reason::TaskRevoked),
+        "subject_revoked" | "actor_revoked" => Some(Reason::SubjectRevoked),
+        "task_unknown" | "task_not_bound" | "intent_not_in_task" => Some(Reason::TaskUnregistered),
+        "task_expired" => Some(Reason::TaskExpired),
+        _ => None,
+    }
+}
+
+/// Checks that a minted JWT is the one asked for: `aud` names the audience, `sub` is the
+/// verified caller, `task` is the requested task (both absent or equal).
+fn check_minted(peek: Option<&JwtPeek>, audience: &str, subject: &str, task: Option<&str>) -> Result<(), MintError> {
+    let p = peek.ok_or(MintError::Mismatch("the minted token's claims are unreadable"))?;
+    if !p.aud.as_ref().is_some_and(|a| a.names(audience)) {
+        return Err(MintError::Mismatch("the minted token is for another audience"));
+    }
+    if p.sub.as_deref() != Some(subject) {
+        return Err(MintError::Mismatch("the minted token is for another subject"));
+    }
+    if p.task.as_deref() != task {
+        return Err(MintError::Mismatch("the minted token is for another task"));
+    }
+    Ok(())
 }
 
 fn header_value_ok(v: &str) -> bool {
@@ -214,9 +327,10 @@ pub fn parse_response(
     now: u64,
     subject: &str,
     task: Option<&str>,
+    audience: &str,
 ) -> Result<Credential, MintError> {
     if status != 200 {
-        return Err(MintError::Status(status));
+        return Err(refusal(status, body).map_or(MintError::Status(status), MintError::Refused));
     }
     if body.len() > MAX_RESPONSE_BYTES {
         return Err(MintError::TooLarge);
@@ -247,12 +361,13 @@ pub fn parse_response(
         return Err(MintError::Malformed("unexpected issued_token_type"));
     }
     // The JWT comes from our own minter over an authenticated channel; read (not verify) its
-    // jti and exp for the record and the cache.
+    // claims: it must be the token asked for, and its jti and exp go to the record and cache.
     let peek = token
         .split('.')
         .nth(1)
         .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
         .and_then(|b| serde_json::from_slice::<JwtPeek>(&b).ok());
+    check_minted(peek.as_ref(), audience, subject, task)?;
     let jti = peek.as_ref().and_then(|p| p.jti.clone());
     if let Some(e) = peek.and_then(|p| p.exp) {
         exp = exp.min(e);
@@ -301,7 +416,9 @@ impl CredentialCache {
         let doomed: Vec<[u8; 16]> = c
             .iter()
             .filter(|(_, cred)| match r.kind {
-                RevocationKind::Task => cred.task.as_deref() == Some(r.value.as_str()),
+                RevocationKind::Task => {
+                    cred.task.as_deref() == Some(r.value.as_str()) && r.subject.as_ref().is_none_or(|s| *s == cred.subject)
+                }
                 RevocationKind::Jti => cred.jti.as_deref() == Some(r.value.as_str()),
                 RevocationKind::Subject => cred.subject == r.value,
             })
@@ -314,65 +431,139 @@ impl CredentialCache {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevocationKind {
     Task,
     Jti,
     Subject,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// One feed entry the plugin understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
     pub kind: RevocationKind,
     pub value: String,
-    #[serde(default)]
-    pub at: Option<u64>,
+    /// Task entries only: the revocation covers this subject's use of the task, not the task.
+    pub subject: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct RevocationBatch {
+/// One page of the revocation feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedPage {
+    pub epoch: Option<String>,
     pub cursor: u64,
+    pub reset: bool,
+    pub more: bool,
     pub revocations: Vec<Revocation>,
+    /// Entries of a kind this plugin does not know: skipped, the cursor still moves past them.
+    pub skipped: usize,
 }
 
-pub fn parse_revocations(status: u16, body: &[u8]) -> Result<RevocationBatch, MintError> {
+#[derive(Deserialize)]
+struct RawPage {
+    #[serde(default)]
+    epoch: Option<String>,
+    cursor: u64,
+    #[serde(default)]
+    reset: bool,
+    #[serde(default)]
+    more: bool,
+    revocations: Vec<serde_json::Value>,
+}
+
+/// The minter's epoch goes back into a query string: only URL-safe characters, bounded.
+fn epoch_ok(e: &str) -> bool {
+    (1..=128).contains(&e.len()) && e.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+}
+
+/// One entry: `Ok(None)` for a kind this plugin does not know (skipped); an entry of a known
+/// kind that is malformed fails the page (the minter validates what it publishes, so this is
+/// a broken minter: better stale and loud than a revocation silently dropped).
+fn parse_entry(v: &serde_json::Value) -> Result<Option<Revocation>, MintError> {
+    let kind = match v.get("kind").and_then(serde_json::Value::as_str) {
+        Some("task") => RevocationKind::Task,
+        Some("jti") => RevocationKind::Jti,
+        Some("subject") => RevocationKind::Subject,
+        _ => return Ok(None),
+    };
+    let value = v
+        .get("value")
+        .and_then(serde_json::Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or(MintError::Malformed("revocation entry without a value"))?;
+    let subject = match v.get("subject") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(_) => return Err(MintError::Malformed("revocation entry with a bad subject")),
+    };
+    let subject = if kind == RevocationKind::Task { subject } else { None };
+    Ok(Some(Revocation { kind, value: value.to_string(), subject }))
+}
+
+/// Parses one feed page. Entries of unknown kinds are counted and skipped.
+pub fn parse_feed(status: u16, body: &[u8]) -> Result<FeedPage, MintError> {
     if status != 200 {
         return Err(MintError::Status(status));
     }
-    if body.len() > 4 * MAX_RESPONSE_BYTES {
+    if body.len() > MAX_FEED_BYTES {
         return Err(MintError::TooLarge);
     }
-    serde_json::from_slice(body).map_err(|_| MintError::Malformed("not a revocation feed"))
+    let raw: RawPage = serde_json::from_slice(body).map_err(|_| MintError::Malformed("not a revocation feed page"))?;
+    if raw.epoch.as_deref().is_some_and(|e| !epoch_ok(e)) {
+        return Err(MintError::Malformed("revocation feed epoch is not a short URL-safe string"));
+    }
+    let mut revocations = Vec::with_capacity(raw.revocations.len());
+    let mut skipped = 0;
+    for v in &raw.revocations {
+        match parse_entry(v)? {
+            Some(r) => revocations.push(r),
+            None => skipped += 1,
+        }
+    }
+    Ok(FeedPage { epoch: raw.epoch, cursor: raw.cursor, reset: raw.reset, more: raw.more, revocations, skipped })
 }
 
-/// Revoked tasks and subjects this worker has heard of (bounded; oldest dropped first).
+/// Subject-scoped revocations kept per task (a registered task names at most 16 subjects).
+const MAX_SUBJECTS_PER_TASK: usize = 256;
+
+/// Revoked tasks, (task, subject) pairs, subjects and jtis this worker has heard of. Bounded
+/// (oldest dropped first), and never reset by the feed: a new epoch adds, it never forgets.
 pub struct RevokedSet {
     tasks: LruCache<String, ()>,
+    task_subjects: LruCache<String, Vec<String>>,
     subjects: LruCache<String, ()>,
     jtis: LruCache<String, ()>,
-    pub cursor: u64,
-    /// Unix time of the last successful poll.
-    pub last_poll: Option<u64>,
 }
 
 impl Default for RevokedSet {
     fn default() -> Self {
         let cap = NonZeroUsize::new(65_536).unwrap_or(NonZeroUsize::MIN);
-        RevokedSet { tasks: LruCache::new(cap), subjects: LruCache::new(cap), jtis: LruCache::new(cap), cursor: 0, last_poll: None }
+        RevokedSet { tasks: LruCache::new(cap), task_subjects: LruCache::new(cap), subjects: LruCache::new(cap), jtis: LruCache::new(cap) }
     }
 }
 
 impl RevokedSet {
     pub fn add(&mut self, r: &Revocation) {
-        match r.kind {
-            RevocationKind::Task => {
+        match (r.kind, &r.subject) {
+            (RevocationKind::Task, None) => {
                 self.tasks.put(r.value.clone(), ());
             }
-            RevocationKind::Subject => {
+            (RevocationKind::Task, Some(s)) => {
+                if let Some(list) = self.task_subjects.get_mut(&r.value) {
+                    if !list.contains(s) {
+                        if list.len() >= MAX_SUBJECTS_PER_TASK {
+                            list.remove(0);
+                        }
+                        list.push(s.clone());
+                    }
+                } else {
+                    self.task_subjects.put(r.value.clone(), vec![s.clone()]);
+                }
+            }
+            (RevocationKind::Subject, _) => {
                 self.subjects.put(r.value.clone(), ());
             }
-            RevocationKind::Jti => {
+            (RevocationKind::Jti, _) => {
                 // Remembered too: a credential may land after its jti was revoked.
                 self.jtis.put(r.value.clone(), ());
             }
@@ -383,8 +574,9 @@ impl RevokedSet {
         self.jtis.contains(jti)
     }
 
-    pub fn task_revoked(&self, task: &str) -> bool {
-        self.tasks.contains(task)
+    /// Whether `task` is revoked for `subject`: globally, or for that subject alone.
+    pub fn task_revoked(&self, task: &str, subject: &str) -> bool {
+        self.tasks.contains(task) || self.task_subjects.peek(task).is_some_and(|l| l.iter().any(|s| s == subject))
     }
 
     pub fn subject_revoked(&self, subject: &str) -> bool {
@@ -393,5 +585,218 @@ impl RevokedSet {
 
     pub fn revoked_tasks(&self) -> HashSet<String> {
         self.tasks.iter().map(|(k, _)| k.clone()).collect()
+    }
+}
+
+/// Back-to-back pages fetched while the minter says `more` before waiting an interval.
+const MAX_MORE_STREAK: u32 = 100;
+
+/// The revocation feed client of one VM: what it knows, where it is in the feed, how fresh
+/// that is, and when to ask next. Host-independent; the shell dispatches and delivers.
+///
+/// A VM starts polling with its first request ([`RevocationFeed::activate`]): Envoy's
+/// main-thread VM never serves requests, so it never polls. The staleness clock starts then.
+/// The state (not the schedule) survives reconfiguration: the revoked set is never forgotten
+/// and the feed is not replayed.
+#[derive(Default)]
+pub struct RevocationFeed {
+    pub revoked: RevokedSet,
+    pub cursor: u64,
+    pub epoch: Option<String>,
+    /// Unix time, s, of the last good poll.
+    pub last_good: Option<u64>,
+    /// Unix time, s, at which this VM started polling (its first request).
+    pub started: Option<u64>,
+    /// Failed polls in a row.
+    pub failures: u32,
+    /// `limit` asked for after pages over [`MAX_FEED_BYTES`] (a minter ignoring `max_bytes`).
+    limit: Option<u32>,
+    next_poll_ms: u64,
+    dispatched_ms: u64,
+    /// Set while a poll is out; a poll whose answer never comes is given up after this.
+    in_flight_until_ms: Option<u64>,
+    more_streak: u32,
+}
+
+impl RevocationFeed {
+    /// Starts polling (idempotent): the first poll is due at once, and the staleness clock runs.
+    pub fn activate(&mut self, now_s: u64) {
+        if self.started.is_none() {
+            self.started = Some(now_s);
+        }
+    }
+
+    pub fn active(&self) -> bool {
+        self.started.is_some()
+    }
+
+    /// The same knowledge with a fresh schedule, for a new configuration.
+    pub fn carried(self) -> RevocationFeed {
+        RevocationFeed { next_poll_ms: 0, dispatched_ms: 0, in_flight_until_ms: None, more_streak: 0, ..self }
+    }
+
+    /// The path and query of the next poll, if one is due (and marks it in flight).
+    pub fn due(&mut self, cfg: &RevocationConfig, timeout_ms: u64, now_ms: u64) -> Option<String> {
+        if !self.active() || self.in_flight_until_ms.is_some_and(|until| now_ms < until) {
+            return None;
+        }
+        // Host timers fire a little early or late; a tenth of the interval of slack keeps
+        // polls on schedule instead of slipping a whole tick.
+        if now_ms.saturating_add(cfg.interval_ms / 10) < self.next_poll_ms {
+            return None;
+        }
+        self.in_flight_until_ms = Some(now_ms.saturating_add(timeout_ms).saturating_add(5000));
+        self.dispatched_ms = now_ms;
+        Some(self.query(cfg))
+    }
+
+    fn query(&self, cfg: &RevocationConfig) -> String {
+        let mut q = format!("{}?since={}", cfg.path, self.cursor);
+        if let Some(e) = &self.epoch {
+            q.push_str("&epoch=");
+            q.push_str(e);
+        }
+        q.push_str(&format!("&max_bytes={}", cfg.max_bytes));
+        if let Some(l) = self.limit {
+            q.push_str(&format!("&limit={l}"));
+        }
+        q
+    }
+
+    /// Delay before the next poll after `failures` failed ones: the interval, doubled per
+    /// failure, capped at [`RevocationConfig::max_backoff_ms`].
+    pub fn backoff_ms(cfg: &RevocationConfig, failures: u32) -> u64 {
+        let doublings = failures.saturating_sub(1).min(20);
+        cfg.interval_ms.saturating_mul(1u64 << doublings).min(cfg.max_backoff_ms())
+    }
+
+    /// Takes a poll's outcome. On success returns the page (its entries are now in the
+    /// revoked set); on failure schedules the retry with backoff.
+    pub fn on_answer(&mut self, cfg: &RevocationConfig, answer: Result<(u16, &[u8]), MintError>, now_ms: u64) -> Result<FeedPage, MintError> {
+        self.in_flight_until_ms = None;
+        let page = match answer.and_then(|(status, body)| parse_feed(status, body)) {
+            Ok(p) => p,
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                self.more_streak = 0;
+                if e == MintError::TooLarge {
+                    self.limit = Some(self.limit.map_or(FEED_LIMIT_START, |l| (l / 2).max(1)));
+                }
+                self.next_poll_ms = now_ms.saturating_add(Self::backoff_ms(cfg, self.failures));
+                return Err(e);
+            }
+        };
+        self.failures = 0;
+        self.last_good = Some(now_ms / 1000);
+        let new_epoch = page.epoch != self.epoch;
+        let progress = if page.reset || new_epoch {
+            // A restored or restarted minter (or our first poll): its cursor, our knowledge.
+            let progress = new_epoch || page.cursor > self.cursor;
+            self.cursor = page.cursor;
+            self.epoch = page.epoch.clone();
+            progress
+        } else {
+            let progress = page.cursor > self.cursor;
+            self.cursor = self.cursor.max(page.cursor);
+            progress
+        };
+        if new_epoch {
+            // Another minter store: it may honour `max_bytes`; ask without a limit again.
+            self.limit = None;
+        }
+        for r in &page.revocations {
+            self.revoked.add(r);
+        }
+        if page.more && progress && self.more_streak < MAX_MORE_STREAK {
+            self.more_streak += 1;
+            self.next_poll_ms = now_ms;
+        } else {
+            self.more_streak = 0;
+            self.next_poll_ms = self.dispatched_ms.saturating_add(cfg.interval_ms);
+        }
+        Ok(page)
+    }
+
+    /// Seconds since the last good poll (or since polling started); 0 before it starts.
+    pub fn lag_s(&self, now_s: u64) -> u64 {
+        self.last_good.or(self.started).map_or(0, |t| now_s.saturating_sub(t))
+    }
+
+    /// Past `max_stale_s` without a good poll: cached credentials and minting are refused.
+    pub fn stale(&self, cfg: &RevocationConfig, now_s: u64) -> bool {
+        self.active() && self.lag_s(now_s) > cfg.max_stale_s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reason::Reason;
+    use serde_json::json;
+
+    #[test]
+    fn epoch_with_query_characters_cannot_inject_poll_parameters() {
+        for epoch in ["E1&since=0", "E1#x", "E 1", "E1\n", "é", "", &"e".repeat(129)] {
+            let body = json!({"epoch": epoch, "cursor": 1, "revocations": []}).to_string();
+            assert!(matches!(parse_feed(200, body.as_bytes()), Err(MintError::Malformed(_))), "{epoch:?}");
+        }
+        let body = json!({"epoch": "Zm9v-YmFy_0.~", "cursor": 1, "revocations": []}).to_string();
+        assert!(parse_feed(200, body.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn feed_page_that_is_not_a_page_is_refused() {
+        for body in [
+            json!({"cursor": -1, "revocations": []}),
+            json!({"cursor": "7", "revocations": []}),
+            json!({"revocations": []}),
+            json!({"cursor": 1}),
+            json!({"cursor": 1, "revocations": {"kind": "task"}}),
+            json!([1, 2]),
+        ] {
+            assert!(parse_feed(200, body.to_string().as_bytes()).is_err(), "{body}");
+        }
+        assert_eq!(parse_feed(503, b"{}"), Err(MintError::Status(503)));
+        let mut big = br#"{"cursor":1,"revocations":[]}"#.to_vec();
+        big.resize(MAX_FEED_BYTES + 1, b' ');
+        assert_eq!(parse_feed(200, &big), Err(MintError::TooLarge), "never parsed past the callout limit");
+    }
+
+    #[test]
+    fn subject_field_on_other_kinds_cannot_narrow_them() {
+        // A subject or jti entry is global whatever else it carries.
+        let body = json!({"cursor": 2, "revocations": [
+            {"seq": 1, "kind": "subject", "value": "spiffe://td/a", "subject": "spiffe://td/b"},
+            {"seq": 2, "kind": "jti", "value": "j1", "subject": "spiffe://td/b"}]})
+        .to_string();
+        let page = parse_feed(200, body.as_bytes()).unwrap();
+        assert!(page.revocations.iter().all(|r| r.subject.is_none()));
+    }
+
+    #[test]
+    fn minter_error_body_cannot_turn_an_outage_into_a_refusal_or_back() {
+        let ended = json!({"error": "invalid_grant", "mandate_reason": "task_ended"}).to_string();
+        assert_eq!(refusal(400, ended.as_bytes()), Some(Reason::TaskRevoked));
+        for (status, body) in [
+            (401, ended.clone()),
+            (500, ended.clone()),
+            (400, json!({"error": "invalid_client", "mandate_reason": "task_ended"}).to_string()),
+            (400, json!({"error": "invalid_grant", "mandate_reason": ["task_ended"]}).to_string()),
+            (400, json!({"error": "invalid_grant", "mandate_reason": "TASK_ENDED"}).to_string()),
+            (400, "task_ended".to_string()),
+            (400, format!("{}{}", ended, " ".repeat(MAX_RESPONSE_BYTES))),
+        ] {
+            assert_eq!(refusal(status, body.as_bytes()), None, "{status} {}", body.get(..80).unwrap_or(&body));
+        }
+    }
+
+    #[test]
+    fn revoked_set_is_a_union_across_resets() {
+        let mut set = RevokedSet::default();
+        set.add(&Revocation { kind: RevocationKind::Task, value: "T".into(), subject: Some("a".into()) });
+        set.add(&Revocation { kind: RevocationKind::Task, value: "T".into(), subject: Some("b".into()) });
+        assert!(set.task_revoked("T", "a") && set.task_revoked("T", "b") && !set.task_revoked("T", "c"));
+        set.add(&Revocation { kind: RevocationKind::Task, value: "T".into(), subject: None });
+        assert!(set.task_revoked("T", "c"), "a global entry covers everyone");
     }
 }

@@ -59,11 +59,14 @@ pub enum Reason {
     /// A minter is configured but the request matched no resource: there is no audience to
     /// mint for (the caller's `:authority` never chooses one).
     NoResourceMatched,
+    TaskExpired,
 
     // --- availability (503) ---
     CredentialUnavailable,
     NotConfigured,
     InternalError,
+    /// The revocation feed has not been heard from for `max_stale_s`.
+    RevocationsStale,
 }
 
 /// The broad family a reason belongs to; used for the HTTP status and metric grouping.
@@ -120,9 +123,11 @@ impl Reason {
         Reason::SubjectRevoked,
         Reason::TaskUnregistered,
         Reason::NoResourceMatched,
+        Reason::TaskExpired,
         Reason::CredentialUnavailable,
         Reason::NotConfigured,
         Reason::InternalError,
+        Reason::RevocationsStale,
     ];
 
     /// Stable snake_case code, identical to the serde form.
@@ -169,9 +174,11 @@ impl Reason {
             Reason::SubjectRevoked => "subject_revoked",
             Reason::TaskUnregistered => "task_unregistered",
             Reason::NoResourceMatched => "no_resource_matched",
+            Reason::TaskExpired => "task_expired",
             Reason::CredentialUnavailable => "credential_unavailable",
             Reason::NotConfigured => "not_configured",
             Reason::InternalError => "internal_error",
+            Reason::RevocationsStale => "revocations_stale",
         }
     }
 
@@ -190,11 +197,9 @@ impl Reason {
             IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid | MethodInvalid => Family::BadRequest,
             IntentRequired | TaskRequired | UnclassifiedPrincipal | IntentUnknown | IntentMismatch | IntentTokenRequired
             | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
-            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked | TaskUnregistered
-            | NoResourceMatched => {
-                Family::Policy
-            }
-            CredentialUnavailable | NotConfigured | InternalError => Family::Unavailable,
+            | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked
+            | TaskUnregistered | TaskExpired | NoResourceMatched => Family::Policy,
+            CredentialUnavailable | NotConfigured | InternalError | RevocationsStale => Family::Unavailable,
         }
     }
 
@@ -252,11 +257,13 @@ impl Reason {
             NoRuleMatched => "no policy rule allows this request",
             TaskRevoked => "the task has ended or was revoked",
             SubjectRevoked => "the caller's credentials were revoked",
-            TaskUnregistered => "the task is not registered",
+            TaskUnregistered => "the task is not registered for this caller",
+            TaskExpired => "the task has expired",
             NoResourceMatched => "the destination matches no resource, so no credential can be issued for it",
             CredentialUnavailable => "a credential for the destination could not be obtained",
             NotConfigured => "the filter is not configured",
             InternalError => "internal error",
+            RevocationsStale => "revocation data is out of date; no credential is issued",
         }
     }
 }
@@ -289,5 +296,11 @@ mod tests {
         assert_eq!(Reason::IntentMismatch.http_status(), 403);
         assert_eq!(Reason::CredentialUnavailable.http_status(), 503);
         assert_eq!(Reason::Allowed.http_status(), 200);
+        assert_eq!(Reason::RevocationsStale.http_status(), 503);
+        assert_eq!(Reason::TaskUnregistered.http_status(), 403);
+        assert_eq!(Reason::TaskExpired.http_status(), 403);
+        for code in ["revocations_stale", "task_unregistered", "task_expired"] {
+            assert!(Reason::from_code(code).is_some(), "{code}");
+        }
     }
 }

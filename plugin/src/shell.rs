@@ -14,14 +14,14 @@ use crate::engine::{Decision, Engine, MintPlan, Request, Verdict};
 use crate::headers::{serialize_pairs, Headers};
 use crate::identity::bundles::{FetchReport, SourceId};
 use crate::identity::jwks::MAX_BUNDLE_BYTES;
-use crate::mint::{MintError, MAX_RESPONSE_BYTES};
+use crate::mint::{MintError, MAX_FEED_BYTES, MAX_RESPONSE_BYTES};
 use crate::reason::Reason;
 use crate::record::{DecisionRecord, FILTER_STATE_KEY, LOG_PREFIX};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use sha2::{Digest, Sha256};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -60,6 +60,68 @@ extern "C" {
     fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
+    fn proxy_get_shared_data(key_data: *const u8, key_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize, return_cas: *mut u32) -> Status;
+    fn proxy_set_shared_data(key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize, cas: u32) -> Status;
+}
+
+// ------------------------------------------------------------------ per-VM names
+
+/// Shared-data key of the VM counter: each VM takes the next number once.
+const VM_SEQ_KEY: &str = "mandate.vm_seq";
+
+thread_local! {
+    /// This VM's number, for the lifetime of the VM (the module's memory): a new root context
+    /// after a configuration push keeps it.
+    static VM_INDEX: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// Reads a shared-data value and its CAS token (`None` value: absent). Never panics.
+fn shared_get(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: the host fills the out-pointers; `data` was allocated through this module's
+    // `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `size`), so we own it from here.
+    let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    match status {
+        Status::Ok if data.is_null() || size == 0 => Ok((None, cas)),
+        // SAFETY: see above.
+        Status::Ok => Ok((Some(unsafe { Vec::from_raw_parts(data, size, size) }), cas)),
+        Status::NotFound => Ok((None, 0)),
+        other => Err(other),
+    }
+}
+
+/// This VM's number among the plugin's VMs: a counter in shared data (which every VM of the
+/// plugin sees), incremented with compare-and-swap so no two VMs take the same number. Envoy
+/// configures the main-thread VM before it starts the workers, so the counter's creation does
+/// not race. Without shared data, a random number stands in.
+fn vm_index() -> u32 {
+    if let Some(i) = VM_INDEX.with(Cell::get) {
+        return i;
+    }
+    let mut taken = None;
+    for _ in 0..32 {
+        let Ok((value, cas)) = shared_get(VM_SEQ_KEY) else { break };
+        let current = value.and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok()).map_or(0, u32::from_le_bytes);
+        let next = current.wrapping_add(1).to_le_bytes();
+        // SAFETY: both pointers reference live buffers for the duration of the call.
+        let status = unsafe { proxy_set_shared_data(VM_SEQ_KEY.as_ptr(), VM_SEQ_KEY.len(), next.as_ptr(), next.len(), cas) };
+        match status {
+            Status::Ok => {
+                taken = Some(current);
+                break;
+            }
+            Status::CasMismatch => continue,
+            _ => break,
+        }
+    }
+    let index = taken.unwrap_or_else(|| {
+        log(LogLevel::Warn, "mandate: no shared data for a VM number; per-VM metrics use a random one");
+        (random_seed() >> 32) as u32
+    });
+    VM_INDEX.with(|c| c.set(Some(index)));
+    index
 }
 
 /// Metrics defined lazily by name. Unlike the SDK wrappers these never panic:
@@ -255,6 +317,10 @@ struct Shared {
     line: Vec<u8>,
     /// Record lines waiting for the next flush (batched mode), newline-separated.
     lines: Vec<u8>,
+    /// Per-VM metric names (`…vm<N>`), set at the first configuration with a minter:
+    /// the revocation lag gauge and the count of `revocations_stale` refusals.
+    lag_gauge: Option<String>,
+    stale_counter: Option<String>,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
@@ -273,6 +339,11 @@ impl Shared {
         self.line.extend_from_slice(LOG_PREFIX.as_bytes());
         rec.write_json(&mut self.line);
         self.metrics.decision(d.effect(), d.reason());
+        if d.reason == Some(Reason::RevocationsStale) {
+            if let Some(name) = self.stale_counter.as_deref() {
+                self.metrics.inc(name);
+            }
+        }
         if d.identity_checked {
             self.metrics.hit(Cache::Identity, d.identity_cache_hit);
         }
@@ -434,7 +505,17 @@ struct Root {
 
 impl Root {
     fn new() -> Root {
-        let shared = Shared { engine: None, metrics: Metrics::default(), policy_hash: String::new(), flights: HashMap::new(), pending: HashMap::new(), line: Vec::with_capacity(2048), lines: Vec::new() };
+        let shared = Shared {
+            engine: None,
+            metrics: Metrics::default(),
+            policy_hash: String::new(),
+            flights: HashMap::new(),
+            pending: HashMap::new(),
+            line: Vec::with_capacity(2048),
+            lines: Vec::new(),
+            lag_gauge: None,
+            stale_counter: None,
+        };
         Root { shared: Rc::new(RefCell::new(shared)), seed: random_seed(), calls: HashMap::new() }
     }
 
@@ -459,18 +540,33 @@ impl Root {
                 }
             }
         }
-        if let Some(poll) = engine.due_poll(now_ns / 1_000_000) {
-            let headers = vec![(":method", "GET"), (":path", poll.path.as_str()), (":authority", poll.authority.as_str()), ("accept", "application/json")];
-            match hostcalls::dispatch_http_call(&poll.cluster, headers, None, vec![], Duration::from_millis(poll.timeout_ms)) {
-                Ok(token) => {
-                    self.calls.insert(token, RootCall::Revocations);
-                }
-                Err(status) => {
-                    let _ = engine.on_revocations(Err(MintError::Dispatch(format!("{status:?}"))), now);
-                    shared.metrics.inc("mandate.revocations.poll_failures");
-                }
-            }
+        poll_revocations(engine, &mut shared.metrics, &mut self.calls, now_ns);
+        // Every tick, whatever the poll's outcome: a feed that cannot even be dispatched shows.
+        record_lag(engine, &mut shared.metrics, shared.lag_gauge.as_deref(), now);
+    }
+}
+
+/// Dispatches the revocation poll if one is due (a VM that serves no requests never polls).
+fn poll_revocations(engine: &mut Engine, metrics: &mut Metrics, calls: &mut HashMap<u32, RootCall>, now_ns: u64) {
+    let now_ms = now_ns / 1_000_000;
+    let Some(poll) = engine.due_poll(now_ms) else { return };
+    let headers = vec![(":method", "GET"), (":path", poll.path.as_str()), (":authority", poll.authority.as_str()), ("accept", "application/json")];
+    match hostcalls::dispatch_http_call(&poll.cluster, headers, None, vec![], Duration::from_millis(poll.timeout_ms)) {
+        Ok(token) => {
+            calls.insert(token, RootCall::Revocations);
         }
+        Err(status) => {
+            let _ = engine.on_revocations(Err(MintError::Dispatch(format!("{status:?}"))), now_ms);
+            metrics.inc("mandate.revocations.poll_failures");
+            log(LogLevel::Warn, &format!("mandate: cannot call minter cluster `{}` for revocations: {status:?}", poll.cluster));
+        }
+    }
+}
+
+/// This VM's revocation lag gauge (seconds since the feed was last heard from).
+fn record_lag(engine: &Engine, metrics: &mut Metrics, gauge: Option<&str>, now_s: u64) {
+    if let (Some(name), Some(_)) = (gauge, engine.config().minter.as_ref()) {
+        metrics.record(MetricType::Gauge, name, engine.feed_lag_s(now_s));
     }
 }
 
@@ -521,23 +617,33 @@ impl Context for Root {
                 }
             }
             RootCall::Revocations => {
-                let answer = callout_answer(num_headers, body_size, 4 * MAX_RESPONSE_BYTES);
-                match engine.on_revocations(answer.as_ref().map(|(s, b)| (*s, b.as_slice())).map_err(Clone::clone), now) {
-                    Ok(n) => {
-                        shared.metrics.inc("mandate.revocations.polls");
-                        if n > 0 {
-                            shared.metrics.add("mandate.revocations.received", i64::try_from(n).unwrap_or(i64::MAX));
-                            log(LogLevel::Info, &format!("mandate: {n} revocation(s) applied; cursor {}", engine.revoked.cursor));
+                // Never more than the callout limit is read; the plugin asks for pages below it.
+                let answer = callout_answer(num_headers, body_size, MAX_FEED_BYTES);
+                let metrics = &mut shared.metrics;
+                match engine.on_revocations(answer.as_ref().map(|(s, b)| (*s, b.as_slice())).map_err(Clone::clone), now_ns / 1_000_000) {
+                    Ok(r) => {
+                        metrics.inc("mandate.revocations.polls");
+                        if r.reset {
+                            metrics.inc("mandate.revocations.resets");
+                            log(LogLevel::Info, &format!("mandate: revocation feed epoch changed; resuming at cursor {} (known revocations kept)", r.cursor));
+                        }
+                        if r.received > 0 {
+                            metrics.add("mandate.revocations.received", i64::try_from(r.received).unwrap_or(i64::MAX));
+                            log(LogLevel::Info, &format!("mandate: {} revocation(s) applied; cursor {}", r.received, r.cursor));
+                        }
+                        if r.skipped > 0 {
+                            metrics.add("mandate.revocations.skipped", i64::try_from(r.skipped).unwrap_or(i64::MAX));
+                            log(LogLevel::Warn, &format!("mandate: {} revocation(s) of unknown kinds skipped; cursor {}", r.skipped, r.cursor));
                         }
                     }
                     Err(e) => {
-                        shared.metrics.inc("mandate.revocations.poll_failures");
-                        log(LogLevel::Warn, &format!("mandate: revocation poll failed: {e}"));
+                        metrics.inc("mandate.revocations.poll_failures");
+                        log(LogLevel::Warn, &format!("mandate: revocation poll failed: {e} ({} in a row)", engine.feed.failures));
                     }
                 }
-                if let Some(last) = engine.revoked.last_poll {
-                    shared.metrics.record(MetricType::Gauge, "mandate.revocations.lag_s", now.saturating_sub(last));
-                }
+                // `more`: the next page at once (otherwise not due yet, and nothing goes out).
+                poll_revocations(engine, metrics, &mut self.calls, now_ns);
+                record_lag(engine, metrics, shared.lag_gauge.as_deref(), now);
             }
         }
     }
@@ -573,7 +679,8 @@ impl RootContext for Root {
         let background = config.identity.trust_domains.iter().any(|t| t.bundle.cluster.is_some())
             || config.identity.oidc_issuers.iter().any(|o| o.jwks.cluster.is_some());
         // Tick several times per poll interval so a poll is never a whole tick late.
-        let tick_ms = config.minter.as_ref().and_then(|m| m.revocations.as_ref()).map(|r| (r.interval_ms / 4).clamp(50, 1000));
+        let tick_ms = config.minter.as_ref().map(|m| (m.revocations.interval_ms / 4).clamp(50, 1000));
+        let minter = config.minter.is_some();
         // Batched records and counters are flushed on the tick.
         let flush_ms = config.records.flush_ms;
         let tick_ms = match (tick_ms, flush_ms) {
@@ -581,6 +688,7 @@ impl RootContext for Root {
             (Some(t), f) => Some(t.min(f)),
             (None, f) => Some(f),
         };
+        let now_s = now_nanos().unwrap_or(0) / 1_000_000_000;
         let mut engine = match Engine::new(config, self.seed, host_env) {
             Ok(engine) => engine,
             Err(e) => {
@@ -602,9 +710,21 @@ impl RootContext for Root {
                 log(LogLevel::Error, "configuration update while a request is in flight");
                 return false;
             };
+            let shared = &mut *shared;
             // What the previous configuration buffered goes out under it.
             shared.flush();
             shared.metrics.batched = flush_ms > 0;
+            // The revocation feed's knowledge survives the push: no replay, nothing forgotten.
+            if let Some(old) = shared.engine.take() {
+                engine.take_feed_from(old);
+            }
+            if minter && shared.lag_gauge.is_none() {
+                let vm = vm_index();
+                shared.lag_gauge = Some(format!("mandate.revocations.lag_s.vm{vm}"));
+                shared.stale_counter = Some(format!("mandate.revocations.stale.vm{vm}"));
+            }
+            // The lag gauge exists from configuration on (0 until this VM serves requests).
+            record_lag(&engine, &mut shared.metrics, shared.lag_gauge.as_deref(), now_s);
             shared.engine = Some(engine);
             shared.policy_hash = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
         }
@@ -677,8 +797,14 @@ impl Http {
             // error body stays here; it never reaches the caller.
             if let (Some(e), false) = (failure, reported) {
                 reported = true;
-                shared.metrics.inc("mandate.minter.failures");
-                log(LogLevel::Warn, &format!("mandate: credential exchange failed: {e}"));
+                if let MintError::Refused(reason) = e {
+                    // A refusal the caller hears (403), not an outage.
+                    shared.metrics.inc("mandate.minter.refusals");
+                    log(LogLevel::Info, &format!("mandate: the minter refused the exchange: {}", reason.code()));
+                } else {
+                    shared.metrics.inc("mandate.minter.failures");
+                    log(LogLevel::Warn, &format!("mandate: credential exchange failed: {e}"));
+                }
             }
             let action = apply(&verdict);
             if action == Action::Continue {

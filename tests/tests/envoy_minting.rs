@@ -427,6 +427,10 @@ fn revocation_polls_keep_their_interval() {
         Vars::new().plugin_config_json(&config).upstream_port(echo.port()).cluster("minter", feed.port),
     )
     .expect("envoy starts");
+    // A VM polls once it serves requests (the main-thread VM never does): one request, even a
+    // refused one, starts the worker's poller.
+    let first = http_get(&envoy.url("/orders/42"), &[]).expect("a request");
+    assert_eq!(first.status, 401, "{}", first.text());
     std::thread::sleep(Duration::from_millis(8 * POLL_MS + 100));
     drop(envoy);
     let gaps = feed.gaps();

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
+use std::time::Duration;
 use std::sync::Mutex;
 
 use mandate_host_test::{header_value, CalloutReply, Headers, Host, HttpCallout, LocalResponse, StreamId, Vm};
@@ -214,7 +215,7 @@ impl Rig {
         let s = self.send(req);
         if let Some(call) = self.vm.pending_calls_for(s).into_iter().next() {
             let now = self.now();
-            self.answer(&call, token_reply(jti, now + 120, now));
+            self.answer(&call, token_reply_for(&call, jti, now + 120, now));
         }
         s
     }
@@ -242,6 +243,18 @@ impl Rig {
     pub fn metric(&mut self, name: &str) -> i64 {
         self.flush();
         self.vm.metric(name).unwrap_or(0)
+    }
+
+    /// Advances the clock in 100 ms steps, answering every revocation poll with an empty page
+    /// (epoch `E1`, cursor 0): the feed is alive, so the filter never goes stale.
+    pub fn advance_with_feed(&mut self, d: Duration) {
+        let steps = d.as_millis() / 100;
+        for _ in 0..steps {
+            self.vm.advance(Duration::from_millis(100)).expect("advance");
+            for p in self.polls() {
+                self.answer(&p, json_reply(200, &json!({"epoch": "E1", "cursor": 0, "more": false, "revocations": []})));
+            }
+        }
     }
 
     /// The stream went upstream: the headers as forwarded.
@@ -320,11 +333,45 @@ impl Req {
 /// The signature segment of minted test JWTs: unique, so a leak of the token's tail is visible.
 pub const MINTED_SIG: &str = "bWludGVkLXNpZ25hdHVyZS1RN3hWcTJ6TGs5UHdSNHQ";
 
-/// A JWT-looking minted token with this `jti` and `exp` (not verified by the filter).
-pub fn minted_jwt(jti: &str, exp: u64) -> String {
+/// A JWT-looking minted token for `AGENT` at `aud`, for `task`, with this `jti` and `exp` (its
+/// signature is not verified by the filter; its `aud`, `sub` and `task` are checked).
+pub fn minted_jwt_for(jti: &str, exp: u64, aud: &str, task: Option<&str>) -> String {
+    minted_jwt_as(AGENT, jti, exp, aud, task)
+}
+
+/// A minted JWT for subject `sub` (as a minter that echoes the exchange would issue it).
+pub fn minted_jwt_as(sub: &str, jti: &str, exp: u64, aud: &str, task: Option<&str>) -> String {
     let header = b64(br#"{"alg":"ES256","typ":"JWT","kid":"minter-k1"}"#);
-    let claims = b64(json!({"iss": "https://minter", "sub": AGENT, "aud": TICKETS_AUD, "jti": jti, "exp": exp}).to_string().as_bytes());
+    let mut claims = json!({"iss": "https://minter", "sub": sub, "aud": aud, "jti": jti, "exp": exp});
+    if let Some(t) = task {
+        claims["task"] = json!(t);
+    }
+    let claims = b64(claims.to_string().as_bytes());
     format!("{header}.{claims}.{MINTED_SIG}")
+}
+
+/// [`minted_jwt_for`] the tickets audience, no task.
+pub fn minted_jwt(jti: &str, exp: u64) -> String {
+    minted_jwt_for(jti, exp, TICKETS_AUD, None)
+}
+
+/// A 200 answer to this exchange, as the minter gives it: the token names the audience and
+/// task the exchange asked for.
+pub fn token_reply_for(call: &HttpCallout, jti: &str, exp: u64, now: u64) -> CalloutReply {
+    let form = form(call);
+    let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let aud = get("audience").unwrap_or_default();
+    // The subject the exchange names: the `sub` of its subject token (unverified; a test rig).
+    let sub = get("subject_token")
+        .and_then(|t| t.split('.').nth(1).map(str::to_string))
+        .and_then(|p| base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|c| c["sub"].as_str().map(str::to_string))
+        .unwrap_or_else(|| AGENT.to_string());
+    let token = minted_jwt_as(&sub, jti, exp, &aud, get("task").as_deref());
+    let body = json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                      "token_type": "Bearer", "expires_in": exp.saturating_sub(now)});
+    json_reply(200, &body)
 }
 
 /// A 200 RFC 8693 answer carrying `minted_jwt(jti, exp)`, `expires_in = exp - now`.
