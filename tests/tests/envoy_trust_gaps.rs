@@ -230,6 +230,7 @@ fn agent_cannot_use_the_minter_itself_cannot_invent_tasks_and_a_proxy_cannot_end
     let echo_before = echo.request_count();
     let borrowed = get_order(&envoy, &svid, &other_task);
     assert_eq!((borrowed.status, reason(&borrowed).as_str()), (403, "task_unregistered"), "{}", borrowed.text());
+    assert_eq!(echo.request_count(), echo_before, "a borrowed task reached the service");
 
     // ---- The task ends; the agent then makes up a fresh task id of its own.
     let ended = orchestrator.request(mport, "POST", &format!("/tasks/{task}/end"), &[], b"").expect("end task");
@@ -241,6 +242,7 @@ fn agent_cannot_use_the_minter_itself_cannot_invent_tasks_and_a_proxy_cannot_end
     let refused = refused.expect("the ended task was still served after 3 s");
     eprintln!("ended task refused after {took:?}");
     assert_eq!((refused.status, reason(&refused).as_str()), (403, "task_revoked"), "{}", refused.text());
+    let echo_before = echo.request_count();
     for made_up in ["tsk_AAAAAAAAAAAAAAAAAAAAAA", "T-8", &format!("{task}x")] {
         let r = get_order(&envoy, &svid, made_up);
         assert_eq!((r.status, reason(&r).as_str()), (403, "task_unregistered"), "{made_up}: {}", r.text());
