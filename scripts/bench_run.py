@@ -63,7 +63,9 @@ TARGETS = {
     "warm_vs_noop_wasm": 0.90,
     "warm_vs_jwt_authn_cached": 0.80,
     "cold_vs_jwt_authn_uncached": 0.25,
-    "wasm_bytes_max": 800 * 1000,
+    # 800 KB until issue 11 (feed client, bundle ageing, typed intents) added ~22 KB; 850 KB is
+    # the budget the shipping issue sets for the default module.
+    "wasm_bytes_max": 850 * 1000,
     "minter_exchanges_per_s_min": 5000,
     "minter_p99_ms_max": 5.0,
 }
