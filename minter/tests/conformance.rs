@@ -4,86 +4,46 @@
 //! produces itself (unknown path, wrong method, oversize body, undecodable path).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mandate_minter::config::{MinterConfig, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
+use mandate_minter::config::{GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
 use mandate_minter::Handle;
-use mandate_plugin::testkit::{spiffe_bundle, svid_claims, TestKey};
-use serde_json::{json, Value};
+use mandate_plugin::testkit::{svid_claims, TestKey};
+use serde_json::json;
 
-const SUB: &str = "spiffe://example.org/agent/alice";
-const ACTOR: &str = "spiffe://example.org/orchestrator/o1";
+mod common;
+use common::{agent, answer, request, start, Answer, Body, Env, ACTOR, SUB};
+
 const STATIC: &str = "urn:mandate:token-type:static-secret";
 
 struct Minter {
     h: Handle,
-    key: TestKey,
-    _dir: tempfile::TempDir,
+    env: Env,
 }
 
 fn minter() -> Minter {
-    let dir = tempfile::tempdir().unwrap();
-    let key = TestKey::es256("td-key-1");
-    let secrets = dir.path().join("secrets.json");
-    std::fs::write(&secrets, json!({"legacy-crm": {"secret": "sk_live_123", "header": "x-api-key"}}).to_string()).unwrap();
-    let cfg = json!({
-        "listen": "127.0.0.1:0",
-        "issuer": "https://minter.test",
-        "state_dir": dir.path().join("state"),
-        "workers": 1,
-        "log_level": "off",
-        "dev": true,
-        "identity": {
-            "audiences": ["mandate-minter"],
-            "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&key], None)}}]
-        },
-        "audiences": {"example.org": ["payments-api", "legacy-crm"]},
-        "scopes": {"payments-api": ["payments:read"]},
-        "require_task": true,
-        // Ad-hoc task names: these tests are about the answers' shape, not task registration.
-        "tasks": {"require_registered": false},
-        "legacy": {"audiences": ["legacy-crm"], "secrets_file": secrets},
-        "max_body_bytes": 8192
-    });
-    let h = mandate_minter::spawn(MinterConfig::from_json(cfg).unwrap()).unwrap();
-    Minter { h, key, _dir: dir }
+    let env = Env::new();
+    let secrets = env.file("secrets.json", &json!({"legacy-crm": {"secret": "sk_live_123", "header": "x-api-key"}}).to_string());
+    let mut cfg = env.dev();
+    cfg.as_object_mut().unwrap().remove("ttl");
+    cfg["audiences"] = json!({"example.org": ["payments-api", "legacy-crm"]});
+    cfg["require_task"] = json!(true);
+    // Ad-hoc task names: these tests are about the answers' shape, not task registration.
+    cfg["tasks"] = json!({"require_registered": false});
+    cfg["legacy"] = json!({"audiences": ["legacy-crm"], "secrets_file": secrets});
+    cfg["max_body_bytes"] = json!(8192);
+    Minter { h: start(cfg), env }
 }
 
 impl Minter {
     fn svid(&self, sub: &str) -> String {
-        let n = mandate_minter::now();
-        self.key.sign(&svid_claims(sub, "mandate-minter", n, n + 600))
+        self.env.svid(sub, 600)
     }
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.h.base_url())
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
-}
-
-/// Status, JSON body, content-type and cache-control of an answer.
-struct Answer {
-    status: u16,
-    body: Value,
-    raw: String,
-    content_type: String,
-    cache: String,
-    allow: Option<String>,
-}
-
-fn answer(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
-    let mut resp = resp.unwrap();
-    let h = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_string());
-    let content_type = h("content-type").unwrap_or_default();
-    let cache = h("cache-control").unwrap_or_default();
-    let allow = h("allow");
-    let status = resp.status().as_u16();
-    let raw = resp.body_mut().read_to_string().unwrap_or_default();
-    Answer { status, body: serde_json::from_str(&raw).unwrap_or(Value::Null), raw, content_type, cache, allow }
-}
-
 fn post(m: &Minter, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
-    answer(agent().post(m.url(path)).header("content-type", content_type).send(body))
+    request(&m.h, "POST", path, Body::Raw(content_type, body), None)
 }
 
 fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -135,13 +95,13 @@ fn every_bad_token_request_gets_its_rfc6749_error() {
     let g = good(&subject);
     let n = mandate_minter::now();
     let forged = TestKey::es256("td-key-1").sign(&svid_claims(SUB, "mandate-minter", n, n + 600));
-    let expired = m.key.sign(&svid_claims(SUB, "mandate-minter", n - 600, n - 300));
-    let wrong_aud = m.key.sign(&svid_claims(SUB, "someone-else", n, n + 600));
-    let foreign_td = m.key.sign(&svid_claims("spiffe://other.org/agent/a", "mandate-minter", n, n + 600));
+    let expired = m.env.key.sign(&svid_claims(SUB, "mandate-minter", n - 600, n - 300));
+    let wrong_aud = m.env.key.sign(&svid_claims(SUB, "someone-else", n, n + 600));
+    let foreign_td = m.env.key.sign(&svid_claims("spiffe://other.org/agent/a", "mandate-minter", n, n + 600));
     let may_act_subject = {
         let mut c = svid_claims(SUB, "mandate-minter", n, n + 600);
         c["may_act"] = json!({"sub": "spiffe://example.org/orchestrator/someone-else"});
-        m.key.sign(&c)
+        m.env.key.sign(&c)
     };
     let secrets = [subject.as_str(), actor.as_str(), forged.as_str(), "sk_live_123"];
 

@@ -11,81 +11,28 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::Path;
 
-
-const SUB: &str = "spiffe://example.org/agent/alice";
-const ACTOR: &str = "spiffe://example.org/orchestrator/o1";
-
-fn now() -> u64 {
-    mandate_minter::now()
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    key: TestKey,
-}
+mod common;
+use common::{agent, basic, claims_of, header_of, https, now, pki, request, start, Body, Env, Pki, ACTOR, SUB};
 
 impl Env {
-    fn new() -> Env {
-        Env { dir: tempfile::tempdir().unwrap(), key: TestKey::es256("td-key-1") }
-    }
-
+    /// Dev mode with ad-hoc task names, a 1 s reload check, and a write scope too.
     fn config(&self) -> Value {
-        json!({
-            "listen": "127.0.0.1:0",
-            "issuer": "https://minter.test",
-            "state_dir": self.dir.path().join("state"),
-            "workers": 1,
-            "log_level": "off",
-            "dev": true,
-            "reload_check_s": 1,
-            "dev": true,
-            "tasks": {"require_registered": false},
-            "identity": {
-                "audiences": ["mandate-minter"],
-                "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&self.key], None)}}]
-            },
-            "audiences": {"example.org": ["payments-api", "crm", "legacy-crm"]},
-            "scopes": {"payments-api": ["payments:read", "payments:write"]},
-            "ttl": {"default_s": 120, "max_s": 300}
-        })
+        let mut c = self.dev();
+        c["reload_check_s"] = json!(1);
+        c["tasks"] = json!({"require_registered": false});
+        c["scopes"] = json!({"payments-api": ["payments:read", "payments:write"]});
+        c
     }
-
-    fn svid(&self, sub: &str, ttl: u64) -> String {
-        let n = now();
-        self.key.sign(&svid_claims(sub, "mandate-minter", n, n + ttl))
-    }
-}
-
-fn start(config: Value) -> Handle {
-    mandate_minter::spawn(MinterConfig::from_json(config).unwrap()).unwrap()
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
 fn post_form(h: &Handle, path: &str, pairs: &[(&str, &str)], auth: Option<&str>) -> (u16, Value, String) {
-    let body = serde_urlencoded::to_string(pairs).unwrap();
-    let mut req = agent().post(format!("{}{path}", h.base_url())).header("content-type", "application/x-www-form-urlencoded");
-    if let Some(a) = auth {
-        req = req.header("authorization", a);
-    }
-    let mut resp = req.send(body).unwrap();
-    let status = resp.status().as_u16();
-    let cache = resp.headers().get("cache-control").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-    let text = resp.body_mut().read_to_string().unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    (status, v, cache)
+    let a = request(h, "POST", path, Body::Form(pairs), auth);
+    (a.status, a.body, a.cache)
 }
 
 fn get_json(h: &Handle, path: &str, auth: Option<&str>) -> (u16, Value) {
-    let mut req = agent().get(format!("{}{path}", h.base_url()));
-    if let Some(a) = auth {
-        req = req.header("authorization", a);
-    }
-    let mut resp = req.call().unwrap();
-    let status = resp.status().as_u16();
-    (status, serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap_or(Value::Null))
+    let a = request(h, "GET", path, Body::None, auth);
+    (a.status, a.body)
 }
 
 fn exchange_pairs<'a>(token: &'a str, aud: &'a str, scope: &'a str, task: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -103,15 +50,6 @@ fn exchange_pairs<'a>(token: &'a str, aud: &'a str, scope: &'a str, task: &'a st
 fn exchange(h: &Handle, token: &str, aud: &str, scope: &str, task: &str) -> (u16, Value) {
     let (s, v, _) = post_form(h, "/token", &exchange_pairs(token, aud, scope, task), None);
     (s, v)
-}
-
-fn claims_of(jwt: &str) -> Value {
-    let payload = jwt.split('.').nth(1).unwrap();
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
-}
-
-fn header_of(jwt: &str) -> Value {
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwt.split('.').next().unwrap()).unwrap()).unwrap()
 }
 
 /// Verifies `jwt` with the key the minter publishes for its `kid`.
@@ -298,9 +236,8 @@ fn ttl_never_outlives_the_subject_token() {
 }
 
 fn post_json(h: &Handle, path: &str, body: Value) -> (u16, Value) {
-    let mut resp = agent().post(format!("{}{path}", h.base_url())).header("content-type", "application/json").send(body.to_string()).unwrap();
-    let status = resp.status().as_u16();
-    (status, serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap_or(Value::Null))
+    let a = request(h, "POST", path, Body::Json(body), None);
+    (a.status, a.body)
 }
 
 /// Registers a task bound to `subjects`; returns its id.
@@ -516,12 +453,6 @@ fn shared_secret_config(env: &Env) -> Value {
     cfg
 }
 
-fn basic(id: &str, secret: &str) -> String {
-    use base64::engine::general_purpose::STANDARD;
-    let enc = |s: &str| serde_urlencoded::to_string([("", s)]).unwrap().trim_start_matches('=').to_string();
-    format!("Basic {}", STANDARD.encode(format!("{}:{}", enc(id), enc(secret))))
-}
-
 #[test]
 fn shared_secret_client_auth() {
     let env = Env::new();
@@ -555,10 +486,8 @@ fn rotation_config(env: &Env) -> Value {
 }
 
 fn kids_of(h: &Handle) -> (Vec<String>, String) {
-    let resp = agent().get(format!("{}/.well-known/jwks.json", h.base_url())).call().unwrap();
-    let cache = resp.headers().get("cache-control").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-    let jwks: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
-    (jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect(), cache)
+    let a = request(h, "GET", "/.well-known/jwks.json", Body::None, None);
+    (a.body["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect(), a.cache)
 }
 
 fn signing_kid(h: &Handle, tok: &str) -> (String, String) {
@@ -742,120 +671,36 @@ fn bundle_url_is_fetched() {
 
 // ---- mTLS ----
 
-struct Pki {
-    ca_pem: String,
-    server_cert_pem: String,
-    server_key_pem: String,
-    client_cert_der: Vec<u8>,
-    client_key_der: Vec<u8>,
-    other_cert_der: Vec<u8>,
-    other_key_der: Vec<u8>,
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "mandate test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-
-    let srv_key = KeyPair::generate().unwrap();
-    let mut srv = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    srv.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-    srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
-
-    let client = |uri: &str, issuer: &Issuer<'_, KeyPair>| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.subject_alt_names.push(SanType::URI(uri.try_into().unwrap()));
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = p.signed_by(&key, issuer).unwrap();
-        (cert.der().to_vec(), key.serialize_der())
-    };
-    let (client_cert_der, client_key_der) = client("spiffe://example.org/proxy/envoy-1", &issuer);
-    let (other_cert_der, other_key_der) = client("spiffe://example.org/proxy/unregistered", &issuer);
-    Pki {
-        ca_pem: ca_cert.pem(),
-        server_cert_pem: srv_cert.pem(),
-        server_key_pem: srv_key.serialize_pem(),
-        client_cert_der,
-        client_key_der,
-        other_cert_der,
-        other_key_der,
-    }
-}
-
-/// One HTTPS request with an optional client certificate; Err if the TLS handshake or I/O fails.
-fn https_post(h: &Handle, pki: &Pki, client: Option<(&[u8], &[u8])>, path: &str, body: String) -> Result<(u16, Value), String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap()).unwrap();
-        let b = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
-        let cfg = match client {
-            Some((cert, key)) => b
-                .with_client_auth_cert(vec![CertificateDer::from(cert.to_vec())], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())))
-                .unwrap(),
-            None => b.with_no_client_auth(),
-        };
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-        let tcp = tokio::net::TcpStream::connect(h.addr).await.map_err(|e| e.to_string())?;
-        let tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = hyper::Request::post(path)
-            .header("host", "localhost")
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
-            .unwrap();
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        use http_body_util::BodyExt as _;
-        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
-    })
-}
-
 #[test]
 fn mtls_client_certificates() {
     let env = Env::new();
     let pki = pki();
-    let d = env.dir.path();
-    let write = |name: &str, s: &str| {
-        let p = d.join(name);
-        std::fs::write(&p, s).unwrap();
-        p
-    };
+    let client = pki.client("spiffe://example.org/proxy/envoy-1");
+    let other = pki.client("spiffe://example.org/proxy/unregistered");
     let mut cfg = env.config();
-    cfg["tls"] = json!({"cert": write("server.pem", &pki.server_cert_pem), "key": write("server.key", &pki.server_key_pem), "client_ca": write("ca.pem", &pki.ca_pem)});
+    cfg["tls"] = env.tls(&pki);
     cfg["client_auth"] = json!({"mode": "mtls", "clients": [{"client_id": "spiffe://example.org/proxy/envoy-1", "roles": ["mint"]}]});
     let h = start(cfg);
     assert!(h.base_url().starts_with("https://"));
     let tok = env.svid(SUB, 600);
     let body = serde_urlencoded::to_string(exchange_pairs(&tok, "payments-api", "payments:read", "t")).unwrap();
+    let https_post = |cert: Option<&common::ClientCert>, body: String| https(&h, &pki, cert, "POST", "/token", "application/x-www-form-urlencoded", body);
 
     // No certificate: refused.
-    let (s, v) = https_post(&h, &pki, None, "/token", body.clone()).unwrap();
+    let (s, v) = https_post(None, body.clone()).unwrap();
     assert_eq!((s, v["error"].as_str()), (401, Some("invalid_client")));
     // A CA-issued certificate that is not registered: refused.
-    let (s, _) = https_post(&h, &pki, Some((&pki.other_cert_der, &pki.other_key_der)), "/token", body.clone()).unwrap();
+    let (s, _) = https_post(Some(&other), body.clone()).unwrap();
     assert_eq!(s, 401);
     // A self-signed client certificate fails the handshake (or is refused).
     let rogue_key = rcgen::KeyPair::generate().unwrap();
     let rogue = rcgen::CertificateParams::new(vec!["rogue".to_string()]).unwrap().self_signed(&rogue_key).unwrap();
-    match https_post(&h, &pki, Some((rogue.der(), &rogue_key.serialize_der())), "/token", body.clone()) {
+    match https_post(Some(&(rogue.der().to_vec(), rogue_key.serialize_der())), body.clone()) {
         Err(_) => {}
         Ok((s, _)) => assert_eq!(s, 401),
     }
     // The registered client works; its identity is the client_id.
-    let (s, v) = https_post(&h, &pki, Some((&pki.client_cert_der, &pki.client_key_der)), "/token", body).unwrap();
+    let (s, v) = https_post(Some(&client), body).unwrap();
     assert_eq!(s, 200, "{v}");
     assert_eq!(claims_of(v["access_token"].as_str().unwrap())["client_id"], "spiffe://example.org/proxy/envoy-1");
 

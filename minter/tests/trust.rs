@@ -8,56 +8,17 @@
 //! - gap 9: one validation for every value the minter signs or publishes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use mandate_minter::config::{MinterConfig, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
 use mandate_minter::Handle;
-use mandate_plugin::testkit::{spiffe_bundle, svid_claims, TestKey};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
-const SUB: &str = "spiffe://example.org/agent/alice";
+mod common;
+use common::{claims_of, https, now, pki, request, start, Body, ClientCert, Env, Pki, SUB};
+
 const BOB: &str = "spiffe://example.org/agent/bob";
 
-fn now() -> u64 {
-    mandate_minter::now()
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    key: TestKey,
-}
-
 impl Env {
-    fn new() -> Env {
-        Env { dir: tempfile::tempdir().unwrap(), key: TestKey::es256("td-key-1") }
-    }
-
-    /// A production-shaped configuration: registered tasks required; no client auth yet.
-    fn base(&self) -> Value {
-        json!({
-            "listen": "127.0.0.1:0",
-            "issuer": "https://minter.test",
-            "state_dir": self.dir.path().join("state"),
-            "workers": 1,
-            "log_level": "off",
-            "identity": {
-                "audiences": ["mandate-minter"],
-                "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(&[&self.key], None)}}]
-            },
-            "audiences": {"example.org": ["payments-api", "crm", "legacy-crm"]},
-            "scopes": {"payments-api": ["payments:read"]},
-            "ttl": {"default_s": 120, "max_s": 300}
-        })
-    }
-
-    /// Dev mode: the loopback client has every role.
-    fn dev(&self) -> Value {
-        let mut c = self.base();
-        c["dev"] = json!(true);
-        c
-    }
-
     /// Named shared-secret clients (secret = client id + "-secret") with the roles given.
     fn with_clients(&self, clients: &[(&str, &[&str])]) -> Value {
         let mut c = self.base();
@@ -68,58 +29,17 @@ impl Env {
         c["client_auth"] = json!({"mode": "shared_secret", "clients": list});
         c
     }
-
-    fn svid(&self, sub: &str, ttl: u64) -> String {
-        let n = now();
-        self.key.sign(&svid_claims(sub, "mandate-minter", n, n + ttl))
-    }
 }
 
-fn start(config: Value) -> Handle {
-    mandate_minter::spawn(MinterConfig::from_json(config).unwrap()).unwrap()
-}
-
+/// `Authorization: Basic` for the shared-secret client `id` (see [`Env::with_clients`]).
 fn basic(id: &str) -> String {
-    use base64::engine::general_purpose::STANDARD;
-    format!("Basic {}", STANDARD.encode(format!("{id}:{id}-secret")))
+    common::basic(id, &format!("{id}-secret"))
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
-}
-
-/// One request; `body` is form pairs or JSON. Returns status, JSON body, raw text.
-enum Body<'a> {
-    None,
-    Form(&'a [(&'a str, &'a str)]),
-    Json(Value),
-}
-
+/// One request as the shared-secret client named, if any. Returns status, JSON body, raw text.
 fn call(h: &Handle, method: &str, path: &str, body: Body<'_>, client: Option<&str>) -> (u16, Value, String) {
-    let url = format!("{}{path}", h.base_url());
-    let auth = client.map(basic);
-    let mut resp = if method == "GET" {
-        let mut req = agent().get(&url);
-        if let Some(a) = &auth {
-            req = req.header("authorization", a);
-        }
-        req.call().unwrap()
-    } else {
-        let mut req = agent().post(&url);
-        if let Some(a) = &auth {
-            req = req.header("authorization", a);
-        }
-        match body {
-            Body::None => req.header("content-type", "application/x-www-form-urlencoded").send("").unwrap(),
-            Body::Form(pairs) => {
-                req.header("content-type", "application/x-www-form-urlencoded").send(serde_urlencoded::to_string(pairs).unwrap()).unwrap()
-            }
-            Body::Json(v) => req.header("content-type", "application/json").send(v.to_string()).unwrap(),
-        }
-    };
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null), text)
+    let a = request(h, method, path, body, client.map(basic).as_deref());
+    (a.status, a.body, a.raw)
 }
 
 fn exchange_with(h: &Handle, client: Option<&str>, token: &str, aud: &str, task: Option<&str>, intent: Option<&str>, extra: &[(&str, &str)]) -> (u16, Value) {
@@ -143,10 +63,6 @@ fn create_task(h: &Handle, client: Option<&str>, body: Value) -> String {
     let (s, v, _) = call(h, "POST", "/tasks", Body::Json(body), client);
     assert_eq!(s, 201, "{v}");
     v["task"].as_str().unwrap().to_string()
-}
-
-fn claims_of(jwt: &str) -> Value {
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwt.split('.').nth(1).unwrap()).unwrap()).unwrap()
 }
 
 fn refusal(v: &Value) -> (&str, &str) {
@@ -219,96 +135,21 @@ fn listen_override_cannot_move_shared_secrets_or_dev_mode_off_loopback() {
     assert!(mandate_minter::server::prepare_on(cfg, Some("127.0.0.1:0".parse().unwrap())).is_ok());
 }
 
-/// PKI for the mTLS tests: a CA, a server certificate, a registered proxy
-/// certificate, and an agent's X.509-SVID issued by the same CA.
-struct Pki {
-    ca_pem: String,
-    server_cert_pem: String,
-    server_key_pem: String,
-    proxy: (Vec<u8>, Vec<u8>),
-    agent: (Vec<u8>, Vec<u8>),
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "mandate test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let srv_key = KeyPair::generate().unwrap();
-    let mut srv = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    srv.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-    srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let srv_cert = srv.signed_by(&srv_key, &issuer).unwrap();
-    let client = |uri: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.subject_alt_names.push(SanType::URI(uri.try_into().unwrap()));
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        (cert.der().to_vec(), key.serialize_der())
-    };
-    Pki {
-        ca_pem: ca_cert.pem(),
-        server_cert_pem: srv_cert.pem(),
-        server_key_pem: srv_key.serialize_pem(),
-        proxy: client("spiffe://example.org/proxy/envoy-1"),
-        agent: client(SUB),
-    }
-}
-
 /// One HTTPS request presenting `cert`; returns status and JSON body.
-fn https(h: &Handle, pki: &Pki, cert: &(Vec<u8>, Vec<u8>), method: &str, path: &str, ctype: &str, body: String) -> (u16, Value) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap()).unwrap();
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(vec![CertificateDer::from(cert.0.clone())], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.1.clone())))
-            .unwrap();
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-        let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-        let tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost")
-            .header("content-type", ctype)
-            .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        use http_body_util::BodyExt as _;
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    })
+fn https_as(h: &Handle, pki: &Pki, cert: &ClientCert, method: &str, path: &str, ctype: &str, body: String) -> (u16, Value) {
+    https(h, pki, Some(cert), method, path, ctype, body).unwrap()
 }
 
 #[test]
 fn agent_with_a_ca_issued_certificate_calling_the_minter_directly_is_refused() {
     let env = Env::new();
     let pki = pki();
-    let d = env.dir.path();
-    let write = |name: &str, s: &str| {
-        let p = d.join(name);
-        std::fs::write(&p, s).unwrap();
-        p
-    };
+    let proxy = pki.client("spiffe://example.org/proxy/envoy-1");
+    let agent = pki.client(SUB);
     let mut cfg = env.base();
-    cfg["tls"] = json!({"cert": write("server.pem", &pki.server_cert_pem), "key": write("server.key", &pki.server_key_pem), "client_ca": write("ca.pem", &pki.ca_pem)});
+    cfg["tls"] = env.tls(&pki);
     cfg["client_auth"] = json!({"mode": "mtls", "clients": [{"client_id": "spiffe://example.org/proxy/envoy-1", "roles": ["mint", "feed"]}]});
-    cfg["legacy"] = json!({"audiences": ["legacy-crm"], "secrets_file": write("secrets.json", &json!({"legacy-crm": {"secret": "sk_live_123", "header": "x-api-key"}}).to_string())});
+    cfg["legacy"] = json!({"audiences": ["legacy-crm"], "secrets_file": env.file("secrets.json", &json!({"legacy-crm": {"secret": "sk_live_123", "header": "x-api-key"}}).to_string())});
     let h = start(cfg);
     let tok = env.svid(SUB, 600);
     let form = |aud: &str| {
@@ -324,24 +165,24 @@ fn agent_with_a_ca_issued_certificate_calling_the_minter_directly_is_refused() {
     const FORM: &str = "application/x-www-form-urlencoded";
     // The agent presents its own X.509-SVID (same CA) and its own JWT-SVID: refused everywhere.
     for aud in ["payments-api", "legacy-crm"] {
-        let (s, v) = https(&h, &pki, &pki.agent, "POST", "/token", FORM, form(aud));
+        let (s, v) = https_as(&h, &pki, &agent, "POST", "/token", FORM, form(aud));
         assert_eq!((s, v["error"].as_str()), (401, Some("invalid_client")), "{v}");
         assert!(!v.to_string().contains("sk_live"));
     }
-    assert_eq!(https(&h, &pki, &pki.agent, "GET", "/revocations", FORM, String::new()).0, 401);
-    assert_eq!(https(&h, &pki, &pki.agent, "POST", "/tasks", "application/json", json!({"subjects": [SUB]}).to_string()).0, 401);
-    assert_eq!(https(&h, &pki, &pki.agent, "POST", "/revoke", "application/json", json!({"subject": BOB}).to_string()).0, 401);
+    assert_eq!(https_as(&h, &pki, &agent, "GET", "/revocations", FORM, String::new()).0, 401);
+    assert_eq!(https_as(&h, &pki, &agent, "POST", "/tasks", "application/json", json!({"subjects": [SUB]}).to_string()).0, 401);
+    assert_eq!(https_as(&h, &pki, &agent, "POST", "/revoke", "application/json", json!({"subject": BOB}).to_string()).0, 401);
     // The named proxy mints (task-less: this deployment does not require tasks) and reads the feed…
-    let (s, v) = https(&h, &pki, &pki.proxy, "POST", "/token", FORM, form("payments-api"));
+    let (s, v) = https_as(&h, &pki, &proxy, "POST", "/token", FORM, form("payments-api"));
     assert_eq!(s, 200, "{v}");
-    assert_eq!(https(&h, &pki, &pki.proxy, "GET", "/revocations", FORM, String::new()).0, 200);
+    assert_eq!(https_as(&h, &pki, &proxy, "GET", "/revocations", FORM, String::new()).0, 200);
     // …but has no `mint_legacy`, `revoke` or `tasks` role.
-    let (s, v) = https(&h, &pki, &pki.proxy, "POST", "/token", FORM, form("legacy-crm"));
+    let (s, v) = https_as(&h, &pki, &proxy, "POST", "/token", FORM, form("legacy-crm"));
     assert_eq!((s, v["error"].as_str()), (400, Some("unauthorized_client")), "{v}");
     assert!(!v.to_string().contains("sk_live"));
-    let (s, v) = https(&h, &pki, &pki.proxy, "POST", "/revoke", "application/json", json!({"subject": BOB}).to_string());
+    let (s, v) = https_as(&h, &pki, &proxy, "POST", "/revoke", "application/json", json!({"subject": BOB}).to_string());
     assert_eq!((s, v["error"].as_str()), (403, Some("access_denied")), "{v}");
-    let (s, _) = https(&h, &pki, &pki.proxy, "POST", "/tasks", "application/json", json!({"subjects": [SUB]}).to_string());
+    let (s, _) = https_as(&h, &pki, &proxy, "POST", "/tasks", "application/json", json!({"subjects": [SUB]}).to_string());
     assert_eq!(s, 403);
 }
 

@@ -84,17 +84,26 @@ pub fn envoy_bin() -> PathBuf {
 /// set (scripts/test, CI) this panics; otherwise it prints why the test is skipped and returns
 /// false. Use as `if !mandate_e2e::prerequisites("name") { return; }`.
 pub fn prerequisites(test: &str) -> bool {
-    let mut missing = Vec::new();
-    let envoy = envoy_bin();
-    if !envoy.is_file() {
-        missing.push(format!(
-            "Envoy not found at {} (run scripts/setup, or set MANDATE_ENVOY)",
-            envoy.display()
-        ));
-    }
+    let mut missing: Vec<String> = envoy_missing().into_iter().collect();
     if let Err(e) = plugin_wasm() {
         missing.push(e.to_string());
     }
+    run_or_skip(test, &missing)
+}
+
+/// Like [`prerequisites`] for tests that need only Envoy, not the wasm module.
+pub fn envoy_prerequisite(test: &str) -> bool {
+    run_or_skip(test, &envoy_missing().into_iter().collect::<Vec<_>>())
+}
+
+fn envoy_missing() -> Option<String> {
+    let envoy = envoy_bin();
+    (!envoy.is_file()).then(|| format!("Envoy not found at {} (run scripts/setup, or set MANDATE_ENVOY)", envoy.display()))
+}
+
+/// True when nothing is `missing`; otherwise skips the test (false), or panics when
+/// `MANDATE_REQUIRE_ENVOY` is set.
+fn run_or_skip(test: &str, missing: &[String]) -> bool {
     if missing.is_empty() {
         return true;
     }
@@ -1299,6 +1308,21 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Calls `f` every 50 ms until it returns `Some` or `timeout` passes (`f` runs at least once);
+/// also returns the time taken.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> (Option<T>, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return (Some(v), t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            return (None, t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[cfg(test)]

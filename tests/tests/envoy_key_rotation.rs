@@ -18,85 +18,27 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use mandate_e2e::{envoy_bin, http, loopback_cluster_yaml, testkit, unix_now, yaml_quote, Envoy, SvidIssuer, Vars, REQUIRE_ENV};
+use mandate_e2e::{envoy_prerequisite, http, loopback_cluster_yaml, testkit, unix_now, wait_until, Envoy, SvidIssuer, Vars};
 use mandate_minter::config::{MinterConfig, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
 use serde_json::{json, Value};
 
-const ISSUER: &str = "https://minter.test";
-const MINTER_AUDIENCE: &str = "mandate-minter";
-const RESOURCE: &str = "https://orders.internal";
+mod orders_story;
+use orders_story::{resource_listener_yaml, Jwks, MINTER_AUDIENCE, MINTER_ISSUER as ISSUER, RESOURCE_AUDIENCE as RESOURCE};
+
 /// The JWKS cache period, on both sides: the minter's max-age and jwt_authn's cache_duration.
 const CACHE_S: u64 = 3;
 
-/// Only Envoy is needed here, not the wasm filter.
-fn envoy_present(test: &str) -> bool {
-    let bin = envoy_bin();
-    if bin.is_file() {
-        return true;
-    }
-    let why = format!("Envoy not found at {} (run scripts/setup, or set MANDATE_ENVOY)", bin.display());
-    if std::env::var_os(REQUIRE_ENV).is_some_and(|v| !v.is_empty()) {
-        panic!("{test}: {REQUIRE_ENV} is set but prerequisites are missing: {why}");
-    }
-    eprintln!("SKIPPED {test}: {why}. Set {REQUIRE_ENV}=1 to make this a failure.");
-    false
-}
-
-/// Envoy bootstrap: admin, listener `rs` (stock jwt_authn with the minter's JWKS fetched over
-/// HTTP and cached `CACHE_S` seconds, then a direct 200), and cluster `minter_jwks`.
-fn template(jwks_uri: &str) -> String {
-    format!(
-        r#"admin:
+/// Envoy bootstrap with only the admin endpoint, the listeners and the clusters added: no
+/// wasm module is needed here.
+const TEMPLATE: &str = r#"admin:
   address:
-    socket_address: {{ address: 127.0.0.1, port_value: {{{{ADMIN_PORT}}}} }}
+    socket_address: { address: 127.0.0.1, port_value: {{ADMIN_PORT}} }
 static_resources:
   listeners:
-  - name: rs
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: rs
-          codec_type: AUTO
-          route_config:
-            name: rs
-            virtual_hosts:
-            - name: rs
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                direct_response: {{ status: 200, body: {{ inline_string: "verified" }} }}
-          http_filters:
-          - name: envoy.filters.http.jwt_authn
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
-              providers:
-                minter:
-                  issuer: {issuer}
-                  audiences: [{aud}]
-                  remote_jwks:
-                    http_uri:
-                      uri: {uri}
-                      cluster: minter_jwks
-                      timeout: 2s
-                    cache_duration: {CACHE_S}s
-              rules:
-              - match: {{ prefix: "/" }}
-                requires: {{ provider_name: minter }}
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  {{EXTRA_LISTENERS}}
   clusters:
-  {{{{EXTRA_CLUSTERS}}}}
-"#,
-        issuer = yaml_quote(ISSUER),
-        aud = yaml_quote(RESOURCE),
-        uri = yaml_quote(jwks_uri),
-    )
-}
+  {{EXTRA_CLUSTERS}}
+"#;
 
 fn kid_of(jwt: &str) -> String {
     let head = jwt.split('.').next().unwrap();
@@ -110,7 +52,7 @@ fn stat(envoy: &Envoy, name: &str) -> i64 {
 
 #[test]
 fn key_rotation_under_stock_jwt_authn_refuses_no_token() {
-    if !envoy_present("key_rotation_under_stock_jwt_authn_refuses_no_token") {
+    if !envoy_prerequisite("key_rotation_under_stock_jwt_authn_refuses_no_token") {
         return;
     }
     let issuer = SvidIssuer::new();
@@ -138,10 +80,15 @@ fn key_rotation_under_stock_jwt_authn_refuses_no_token() {
 
     let tpl_dir = tempfile::tempdir().expect("template dir");
     let tpl = tpl_dir.path().join("rotation.yaml");
-    std::fs::write(&tpl, template(&format!("{minter_url}/.well-known/jwks.json"))).unwrap();
+    std::fs::write(&tpl, TEMPLATE).unwrap();
+    // Listener `rs`: jwt_authn with the minter's JWKS fetched over HTTP and cached `CACHE_S`
+    // seconds, then a direct 200.
+    let jwks_uri = format!("{minter_url}/.well-known/jwks.json");
     let envoy = Envoy::start(
         tpl.to_str().unwrap(),
-        Vars::new().cluster_yaml(&loopback_cluster_yaml("minter_jwks", minter.addr.port(), Duration::from_secs(1))),
+        Vars::new()
+            .listener_yaml(&resource_listener_yaml(0, Jwks::Remote { uri: &jwks_uri, cluster: "minter_jwks", cache_s: CACHE_S }, None))
+            .cluster_yaml(&loopback_cluster_yaml("minter_jwks", minter.addr.port(), Duration::from_secs(1))),
     )
     .expect("envoy starts");
     let rs = format!("http://127.0.0.1:{}/orders/42", envoy.listener_port_named("rs"));
@@ -164,7 +111,7 @@ fn key_rotation_under_stock_jwt_authn_refuses_no_token() {
     let mut rotations: Vec<(Duration, String)> = Vec::new();
     let mut signing: Vec<(Duration, String)> = vec![(Duration::ZERO, first_kid.clone())];
     let (mut sent, mut refused) = (0u32, Vec::new());
-    loop {
+    wait_until(Duration::from_secs(40), || {
         let elapsed = t0.elapsed();
         let want_rotation = match rotations.len() {
             0 => elapsed >= Duration::from_secs(1),
@@ -189,11 +136,8 @@ fn key_rotation_under_stock_jwt_authn_refuses_no_token() {
         }
         let done = rotations.len() == 2
             && signing.last().is_some_and(|(at, k)| *k == rotations[1].1 && elapsed >= *at + Duration::from_secs(CACHE_S + 1));
-        if done || elapsed > Duration::from_secs(40) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        done.then_some(())
+    });
     eprintln!("sent {sent} tokens through jwt_authn in {:?}; signing history {signing:?}", t0.elapsed());
     assert!(refused.is_empty(), "jwt_authn refused {} of {sent} tokens, first: {:?}", refused.len(), refused.first());
     assert_eq!(rotations.len(), 2, "rotated only {} times", rotations.len());

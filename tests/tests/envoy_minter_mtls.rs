@@ -14,10 +14,7 @@
 //! Skipped like the other Envoy tests when Envoy or the wasm module is missing (a failure with
 //! MANDATE_REQUIRE_ENVOY set).
 
-use std::path::Path;
-use std::process::Command;
-
-use mandate_e2e::{prerequisites, workspace_root, yaml_quote, Envoy, MockServer, SvidIssuer, Vars};
+use mandate_e2e::{prerequisites, Envoy, MockServer, SvidIssuer, Vars};
 use mandate_minter::config::MinterConfig;
 use serde_json::json;
 
@@ -26,46 +23,6 @@ use orders_story::*;
 
 /// The client certificate's URI SAN: the proxy's identity at the minter.
 const CLIENT_ID: &str = "spiffe://example.org/proxy/envoy-1";
-
-/// Cluster `minter` over TLS to `127.0.0.1:port`, verifying the minter against `ca.pem` for
-/// the SAN `localhost`; with `client_cert`, it presents `client.pem` (mutual TLS).
-fn minter_tls_cluster_yaml(port: u16, pki: &Path, client_cert: bool) -> String {
-    let path = |f: &str| yaml_quote(&pki.join(f).to_string_lossy());
-    let certs = if client_cert {
-        format!(
-            "        tls_certificates:\n        - certificate_chain: {{ filename: {} }}\n          private_key: {{ filename: {} }}\n",
-            path("client.pem"),
-            path("client.key")
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        r#"- name: minter
-  type: STATIC
-  connect_timeout: 1s
-  load_assignment:
-    cluster_name: minter
-    endpoints:
-    - lb_endpoints:
-      - endpoint:
-          address:
-            socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-  transport_socket:
-    name: envoy.transport_sockets.tls
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-      sni: localhost
-      common_tls_context:
-{certs}        validation_context:
-          trusted_ca: {{ filename: {ca} }}
-          match_typed_subject_alt_names:
-          - san_type: DNS
-            matcher: {{ exact: localhost }}
-"#,
-        ca = path("ca.pem"),
-    )
-}
 
 #[test]
 fn minter_over_mutual_tls_mints_for_the_certified_proxy_and_refuses_without_a_client_cert() {
@@ -76,17 +33,7 @@ fn minter_over_mutual_tls_mints_for_the_certified_proxy_and_refuses_without_a_cl
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = dir.path().join("pki");
-    let out = Command::new("bash")
-        .arg(workspace_root().join("scripts/gen-test-certs"))
-        .arg(&pki)
-        .arg(CLIENT_ID)
-        .output()
-        .expect("run scripts/gen-test-certs");
-    assert!(
-        out.status.success(),
-        "gen-test-certs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gen_test_certs(&pki, &[CLIENT_ID]);
 
     let issuer = SvidIssuer::new();
     let minter = mandate_minter::spawn(

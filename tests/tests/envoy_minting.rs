@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use mandate_e2e::{
-    http, http_get, prerequisites, testkit, unix_now, yaml_quote, Envoy, MockServer,
-    SvidIssuer, Vars,
-};
+use mandate_e2e::{http, http_get, prerequisites, testkit, unix_now, wait_until, Envoy, MockServer, SvidIssuer, Vars};
 use mandate_minter::config::MinterConfig;
 use serde_json::{json, Value};
 
@@ -39,72 +36,8 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-/// Listener `rs`: stock jwt_authn (the minter as provider) in front of cluster `echo`.
-/// `forward: true` keeps the token for the echo to show; `claim_to_headers` proves which
-/// claims jwt_authn verified.
-fn resource_listener_yaml(port: u16, jwks: &str) -> String {
-    format!(
-        r#"- name: rs
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-  filter_chains:
-  - filters:
-    - name: envoy.filters.network.http_connection_manager
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-        stat_prefix: rs
-        codec_type: AUTO
-        route_config:
-          name: rs
-          virtual_hosts:
-          - name: rs
-            domains: ["*"]
-            routes:
-            - match: {{ prefix: "/" }}
-              route: {{ cluster: echo, timeout: 5s }}
-        http_filters:
-        - name: envoy.filters.http.jwt_authn
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
-            providers:
-              minter:
-                issuer: {issuer}
-                audiences: [{aud}]
-                forward: true
-                claim_to_headers:
-                - {{ header_name: x-verified-sub, claim_name: sub }}
-                - {{ header_name: x-verified-task, claim_name: task }}
-                local_jwks:
-                  inline_string: {jwks}
-            rules:
-            - match: {{ prefix: "/" }}
-              requires: {{ provider_name: minter }}
-        - name: envoy.filters.http.router
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-"#,
-        issuer = yaml_quote(MINTER_ISSUER),
-        aud = yaml_quote(RESOURCE_AUDIENCE),
-        jwks = yaml_quote(jwks),
-    )
-}
-
 fn counter(envoy: &Envoy, name: &str) -> i64 {
     envoy.stat(name).expect("admin /stats").unwrap_or(0)
-}
-
-/// Calls `f` every 50 ms until it returns `Some` or `timeout` passes; also returns the time taken.
-fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> (Option<T>, Duration) {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (Some(v), t0.elapsed());
-        }
-        if t0.elapsed() > timeout {
-            return (None, t0.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -134,7 +67,7 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
             .upstream_port(rs_port)
             .cluster("minter", minter.addr.port())
             .cluster("echo", echo.port())
-            .listener_yaml(&resource_listener_yaml(rs_port, &jwks.text())),
+            .listener_yaml(&resource_listener_yaml(rs_port, Jwks::Inline(&jwks.text()), Some("echo"))),
     )
     .expect("envoy starts");
     assert_eq!(envoy.listener_port_named("rs"), rs_port);
@@ -228,10 +161,7 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
     assert_eq!(ended.status, 200, "{}", ended.text());
     let ended = ended.json().unwrap();
     assert!(ended["jtis"].as_array().is_some_and(|j| j.iter().any(|x| x == jti.as_str())), "{ended}");
-    let (refused, revoked_after) = wait_until(Duration::from_secs(3), || {
-        let r = get_order(&envoy, &svid, "T-1");
-        (r.status != 200).then_some(r)
-    });
+    let (refused, revoked_after) = wait_for_refusal(&envoy, &svid, "T-1", Duration::from_secs(3));
     let refused = refused.expect("task T-1 was still served 3 s after it ended");
     eprintln!("task_revoked after {revoked_after:?} (poll interval {POLL_MS} ms)");
     assert_eq!(refused.status, 403, "body: {}", refused.text());
@@ -287,10 +217,7 @@ fn minted_credential_is_verified_by_stock_jwt_authn_revoked_by_task_and_fails_cl
     )
     .expect("revoke subject");
     assert_eq!(revoked.status, 200, "{}", revoked.text());
-    let (refused, took) = wait_until(Duration::from_secs(3), || {
-        let r = get_order(&envoy, &other_agent, "T-5");
-        (r.status != 200).then_some(r)
-    });
+    let (refused, took) = wait_for_refusal(&envoy, &other_agent, "T-5", Duration::from_secs(3));
     let refused = refused.expect("a revoked subject was still served after 3 s");
     eprintln!("subject_revoked after {took:?}");
     assert_eq!((refused.status, reason(&refused).as_str()), (403, "subject_revoked"), "{}", refused.text());

@@ -18,11 +18,9 @@
 //! orchestrator ──mTLS (roles tasks, revoke)──▶ minter      agent ──mTLS (agent cert)──▶ minter ✗
 //! ```
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mandate_e2e::{http, prerequisites, workspace_root, yaml_quote, Envoy, HttpResponse, MockServer, SvidIssuer, TlsClient, Vars};
+use mandate_e2e::{http, prerequisites, Envoy, HttpResponse, MockServer, SvidIssuer, TlsClient, Vars};
 use mandate_minter::config::MinterConfig;
 use serde_json::{json, Value};
 
@@ -32,53 +30,6 @@ use orders_story::*;
 const POLL_MS: u64 = 500;
 const GATEWAY: &str = "spiffe://example.org/proxy/envoy-1";
 const ORCHESTRATOR: &str = "spiffe://example.org/orchestrator";
-
-fn gen_pki(dir: &Path) {
-    let out = Command::new("bash")
-        .arg(workspace_root().join("scripts/gen-test-certs"))
-        .arg(dir)
-        .arg(GATEWAY)
-        .arg(format!("orchestrator={ORCHESTRATOR}"))
-        .arg(format!("agent=spiffe://example.org{AGENT}"))
-        .output()
-        .expect("run gen-test-certs");
-    assert!(out.status.success(), "gen-test-certs: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Cluster `minter` over mutual TLS, presenting the gateway's client certificate.
-fn minter_tls_cluster_yaml(port: u16, pki: &Path) -> String {
-    let path = |f: &str| yaml_quote(&pki.join(f).to_string_lossy());
-    format!(
-        r#"- name: minter
-  type: STATIC
-  connect_timeout: 1s
-  load_assignment:
-    cluster_name: minter
-    endpoints:
-    - lb_endpoints:
-      - endpoint:
-          address:
-            socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-  transport_socket:
-    name: envoy.transport_sockets.tls
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-      sni: localhost
-      common_tls_context:
-        tls_certificates:
-        - certificate_chain: {{ filename: {cert} }}
-          private_key: {{ filename: {key} }}
-        validation_context:
-          trusted_ca: {{ filename: {ca} }}
-          match_typed_subject_alt_names:
-          - san_type: DNS
-            matcher: {{ exact: localhost }}
-"#,
-        cert = path("client.pem"),
-        key = path("client.key"),
-        ca = path("ca.pem"),
-    )
-}
 
 fn form(pairs: &[(&str, &str)]) -> String {
     let mut s = String::new();
@@ -109,20 +60,6 @@ fn post_json(client: &TlsClient, port: u16, path: &str, body: &Value) -> HttpRes
         .expect("https request to the minter")
 }
 
-/// Calls `f` every 50 ms until it returns `Some` or `timeout` passes; also returns the time taken.
-fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> (Option<T>, Duration) {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (Some(v), t0.elapsed());
-        }
-        if t0.elapsed() > timeout {
-            return (None, t0.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn registered_policy_config(issuer: &SvidIssuer, minter: Value) -> Value {
     let mut c = plugin_config(issuer, minter);
     c["policy"]["tasks"] = json!("registered");
@@ -137,7 +74,7 @@ fn agent_cannot_use_the_minter_itself_cannot_invent_tasks_and_a_proxy_cannot_end
     let issuer = SvidIssuer::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = dir.path().join("pki");
-    gen_pki(&pki);
+    gen_test_certs(&pki, &[GATEWAY, &format!("orchestrator={ORCHESTRATOR}"), &format!("agent=spiffe://example.org{AGENT}")]);
     let p = |f: &str| pki.join(f);
     let minter = mandate_minter::spawn(
         MinterConfig::from_json(minter_config(
@@ -173,7 +110,7 @@ fn agent_cannot_use_the_minter_itself_cannot_invent_tasks_and_a_proxy_cannot_end
                        "revocations": {"interval_ms": POLL_MS, "max_stale_s": 5}}),
             ))
             .upstream_port(echo.port())
-            .cluster_yaml(&minter_tls_cluster_yaml(mport, &pki)),
+            .cluster_yaml(&minter_tls_cluster_yaml(mport, &pki, true)),
     )
     .expect("envoy starts");
     let svid = agent_svid(&issuer);
@@ -235,10 +172,7 @@ fn agent_cannot_use_the_minter_itself_cannot_invent_tasks_and_a_proxy_cannot_end
     // ---- The task ends; the agent then makes up a fresh task id of its own.
     let ended = orchestrator.request(mport, "POST", &format!("/tasks/{task}/end"), &[], b"").expect("end task");
     assert_eq!(ended.status, 200, "{}", ended.text());
-    let (refused, took) = wait_until(Duration::from_secs(3), || {
-        let r = get_order(&envoy, &svid, &task);
-        (r.status != 200).then_some(r)
-    });
+    let (refused, took) = wait_for_refusal(&envoy, &svid, &task, Duration::from_secs(3));
     let refused = refused.expect("the ended task was still served after 3 s");
     eprintln!("ended task refused after {took:?}");
     assert_eq!((refused.status, reason(&refused).as_str()), (403, "task_revoked"), "{}", refused.text());
@@ -258,10 +192,7 @@ fn agent_cannot_use_the_minter_itself_cannot_invent_tasks_and_a_proxy_cannot_end
     let down_at = Instant::now();
     let cached = get_order(&envoy, &svid, &live_task);
     assert_eq!(cached.status, 200, "within max_stale_s the cached credential still serves: {}", cached.text());
-    let (stale, took) = wait_until(Duration::from_secs(12), || {
-        let r = get_order(&envoy, &svid, &live_task);
-        (r.status != 200).then_some(r)
-    });
+    let (stale, took) = wait_for_refusal(&envoy, &svid, &live_task, Duration::from_secs(12));
     let stale = stale.expect("a cached credential was still used 12 s after the feed went down");
     eprintln!("revocations_stale {:?} after the minter stopped (max_stale_s 5)", down_at.elapsed());
     assert!(took >= Duration::from_secs(2), "refused too early ({took:?}): staleness counts from the last good poll");
@@ -322,10 +253,7 @@ fn a_thousand_long_revocations_page_through_and_a_fresh_proxy_catches_up() {
 
     // Then the agent's own task ends: the running proxy and a fresh one both refuse it.
     revoke(json!({"task": "live-task", "subject": subject}));
-    let (refused, took) = wait_until(Duration::from_secs(10), || {
-        let r = get_order(&envoy, &svid, "live-task");
-        (r.status != 200).then_some(r)
-    });
+    let (refused, took) = wait_for_refusal(&envoy, &svid, "live-task", Duration::from_secs(10));
     let refused = refused.expect("the running proxy never learned of the task ended after 1000 long entries");
     eprintln!("running proxy refused the ended task after {took:?}");
     assert_eq!((refused.status, reason(&refused).as_str()), (403, "task_revoked"), "{}", refused.text());
@@ -334,10 +262,7 @@ fn a_thousand_long_revocations_page_through_and_a_fresh_proxy_catches_up() {
 
     drop(envoy);
     let fresh = start_envoy();
-    let (refused, took) = wait_until(Duration::from_secs(10), || {
-        let r = get_order(&fresh, &svid, "live-task");
-        (r.status != 200).then_some(r)
-    });
+    let (refused, took) = wait_for_refusal(&fresh, &svid, "live-task", Duration::from_secs(10));
     let refused = refused.expect("a fresh proxy served a task ended before it started");
     eprintln!("fresh proxy: first refusal after {took:?}");
     assert_eq!(refused.status, 403, "{}", refused.text());
