@@ -135,6 +135,16 @@ pub fn strict_value(body: &[u8]) -> Result<Value, serde_json::Error> {
     Ok(v)
 }
 
+fn lenient_id(body: &[u8]) -> Option<Value> {
+    match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Object(mut m) => match m.remove("id")? {
+            v @ (Value::String(_) | Value::Number(_) | Value::Null) => Some(v),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn name_ok(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
 }
@@ -151,7 +161,11 @@ pub fn parse(body: &[u8]) -> Result<Message, ParseError> {
         Ok(v) => v,
         Err(e) => {
             let not_json = matches!(e.classify(), serde_json::error::Category::Syntax | serde_json::error::Category::Eof);
-            return Err(ParseError { reason: Reason::McpMalformed, id: None, not_json });
+            // JSON, but refused (duplicate keys, too deep): the id, if a lenient reading finds
+            // one, is still echoed so the client can match the error (serde_json bounds its
+            // own recursion).
+            let id = if not_json { None } else { lenient_id(body) };
+            return Err(ParseError { reason: Reason::McpMalformed, id, not_json });
         }
     };
     let Value::Object(mut m) = v else { return Err(ParseError::malformed(None)) };

@@ -752,6 +752,9 @@ impl Policy {
         let intent_idx = match input.intent {
             None => {
                 if class.is_some_and(|c| c.intent_required) && !session {
+                    if let (Some(c), Some(ri)) = (call, res_idx) {
+                        d.needed_scopes = self.scopes_covering(c, ri);
+                    }
                     return deny(Reason::IntentRequired);
                 }
                 None
