@@ -214,3 +214,47 @@ fn credential_is_scoped_to_the_tool() {
     let rec = r.records().pop().unwrap();
     assert_eq!(rec["mcp"]["checked"][0], json!({"pointer": "/amount", "ok": false, "value": 500}));
 }
+
+fn tools_list_rig(test: &str) -> Option<Rig> {
+    start_configured(test, Value::Null, true, |c| {
+        add_mcp(c, "when_needed");
+        c["policy"]["resources"][4]["mcp"]["filter_tools_list"] = json!(true);
+    })
+}
+
+fn list_request(r: &mut Rig) -> StreamId {
+    let req = mirrored(post(r).intent("support.read"), "tools/list", None);
+    let s = r.send(&req);
+    r.forwarded(s);
+    s
+}
+
+#[test]
+fn tools_list_answer_is_narrowed_to_the_intent() {
+    let Some(mut r) = tools_list_rig("tools_list_answer_is_narrowed_to_the_intent") else { return };
+    let s = list_request(&mut r);
+    let answer = json!({"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "get_ticket"}, {"name": "refund"}, {"name": "delete_customer"}]}});
+    let a = r.vm.response_headers(s, [(":status", "200"), ("content-type", "application/json"), ("content-length", "120")], false).unwrap();
+    assert_eq!(a, Action::Pause, "the answer is held until it is complete");
+    r.vm.response_body(s, answer.to_string().as_bytes(), true).unwrap();
+    let st = r.vm.stream(s);
+    let v: Value = serde_json::from_slice(&st.downstream.body).unwrap();
+    assert_eq!(v["result"]["tools"], json!([{"name": "get_ticket"}]));
+    assert!(header(st.downstream.headers.as_ref().unwrap(), "content-length").is_none());
+}
+
+#[test]
+fn tools_list_over_sse_is_refused_not_passed_unfiltered() {
+    let Some(mut r) = tools_list_rig("tools_list_over_sse_is_refused_not_passed_unfiltered") else { return };
+    let s = list_request(&mut r);
+    r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/event-stream")], false).unwrap();
+    r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"delete_customer\"}]}}\n\n", true).unwrap();
+    let st = r.vm.stream(s);
+    let h = st.downstream.headers.as_ref().unwrap();
+    assert_eq!(header(h, ":status").as_deref(), Some("502"));
+    let body = String::from_utf8_lossy(&st.downstream.body).to_string();
+    assert!(!body.contains("delete_customer"), "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], json!(-32603));
+    assert_eq!(r.metric("mandate.mcp.tools_list.unfilterable"), 1);
+}
