@@ -258,3 +258,40 @@ fn tools_list_over_sse_is_refused_not_passed_unfiltered() {
     assert_eq!(v["error"]["code"], json!(-32603));
     assert_eq!(r.metric("mandate.mcp.tools_list.unfilterable"), 1);
 }
+
+#[test]
+fn body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body() {
+    let Some(mut r) = rig("body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body", "always", minter()) else { return };
+    let req = post(&r).intent("support.read");
+    let body = call(json!(11), "get_ticket", json!({"ticket_id": "T-1"}));
+    let (s, a, b) = send_with_body(&mut r, &req, &body);
+    assert_eq!((a, b), (Action::Pause, Some(Action::Pause)), "waiting on the exchange");
+    let c = r.one_mint_call();
+    assert!(form(&c).contains(&("tool".to_string(), "get_ticket".to_string())));
+    let now = r.now();
+    let token = minted_jwt_for("jti-b", now + 120, "support-mcp", None);
+    let mut claims: Value = serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, token.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    claims["tool"] = json!("get_ticket");
+    let token = format!("{}.{}.{}", token.split('.').next().unwrap(), b64(claims.to_string().as_bytes()), MINTED_SIG);
+    r.answer(&c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
+    let fwd = r.forwarded(s);
+    assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
+    assert_eq!(r.vm.stream(s).upstream.body, body);
+    let recs = r.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["mcp"]["path"], json!("body"));
+    assert_eq!(recs[0]["effect"], json!("allow"));
+}
+
+#[test]
+fn stream_that_ends_while_its_body_is_awaited_is_on_the_record_once() {
+    let Some(mut r) = rig("stream_that_ends_while_its_body_is_awaited_is_on_the_record_once", "always", Value::Null) else { return };
+    let req = post(&r).intent("support.read");
+    let s = r.vm.new_stream().unwrap();
+    assert_eq!(r.vm.request_headers(s, req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), false).unwrap(), Action::Pause);
+    r.vm.request_body(s, b"{\"jsonrpc\":", false).unwrap();
+    r.vm.finish_stream(s).unwrap();
+    let recs = r.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!((recs[0]["effect"].clone(), recs[0]["reason"].clone()), (json!("deny"), json!("mcp_malformed")));
+}
