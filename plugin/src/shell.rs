@@ -1064,7 +1064,8 @@ impl HttpContext for Http {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
-        if !shared.tool_filters.contains_key(&self.id) {
+        // Almost always empty: no hashing on the way out for other streams.
+        if shared.tool_filters.is_empty() || !shared.tool_filters.contains_key(&self.id) {
             return Action::Continue;
         }
         drop(shared);
@@ -1125,7 +1126,9 @@ impl HttpContext for Http {
         // cancels the call, so fail its waiters closed now rather than leave them hanging.
         let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
         let shared = &mut *shared;
-        shared.tool_filters.remove(&self.id);
+        if !shared.tool_filters.is_empty() {
+            shared.tool_filters.remove(&self.id);
+        }
         // A request that ended while its body was awaited: refused, and on the record.
         if let Some((_, mut d)) = self.body.take() {
             d.effect = Some(Effect::Deny);

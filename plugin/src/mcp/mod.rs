@@ -12,9 +12,12 @@ pub fn error_code(reason: Reason, not_json: bool) -> i64 {
     use crate::reason::Family;
     match reason {
         Reason::McpMalformed if not_json => -32700,
-        Reason::McpMalformed | Reason::McpBatchRefused | Reason::McpBodyTooLarge => -32600,
         Reason::McpHeaderMismatch => -32020,
+        // mcp_malformed, mcp_batch_refused, mcp_body_too_large and other malformed requests.
+        r if r.family() == Family::BadRequest => -32600,
         r if r.family() == Family::Identity => -32001,
+        // The filter could not decide (a credential, revocations, configuration): internal.
+        r if r.family() == Family::Unavailable => -32603,
         _ => -32003,
     }
 }
@@ -100,6 +103,9 @@ mod tests {
         assert_eq!(error_code(Reason::McpHeaderMismatch, false), -32020);
         assert_eq!(error_code(Reason::SignatureInvalid, false), -32001);
         assert_eq!(error_code(Reason::McpBodyTooLarge, false), -32600);
+        assert_eq!(error_code(Reason::IntentMalformed, false), -32600);
+        assert_eq!(error_code(Reason::CredentialUnavailable, false), -32603);
+        assert_eq!(error_code(Reason::ArgumentNotAllowed, false), -32003);
     }
 
     #[test]
