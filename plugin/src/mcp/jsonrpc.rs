@@ -143,8 +143,8 @@ fn read_value(body: &[u8], lenient: bool) -> Result<Value, serde_json::Error> {
 
 fn lenient_id(body: &[u8]) -> Option<Value> {
     match read_value(body, true).ok()? {
-        Value::Object(mut m) => match m.remove("id")? {
-            v @ (Value::String(_) | Value::Number(_) | Value::Null) => Some(v),
+        Value::Object(m) => match m.get("id")? {
+            v @ (Value::String(_) | Value::Number(_) | Value::Null) => Some(v.clone()),
             _ => None,
         },
         _ => None,
