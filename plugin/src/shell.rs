@@ -868,7 +868,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body: None, filtering: None, refusal_written: false }))
+        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body: None, filtering: None, refusal_written: false, sse: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -889,6 +889,8 @@ struct Http {
     filtering: Option<bool>,
     /// The refusal's error body is in place.
     refusal_written: bool,
+    /// The answer being narrowed is an event stream.
+    sse: bool,
 }
 
 impl Context for Http {
@@ -1069,12 +1071,13 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         drop(shared);
-        // Only a JSON answer can be narrowed; anything else (an SSE stream, say) is refused
-        // (502) rather than passed unfiltered.
-        let json = response_header("content-type").is_some_and(|ct| {
-            let ct = ct.trim_ascii_start();
-            ct.get(..16).is_some_and(|p| p.eq_ignore_ascii_case(b"application/json"))
-        });
+        // Only a JSON answer or a (complete) event stream can be narrowed; anything else is
+        // refused (502) rather than passed unfiltered.
+        let ct = response_header("content-type").unwrap_or_default();
+        let ct = ct.trim_ascii_start();
+        let is = |t: &[u8]| ct.get(..t.len()).is_some_and(|p| p.eq_ignore_ascii_case(t));
+        self.sse = is(b"text/event-stream");
+        let json = is(b"application/json") || self.sse;
         let ok = set_response_header("content-length", None);
         self.filtering = Some(json && ok);
         if !(json && ok) || end_of_stream {
@@ -1107,7 +1110,7 @@ impl HttpContext for Http {
         }
         let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
         let filtered = match (shared.tool_filters.get(&self.id), shared.engine.as_ref(), buffer(BufferType::HttpResponseBody, body_size, crate::mcp::MAX_TOOLS_LIST_BYTES)) {
-            (Some(f), Some(e), Some(body)) => e.filter_tools(f, &body).ok(),
+            (Some(f), Some(e), Some(body)) => e.filter_tools(f, &body, self.sse).ok(),
             _ => None,
         };
         drop(shared);
