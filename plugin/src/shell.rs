@@ -67,6 +67,18 @@ extern "C" {
     fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> Status;
     fn proxy_get_shared_data(key_data: *const u8, key_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize, return_cas: *mut u32) -> Status;
     fn proxy_set_shared_data(key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize, cas: u32) -> Status;
 }
@@ -328,10 +340,15 @@ fn buffer(kind: BufferType, size: usize, max: usize) -> Option<Vec<u8>> {
 
 /// A response header's value by the raw host call (`None`: absent or a host error).
 fn response_header(name: &str) -> Option<Vec<u8>> {
+    header_value(MapType::HttpResponseHeaders, name)
+}
+
+/// A header's value in a map by the raw host call (`None`: absent or a host error).
+fn header_value(map: MapType, name: &str) -> Option<Vec<u8>> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut len: usize = 0;
     // SAFETY: as in `request_headers`: the host allocated `data` through this module.
-    let status = unsafe { proxy_get_header_map_value(MapType::HttpResponseHeaders, name.as_ptr(), name.len(), &mut data, &mut len) };
+    let status = unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut len) };
     if status != Status::Ok || data.is_null() {
         return None;
     }
@@ -355,6 +372,34 @@ fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> bool {
         }
     };
     status == Status::Ok
+}
+
+/// Dispatches an HTTP callout by the raw host call: unlike the SDK wrapper, any bad status
+/// (unknown cluster, no capacity, …) is an `Err`, never a panic.
+fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<u32, Status> {
+    let headers = serialize_pairs(headers);
+    let trailers = serialize_pairs::<&str, &str>(&[]);
+    let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let mut token = 0u32;
+    // SAFETY: all pointers reference live buffers for the duration of the call.
+    let status = unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            headers.as_ptr(),
+            headers.len(),
+            body.as_ptr(),
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            timeout_ms,
+            &mut token,
+        )
+    };
+    match status {
+        Status::Ok => Ok(token),
+        other => Err(other),
+    }
 }
 
 /// Resumes the current request (raw host call; never panics).
@@ -623,17 +668,14 @@ fn callout_answer(num_headers: usize, body_size: usize, limit: usize) -> Result<
     if num_headers == 0 {
         return Err(MintError::NoResponse);
     }
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
+    // Raw host calls: a bad status is a failed exchange, never a panic.
+    let status = header_value(MapType::HttpCallResponseHeaders, ":status")
         .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u16>().ok()))
         .ok_or(MintError::Malformed("no :status"))?;
     if body_size > limit {
         return Err(MintError::TooLarge);
     }
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-        .map_err(|_| MintError::Malformed("unreadable body"))?
-        .unwrap_or_default();
+    let body = buffer(BufferType::HttpCallResponseBody, body_size, body_size).ok_or(MintError::Malformed("unreadable body"))?;
     Ok((status, body))
 }
 
@@ -677,7 +719,7 @@ impl Root {
         let Some(engine) = shared.engine.as_mut() else { return };
         for plan in engine.identity.bundles.due_fetches(now) {
             let headers = vec![(":method", "GET"), (":path", plan.path.as_str()), (":authority", plan.authority.as_str()), ("accept", "application/json")];
-            match hostcalls::dispatch_http_call(&plan.cluster, headers, None, vec![], Duration::from_millis(plan.timeout_ms)) {
+            match http_call(&plan.cluster, &headers, &[], Duration::from_millis(plan.timeout_ms)) {
                 Ok(token) => {
                     self.calls.insert(token, RootCall::Bundle(plan.source));
                 }
@@ -700,7 +742,7 @@ fn poll_revocations(engine: &mut Engine, metrics: &mut Metrics, calls: &mut Hash
     let now_ms = now_ns / 1_000_000;
     let Some(poll) = engine.due_poll(now_ms) else { return };
     let headers = vec![(":method", "GET"), (":path", poll.path.as_str()), (":authority", poll.authority.as_str()), ("accept", "application/json")];
-    match hostcalls::dispatch_http_call(&poll.cluster, headers, None, vec![], Duration::from_millis(poll.timeout_ms)) {
+    match http_call(&poll.cluster, &headers, &[], Duration::from_millis(poll.timeout_ms)) {
         Ok(token) => {
             calls.insert(token, RootCall::Revocations);
         }
@@ -963,15 +1005,15 @@ impl Http {
                     shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns, body });
                     return Action::Pause;
                 }
-                let body = plan.body();
-                let headers = vec![
+                let form = plan.body();
+                let headers = [
                     (":method", "POST"),
                     (":path", plan.path.as_str()),
                     (":authority", plan.authority.as_str()),
                     ("content-type", "application/x-www-form-urlencoded"),
                     ("accept", "application/json"),
                 ];
-                match hostcalls::dispatch_http_call(&plan.cluster, headers, Some(&body), vec![], Duration::from_millis(plan.timeout_ms)) {
+                match http_call(&plan.cluster, &headers, &form, Duration::from_millis(plan.timeout_ms)) {
                     Ok(_) => {
                         shared.flights.insert(key, Flight { leader: self.id, waiters: Vec::new(), dispatched_ns: self.started_ns });
                         shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns, body });
