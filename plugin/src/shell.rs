@@ -67,18 +67,6 @@ extern "C" {
     fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
-    fn proxy_http_call(
-        upstream_data: *const u8,
-        upstream_size: usize,
-        headers_data: *const u8,
-        headers_size: usize,
-        body_data: *const u8,
-        body_size: usize,
-        trailers_data: *const u8,
-        trailers_size: usize,
-        timeout_ms: u32,
-        return_token: *mut u32,
-    ) -> Status;
     fn proxy_get_shared_data(key_data: *const u8, key_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize, return_cas: *mut u32) -> Status;
     fn proxy_set_shared_data(key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize, cas: u32) -> Status;
 }
@@ -374,32 +362,12 @@ fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> bool {
     status == Status::Ok
 }
 
-/// Dispatches an HTTP callout by the raw host call: unlike the SDK wrapper, any bad status
-/// (unknown cluster, no capacity, …) is an `Err`, never a panic.
+/// Dispatches an HTTP callout. The SDK wrapper must be used: it registers the token with the
+/// SDK's dispatcher, which routes the answer (and panics on an unregistered token). It panics
+/// only on a status other than Ok, BadArgument and InternalFailure, which Envoy does not return
+/// for `proxy_http_call`.
 fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<u32, Status> {
-    let headers = serialize_pairs(headers);
-    let trailers = serialize_pairs::<&str, &str>(&[]);
-    let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-    let mut token = 0u32;
-    // SAFETY: all pointers reference live buffers for the duration of the call.
-    let status = unsafe {
-        proxy_http_call(
-            cluster.as_ptr(),
-            cluster.len(),
-            headers.as_ptr(),
-            headers.len(),
-            body.as_ptr(),
-            body.len(),
-            trailers.as_ptr(),
-            trailers.len(),
-            timeout_ms,
-            &mut token,
-        )
-    };
-    match status {
-        Status::Ok => Ok(token),
-        other => Err(other),
-    }
+    hostcalls::dispatch_http_call(cluster, headers.to_vec(), (!body.is_empty()).then_some(body), Vec::new(), timeout)
 }
 
 /// Resumes the current request (raw host call; never panics).
