@@ -69,12 +69,14 @@ fn send_with_body(r: &mut Rig, req: &Req, body: &[u8]) -> (StreamId, Action, Opt
     (s, a, Some(b))
 }
 
-/// The JSON-RPC refusal of a stream: (HTTP status, error code, id, reason).
+/// The JSON-RPC refusal of a stream: (HTTP status, error code, id, reason). A call refused
+/// in the body phase may have sent its headers upstream (Envoy then resets that stream), but
+/// never its body: the server never gets a complete call.
 fn refusal(r: &Rig, s: StreamId) -> (u32, i64, Value, String) {
     let st = r.vm.stream(s);
     assert!(
-        st.upstream.headers.is_none(),
-        "stream {} was forwarded",
+        st.upstream.body.is_empty(),
+        "stream {} sent its body upstream",
         s.0
     );
     assert_eq!(st.local_response_calls, 1, "one local reply per stream");
@@ -157,7 +159,9 @@ fn old_protocol_version_takes_the_body_path() {
         &req,
         &call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})),
     );
-    assert_eq!((a, b), (Action::Pause, Some(Action::Continue)));
+    // Envoy's sequence: the headers go on at once (nothing decided them yet but the intent's
+    // grant on the resource); the body is held until complete, then judged and forwarded.
+    assert_eq!((a, b), (Action::Continue, Some(Action::Continue)));
     r.forwarded(s);
     assert_eq!(
         r.vm.stream(s).upstream.body,
@@ -188,6 +192,12 @@ fn old_protocol_version_takes_the_body_path() {
     assert_eq!(records[1]["mcp"]["path"], json!("body"));
     assert_eq!(records[1]["reason"], json!("tool_not_allowed"));
     assert_eq!(r.metric("mandate.mcp.tools_call.deny"), 1);
+    // An intent with no operation on this MCP server: refused by the headers, no body read.
+    let other = post(&r).intent("ticket.read").with("mcp-protocol-version", "2025-06-18");
+    let (s, a, b) = send_with_body(&mut r, &other, &call(json!(3), "get_ticket", json!({})));
+    assert_eq!((a, b), (Action::Pause, None));
+    assert_eq!(refusal(&r, s).3, "intent_mismatch");
+    assert!(r.vm.stream(s).upstream.headers.is_none());
 }
 
 #[test]
@@ -200,12 +210,13 @@ fn header_body_mismatch_is_refused() {
         "tools/call",
         Some("get_ticket"),
     );
-    let (s, a, _) = send_with_body(
+    let (s, a, b) = send_with_body(
         &mut r,
         &req,
         &call(json!(3), "delete_customer", json!({"customer_id": "C-1"})),
     );
-    assert_eq!(a, Action::Pause);
+    // `body: always`: the headers allow get_ticket and go on; the body names another tool.
+    assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
     assert_eq!(
         refusal(&r, s),
         (400, -32020, json!(3), "mcp_header_mismatch".to_string())
@@ -232,7 +243,7 @@ fn body_over_the_limit_is_413_with_a_record() {
             false
         )
         .unwrap(),
-        Action::Pause
+        Action::Continue
     );
     assert_eq!(
         r.vm.request_body(s, &[b' '; 3000], false).unwrap(),
@@ -512,26 +523,66 @@ fn tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered() {
 }
 
 #[test]
-fn body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body() {
+fn body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body() {
     let Some(mut r) = rig(
-        "body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body",
+        "body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body",
         "always",
         minter(),
     ) else {
         return;
     };
+    // No 2026-07-28 headers: the tool is not known until the body, so the header phase mints
+    // for the intent on this resource (no `tool`), and the body is judged after.
     let req = post(&r).intent("support.read");
     let body = call(json!(11), "get_ticket", json!({"ticket_id": "T-1"}));
     let (s, a, b) = send_with_body(&mut r, &req, &body);
     assert_eq!(
         (a, b),
         (Action::Pause, Some(Action::Pause)),
-        "waiting on the exchange"
+        "waiting on the exchange; the body is held by the host meanwhile"
     );
+    assert!(r.vm.stream(s).upstream.headers.is_none());
+    let c = r.one_mint_call();
+    assert!(!form(&c).iter().any(|(k, _)| k == "tool"), "{:?}", form(&c));
+    let now = r.now();
+    let token = minted_jwt_for("jti-b", now + 120, "support-mcp", None);
+    r.answer(&c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
+    // Resumed: headers upstream with the credential, then the held body judged and forwarded.
+    let fwd = r.forwarded(s);
+    assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
+    assert_eq!(r.vm.stream(s).upstream.body, body);
+    let recs = r.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["mcp"]["path"], json!("body"));
+    assert_eq!(recs[0]["mcp"]["tool"], json!("get_ticket"));
+    assert_eq!(recs[0]["mcp"]["credential_scope"], json!("intent"));
+    assert_eq!(recs[0]["effect"], json!("allow"));
+
+    // The same intent-scoped credential (cached) cannot carry a tool the intent does not
+    // name: the body is refused, never forwarded.
+    let (s, a, b) = send_with_body(&mut r, &req, &call(json!(12), "delete_customer", json!({"customer_id": "C-1"})));
+    assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
+    assert_eq!(refusal(&r, s).3, "tool_not_allowed");
+    assert_eq!(r.records().len(), 2);
+}
+
+#[test]
+fn body_path_with_headers_mints_for_the_header_tool_and_checks_the_body_against_it() {
+    let Some(mut r) = rig(
+        "body_path_with_headers_mints_for_the_header_tool_and_checks_the_body_against_it",
+        "always",
+        minter(),
+    ) else {
+        return;
+    };
+    let req = mirrored(post(&r).intent("support.read"), "tools/call", Some("get_ticket"));
+    let body = call(json!(13), "get_ticket", json!({"ticket_id": "T-1"}));
+    let (s, a, _) = send_with_body(&mut r, &req, &body);
+    assert_eq!(a, Action::Pause, "minting");
     let c = r.one_mint_call();
     assert!(form(&c).contains(&("tool".to_string(), "get_ticket".to_string())));
     let now = r.now();
-    let token = minted_jwt_for("jti-b", now + 120, "support-mcp", None);
+    let token = minted_jwt_for("jti-h", now + 120, "support-mcp", None);
     let mut claims: Value = serde_json::from_slice(
         &base64::Engine::decode(
             &base64::engine::general_purpose::URL_SAFE_NO_PAD,
@@ -548,13 +599,15 @@ fn body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body() {
         MINTED_SIG
     );
     r.answer(&c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
-    let fwd = r.forwarded(s);
-    assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
     assert_eq!(r.vm.stream(s).upstream.body, body);
-    let recs = r.records();
-    assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0]["mcp"]["path"], json!("body"));
-    assert_eq!(recs[0]["effect"], json!("allow"));
+    let rec = r.records().pop().unwrap();
+    assert_eq!(rec["mcp"]["credential_scope"], json!("tool"));
+    assert_eq!(rec["effect"], json!("allow"));
+    // A body naming another tool than the one the credential was minted for: mismatch.
+    let (s, a, b) = send_with_body(&mut r, &req, &call(json!(14), "delete_customer", json!({})));
+    assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
+    assert_eq!(refusal(&r, s).3, "mcp_header_mismatch");
+    assert_eq!(r.records().len(), 2);
 }
 
 #[test]
@@ -575,7 +628,7 @@ fn stream_that_ends_while_its_body_is_awaited_is_on_the_record_once() {
             false
         )
         .unwrap(),
-        Action::Pause
+        Action::Continue
     );
     r.vm.request_body(s, b"{\"jsonrpc\":", false).unwrap();
     r.vm.finish_stream(s).unwrap();
