@@ -193,7 +193,9 @@ fn old_protocol_version_takes_the_body_path() {
     assert_eq!(records[1]["reason"], json!("tool_not_allowed"));
     assert_eq!(r.metric("mandate.mcp.tools_call.deny"), 1);
     // An intent with no operation on this MCP server: refused by the headers, no body read.
-    let other = post(&r).intent("ticket.read").with("mcp-protocol-version", "2025-06-18");
+    let other = post(&r)
+        .intent("ticket.read")
+        .with("mcp-protocol-version", "2025-06-18");
     let (s, a, b) = send_with_body(&mut r, &other, &call(json!(3), "get_ticket", json!({})));
     assert_eq!((a, b), (Action::Pause, None));
     assert_eq!(refusal(&r, s).3, "intent_mismatch");
@@ -560,7 +562,11 @@ fn body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body() {
 
     // The same intent-scoped credential (cached) cannot carry a tool the intent does not
     // name: the body is refused, never forwarded.
-    let (s, a, b) = send_with_body(&mut r, &req, &call(json!(12), "delete_customer", json!({"customer_id": "C-1"})));
+    let (s, a, b) = send_with_body(
+        &mut r,
+        &req,
+        &call(json!(12), "delete_customer", json!({"customer_id": "C-1"})),
+    );
     assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
     assert_eq!(refusal(&r, s).3, "tool_not_allowed");
     assert_eq!(r.records().len(), 2);
@@ -575,7 +581,11 @@ fn body_path_with_headers_mints_for_the_header_tool_and_checks_the_body_against_
     ) else {
         return;
     };
-    let req = mirrored(post(&r).intent("support.read"), "tools/call", Some("get_ticket"));
+    let req = mirrored(
+        post(&r).intent("support.read"),
+        "tools/call",
+        Some("get_ticket"),
+    );
     let body = call(json!(13), "get_ticket", json!({"ticket_id": "T-1"}));
     let (s, a, _) = send_with_body(&mut r, &req, &body);
     assert_eq!(a, Action::Pause, "minting");

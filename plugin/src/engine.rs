@@ -96,7 +96,7 @@ struct JudgeInputs {
 enum Judgement {
     Done(Judged),
     /// Allowed as far as the headers go (this judgement); the body decides.
-    NeedBody(JudgeInputs, Judged),
+    NeedBody(Box<(JudgeInputs, Judged)>),
 }
 
 /// An MCP request: how it is answered and what the record says about the call.
@@ -496,7 +496,8 @@ impl Engine {
                         }
                         judged
                     }
-                    Judgement::NeedBody(inputs, judged) => {
+                    Judgement::NeedBody(pair) => {
+                        let (inputs, judged) = *pair;
                         // The header phase: edits and (tool- or intent-scoped) credential now;
                         // the body is judged once the headers have gone on.
                         let header = self.conclude(&judged, Some(h), None, token, &identity, req.now, d)?;
@@ -710,7 +711,7 @@ impl Engine {
         };
         judged.mcp = Some(Rc::new(info));
         d.mcp = judged.mcp.clone();
-        Ok(Judgement::NeedBody(inputs, judged))
+        Ok(Judgement::NeedBody(Box::new((inputs, judged))))
     }
 
     /// The policy's judgement of prepared inputs (and the MCP call, if any).
