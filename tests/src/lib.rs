@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+pub mod mcp;
 pub mod parity;
 
 /// Name of the listener defined by `envoy/mandate.yaml`.
