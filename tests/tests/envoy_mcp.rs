@@ -324,6 +324,13 @@ fn allowed_tool_call_reaches_the_server_with_a_minted_tool_scoped_credential() {
     assert!(checked.iter().any(|c| c["pointer"] == "/ticket_id" && c["ok"] == true), "{rec}");
     assert!(!rec.to_string().contains(&minted), "a credential in the record");
 
+    // The SDK's default client probes `server/discover` first and silently falls back to the
+    // old handshake (no MCP headers) on any refusal: the probe must pass for it to stay on
+    // 2026-07-28.
+    let auto = run(&rig.client(WORK).protocol(Protocol::Auto), json!([step_call("get_ticket", json!({"ticket_id": TASK}))]));
+    assert_eq!(auto.protocol_version(), Some(MODERN), "server/discover was refused: the SDK fell back to the old protocol: {auto}");
+    ok(&auto, 0);
+
     // Metrics per MCP method and decision.
     let allowed = wait_until(Duration::from_secs(5), || {
         let n = rig.envoy.stat("wasmcustom.mandate.mcp.tools_call.allow").ok().flatten().unwrap_or(0);
