@@ -157,14 +157,23 @@ async def main_async(args: argparse.Namespace, script: list[dict[str, Any]]) -> 
                 entry: dict[str, Any] = {"op": step.get("op")}
                 if "name" in step:
                     entry["name"] = step["name"]
+                dead = False
                 try:
                     entry["result"] = await run_step(client, step, entry)
                     entry["ok"] = True
                 except Exception as exc:  # noqa: BLE001 - every failure is data for the test
                     entry["ok"] = False
                     entry["error"] = error_of(exc)
+                except asyncio.CancelledError as exc:
+                    # The SDK's transport task died (say, a proxy that never answers): report
+                    # what we have instead of crashing; later steps cannot run.
+                    entry["ok"] = False
+                    entry["error"] = {"exception": f"transport closed: {exc!r}"}
+                    dead = True
                 entry["http"] = exchanges.log
                 out["steps"].append(entry)
+                if dead:
+                    break
         finally:
             try:
                 await client.__aexit__(None, None, None)
@@ -180,7 +189,7 @@ def main() -> int:
     parser.add_argument("--mode", choices=["modern", "legacy", "auto"], default="modern")
     parser.add_argument("--script")
     parser.add_argument("--script-file")
-    parser.add_argument("--timeout", type=float, default=15.0)
+    parser.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
     if args.script is not None:
         raw = args.script

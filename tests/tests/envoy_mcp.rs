@@ -186,7 +186,9 @@ fn run(client: &McpClient, script: Value) -> ClientReport {
 fn ok(report: &ClientReport, i: usize) -> &Value {
     let s = report.step(i);
     assert_eq!(s["ok"], true, "step {i} failed: {report}");
-    assert_eq!(s["result"]["is_error"], false, "step {i}: the tool reported an error: {report}");
+    if s["op"] == "call_tool" {
+        assert_eq!(s["result"]["is_error"], false, "step {i}: the tool reported an error: {report}");
+    }
     &s["result"]
 }
 
@@ -275,10 +277,17 @@ fn allowed_tool_call_reaches_the_server_with_a_minted_tool_scoped_credential() {
         json!([
             step_list_tools(),
             step_call("get_ticket", json!({"ticket_id": TASK})),
-            step_call("refund", json!({"ticket_id": TASK, "amount": 42}))
+            step_call("refund", json!({"ticket_id": TASK, "amount": 42})),
+            // Refused from the headers alone (the arguments are mirrored in Mcp-Param-*).
+            step_call("refund", json!({"ticket_id": TASK, "amount": 500})),
+            step_call("delete_customer", json!({"customer_id": "C-77"}))
         ]),
     );
     assert_eq!(report.protocol_version(), Some(MODERN), "{report}");
+    let over = refused(&report, 3, 403, POLICY_REFUSAL, "argument_not_allowed");
+    let other_tool = refused(&report, 4, 403, POLICY_REFUSAL, "tool_not_allowed");
+    assert_eq!(reached(&rig.server, "delete_customer"), 0);
+    assert_eq!(ran(&rig.server, "refund").len(), 1, "the refund over the limit ran");
     ok(&report, 0);
     assert_eq!(ok(&report, 1)["structured"]["ticket_id"], TASK, "{report}");
     assert_eq!(ok(&report, 2)["structured"]["refunded"], 42, "{report}");
@@ -323,13 +332,10 @@ fn allowed_tool_call_reaches_the_server_with_a_minted_tool_scoped_credential() {
     assert_eq!((amount["ok"].as_bool(), amount["value"].as_f64()), (Some(true), Some(42.0)), "{rec}");
     assert!(checked.iter().any(|c| c["pointer"] == "/ticket_id" && c["ok"] == true), "{rec}");
     assert!(!rec.to_string().contains(&minted), "a credential in the record");
-
-    // The SDK's default client probes `server/discover` first and silently falls back to the
-    // old handshake (no MCP headers) on any refusal: the probe must pass for it to stay on
-    // 2026-07-28.
-    let auto = run(&rig.client(WORK).protocol(Protocol::Auto), json!([step_call("get_ticket", json!({"ticket_id": TASK}))]));
-    assert_eq!(auto.protocol_version(), Some(MODERN), "server/discover was refused: the SDK fell back to the old protocol: {auto}");
-    ok(&auto, 0);
+    let rec = rig.record(&over);
+    assert_eq!((rec["reason"].as_str(), rec["mcp"]["path"].as_str()), (Some("argument_not_allowed"), Some("header")), "{rec}");
+    let rec = rig.record(&other_tool);
+    assert_eq!((rec["mcp"]["tool"].as_str(), rec["mcp"]["path"].as_str()), (Some("delete_customer"), Some("header")), "{rec}");
 
     // Metrics per MCP method and decision.
     let allowed = wait_until(Duration::from_secs(5), || {
@@ -337,6 +343,23 @@ fn allowed_tool_call_reaches_the_server_with_a_minted_tool_scoped_credential() {
         (n >= 2).then_some(n)
     });
     assert!(allowed.is_some(), "mandate.mcp.tools_call.allow not counted; stats: {:?}", rig.envoy.stats().map(|s| s.into_iter().filter(|(k, _)| k.contains("mcp")).collect::<Vec<_>>()));
+}
+
+#[test]
+fn the_sdks_default_client_stays_on_the_current_protocol_through_the_filter() {
+    const T: &str = "the_sdks_default_client_stays_on_the_current_protocol_through_the_filter";
+    if skip(T) {
+        return;
+    }
+    // The SDK's default client (`mode="auto"`) probes `server/discover` first and silently falls
+    // back to the old handshake (no MCP headers, so no fast path and no header/body check) on
+    // any refusal of the probe: the filter must let a verified caller discover.
+    let rig = Rig::start(json!({"body": "when_needed"}));
+    let auto = run(&rig.client(WORK).protocol(Protocol::Auto), json!([step_call("get_ticket", json!({"ticket_id": TASK}))]));
+    let probe = auto.raw["connect"]["http"].as_array().and_then(|h| h.first()).cloned().unwrap_or_default();
+    assert_eq!((probe["rpc"].as_str(), probe["status"].as_u64()), (Some("server/discover"), Some(200)), "{auto}");
+    assert_eq!(auto.protocol_version(), Some(MODERN), "server/discover was refused: the SDK fell back to the old protocol: {auto}");
+    ok(&auto, 0);
 }
 
 #[test]
