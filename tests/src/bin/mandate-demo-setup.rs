@@ -110,13 +110,18 @@ fn setup(out: &Path) -> Result<()> {
 
 /// The MCP chapter's policy: the support desk's MCP server (tests/mcp/server.py) as resource
 /// `support-mcp`; intent `support.case` may read tickets, comment, and refund up to 100;
-/// nothing else (delete_customer is named by no intent). Registered tasks, like the main story.
+/// nothing else (delete_customer is named by no intent). Registered tasks, like the main story;
+/// the calls are judged from the 2026-07-28 headers (`body: when_needed`).
 fn mcp_policy() -> Value {
     json!({
         "tasks": "registered",
         "resources": [{
             "name": "support-mcp", "paths": ["/mcp"], "sensitivity": "internal", "audience": "support-mcp",
-            "mcp": {"tools": {"refund": {"sensitivity": "confidential"}, "delete_customer": {"sensitivity": "restricted"}}}
+            // `when_needed`: MCP 2026-07-28 mirrors the tool and the marked arguments (refund's
+            // `amount`) into headers, so the filter decides without buffering the body; the
+            // server rejects a body that disagrees with them.
+            "mcp": {"tools": {"refund": {"sensitivity": "confidential"}, "delete_customer": {"sensitivity": "restricted"}},
+                    "body": "when_needed"}
         }],
         "intents": [{
             "name": "support.case",
