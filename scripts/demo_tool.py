@@ -73,6 +73,7 @@ def render(template, out, assignments):
         values[name] = value if re.fullmatch(r"[0-9]+", value) else json.dumps(value)
     values.setdefault("EXTRA_LISTENERS", "")
     values.setdefault("EXTRA_CLUSTERS", "")
+    values.setdefault("HTTP_FILTERS_AFTER_MANDATE", "")
     lines = []
     for line in open(template, encoding="utf-8").read().splitlines():
         stripped = line.strip()

@@ -43,6 +43,17 @@ const INVALID_REQUEST: i64 = -32600;
 const PARSE_ERROR: i64 = -32700;
 const HEADER_MISMATCH: i64 = -32020;
 
+/// Envoy's buffer filter after mandate: it holds the request until its body is complete, so an
+/// MCP call the filter refuses once it has read the body never reaches the server at all, not
+/// even its headers. (Under proxy-wasm in Envoy a filter sees the body only after it lets the
+/// headers go on: `Pause` in `on_http_request_headers` stops the body too.) Its limit is above
+/// every `max_body_bytes` here, so the 413s are the filter's own.
+const BUFFER_AFTER_MANDATE: &str = r#"- name: envoy.filters.http.buffer
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+    max_request_bytes: 16777216
+"#;
+
 fn policy(mcp: Value) -> Value {
     json!({
         "resources": [{
@@ -105,7 +116,11 @@ impl Rig {
         });
         let envoy = Envoy::start(
             "mandate.yaml",
-            Vars::new().plugin_config_json(&config).upstream_port(server.port()).cluster("minter", minter.addr.port()),
+            Vars::new()
+                .plugin_config_json(&config)
+                .upstream_port(server.port())
+                .cluster("minter", minter.addr.port())
+                .http_filter_after_mandate(BUFFER_AFTER_MANDATE),
         )
         .expect("envoy starts");
         eprintln!("minter + MCP server + envoy ready in {:?}", t0.elapsed());
