@@ -136,6 +136,13 @@ fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
     if !d.scopes.is_empty() {
         println!("  scopes:      {} (ttl {}s)", d.scopes.join(" "), d.ttl_s.unwrap_or(0));
     }
+    for c in &d.mcp_checked {
+        let value = c.value.as_ref().map_or("(missing)".to_string(), |v| v.to_string());
+        println!("  argument:    {} = {value}: {}", c.pointer, if c.ok { "ok" } else { "REFUSED" });
+    }
+    if !d.needed_scopes.is_empty() {
+        println!("  would need:  an intent with scope(s) {}", d.needed_scopes.join(" "));
+    }
     println!("rules:");
     for r in &explanation.rules {
         let mark = if r.matched { "MATCH" } else { "  -  " };

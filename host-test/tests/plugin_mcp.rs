@@ -244,11 +244,25 @@ fn tools_list_answer_is_narrowed_to_the_intent() {
 }
 
 #[test]
-fn tools_list_over_sse_is_refused_not_passed_unfiltered() {
-    let Some(mut r) = tools_list_rig("tools_list_over_sse_is_refused_not_passed_unfiltered") else { return };
+fn tools_list_over_sse_is_narrowed_too() {
+    let Some(mut r) = tools_list_rig("tools_list_over_sse_is_narrowed_too") else { return };
+    let s = list_request(&mut r);
+    assert_eq!(r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/event-stream")], false).unwrap(), Action::Pause);
+    r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,", false).unwrap();
+    r.vm.response_body(s, b"\"result\":{\"tools\":[{\"name\":\"get_ticket\"},{\"name\":\"delete_customer\"}]}}\n\n", true).unwrap();
+    let st = r.vm.stream(s);
+    assert_eq!(header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(), Some("200"));
+    let body = String::from_utf8_lossy(&st.downstream.body).to_string();
+    assert!(body.starts_with("event: message\ndata: ") && body.contains("get_ticket") && !body.contains("delete_customer"), "{body}");
+}
+
+#[test]
+fn tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered() {
+    let Some(mut r) = tools_list_rig("tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered") else { return };
     let s = list_request(&mut r);
     r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/event-stream")], false).unwrap();
-    r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"delete_customer\"}]}}\n\n", true).unwrap();
+    // Cut short: no blank line ends the event.
+    r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"delete_customer\"}]}}\n", true).unwrap();
     let st = r.vm.stream(s);
     let h = st.downstream.headers.as_ref().unwrap();
     assert_eq!(header(h, ":status").as_deref(), Some("502"));
@@ -257,6 +271,13 @@ fn tools_list_over_sse_is_refused_not_passed_unfiltered() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], json!(-32603));
     assert_eq!(r.metric("mandate.mcp.tools_list.unfilterable"), 1);
+    // A content type that is neither JSON nor an event stream: refused at once.
+    let s = list_request(&mut r);
+    r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/plain")], false).unwrap();
+    r.vm.response_body(s, b"delete_customer", true).unwrap();
+    let st = r.vm.stream(s);
+    assert_eq!(header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(), Some("502"));
+    assert!(!String::from_utf8_lossy(&st.downstream.body).contains("delete_customer"));
 }
 
 #[test]

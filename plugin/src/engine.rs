@@ -1038,9 +1038,15 @@ impl Engine {
     }
 
     /// Narrows a `tools/list` answer to the tools the caller's intent may call.
-    pub fn filter_tools(&self, f: &ToolsFilter, body: &[u8]) -> Result<Vec<u8>, mcp::Unfilterable> {
+    /// `sse`: the answer is a (complete) `text/event-stream`.
+    pub fn filter_tools(&self, f: &ToolsFilter, body: &[u8], sse: bool) -> Result<Vec<u8>, mcp::Unfilterable> {
         let Some(p) = &self.policy else { return Err(mcp::Unfilterable::NotAToolsList) };
-        mcp::filter_tools_list(body, |tool| p.tool_allowed(f.intent.as_deref(), &f.resource, tool))
+        let allowed = |tool: &str| p.tool_allowed(f.intent.as_deref(), &f.resource, tool);
+        if sse {
+            mcp::filter_tools_list_sse(body, allowed)
+        } else {
+            mcp::filter_tools_list(body, allowed)
+        }
     }
 
     pub fn decision_cache_len(&self) -> usize {

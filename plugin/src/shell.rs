@@ -19,7 +19,7 @@ use crate::reason::Reason;
 use crate::record::{DecisionRecord, FILTER_STATE_KEY, LOG_PREFIX};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status, StreamType};
 use sha2::{Digest, Sha256};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -57,6 +57,8 @@ extern "C" {
     fn proxy_log(level: LogLevel, message_data: *const u8, message_size: usize) -> Status;
     fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> Status;
     fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
+    fn proxy_continue_stream(stream_type: StreamType) -> Status;
+    fn proxy_set_effective_context(context_id: u32) -> Status;
     fn proxy_get_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize) -> Status;
     fn proxy_replace_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> Status;
     fn proxy_remove_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize) -> Status;
@@ -339,14 +341,32 @@ fn response_header(name: &str) -> Option<Vec<u8>> {
 
 /// Sets (`Some`) or removes a response header; false on a host error.
 fn set_response_header(name: &str, value: Option<&[u8]>) -> bool {
+    set_header(MapType::HttpResponseHeaders, name, value)
+}
+
+/// Sets (`Some`, replacing) or removes a header by the raw host call: unlike the SDK wrapper,
+/// a bad status (e.g. the map is gone) is a `false`, never a panic.
+fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> bool {
     // SAFETY: the pointers reference live buffers for the duration of the call.
     let status = unsafe {
         match value {
-            Some(v) => proxy_replace_header_map_value(MapType::HttpResponseHeaders, name.as_ptr(), name.len(), v.as_ptr(), v.len()),
-            None => proxy_remove_header_map_value(MapType::HttpResponseHeaders, name.as_ptr(), name.len()),
+            Some(v) => proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len()),
+            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
         }
     };
     status == Status::Ok
+}
+
+/// Resumes the current request (raw host call; never panics).
+fn resume_request() -> bool {
+    // SAFETY: plain value call.
+    unsafe { proxy_continue_stream(StreamType::HttpRequest) == Status::Ok }
+}
+
+/// Switches the effective context (raw host call; false when that stream is gone).
+fn set_effective_context(id: u32) -> bool {
+    // SAFETY: plain value call.
+    unsafe { proxy_set_effective_context(id) == Status::Ok }
 }
 
 /// Replaces the whole buffered response body; false on a host error.
@@ -513,12 +533,12 @@ fn apply(verdict: &Verdict) -> Action {
     match verdict {
         Verdict::Forward(edits) => {
             for name in &edits.remove {
-                if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, None).is_err() {
+                if !set_header(MapType::HttpRequestHeaders, name, None) {
                     return fail_closed(Reason::InternalError);
                 }
             }
             for (name, value) in &edits.set {
-                if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value)).is_err() {
+                if !set_header(MapType::HttpRequestHeaders, name, Some(value)) {
                     return fail_closed(Reason::InternalError);
                 }
             }
@@ -868,7 +888,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body: None, filtering: None, refusal_written: false }))
+        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body: None, filtering: None, refusal_written: false, sse: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -889,6 +909,8 @@ struct Http {
     filtering: Option<bool>,
     /// The refusal's error body is in place.
     refusal_written: bool,
+    /// The answer being narrowed is an event stream.
+    sse: bool,
 }
 
 impl Context for Http {
@@ -974,7 +996,7 @@ impl Http {
         let mut reported = false;
         for member in std::iter::once(flight.leader).chain(flight.waiters) {
             let Some(mut p) = shared.pending.remove(&member) else { continue };
-            if member != self.id && hostcalls::set_effective_context(member).is_err() {
+            if member != self.id && !set_effective_context(member) {
                 continue; // that stream is gone
             }
             let Some(engine) = shared.engine.as_mut() else { break };
@@ -994,12 +1016,12 @@ impl Http {
             }
             let action = apply(&verdict);
             if action == Action::Continue {
-                let _ = hostcalls::resume_http_request();
+                let _ = resume_request();
                 shared.note_filter(member, &p.decision);
             }
             shared.record(&p.decision, p.started_ns, true);
         }
-        let _ = hostcalls::set_effective_context(self.id);
+        let _ = set_effective_context(self.id);
     }
 }
 
@@ -1069,12 +1091,13 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         drop(shared);
-        // Only a JSON answer can be narrowed; anything else (an SSE stream, say) is refused
-        // (502) rather than passed unfiltered.
-        let json = response_header("content-type").is_some_and(|ct| {
-            let ct = ct.trim_ascii_start();
-            ct.get(..16).is_some_and(|p| p.eq_ignore_ascii_case(b"application/json"))
-        });
+        // Only a JSON answer or a (complete) event stream can be narrowed; anything else is
+        // refused (502) rather than passed unfiltered.
+        let ct = response_header("content-type").unwrap_or_default();
+        let ct = ct.trim_ascii_start();
+        let is = |t: &[u8]| ct.get(..t.len()).is_some_and(|p| p.eq_ignore_ascii_case(t));
+        self.sse = is(b"text/event-stream");
+        let json = is(b"application/json") || self.sse;
         let ok = set_response_header("content-length", None);
         self.filtering = Some(json && ok);
         if !(json && ok) || end_of_stream {
@@ -1107,7 +1130,7 @@ impl HttpContext for Http {
         }
         let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
         let filtered = match (shared.tool_filters.get(&self.id), shared.engine.as_ref(), buffer(BufferType::HttpResponseBody, body_size, crate::mcp::MAX_TOOLS_LIST_BYTES)) {
-            (Some(f), Some(e), Some(body)) => e.filter_tools(f, &body).ok(),
+            (Some(f), Some(e), Some(body)) => e.filter_tools(f, &body, self.sse).ok(),
             _ => None,
         };
         drop(shared);
@@ -1153,7 +1176,7 @@ impl HttpContext for Http {
         let Some(flight) = shared.flights.remove(&key) else { return };
         for w in flight.waiters {
             let Some(mut wp) = shared.pending.remove(&w) else { continue };
-            if hostcalls::set_effective_context(w).is_err() {
+            if !set_effective_context(w) {
                 continue;
             }
             let Some(engine) = shared.engine.as_mut() else { break };
@@ -1161,6 +1184,6 @@ impl HttpContext for Http {
             let _ = apply(&verdict);
             shared.record(&wp.decision, wp.started_ns, true);
         }
-        let _ = hostcalls::set_effective_context(self.id);
+        let _ = set_effective_context(self.id);
     }
 }

@@ -77,6 +77,55 @@ pub fn filter_tools_list(body: &[u8], allowed: impl Fn(&str) -> bool) -> Result<
     serde_json::to_vec(&Value::Object(m)).map_err(|_| Unfilterable::NotJson)
 }
 
+/// Rewrites a complete `text/event-stream` answer: every event whose data is a JSON-RPC answer
+/// with `result.tools` is narrowed (and re-sent as one `data:` line); other events (notifications,
+/// errors) pass unchanged. An event whose data is not JSON, or a stream that does not end with a
+/// blank line (cut short), cannot be filtered.
+pub fn filter_tools_list_sse(body: &[u8], allowed: impl Fn(&str) -> bool) -> Result<Vec<u8>, Unfilterable> {
+    if body.len() > MAX_TOOLS_LIST_BYTES {
+        return Err(Unfilterable::TooLarge);
+    }
+    let text = std::str::from_utf8(body).map_err(|_| Unfilterable::NotJson)?;
+    let text = text.replace("\r\n", "\n");
+    if text.contains('\r') {
+        return Err(Unfilterable::NotAToolsList);
+    }
+    let Some(events) = text.strip_suffix("\n\n").or_else(|| text.is_empty().then_some("")) else { return Err(Unfilterable::NotAToolsList) };
+    let mut out = Vec::with_capacity(body.len());
+    for event in events.split("\n\n").filter(|e| !e.is_empty()) {
+        let mut data: Vec<&str> = Vec::new();
+        let mut other: Vec<&str> = Vec::new();
+        for line in event.split('\n') {
+            match line.strip_prefix("data:") {
+                Some(d) => data.push(d.strip_prefix(' ').unwrap_or(d)),
+                None => other.push(line),
+            }
+        }
+        let joined = data.join("\n");
+        let is_list = !data.is_empty() && {
+            let v = jsonrpc::strict_value(joined.as_bytes()).map_err(|_| Unfilterable::NotJson)?;
+            v.get("result").and_then(|r| r.get("tools")).is_some()
+        };
+        for line in &other {
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+        if is_list {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&filter_tools_list(joined.as_bytes(), &allowed)?);
+            out.push(b'\n');
+        } else {
+            for d in &data {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(d.as_bytes());
+                out.push(b'\n');
+            }
+        }
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
 /// The answer that replaces a `tools/list` answer that could not be filtered.
 pub fn unfilterable_body(decision_id: &str) -> String {
     let esc = serde_json::to_string(decision_id).unwrap_or_else(|_| "\"\"".to_string());
@@ -134,6 +183,19 @@ mod tests {
         assert_eq!(filter_tools_list(&big, |_| true), Err(Unfilterable::TooLarge));
         let v: Value = serde_json::from_str(&unfilterable_body("d\"1")).unwrap();
         assert_eq!(v["error"]["data"]["decision_id"], json!("d\"1"));
+    }
+
+    #[test]
+    fn sse_tools_list_is_narrowed_event_by_event() {
+        let body = b"event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\r\n\r\n: comment\nid: 7\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\n\
+data: \"result\":{\"tools\":[{\"name\":\"get_ticket\"},{\"name\":\"delete_customer\"}]}}\n\n";
+        let out = String::from_utf8(filter_tools_list_sse(body, |n| n == "get_ticket").unwrap()).unwrap();
+        assert!(!out.contains("delete_customer"), "{out}");
+        assert!(out.contains("notifications/progress") && out.contains("id: 7\n") && out.contains("\"get_ticket\""), "{out}");
+        assert!(out.ends_with("\n\n"));
+        for bad in [&b"data: {\"result\":{\"tools\":[{\"name\":\"x\"}]}}\n"[..], b"data: not json\n\n", b"data: {\"result\":{\"tools\":[{\"name\":\"a\"}],\"tools\":[]}}\n\n", b"data: x\rdata: y\n\n"] {
+            assert!(filter_tools_list_sse(bad, |_| true).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     /// xorshift: reproducible pseudo-random bytes without a dependency.

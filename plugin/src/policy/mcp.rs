@@ -294,9 +294,14 @@ impl Glob {
         if s.len() > MAX_MATCH_LEN {
             return false;
         }
-        // Fast path: a literal pattern.
-        if !self.source.contains('*') {
-            return self.source == s;
+        // Fast paths: a literal pattern; a literal prefix and one final `*` (`search_*`).
+        match self.source.find('*') {
+            None => return self.source == s,
+            Some(i) if i + 1 == self.source.len() => {
+                let prefix = self.source.get(..i).unwrap_or_default();
+                return s.strip_prefix(prefix).is_some_and(|rest| !self.uri || !rest.contains('/'));
+            }
+            Some(_) => {}
         }
         let s = s.as_bytes();
         let toks = self.tokens();
