@@ -1148,7 +1148,7 @@ impl HttpContext for Http {
         action
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
         // Almost always empty: no hashing on the way out for other streams.
         if shared.tool_filters.is_empty() || !shared.tool_filters.contains_key(&self.id) {
