@@ -10,7 +10,7 @@
 
 use crate::config;
 use crate::decision::{DecisionIds, Effect, LocalReply};
-use crate::engine::{Decision, Engine, MintPlan, Request, Verdict};
+use crate::engine::{BodyPlan, Decision, Engine, MintPlan, Request, ToolsFilter, Verdict};
 use crate::headers::{serialize_pairs, Headers};
 use crate::identity::bundles::{FetchReport, SourceId};
 use crate::identity::jwks::MAX_BUNDLE_BYTES;
@@ -19,7 +19,7 @@ use crate::reason::Reason;
 use crate::record::{DecisionRecord, FILTER_STATE_KEY, LOG_PREFIX};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status, StreamType};
 use sha2::{Digest, Sha256};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -57,6 +57,13 @@ extern "C" {
     fn proxy_log(level: LogLevel, message_data: *const u8, message_size: usize) -> Status;
     fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> Status;
     fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
+    fn proxy_continue_stream(stream_type: StreamType) -> Status;
+    fn proxy_set_effective_context(context_id: u32) -> Status;
+    fn proxy_get_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize) -> Status;
+    fn proxy_replace_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> Status;
+    fn proxy_remove_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize) -> Status;
+    fn proxy_set_buffer_bytes(buffer_type: BufferType, start: usize, size: usize, buffer_data: *const u8, buffer_size: usize) -> Status;
+    fn proxy_get_buffer_bytes(buffer_type: BufferType, start: usize, max_size: usize, return_buffer_data: *mut *mut u8, return_buffer_size: *mut usize) -> Status;
     fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
@@ -138,6 +145,8 @@ struct Metrics {
     hits: [Option<Option<u32>>; 7],
     /// Counts waiting for the next flush, by metric id (a handful of distinct ids).
     pending: Vec<(u32, i64)>,
+    /// `mandate.mcp.<method>.<allow|deny>` ids by (method, allowed).
+    mcp: HashMap<(&'static str, bool), Option<u32>>,
     batched: bool,
 }
 
@@ -184,6 +193,21 @@ impl Metrics {
             }
         };
         for id in [ids.0, ids.1].into_iter().flatten() {
+            self.count(id);
+        }
+    }
+
+    /// One more MCP call of this method (a fixed name: see [`mcp_metric_method`]).
+    fn mcp(&mut self, method: &'static str, allowed: bool) {
+        let id = match self.mcp.get(&(method, allowed)) {
+            Some(id) => *id,
+            None => {
+                let id = self.id(MetricType::Counter, &format!("mandate.mcp.{method}.{}", if allowed { "allow" } else { "deny" }));
+                self.mcp.insert((method, allowed), id);
+                id
+            }
+        };
+        if let Some(id) = id {
             self.count(id);
         }
     }
@@ -277,6 +301,118 @@ fn request_headers() -> Option<Headers> {
     Headers::from_map(buf).ok()
 }
 
+/// The buffered request body (at most `max` bytes) in one host call; `None` on a host error.
+/// Unlike the SDK wrapper, a bad status is a per-request denial, never a panic.
+fn request_body(size: usize, max: usize) -> Option<Vec<u8>> {
+    buffer(BufferType::HttpRequestBody, size, max)
+}
+
+/// A buffer's bytes (at most `max`) by the raw host call; `None` on a host error.
+fn buffer(kind: BufferType, size: usize, max: usize) -> Option<Vec<u8>> {
+    if size == 0 {
+        return Some(Vec::new());
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut len: usize = 0;
+    // SAFETY: the host fills both out-pointers; it allocated `data` through this module's
+    // `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `len`), so we own it from here.
+    let status = unsafe { proxy_get_buffer_bytes(kind, 0, size.min(max.saturating_add(1)), &mut data, &mut len) };
+    match status {
+        Status::Ok if data.is_null() || len == 0 => Some(Vec::new()),
+        // SAFETY: see above.
+        Status::Ok => Some(unsafe { Vec::from_raw_parts(data, len, len) }),
+        Status::NotFound => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+/// A response header's value by the raw host call (`None`: absent or a host error).
+fn response_header(name: &str) -> Option<Vec<u8>> {
+    header_value(MapType::HttpResponseHeaders, name)
+}
+
+/// A header's value in a map by the raw host call (`None`: absent or a host error).
+fn header_value(map: MapType, name: &str) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut len: usize = 0;
+    // SAFETY: as in `request_headers`: the host allocated `data` through this module.
+    let status = unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut len) };
+    if status != Status::Ok || data.is_null() {
+        return None;
+    }
+    // SAFETY: see above.
+    Some(unsafe { Vec::from_raw_parts(data, len, len) })
+}
+
+/// Sets (`Some`) or removes a response header; false on a host error.
+fn set_response_header(name: &str, value: Option<&[u8]>) -> bool {
+    set_header(MapType::HttpResponseHeaders, name, value)
+}
+
+/// Sets (`Some`, replacing) or removes a header by the raw host call: unlike the SDK wrapper,
+/// a bad status (e.g. the map is gone) is a `false`, never a panic.
+fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> bool {
+    // SAFETY: the pointers reference live buffers for the duration of the call.
+    let status = unsafe {
+        match value {
+            Some(v) => proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len()),
+            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
+        }
+    };
+    status == Status::Ok
+}
+
+/// Dispatches an HTTP callout. The SDK wrapper must be used: it registers the token with the
+/// SDK's dispatcher, which routes the answer (and panics on an unregistered token). It panics
+/// only on a status other than Ok, BadArgument and InternalFailure, which Envoy does not return
+/// for `proxy_http_call`.
+fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<u32, Status> {
+    hostcalls::dispatch_http_call(cluster, headers.to_vec(), (!body.is_empty()).then_some(body), Vec::new(), timeout)
+}
+
+/// Resumes the current request (raw host call; never panics).
+fn resume_request() -> bool {
+    // SAFETY: plain value call.
+    unsafe { proxy_continue_stream(StreamType::HttpRequest) == Status::Ok }
+}
+
+/// Switches the effective context (raw host call; false when that stream is gone).
+fn set_effective_context(id: u32) -> bool {
+    // SAFETY: plain value call.
+    unsafe { proxy_set_effective_context(id) == Status::Ok }
+}
+
+/// Replaces the whole buffered response body; false on a host error.
+fn replace_response_body(size: usize, body: &[u8]) -> bool {
+    // SAFETY: the pointer references a live buffer for the duration of the call.
+    unsafe { proxy_set_buffer_bytes(BufferType::HttpResponseBody, 0, size, body.as_ptr(), body.len()) == Status::Ok }
+}
+
+/// Metric name part of an MCP method: known methods only (a caller cannot create metrics).
+fn mcp_metric_method(method: Option<&str>) -> &'static str {
+    const KNOWN: [(&str, &str); 14] = [
+        ("initialize", "initialize"),
+        ("ping", "ping"),
+        ("tools/list", "tools_list"),
+        ("tools/call", "tools_call"),
+        ("resources/list", "resources_list"),
+        ("resources/read", "resources_read"),
+        ("resources/templates/list", "resources_templates_list"),
+        ("resources/subscribe", "resources_subscribe"),
+        ("resources/unsubscribe", "resources_unsubscribe"),
+        ("prompts/list", "prompts_list"),
+        ("prompts/get", "prompts_get"),
+        ("completion/complete", "completion_complete"),
+        ("logging/setLevel", "logging_setLevel"),
+        ("elicitation/create", "elicitation_create"),
+    ];
+    match method {
+        None => "unknown",
+        Some(m) if m.starts_with("notifications/") => "notifications",
+        Some(m) => KNOWN.iter().find(|(k, _)| *k == m).map_or("other", |(_, v)| v),
+    }
+}
+
 /// Writes record lines to the proxy's log (bytes: no UTF-8 re-check, no copy).
 fn log_record_line(line: &[u8]) {
     // SAFETY: the pointer references a live buffer for the duration of the call.
@@ -295,6 +431,16 @@ fn set_record_state(json: &[u8]) {
 /// A request paused on a credential exchange.
 struct Pending {
     plan: Box<MintPlan>,
+    decision: Decision,
+    started_ns: u64,
+    /// MCP body path: once the credential is in, the headers go on and the body is judged.
+    body: Option<Box<BodyPlan>>,
+}
+
+/// MCP body path: a request whose headers went on and whose body is being buffered and will
+/// be judged at its end. Its decision record is written then (or when the stream ends first).
+struct BodyWait {
+    plan: Box<BodyPlan>,
     decision: Decision,
     started_ns: u64,
 }
@@ -321,6 +467,10 @@ struct Shared {
     /// the revocation lag gauge and the count of `revocations_stale` refusals.
     lag_gauge: Option<String>,
     stale_counter: Option<String>,
+    /// Streams whose `tools/list` answer must be narrowed (by context id).
+    tool_filters: HashMap<u32, ToolsFilter>,
+    /// MCP streams whose body is pending (by context id).
+    bodies: HashMap<u32, BodyWait>,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
@@ -339,6 +489,9 @@ impl Shared {
         self.line.extend_from_slice(LOG_PREFIX.as_bytes());
         rec.write_json(&mut self.line);
         self.metrics.decision(d.effect(), d.reason());
+        if let Some(m) = d.mcp.as_deref() {
+            self.metrics.mcp(mcp_metric_method(m.method.as_deref()), d.effect() == Effect::Allow);
+        }
         if d.reason == Some(Reason::RevocationsStale) {
             if let Some(name) = self.stale_counter.as_deref() {
                 self.metrics.inc(name);
@@ -375,6 +528,13 @@ impl Shared {
 }
 
 impl Shared {
+    /// A forwarded `tools/list` whose answer must be narrowed for its caller.
+    fn note_filter(&mut self, ctx: u32, d: &Decision) {
+        if let Some(f) = self.engine.as_ref().and_then(|e| e.tools_filter(d)) {
+            self.tool_filters.insert(ctx, f);
+        }
+    }
+
     /// Hands buffered record lines and counts to the host: one log call, one call per counter.
     fn flush(&mut self) {
         self.flush_lines();
@@ -398,12 +558,12 @@ fn apply(verdict: &Verdict) -> Action {
     match verdict {
         Verdict::Forward(edits) => {
             for name in &edits.remove {
-                if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, None).is_err() {
+                if !set_header(MapType::HttpRequestHeaders, name, None) {
                     return fail_closed(Reason::InternalError);
                 }
             }
             for (name, value) in &edits.set {
-                if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value)).is_err() {
+                if !set_header(MapType::HttpRequestHeaders, name, Some(value)) {
                     return fail_closed(Reason::InternalError);
                 }
             }
@@ -413,8 +573,8 @@ fn apply(verdict: &Verdict) -> Action {
             send_reply(reply);
             Action::Pause
         }
-        // Never reached: a mint verdict is resolved before it is applied.
-        Verdict::Mint(_) => fail_closed(Reason::InternalError),
+        // Never reached: mint and body verdicts are resolved before they are applied.
+        Verdict::Mint(_) | Verdict::NeedBody(_) => fail_closed(Reason::InternalError),
     }
 }
 
@@ -476,17 +636,14 @@ fn callout_answer(num_headers: usize, body_size: usize, limit: usize) -> Result<
     if num_headers == 0 {
         return Err(MintError::NoResponse);
     }
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
+    // Raw host calls: a bad status is a failed exchange, never a panic.
+    let status = header_value(MapType::HttpCallResponseHeaders, ":status")
         .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u16>().ok()))
         .ok_or(MintError::Malformed("no :status"))?;
     if body_size > limit {
         return Err(MintError::TooLarge);
     }
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-        .map_err(|_| MintError::Malformed("unreadable body"))?
-        .unwrap_or_default();
+    let body = buffer(BufferType::HttpCallResponseBody, body_size, body_size).ok_or(MintError::Malformed("unreadable body"))?;
     Ok((status, body))
 }
 
@@ -515,6 +672,8 @@ impl Root {
             lines: Vec::new(),
             lag_gauge: None,
             stale_counter: None,
+            tool_filters: HashMap::new(),
+            bodies: HashMap::new(),
         };
         Root { shared: Rc::new(RefCell::new(shared)), seed: random_seed(), calls: HashMap::new() }
     }
@@ -528,7 +687,7 @@ impl Root {
         let Some(engine) = shared.engine.as_mut() else { return };
         for plan in engine.identity.bundles.due_fetches(now) {
             let headers = vec![(":method", "GET"), (":path", plan.path.as_str()), (":authority", plan.authority.as_str()), ("accept", "application/json")];
-            match hostcalls::dispatch_http_call(&plan.cluster, headers, None, vec![], Duration::from_millis(plan.timeout_ms)) {
+            match http_call(&plan.cluster, &headers, &[], Duration::from_millis(plan.timeout_ms)) {
                 Ok(token) => {
                     self.calls.insert(token, RootCall::Bundle(plan.source));
                 }
@@ -551,7 +710,7 @@ fn poll_revocations(engine: &mut Engine, metrics: &mut Metrics, calls: &mut Hash
     let now_ms = now_ns / 1_000_000;
     let Some(poll) = engine.due_poll(now_ms) else { return };
     let headers = vec![(":method", "GET"), (":path", poll.path.as_str()), (":authority", poll.authority.as_str()), ("accept", "application/json")];
-    match hostcalls::dispatch_http_call(&poll.cluster, headers, None, vec![], Duration::from_millis(poll.timeout_ms)) {
+    match http_call(&poll.cluster, &headers, &[], Duration::from_millis(poll.timeout_ms)) {
         Ok(token) => {
             calls.insert(token, RootCall::Revocations);
         }
@@ -752,7 +911,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0 }))
+        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body_pending: false, filtering: None, refusal_written: false, sse: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -766,6 +925,16 @@ struct Http {
     id: u32,
     shared: SharedRef,
     started_ns: u64,
+    /// MCP: the header phase let the headers go on (or is minting first) and the body is
+    /// still to be judged (its state: `Shared::bodies`, or `Shared::pending` while minting).
+    body_pending: bool,
+    /// MCP: this stream's `tools/list` answer is being narrowed (`Some(false)`: it cannot be,
+    /// and is replaced by an error).
+    filtering: Option<bool>,
+    /// The refusal's error body is in place.
+    refusal_written: bool,
+    /// The answer being narrowed is an event stream.
+    sse: bool,
 }
 
 impl Context for Http {
@@ -776,6 +945,85 @@ impl Context for Http {
 }
 
 impl Http {
+    /// A `tools/list` answer that cannot be narrowed safely: a JSON-RPC error instead. Refused
+    /// from its headers (a content type that cannot be narrowed): 502. Refused from its body,
+    /// the headers are already on their way (a proxy delivers a response body to a filter only
+    /// after it let the headers go on): the body is replaced by the error (an event for an event
+    /// stream), never passed unfiltered.
+    fn refuse_tools_list(&mut self, body_size: usize, in_headers: bool) {
+        let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
+        let id = shared.tool_filters.get(&self.id).map(|f| f.decision_id.clone()).unwrap_or_default();
+        shared.metrics.inc("mandate.mcp.tools_list.unfilterable");
+        drop(shared);
+        log(LogLevel::Warn, "mandate: a tools/list answer could not be filtered for its caller; refused");
+        let mut body = crate::mcp::unfilterable_body(&id);
+        if in_headers {
+            let _ = set_response_header(":status", Some(b"502"));
+            let _ = set_response_header("content-type", Some(b"application/json"));
+            self.sse = false;
+        } else if self.sse {
+            body = format!("event: message\ndata: {body}\n\n");
+        }
+        self.refusal_written = replace_response_body(body_size, body.as_bytes());
+    }
+
+    /// Applies a verdict: forwards, answers, or dispatches (or joins) the credential exchange.
+    /// Records the decision unless the request now waits on an exchange.
+    /// `body`: the MCP body path; once the headers go on, the body is awaited and the record
+    /// waits for its judgement.
+    fn run(&mut self, shared: &mut Shared, verdict: Verdict, decision: Decision, now: u64, body: Option<Box<BodyPlan>>) -> Action {
+        let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
+        match verdict {
+            Verdict::Mint(plan) => {
+                let key = plan.key;
+                if let Some(flight) = shared.flights.get_mut(&key) {
+                    // Single flight: wait on the exchange already under way.
+                    flight.waiters.push(self.id);
+                    shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns, body });
+                    return Action::Pause;
+                }
+                let form = plan.body();
+                let headers = [
+                    (":method", "POST"),
+                    (":path", plan.path.as_str()),
+                    (":authority", plan.authority.as_str()),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("accept", "application/json"),
+                ];
+                match http_call(&plan.cluster, &headers, &form, Duration::from_millis(plan.timeout_ms)) {
+                    Ok(_) => {
+                        shared.flights.insert(key, Flight { leader: self.id, waiters: Vec::new(), dispatched_ns: self.started_ns });
+                        shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns, body });
+                        Action::Pause
+                    }
+                    Err(status) => {
+                        // Unknown cluster or no capacity: fail closed, never pass the request through.
+                        let mut d = decision;
+                        let (verdict, _) = engine.finish_mint(&plan, Err(MintError::Dispatch(format!("{status:?}"))), now, &mut d);
+                        shared.metrics.inc("mandate.minter.failures");
+                        log(LogLevel::Warn, &format!("mandate: cannot call minter cluster `{}`: {status:?}", plan.cluster));
+                        let action = apply(&verdict);
+                        shared.record(&d, self.started_ns, true);
+                        action
+                    }
+                }
+            }
+            verdict => {
+                let action = apply(&verdict);
+                if action == Action::Continue {
+                    if let Some(plan) = body {
+                        // The headers go on; the body is judged at its end (and recorded then).
+                        shared.bodies.insert(self.id, BodyWait { plan, decision, started_ns: self.started_ns });
+                        return action;
+                    }
+                    shared.note_filter(self.id, &decision);
+                }
+                shared.record(&decision, self.started_ns, true);
+                action
+            }
+        }
+    }
+
     /// Completes this context's exchange for itself and every waiter on it.
     fn complete_flight(&mut self, answer: Result<(u16, Vec<u8>), MintError>) {
         let now_ns = now_nanos().unwrap_or(0);
@@ -788,7 +1036,7 @@ impl Http {
         let mut reported = false;
         for member in std::iter::once(flight.leader).chain(flight.waiters) {
             let Some(mut p) = shared.pending.remove(&member) else { continue };
-            if member != self.id && hostcalls::set_effective_context(member).is_err() {
+            if member != self.id && !set_effective_context(member) {
                 continue; // that stream is gone
             }
             let Some(engine) = shared.engine.as_mut() else { break };
@@ -808,69 +1056,156 @@ impl Http {
             }
             let action = apply(&verdict);
             if action == Action::Continue {
-                let _ = hostcalls::resume_http_request();
+                let _ = resume_request();
+                if let Some(plan) = p.body {
+                    // The headers went on with the credential; the body is judged at its end.
+                    shared.bodies.insert(member, BodyWait { plan, decision: p.decision, started_ns: p.started_ns });
+                    continue;
+                }
+                shared.note_filter(member, &p.decision);
             }
             shared.record(&p.decision, p.started_ns, true);
         }
-        let _ = hostcalls::set_effective_context(self.id);
+        let _ = set_effective_context(self.id);
     }
 }
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.started_ns = now_nanos().unwrap_or(0);
         let Some(headers) = request_headers() else { return fail_closed(Reason::InternalError) };
         let now = self.started_ns / 1_000_000_000;
         if now == 0 {
             return fail_closed(Reason::InternalError);
         }
-        let Ok(mut shared) = self.shared.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
+        let shared_ref = self.shared.clone();
+        let Ok(mut shared) = shared_ref.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
         let shared = &mut *shared;
         let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
 
-        // identity → intent → policy → (credential) → inject → record
+        // identity → MCP call → intent → policy → (credential) → inject → record
         let outcome = engine.on_request(&Request { headers: &headers, now });
         match outcome.verdict {
-            Verdict::Mint(plan) => {
-                let key = plan.key;
-                if let Some(flight) = shared.flights.get_mut(&key) {
-                    // Single flight: wait on the exchange already under way.
-                    flight.waiters.push(self.id);
-                    shared.pending.insert(self.id, Pending { plan, decision: outcome.decision, started_ns: self.started_ns });
-                    return Action::Pause;
-                }
-                let body = plan.body();
-                let headers = vec![
-                    (":method", "POST"),
-                    (":path", plan.path.as_str()),
-                    (":authority", plan.authority.as_str()),
-                    ("content-type", "application/x-www-form-urlencoded"),
-                    ("accept", "application/json"),
-                ];
-                match hostcalls::dispatch_http_call(&plan.cluster, headers, Some(&body), vec![], Duration::from_millis(plan.timeout_ms)) {
-                    Ok(_) => {
-                        shared.flights.insert(key, Flight { leader: self.id, waiters: Vec::new(), dispatched_ns: self.started_ns });
-                        shared.pending.insert(self.id, Pending { plan, decision: outcome.decision, started_ns: self.started_ns });
-                        Action::Pause
-                    }
-                    Err(status) => {
-                        // Unknown cluster or no capacity: fail closed, never pass the request through.
-                        let mut d = outcome.decision;
-                        let (verdict, _) = engine.finish_mint(&plan, Err(MintError::Dispatch(format!("{status:?}"))), now, &mut d);
-                        shared.metrics.inc("mandate.minter.failures");
-                        log(LogLevel::Warn, &format!("mandate: cannot call minter cluster `{}`: {status:?}", plan.cluster));
-                        let action = apply(&verdict);
-                        shared.record(&d, self.started_ns, true);
-                        action
-                    }
+            Verdict::NeedBody(plan) if end_of_stream => {
+                // No body will come: judge the empty one (a malformed call), nothing minted.
+                let mut d = outcome.decision;
+                let verdict = engine.on_request_body(&plan, &[], now, &mut d);
+                self.run(shared, verdict, d, now, None)
+            }
+            Verdict::NeedBody(mut plan) => {
+                // The headers go on (after the credential, if one is minted): a proxy holds the
+                // body back from a filter that paused its headers, so the body can only be
+                // judged after they continue. It is held in `on_http_request_body` until
+                // complete, then judged; nothing reaches the server as a complete call first.
+                let Some(header) = plan.take_header_verdict() else { return fail_closed(Reason::InternalError) };
+                self.body_pending = true;
+                self.run(shared, header, outcome.decision, now, Some(plan))
+            }
+            verdict => self.run(shared, verdict, outcome.decision, now, None),
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Every other stream: untouched.
+        if !self.body_pending {
+            return Action::Continue;
+        }
+        let shared_ref = self.shared.clone();
+        let Ok(mut shared) = shared_ref.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
+        let shared = &mut *shared;
+        let Some(max) = shared.bodies.get(&self.id).map(|w| w.plan.max_body_bytes) else {
+            // Still minting (a proxy delivers no body then): hold it. Otherwise the header
+            // phase already answered.
+            return if shared.pending.contains_key(&self.id) { Action::Pause } else { Action::Continue };
+        };
+        if body_size <= max && !end_of_stream {
+            // The proxy buffers until the end of the stream.
+            return Action::Pause;
+        }
+        let Some(BodyWait { plan, decision: mut d, started_ns }) = shared.bodies.remove(&self.id) else { return Action::Continue };
+        self.body_pending = false;
+        let now = now_nanos().unwrap_or(started_ns) / 1_000_000_000;
+        let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
+        let verdict = if body_size > max {
+            engine.body_too_large(&mut d)
+        } else {
+            match request_body(body_size, max) {
+                Some(body) => engine.on_request_body(&plan, &body, now, &mut d),
+                None => {
+                    d.effect = Some(Effect::Deny);
+                    d.reason = Some(Reason::InternalError);
+                    Verdict::Reply(LocalReply::deny(Reason::InternalError, &d.id, &engine.config().upstream.decision_id_header))
                 }
             }
-            verdict => {
-                let action = apply(&verdict);
-                shared.record(&outcome.decision, self.started_ns, true);
-                action
+        };
+        // Allowed: the body follows the headers. Refused: a local reply (the proxy resets the
+        // upstream stream, which never got a complete call).
+        let action = apply(&verdict);
+        if action == Action::Continue {
+            shared.note_filter(self.id, &d);
+        }
+        shared.record(&d, started_ns, true);
+        action
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
+        // Almost always empty: no hashing on the way out for other streams.
+        if shared.tool_filters.is_empty() || !shared.tool_filters.contains_key(&self.id) {
+            return Action::Continue;
+        }
+        drop(shared);
+        // Only a JSON answer or a (complete) event stream can be narrowed; anything else is
+        // refused (502) rather than passed unfiltered.
+        let ct = response_header("content-type").unwrap_or_default();
+        let ct = ct.trim_ascii_start();
+        let is = |t: &[u8]| ct.get(..t.len()).is_some_and(|p| p.eq_ignore_ascii_case(t));
+        self.sse = is(b"text/event-stream");
+        let json = is(b"application/json") || self.sse;
+        let ok = set_response_header("content-length", None);
+        self.filtering = Some(json && ok);
+        if !(json && ok) {
+            self.refuse_tools_list(0, true);
+        }
+        // Never `Pause` here: a proxy would then hold the body back from this filter too
+        // (Envoy: StopAllIterationAndWatermark). The headers go on; the body is held in
+        // `on_http_response_body` until complete, then narrowed.
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(filtering) = self.filtering else { return Action::Continue };
+        if !filtering {
+            // Refused: the error body once, then whatever else comes is dropped.
+            if self.refusal_written {
+                let _ = replace_response_body(body_size, b"");
+            } else {
+                self.refuse_tools_list(body_size, false);
+            }
+            return Action::Continue;
+        }
+        if body_size > crate::mcp::MAX_TOOLS_LIST_BYTES {
+            self.refuse_tools_list(body_size, false);
+            self.filtering = Some(false);
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
+        let filtered = match (shared.tool_filters.get(&self.id), shared.engine.as_ref(), buffer(BufferType::HttpResponseBody, body_size, crate::mcp::MAX_TOOLS_LIST_BYTES)) {
+            (Some(f), Some(e), Some(body)) => e.filter_tools(f, &body, self.sse).ok(),
+            _ => None,
+        };
+        drop(shared);
+        match filtered {
+            Some(new) if replace_response_body(body_size, &new) => {}
+            _ => {
+                self.refuse_tools_list(body_size, false);
+                self.filtering = Some(false);
             }
         }
+        Action::Continue
     }
 
     fn on_log(&mut self) {
@@ -878,6 +1213,19 @@ impl HttpContext for Http {
         // cancels the call, so fail its waiters closed now rather than leave them hanging.
         let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
         let shared = &mut *shared;
+        if !shared.tool_filters.is_empty() {
+            shared.tool_filters.remove(&self.id);
+        }
+        // A request that ended while its body was awaited: refused, and on the record (once).
+        if self.body_pending {
+            self.body_pending = false;
+            if let Some(mut w) = shared.bodies.remove(&self.id) {
+                w.decision.effect = Some(Effect::Deny);
+                w.decision.reason = Some(Reason::McpMalformed);
+                shared.record(&w.decision, w.started_ns, false);
+                return;
+            }
+        }
         let Some(mut p) = shared.pending.remove(&self.id) else { return };
         let key = p.plan.key;
         // The request reached the filter: it gets its record even though its client left.
@@ -895,7 +1243,7 @@ impl HttpContext for Http {
         let Some(flight) = shared.flights.remove(&key) else { return };
         for w in flight.waiters {
             let Some(mut wp) = shared.pending.remove(&w) else { continue };
-            if hostcalls::set_effective_context(w).is_err() {
+            if !set_effective_context(w) {
                 continue;
             }
             let Some(engine) = shared.engine.as_mut() else { break };
@@ -903,6 +1251,6 @@ impl HttpContext for Http {
             let _ = apply(&verdict);
             shared.record(&wp.decision, wp.started_ns, true);
         }
-        let _ = hostcalls::set_effective_context(self.id);
+        let _ = set_effective_context(self.id);
     }
 }
