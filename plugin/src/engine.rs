@@ -975,7 +975,12 @@ impl Engine {
             }
         } else if m.jsonrpc && matches!(reason, Reason::ToolNotAllowed | Reason::IntentMismatch | Reason::IntentRequired) {
             let scopes = d.policy.as_ref().map(|p| p.needed_scopes.join(" ")).unwrap_or_default();
-            let mut v = format!("Bearer error=\"insufficient_scope\", scope=\"{scopes}\"");
+            // RFC 6750 §3: `scope` lists what would suffice; when no intent would, leave it out.
+            let mut v = if scopes.is_empty() {
+                "Bearer error=\"insufficient_scope\"".to_string()
+            } else {
+                format!("Bearer error=\"insufficient_scope\", scope=\"{scopes}\"")
+            };
             if let Some(rm) = &rm {
                 v.push_str(", ");
                 v.push_str(rm);

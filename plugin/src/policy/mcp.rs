@@ -14,7 +14,10 @@ pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 /// Bounds of `max_body_bytes`.
 pub const MAX_BODY_RANGE: std::ops::RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
 /// Methods a verified caller may use without an intent (unless a deny rule matches).
-pub const SESSION_METHODS: [&str; 6] = ["initialize", "ping", "tools/list", "resources/list", "resources/templates/list", "prompts/list"];
+/// `server/discover` is the 2026-07-28 revision's capability probe (the SDK's client sends it
+/// first; refusing it makes the client fall back to an older revision and its headers).
+pub const SESSION_METHODS: [&str; 7] =
+    ["initialize", "server/discover", "ping", "tools/list", "resources/list", "resources/templates/list", "prompts/list"];
 /// Longest name, URI or pattern judged; longer never matches.
 const MAX_MATCH_LEN: usize = 4096;
 
