@@ -244,17 +244,130 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
     let config: Config = if trimmed {
         Config::default()
     } else {
-        let mut de = serde_json::Deserializer::from_slice(raw);
-        let parsed: Result<Config, _> = serde_path_to_error::deserialize(&mut de);
-        let config = parsed.map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::new(path, e.into_inner().to_string())
-        })?;
-        de.end().map_err(|e| ConfigError::new(".", e.to_string()))?;
-        config
+        from_json(raw, "")?
     };
     validate(&config)?;
     Ok(config)
+}
+
+/// Deserialises `raw` (strict JSON, nothing after the value), naming the failing field on error.
+///
+/// serde_json stops at the failing value, so the field is recovered from where it stopped
+/// (see [`field_at`]): the deserialisers are serde_json's own, shared with the rest of the
+/// filter, and no path bookkeeping runs unless parsing fails.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], prefix: &str) -> Result<T, ConfigError> {
+    serde_json::from_slice(raw).map_err(|e| json_error(raw, prefix, &e))
+}
+
+#[cold]
+#[inline(never)]
+fn json_error(raw: &[u8], prefix: &str, e: &serde_json::Error) -> ConfigError {
+    // serde_json reports the line and the byte column where it stopped (0: nothing read yet).
+    let line_start = if e.line() <= 1 {
+        0
+    } else {
+        raw.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(e.line() - 2).map_or(raw.len(), |(i, _)| i + 1)
+    };
+    let end = line_start.saturating_add(e.column()).min(raw.len());
+    let message = e.to_string();
+    // A missing field is reported by the object that lacks it, with the reader at its `}`.
+    let field = field_at(raw.get(..end).unwrap_or(raw), message.starts_with("missing field"));
+    let field = match (prefix.is_empty(), field.is_empty()) {
+        (true, true) => ".".to_string(),
+        (true, false) => field,
+        (false, _) => format!("{prefix}{}{field}", if field.starts_with('[') || field.is_empty() { "" } else { "." }),
+    };
+    ConfigError::new(field, message)
+}
+
+/// The dotted path (`a.b[2].c`; empty for the root) of the value a JSON reader was in after
+/// reading `prefix`: the key or element being read, or the innermost object if `object_only`.
+fn field_at(prefix: &[u8], object_only: bool) -> String {
+    enum Frame {
+        /// An object and the key whose value is being (or was last) read.
+        Object(Option<String>),
+        /// An array and the index of the element being read, once one has started.
+        Array(Option<usize>),
+    }
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut expect_key = false;
+    let mut i = 0;
+    // A value (scalar, string, object or array) starts: in an array, that is the next element.
+    let value_starts = |stack: &mut Vec<Frame>| {
+        if let Some(Frame::Array(idx)) = stack.last_mut() {
+            if idx.is_none() {
+                *idx = Some(0);
+            }
+        }
+    };
+    while let Some(&b) = prefix.get(i) {
+        match b {
+            b'{' => {
+                value_starts(&mut stack);
+                stack.push(Frame::Object(None));
+                expect_key = true;
+            }
+            b'[' => {
+                value_starts(&mut stack);
+                stack.push(Frame::Array(None));
+            }
+            b'}' | b']' => {
+                stack.pop();
+                expect_key = false;
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Object(key)) => {
+                    *key = None;
+                    expect_key = true;
+                }
+                Some(Frame::Array(idx)) => *idx = Some(idx.map_or(0, |n| n + 1)),
+                None => {}
+            },
+            b'"' => {
+                let start = i + 1;
+                i = start;
+                while let Some(&c) = prefix.get(i) {
+                    match c {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                if expect_key {
+                    let key = String::from_utf8_lossy(prefix.get(start..i).unwrap_or_default()).into_owned();
+                    if let Some(Frame::Object(k)) = stack.last_mut() {
+                        *k = Some(key);
+                    }
+                    expect_key = false;
+                } else {
+                    value_starts(&mut stack);
+                }
+            }
+            b':' => {}
+            b if b.is_ascii_whitespace() => {}
+            _ => value_starts(&mut stack),
+        }
+        i += 1;
+    }
+    if object_only {
+        if let Some(Frame::Object(key)) = stack.last_mut() {
+            *key = None;
+        }
+    }
+    let mut path = String::new();
+    for frame in &stack {
+        match frame {
+            Frame::Object(Some(key)) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Frame::Array(Some(idx)) => path.push_str(&format!("[{idx}]")),
+            Frame::Object(None) | Frame::Array(None) => {}
+        }
+    }
+    path
 }
 
 fn validate(c: &Config) -> Result<(), ConfigError> {
@@ -502,6 +615,45 @@ mod tests {
         }
         let e = parse(br#"{"minter": {"cluster": "m", "revocations": {"enabled": false}}}"#).unwrap_err();
         assert!(e.message.contains("enabled"), "polling cannot be switched off: {e}");
+    }
+
+    #[test]
+    fn every_deserialisation_error_names_the_dotted_field() {
+        for (raw, field) in [
+            // Wrong types, at every depth and inside arrays.
+            (r#"{"identity": {"clock_skew_s": "30"}}"#, "identity.clock_skew_s"),
+            (r#"{"identity": {"audiences": ["a", 7]}}"#, "identity.audiences[1]"),
+            (r#"{"identity": {"audiences": "a"}}"#, "identity.audiences"),
+            (r#"{"identity": {"trust_domains": [{"name": "a.org", "bundle": {"cluster": "c"}}, {"name": 1}]}}"#, "identity.trust_domains[1].name"),
+            (
+                "{\n  \"identity\": {\n    \"trust_domains\": [\n      {\"name\": \"a.org\", \"bundle\": {\"cluster\": \"c\", \"refresh_s\": -1}}\n    ]\n  }\n}",
+                "identity.trust_domains[0].bundle.refresh_s",
+            ),
+            (r#"{"policy": 5}"#, "policy"),
+            (r#"{"records": {"log": true, "flush_ms": 1.5}}"#, "records.flush_ms"),
+            (r#"{"minter": {"cluster": "m", "revocations": {"max_stale_s": "x"}}}"#, "minter.revocations.max_stale_s"),
+            // Unknown fields name themselves; missing ones name the object that lacks them.
+            (r#"{"identity": {"header": "authorization", "bogus": 1}}"#, "identity.bogus"),
+            (r#"{"surprise": true}"#, "surprise"),
+            (r#"{"identity": {"trust_domains": [{"name": "a.org"}]}}"#, "identity.trust_domains[0]"),
+            (r#"{"identity": {"trust_domains": [{}]}}"#, "identity.trust_domains[0]"),
+            (r#"{"identity": {"oidc_issuers": [{"issuer": "i", "audiences": ["a"], "jwks": {"cluster": "c", "path\"x": 1}}]}}"#, "identity.oidc_issuers[0].jwks.path\\\"x"),
+            // Syntax errors: the field being read when the text went wrong.
+            (r#"{"identity": {"header": "authorization",, }}"#, "identity"),
+            ("true", "."),
+        ] {
+            let e = parse(raw.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{raw}: {e}");
+        }
+    }
+
+    #[test]
+    fn policy_deserialisation_errors_name_the_field_under_policy() {
+        let raw = br#"{"policy": {"resources": [{"name": "a", "paths": ["/a"]}, {"name": "b", "paths": ["/b"]}, {"name": "c", "paths": ["/c"], "mcp": {"max_body_bytes": "x"}}]}}"#;
+        let e = parse(raw).unwrap_err();
+        assert_eq!(e.field, "policy.resources[2].mcp.max_body_bytes", "{e}");
+        let e = crate::policy::cases::parse_policy(br#"{"resources": [{"name": "a", "paths": "/a"}]}"#).unwrap_err();
+        assert_eq!(e.field, "policy.resources[0].paths", "{e}");
     }
 
     #[test]
