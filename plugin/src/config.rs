@@ -460,7 +460,11 @@ mod tree {
         match v {
             Value::Null => de::Unexpected::Unit,
             Value::Bool(b) => de::Unexpected::Bool(*b),
-            Value::Number(_) => de::Unexpected::Other("number"),
+            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => de::Unexpected::Unsigned(u),
+                (None, Some(i)) => de::Unexpected::Signed(i),
+                (None, None) => de::Unexpected::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
             Value::String(s) => de::Unexpected::Str(s),
             Value::Array(_) => de::Unexpected::Seq,
             Value::Object(_) => de::Unexpected::Map,
@@ -912,6 +916,8 @@ mod tests {
                 "identity.trust_domains[0].bundle.refresh_s",
             ),
             (r#"{"policy": 5}"#, "policy"),
+            (r#"{"identity": {"header": null}}"#, "identity.header"),
+            (r#"{"identity": {"header": 5}}"#, "identity.header"),
             (r#"{"records": {"log": true, "flush_ms": 1.5}}"#, "records.flush_ms"),
             (r#"{"minter": {"cluster": "m", "revocations": {"max_stale_s": "x"}}}"#, "minter.revocations.max_stale_s"),
             // Unknown fields name themselves; missing ones name the object that lacks them.
@@ -930,6 +936,19 @@ mod tests {
             let e = parse(raw.as_bytes()).unwrap_err();
             assert_eq!(e.field, field, "{raw}: {e}");
         }
+    }
+
+    #[test]
+    fn type_errors_say_what_was_found() {
+        let e = parse(br#"{"identity": {"header": 5}}"#).unwrap_err();
+        assert_eq!(e.message, "invalid type: integer `5`, expected a string");
+        let e = parse(br#"{"identity": {"header": null}}"#).unwrap_err();
+        assert_eq!(e.message, "invalid type: null, expected a string");
+        let e = parse(br#"{"identity": {"forward_token": "yes"}}"#).unwrap_err();
+        assert_eq!(e.message, "invalid type: string \"yes\", expected a boolean");
+        let e = parse(br#"{"policy": {"tasks": "sometimes"}}"#).unwrap_err();
+        assert_eq!(e.field, "policy.tasks", "{e}");
+        assert!(e.message.starts_with("unknown variant `sometimes`"), "{e}");
     }
 
     #[test]
