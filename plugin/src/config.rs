@@ -244,17 +244,416 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
     let config: Config = if trimmed {
         Config::default()
     } else {
-        let mut de = serde_json::Deserializer::from_slice(raw);
-        let parsed: Result<Config, _> = serde_path_to_error::deserialize(&mut de);
-        let config = parsed.map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::new(path, e.into_inner().to_string())
-        })?;
-        de.end().map_err(|e| ConfigError::new(".", e.to_string()))?;
-        config
+        from_json(raw, "")?
     };
     validate(&config)?;
     Ok(config)
+}
+
+/// Deserialises `raw` (strict JSON, nothing after the value, no key twice in an object),
+/// naming the failing field on error, with `prefix` as the path of the root (`""`: none).
+///
+/// The text is parsed into a `serde_json::Value` first (syntax errors are located by where
+/// serde_json stopped, see [`scan`]), then `T` is read from the tree by [`tree::Node`], which
+/// knows the path of every value it hands out. Reading the config types from the tree with
+/// that small deserializer takes far less code than serde_json's text deserializer (or
+/// serde_path_to_error around it) instantiated for every config type.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], prefix: &str) -> Result<T, ConfigError> {
+    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| json_error(raw, prefix, &e))?;
+    // The tree keeps the last of repeated keys; the text deserializer refused them.
+    if let (field, true) = scan(raw, true) {
+        return Err(ConfigError::new(prefixed(prefix, field), "duplicate field"));
+    }
+    let failed = std::cell::RefCell::new(None);
+    let root = tree::At { parent: None, seg: tree::Seg::Root(prefix) };
+    T::deserialize(tree::Node { v: &value, at: &root, failed: &failed }).map_err(|e| {
+        let field = match failed.into_inner() {
+            Some(field) if !field.is_empty() => field,
+            _ => prefixed(prefix, String::new()),
+        };
+        ConfigError::new(field, e.to_string())
+    })
+}
+
+/// A deserializer over a parsed JSON tree that knows where it is, so the first failing value
+/// can be named. Every type is read through one small `deserialize_any`; the path is only
+/// rendered when something fails.
+mod tree {
+    use serde::de::{self, value::BorrowedStrDeserializer, DeserializeSeed, IntoDeserializer, Visitor};
+    use serde_json::{Error, Value};
+    use std::cell::RefCell;
+
+    pub(super) enum Seg<'a> {
+        Root(&'a str),
+        Key(&'a str),
+        Index(usize),
+    }
+
+    /// One step of the path, linked to its parent on the stack.
+    pub(super) struct At<'a> {
+        pub parent: Option<&'a At<'a>>,
+        pub seg: Seg<'a>,
+    }
+
+    pub(super) struct Node<'a, 'de> {
+        pub v: &'de Value,
+        pub at: &'a At<'a>,
+        /// The path of the innermost value that failed (set once, by the first to fail).
+        pub failed: &'a RefCell<Option<String>>,
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn record(failed: &RefCell<Option<String>>, at: &At<'_>) {
+        let mut slot = failed.borrow_mut();
+        if slot.is_some() {
+            return;
+        }
+        let mut segs = Vec::new();
+        let mut cur = Some(at);
+        while let Some(a) = cur {
+            segs.push(&a.seg);
+            cur = a.parent;
+        }
+        let mut path = String::new();
+        for seg in segs.iter().rev() {
+            match seg {
+                Seg::Root(p) => path.push_str(p),
+                Seg::Key(k) => {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(k);
+                }
+                Seg::Index(i) => path.push_str(&format!("[{i}]")),
+            }
+        }
+        *slot = Some(path);
+    }
+
+    impl<'a, 'de> de::Deserializer<'de> for Node<'a, 'de> {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.v {
+                Value::Null => visitor.visit_unit(),
+                Value::Bool(b) => visitor.visit_bool(*b),
+                Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                    (Some(u), _) => visitor.visit_u64(u),
+                    (None, Some(i)) => visitor.visit_i64(i),
+                    (None, None) => visitor.visit_f64(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                Value::String(s) => visitor.visit_borrowed_str(s),
+                Value::Array(items) => {
+                    let mut seq = Seq { items, next: 0, at: self.at, failed: self.failed };
+                    let out = visitor.visit_seq(&mut seq)?;
+                    if seq.next < items.len() {
+                        return Err(de::Error::invalid_length(items.len(), &"fewer elements"));
+                    }
+                    Ok(out)
+                }
+                Value::Object(map) => {
+                    visitor.visit_map(Map { iter: map.iter(), value: None, at: self.at, failed: self.failed })
+                }
+            }
+        }
+
+        fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.v {
+                Value::Null => visitor.visit_none(),
+                _ => visitor.visit_some(self),
+            }
+        }
+
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            _variants: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Error> {
+            match self.v {
+                // Configuration enums are unit variants, written as strings.
+                Value::String(s) => visitor.visit_enum(IntoDeserializer::<Error>::into_deserializer(s.as_str())),
+                other => Err(wrong(other, &visitor)),
+            }
+        }
+
+        fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, Error> {
+            visitor.visit_newtype_struct(self)
+        }
+
+        fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.v {
+                Value::Bool(b) => visitor.visit_bool(*b),
+                other => Err(wrong(other, &visitor)),
+            }
+        }
+
+        fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.v {
+                Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                    (Some(u), _) => visitor.visit_u64(u),
+                    (None, Some(i)) => visitor.visit_i64(i),
+                    (None, None) => visitor.visit_f64(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                other => Err(wrong(other, &visitor)),
+            }
+        }
+
+        fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.v {
+                Value::String(s) => visitor.visit_borrowed_str(s),
+                other => Err(wrong(other, &visitor)),
+            }
+        }
+
+        fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            self.deserialize_str(visitor)
+        }
+
+        fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            self.deserialize_str(visitor)
+        }
+
+        fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.v {
+                Value::Array(_) => self.deserialize_any(visitor),
+                other => Err(wrong(other, &visitor)),
+            }
+        }
+
+        fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.v {
+                Value::Object(map) => {
+                    visitor.visit_map(Map { iter: map.iter(), value: None, at: self.at, failed: self.failed })
+                }
+                other => Err(wrong(other, &visitor)),
+            }
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            _fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Error> {
+            self.deserialize_map(visitor)
+        }
+
+        fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            visitor.visit_unit()
+        }
+
+        serde::forward_to_deserialize_any! {
+            i8 i16 i32 i64 i128 u8 u16 u32 u128 f32 f64 char
+            bytes byte_buf unit unit_struct tuple tuple_struct
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wrong(v: &Value, expected: &dyn de::Expected) -> Error {
+        de::Error::invalid_type(unexpected(v), expected)
+    }
+
+    fn unexpected(v: &Value) -> de::Unexpected<'_> {
+        match v {
+            Value::Null => de::Unexpected::Unit,
+            Value::Bool(b) => de::Unexpected::Bool(*b),
+            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => de::Unexpected::Unsigned(u),
+                (None, Some(i)) => de::Unexpected::Signed(i),
+                (None, None) => de::Unexpected::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => de::Unexpected::Str(s),
+            Value::Array(_) => de::Unexpected::Seq,
+            Value::Object(_) => de::Unexpected::Map,
+        }
+    }
+
+    struct Seq<'a, 'de> {
+        items: &'de [Value],
+        next: usize,
+        at: &'a At<'a>,
+        failed: &'a RefCell<Option<String>>,
+    }
+
+    impl<'de> de::SeqAccess<'de> for Seq<'_, 'de> {
+        type Error = Error;
+
+        fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, Error> {
+            let Some(v) = self.items.get(self.next) else { return Ok(None) };
+            let at = At { parent: Some(self.at), seg: Seg::Index(self.next) };
+            self.next += 1;
+            match seed.deserialize(Node { v, at: &at, failed: self.failed }) {
+                Ok(out) => Ok(Some(out)),
+                Err(e) => {
+                    record(self.failed, &at);
+                    Err(e)
+                }
+            }
+        }
+
+        fn size_hint(&self) -> Option<usize> {
+            Some(self.items.len().saturating_sub(self.next))
+        }
+    }
+
+    struct Map<'a, 'de> {
+        iter: serde_json::map::Iter<'de>,
+        value: Option<(&'de str, &'de Value)>,
+        at: &'a At<'a>,
+        failed: &'a RefCell<Option<String>>,
+    }
+
+    impl<'de> de::MapAccess<'de> for Map<'_, 'de> {
+        type Error = Error;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+            let Some((k, v)) = self.iter.next() else { return Ok(None) };
+            self.value = Some((k.as_str(), v));
+            match seed.deserialize(BorrowedStrDeserializer::<Error>::new(k)) {
+                Ok(out) => Ok(Some(out)),
+                Err(e) => {
+                    record(self.failed, &At { parent: Some(self.at), seg: Seg::Key(k) });
+                    Err(e)
+                }
+            }
+        }
+
+        fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, Error> {
+            let Some((k, v)) = self.value.take() else {
+                return Err(de::Error::custom("value requested before its key"));
+            };
+            let at = At { parent: Some(self.at), seg: Seg::Key(k) };
+            seed.deserialize(Node { v, at: &at, failed: self.failed }).inspect_err(|_| record(self.failed, &at))
+        }
+
+        fn size_hint(&self) -> Option<usize> {
+            Some(self.iter.len())
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn json_error(raw: &[u8], prefix: &str, e: &serde_json::Error) -> ConfigError {
+    // serde_json reports the line and the byte column where it stopped (0: nothing read yet).
+    let line_start = if e.line() <= 1 {
+        0
+    } else {
+        raw.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(e.line() - 2).map_or(raw.len(), |(i, _)| i + 1)
+    };
+    let end = line_start.saturating_add(e.column()).min(raw.len());
+    let (field, _) = scan(raw.get(..end).unwrap_or(raw), false);
+    ConfigError::new(prefixed(prefix, field), e.to_string())
+}
+
+/// `field` (relative, empty for the root) under `prefix`; `.` for an empty path.
+fn prefixed(prefix: &str, field: String) -> String {
+    match (prefix.is_empty(), field.is_empty()) {
+        (true, true) => ".".to_string(),
+        (true, false) => field,
+        (false, _) => format!("{prefix}{}{field}", if field.starts_with('[') || field.is_empty() { "" } else { "." }),
+    }
+}
+
+/// Reads JSON text up to its end, or up to the first key repeated in an object if
+/// `stop_at_duplicate`, and returns the dotted path (`a.b[2].c`; empty for the root) of the
+/// value a reader was in there (the key or element being read), and whether it stopped at a
+/// repeated key.
+#[cold]
+#[inline(never)]
+fn scan(text: &[u8], stop_at_duplicate: bool) -> (String, bool) {
+    enum Frame {
+        /// An object, the key whose value is being (or was last) read, and the keys read.
+        Object(Option<String>, Vec<String>),
+        /// An array and the index of the element being read, once one has started.
+        Array(Option<usize>),
+    }
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut expect_key = false;
+    let mut i = 0;
+    // A value (scalar, string, object or array) starts: in an array, that is the next element.
+    let value_starts = |stack: &mut Vec<Frame>| {
+        if let Some(Frame::Array(idx)) = stack.last_mut() {
+            if idx.is_none() {
+                *idx = Some(0);
+            }
+        }
+    };
+    let mut duplicate = false;
+    while let Some(&b) = text.get(i) {
+        match b {
+            b'{' => {
+                value_starts(&mut stack);
+                stack.push(Frame::Object(None, Vec::new()));
+                expect_key = true;
+            }
+            b'[' => {
+                value_starts(&mut stack);
+                stack.push(Frame::Array(None));
+            }
+            b'}' | b']' => {
+                stack.pop();
+                expect_key = false;
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Object(key, _)) => {
+                    *key = None;
+                    expect_key = true;
+                }
+                Some(Frame::Array(idx)) => *idx = Some(idx.map_or(0, |n| n + 1)),
+                None => {}
+            },
+            b'"' => {
+                let start = i + 1;
+                i = start;
+                while let Some(&c) = text.get(i) {
+                    match c {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                if expect_key {
+                    let key = String::from_utf8_lossy(text.get(start..i).unwrap_or_default()).into_owned();
+                    if let Some(Frame::Object(k, seen)) = stack.last_mut() {
+                        if stop_at_duplicate {
+                            if seen.contains(&key) {
+                                duplicate = true;
+                                *k = Some(key);
+                                break;
+                            }
+                            seen.push(key.clone());
+                        }
+                        *k = Some(key);
+                    }
+                    expect_key = false;
+                } else {
+                    value_starts(&mut stack);
+                }
+            }
+            b':' => {}
+            b if b.is_ascii_whitespace() => {}
+            _ => value_starts(&mut stack),
+        }
+        i += 1;
+    }
+    let mut path = String::new();
+    for frame in &stack {
+        match frame {
+            Frame::Object(Some(key), _) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Frame::Array(Some(idx)) => path.push_str(&format!("[{idx}]")),
+            Frame::Object(None, _) | Frame::Array(None) => {}
+        }
+    }
+    (path, duplicate)
 }
 
 fn validate(c: &Config) -> Result<(), ConfigError> {
@@ -502,6 +901,65 @@ mod tests {
         }
         let e = parse(br#"{"minter": {"cluster": "m", "revocations": {"enabled": false}}}"#).unwrap_err();
         assert!(e.message.contains("enabled"), "polling cannot be switched off: {e}");
+    }
+
+    #[test]
+    fn every_deserialisation_error_names_the_dotted_field() {
+        for (raw, field) in [
+            // Wrong types, at every depth and inside arrays.
+            (r#"{"identity": {"clock_skew_s": "30"}}"#, "identity.clock_skew_s"),
+            (r#"{"identity": {"audiences": ["a", 7]}}"#, "identity.audiences[1]"),
+            (r#"{"identity": {"audiences": "a"}}"#, "identity.audiences"),
+            (r#"{"identity": {"trust_domains": [{"name": "a.org", "bundle": {"cluster": "c"}}, {"name": 1}]}}"#, "identity.trust_domains[1].name"),
+            (
+                "{\n  \"identity\": {\n    \"trust_domains\": [\n      {\"name\": \"a.org\", \"bundle\": {\"cluster\": \"c\", \"refresh_s\": -1}}\n    ]\n  }\n}",
+                "identity.trust_domains[0].bundle.refresh_s",
+            ),
+            (r#"{"policy": 5}"#, "policy"),
+            (r#"{"identity": {"header": null}}"#, "identity.header"),
+            (r#"{"identity": {"header": 5}}"#, "identity.header"),
+            (r#"{"records": {"log": true, "flush_ms": 1.5}}"#, "records.flush_ms"),
+            (r#"{"minter": {"cluster": "m", "revocations": {"max_stale_s": "x"}}}"#, "minter.revocations.max_stale_s"),
+            // Unknown fields name themselves; missing ones name the object that lacks them.
+            (r#"{"identity": {"header": "authorization", "bogus": 1}}"#, "identity.bogus"),
+            (r#"{"surprise": true}"#, "surprise"),
+            (r#"{"identity": {"trust_domains": [{"name": "a.org"}]}}"#, "identity.trust_domains[0]"),
+            (r#"{"identity": {"trust_domains": [{}]}}"#, "identity.trust_domains[0]"),
+            (r#"{"identity": {"oidc_issuers": [{"issuer": "i", "audiences": ["a"], "jwks": {"cluster": "c", "path\"x": 1}}]}}"#, "identity.oidc_issuers[0].jwks.path\"x"),
+            // A key given twice is refused, naming it.
+            (r#"{"identity": {"trust_domains": [{"name": "a.org", "name": "b.org"}]}}"#, "identity.trust_domains[0].name"),
+            (r#"{"records": {"log": true}, "records": {"log": false}}"#, "records"),
+            // Syntax errors: the field being read when the text went wrong.
+            (r#"{"identity": {"header": "authorization",, }}"#, "identity"),
+            ("true", "."),
+        ] {
+            let e = parse(raw.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{raw}: {e}");
+        }
+    }
+
+    #[test]
+    fn type_errors_say_what_was_found() {
+        let e = parse(br#"{"identity": {"header": 5}}"#).unwrap_err();
+        assert_eq!(e.message, "invalid type: integer `5`, expected a string");
+        let e = parse(br#"{"identity": {"header": null}}"#).unwrap_err();
+        assert_eq!(e.message, "invalid type: null, expected a string");
+        let e = parse(br#"{"identity": {"forward_token": "yes"}}"#).unwrap_err();
+        assert_eq!(e.message, "invalid type: string \"yes\", expected a boolean");
+        let e = parse(br#"{"policy": {"tasks": "sometimes"}}"#).unwrap_err();
+        assert_eq!(e.field, "policy.tasks", "{e}");
+        assert!(e.message.starts_with("unknown variant `sometimes`"), "{e}");
+    }
+
+    #[test]
+    fn policy_deserialisation_errors_name_the_field_under_policy() {
+        let raw = br#"{"policy": {"resources": [{"name": "a", "paths": ["/a"]}, {"name": "b", "paths": ["/b"]}, {"name": "c", "paths": ["/c"], "mcp": {"max_body_bytes": "x"}}]}}"#;
+        let e = parse(raw).unwrap_err();
+        assert_eq!(e.field, "policy.resources[2].mcp.max_body_bytes", "{e}");
+        let e = crate::policy::cases::parse_policy(br#"{"resources": [{"name": "a", "paths": "/a"}]}"#).unwrap_err();
+        assert_eq!(e.field, "policy.resources[0].paths", "{e}");
+        let e = crate::policy::cases::parse_policy(b"5").unwrap_err();
+        assert_eq!(e.field, "policy", "the root under a prefix is named by the prefix: {e}");
     }
 
     #[test]

@@ -281,9 +281,7 @@ pub fn parse_policy(raw: &[u8]) -> Result<Policy, ConfigError> {
         _ => (v, "policy"),
     };
     let text = value.to_string();
-    let mut de = serde_json::Deserializer::from_str(&text);
-    let cfg: PolicyConfig = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| ConfigError::new(format!("{prefix}.{}", e.path()), e.into_inner().to_string()))?;
+    let cfg: PolicyConfig = crate::config::from_json(text.as_bytes(), prefix)?;
     Policy::compile(&cfg, prefix)
 }
 
