@@ -159,6 +159,7 @@ fn main() {
         environment: Some("prod"),
         standing_secret: false,
         minter: false,
+        mcp: None,
     };
     assert_eq!(policy.evaluate(&input).effect, mandate_plugin::decision::Effect::Allow);
     let pol_ns = bench("evaluate (last resource, 200 rules)", min, || {

@@ -453,6 +453,7 @@ impl Engine {
             environment: self.environment.as_deref(),
             standing_secret,
             minter: self.config.minter.is_some(),
+            mcp: None,
         };
         let decision = Rc::new(policy.evaluate(&input));
         let ttl_end = now.saturating_add(policy.cache.ttl_s);

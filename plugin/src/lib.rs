@@ -12,6 +12,7 @@ pub mod decision;
 pub mod engine;
 pub mod headers;
 pub mod identity;
+pub mod mcp;
 pub mod mint;
 pub mod policy;
 pub mod reason;

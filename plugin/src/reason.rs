@@ -61,6 +61,20 @@ pub enum Reason {
     NoResourceMatched,
     TaskExpired,
 
+    // --- MCP (issue 12) ---
+    /// 403: the intent does not name this tool, MCP method, resource URI or prompt.
+    ToolNotAllowed,
+    /// 403: an argument constraint of the intent failed.
+    ArgumentNotAllowed,
+    /// 400: the JSON-RPC message or the MCP headers are malformed.
+    McpMalformed,
+    /// 400: a JSON-RPC batch (batches are refused).
+    McpBatchRefused,
+    /// 400: the MCP headers and the body disagree.
+    McpHeaderMismatch,
+    /// 413: the body is over the resource's `max_body_bytes`.
+    McpBodyTooLarge,
+
     // --- availability (503) ---
     CredentialUnavailable,
     NotConfigured,
@@ -124,6 +138,12 @@ impl Reason {
         Reason::TaskUnregistered,
         Reason::NoResourceMatched,
         Reason::TaskExpired,
+        Reason::ToolNotAllowed,
+        Reason::ArgumentNotAllowed,
+        Reason::McpMalformed,
+        Reason::McpBatchRefused,
+        Reason::McpHeaderMismatch,
+        Reason::McpBodyTooLarge,
         Reason::CredentialUnavailable,
         Reason::NotConfigured,
         Reason::InternalError,
@@ -175,6 +195,12 @@ impl Reason {
             Reason::TaskUnregistered => "task_unregistered",
             Reason::NoResourceMatched => "no_resource_matched",
             Reason::TaskExpired => "task_expired",
+            Reason::ToolNotAllowed => "tool_not_allowed",
+            Reason::ArgumentNotAllowed => "argument_not_allowed",
+            Reason::McpMalformed => "mcp_malformed",
+            Reason::McpBatchRefused => "mcp_batch_refused",
+            Reason::McpHeaderMismatch => "mcp_header_mismatch",
+            Reason::McpBodyTooLarge => "mcp_body_too_large",
             Reason::CredentialUnavailable => "credential_unavailable",
             Reason::NotConfigured => "not_configured",
             Reason::InternalError => "internal_error",
@@ -194,17 +220,21 @@ impl Reason {
             | KidMissing | KidUnknown | SignatureInvalid | TokenExpired | TokenNotYetValid
             | IssuedInFuture | AudienceMismatch | AudienceMissing | ExpMissing | SubjectMissing | SpiffeIdInvalid
             | TrustDomainUnknown | IssuerUnknown | BundleUnavailable => Family::Identity,
-            IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid | MethodInvalid => Family::BadRequest,
+            IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid | MethodInvalid | McpMalformed | McpBatchRefused
+            | McpHeaderMismatch | McpBodyTooLarge => Family::BadRequest,
             IntentRequired | TaskRequired | UnclassifiedPrincipal | IntentUnknown | IntentMismatch | IntentTokenRequired
             | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
             | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked
-            | TaskUnregistered | TaskExpired | NoResourceMatched => Family::Policy,
+            | TaskUnregistered | TaskExpired | NoResourceMatched | ToolNotAllowed | ArgumentNotAllowed => Family::Policy,
             CredentialUnavailable | NotConfigured | InternalError | RevocationsStale => Family::Unavailable,
         }
     }
 
     /// HTTP status of the local reply for a denial with this reason.
     pub fn http_status(self) -> u16 {
+        if self == Reason::McpBodyTooLarge {
+            return 413;
+        }
         match self.family() {
             Family::Allow => 200,
             Family::Identity => 401,
@@ -259,6 +289,12 @@ impl Reason {
             SubjectRevoked => "the caller's credentials were revoked",
             TaskUnregistered => "the task is not registered for this caller",
             TaskExpired => "the task has expired",
+            ToolNotAllowed => "the declared intent does not allow this tool, method, resource or prompt",
+            ArgumentNotAllowed => "an argument is outside what the declared intent allows",
+            McpMalformed => "the MCP request is malformed",
+            McpBatchRefused => "JSON-RPC batches are not accepted",
+            McpHeaderMismatch => "the MCP headers do not match the request body",
+            McpBodyTooLarge => "the MCP request body is too large",
             NoResourceMatched => "the destination matches no resource, so no credential can be issued for it",
             CredentialUnavailable => "a credential for the destination could not be obtained",
             NotConfigured => "the filter is not configured",
@@ -299,7 +335,11 @@ mod tests {
         assert_eq!(Reason::RevocationsStale.http_status(), 503);
         assert_eq!(Reason::TaskUnregistered.http_status(), 403);
         assert_eq!(Reason::TaskExpired.http_status(), 403);
-        for code in ["revocations_stale", "task_unregistered", "task_expired"] {
+        assert_eq!(Reason::McpBodyTooLarge.http_status(), 413);
+        assert_eq!(Reason::McpHeaderMismatch.http_status(), 400);
+        assert_eq!(Reason::ToolNotAllowed.http_status(), 403);
+        assert_eq!(Reason::ArgumentNotAllowed.http_status(), 403);
+        for code in ["revocations_stale", "task_unregistered", "task_expired", "tool_not_allowed", "argument_not_allowed", "mcp_malformed", "mcp_batch_refused", "mcp_header_mismatch", "mcp_body_too_large"] {
             assert!(Reason::from_code(code).is_some(), "{code}");
         }
     }

@@ -4,6 +4,7 @@
 //! live traffic (path and authority normalisation, intent and task syntax).
 
 use super::path::{normalize, normalize_authority};
+use super::mcp::McpCall;
 use super::{Policy, PolicyConfig, PolicyDecision, PolicyInput, SignedIntent};
 use crate::config::ConfigError;
 use crate::reason::Reason;
@@ -64,6 +65,61 @@ pub struct CaseRequest {
     /// matched resource to mint for). Default: the case file's `minter`, else false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minter: Option<bool>,
+    /// An MCP call (the request is then a POST with this JSON-RPC message as its body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<CaseMcp>,
+}
+
+/// An MCP call in a case: the JSON-RPC message is built from it, and (unless `headers` is
+/// false) the 2026-07-28 headers that mirror it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseMcp {
+    pub method: String,
+    /// Tool (tools/call) or prompt (prompts/get).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<serde_json::Value>,
+    /// Send the 2026-07-28 headers too (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<bool>,
+}
+
+impl CaseMcp {
+    /// The JSON-RPC request message.
+    pub fn body(&self) -> serde_json::Value {
+        let mut params = serde_json::Map::new();
+        if let Some(n) = &self.name {
+            params.insert("name".into(), n.clone().into());
+        }
+        if let Some(u) = &self.uri {
+            params.insert("uri".into(), u.clone().into());
+        }
+        if let Some(a) = &self.arguments {
+            params.insert("arguments".into(), a.clone());
+        }
+        let mut m = serde_json::Map::new();
+        m.insert("jsonrpc".into(), "2.0".into());
+        if !self.method.starts_with("notifications/") {
+            m.insert("id".into(), self.id.clone().unwrap_or(serde_json::Value::from(1)));
+        }
+        m.insert("method".into(), self.method.clone().into());
+        if !params.is_empty() {
+            m.insert("params".into(), serde_json::Value::Object(params));
+        }
+        serde_json::Value::Object(m)
+    }
+
+    /// The call as the filter reads it from the body (the same strict parser).
+    pub fn call(&self) -> Result<McpCall, Reason> {
+        let body = self.body().to_string();
+        crate::mcp::jsonrpc::parse(body.as_bytes()).map(|m| m.into_call()).map_err(|e| e.reason)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -144,7 +200,14 @@ pub fn with_input<T>(
     f: impl FnOnce(&PolicyInput<'_>) -> T,
 ) -> Result<Result<T, Reason>, String> {
     let now = parse_time(&r.time).ok_or_else(|| format!("bad time `{}`", r.time))?;
-    if r.method.is_empty() || !r.method.bytes().all(|b| b.is_ascii_uppercase()) {
+    let call = match r.mcp.as_ref().map(CaseMcp::call) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(reason)) => return Ok(Err(reason)),
+    };
+    // An MCP call is a POST (the default method, GET, becomes POST).
+    let method = if call.is_some() && r.method == "GET" { "POST" } else { r.method.as_str() };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
         return Ok(Err(Reason::MethodInvalid));
     }
     if let Some(i) = &r.intent {
@@ -188,13 +251,14 @@ pub fn with_input<T>(
         intent: intent.as_deref(),
         signed_intent: signed.as_ref(),
         task: task.as_deref(),
-        method: &r.method,
+        method,
         authority: &authority,
         path: &path.path,
         now,
         environment: environment.as_deref(),
         standing_secret: r.standing_secret,
         minter: r.minter.unwrap_or(false),
+        mcp: call.as_ref(),
     };
     Ok(Ok(f(&input)))
 }

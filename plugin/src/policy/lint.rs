@@ -32,10 +32,38 @@ pub fn lint(p: &Policy) -> Vec<Finding> {
     }
     // Classes never referenced and resources no intent or rule mentions.
     for (i, res) in p.resources.iter().enumerate() {
-        let used = p.intents.iter().any(|it| it.operations.iter().any(|(r, _)| *r == i))
+        let used = p.intents.iter().any(|it| it.operations.iter().any(|(r, _)| *r == i) || it.mcp_ops.iter().any(|(r, _)| *r == i))
             || p.rules.iter().any(|r| r.resources.contains(&i));
         if !used {
             out.push(warn(format!("resource `{}`", res.name), "no intent or rule refers to this resource".into()));
+        }
+    }
+
+    // MCP: tools the server's sensitivity table lists that no intent can call; rules that
+    // target MCP calls on resources that are not MCP servers.
+    for (i, res) in p.resources.iter().enumerate() {
+        let Some(m) = &res.mcp else { continue };
+        for (tool, _) in &m.tools {
+            let granted = p.intents.iter().any(|it| {
+                it.mcp_ops.iter().any(|(r, op)| *r == i && op.tools.as_ref().is_some_and(|t| super::mcp::any_glob(t, tool)))
+            });
+            if !granted {
+                out.push(warn(format!("resource `{}`", res.name), format!("no intent names tool `{tool}`: every call to it is refused")));
+            }
+        }
+        if m.metadata.is_none() {
+            out.push(warn(
+                format!("resource `{}`", res.name),
+                "MCP resource without `metadata`: clients get no RFC 9728 protected-resource metadata and no resource_metadata in 401s".into(),
+            ));
+        }
+    }
+    for rule in &p.rules {
+        if (!rule.tools.is_empty() || !rule.mcp_methods.is_empty())
+            && !rule.resources.is_empty()
+            && rule.resources.iter().all(|r| p.resources.get(*r).is_some_and(|x| x.mcp.is_none()))
+        {
+            out.push(warn(format!("rule `{}`", rule.id), "names tools or mcp_methods but only resources without `mcp`: it never matches".into()));
         }
     }
 
@@ -58,6 +86,8 @@ pub fn lint(p: &Policy) -> Vec<Finding> {
                 && earlier.environments.is_empty()
                 && earlier.max_sensitivity.is_none()
                 && earlier.min_sensitivity.is_none()
+                && earlier.tools.is_empty()
+                && earlier.mcp_methods.is_empty()
                 && subset(&rule.classes, &earlier.classes)
                 && subset(&rule.intents, &earlier.intents)
                 && subset(&rule.resources, &earlier.resources)

@@ -11,6 +11,7 @@
 pub mod cases;
 pub mod intent;
 pub mod lint;
+pub mod mcp;
 pub mod path;
 pub mod pattern;
 pub mod window;
@@ -18,6 +19,7 @@ pub mod window;
 use crate::config::ConfigError;
 use crate::decision::Effect;
 use crate::reason::Reason;
+use mcp::{ArgCheck, ArgContext, ArgOutcome, Glob, McpCall, McpOp, McpResource};
 use pattern::{HostPattern, SegPattern};
 use serde::{Deserialize, Serialize};
 use window::{Window, WindowConfig};
@@ -160,6 +162,9 @@ pub struct ResourceConfig {
     /// Audience for credentials minted for this resource; defaults to the name.
     #[serde(default)]
     pub audience: Option<String>,
+    /// The resource is an MCP server (may be `{}`).
+    #[serde(default)]
+    pub mcp: Option<mcp::McpConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +174,21 @@ pub struct OperationConfig {
     /// Methods allowed on the resource for this intent; empty = the resource's methods.
     #[serde(default)]
     pub methods: Vec<String>,
+    /// MCP resources: JSON-RPC methods (globs) this operation may call.
+    #[serde(default)]
+    pub mcp_methods: Option<Vec<String>>,
+    /// MCP resources: tools (globs) this operation may call; implies `tools/call`.
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
+    /// MCP resources: resource URIs (globs, `**` too) `resources/read` may read.
+    #[serde(default)]
+    pub uris: Option<Vec<String>>,
+    /// MCP resources: prompts (globs) `prompts/get` may get.
+    #[serde(default)]
+    pub prompts: Option<Vec<String>>,
+    /// Constraints on `params.arguments`, for every tool or prompt of this operation.
+    #[serde(default)]
+    pub arguments: Option<Vec<mcp::ArgumentConfig>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +248,12 @@ pub struct RuleConfig {
     pub resources: Vec<String>,
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Matches only MCP `tools/call` requests for these tools (globs).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Matches only MCP requests with these JSON-RPC methods (globs).
+    #[serde(default)]
+    pub mcp_methods: Vec<String>,
     /// Matches only resources at most this sensitive.
     #[serde(default)]
     pub max_sensitivity: Option<String>,
@@ -264,6 +290,7 @@ pub struct Resource {
     pub sensitivity: usize,
     pub legacy: bool,
     pub audience: String,
+    pub mcp: Option<McpResource>,
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +298,8 @@ pub struct Intent {
     pub name: String,
     /// (resource index, methods; empty = the resource's).
     operations: Vec<(usize, Vec<String>)>,
+    /// MCP operations: (resource index, what they may call).
+    mcp_ops: Vec<(usize, McpOp)>,
     max_sensitivity: Option<usize>,
     pub scopes: Vec<String>,
     pub ttl_s: u64,
@@ -287,6 +316,8 @@ pub struct Rule {
     intents: Vec<usize>,
     resources: Vec<usize>,
     methods: Vec<String>,
+    tools: Vec<Glob>,
+    mcp_methods: Vec<Glob>,
     max_sensitivity: Option<usize>,
     min_sensitivity: Option<usize>,
     environments: Vec<String>,
@@ -337,6 +368,8 @@ pub struct PolicyInput<'a> {
     /// A minter is configured: every allow is exchanged for a credential there, and the minter
     /// checks the task's registration at every exchange.
     pub minter: bool,
+    /// The MCP call, for a POST to an MCP resource.
+    pub mcp: Option<&'a McpCall>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -357,6 +390,15 @@ pub struct PolicyDecision {
     pub ttl_s: Option<u64>,
     /// Until when this decision may be reused (earliest time-window boundary consulted).
     pub valid_until: u64,
+    /// MCP: the headers do not carry what the policy needs; judge again with the body.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub needs_body: bool,
+    /// MCP: the argument constraints checked (values hashed where marked sensitive).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mcp_checked: Vec<ArgCheck>,
+    /// MCP: scopes of the intents that would allow a refused call (`insufficient_scope`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub needed_scopes: Vec<String>,
 }
 
 impl PolicyDecision {
@@ -376,6 +418,9 @@ impl PolicyDecision {
             scopes: Vec::new(),
             ttl_s: None,
             valid_until: 0,
+            needs_body: false,
+            mcp_checked: Vec::new(),
+            needed_scopes: Vec::new(),
         }
     }
 }
@@ -502,6 +547,10 @@ impl Policy {
                 })
                 .collect::<Result<_, _>>()?;
             let sensitivity = level(&levels, &format!("{field}.sensitivity"), &r.sensitivity)?.unwrap_or(0);
+            let mcp = match &r.mcp {
+                Some(m) => Some(McpResource::compile(m, &format!("{field}.mcp"), |fl, n| level(&levels, fl, n), sensitivity)?),
+                None => None,
+            };
             resources.push(Resource {
                 name: r.name.clone(),
                 hosts,
@@ -510,6 +559,7 @@ impl Policy {
                 sensitivity,
                 legacy: r.legacy,
                 audience: r.audience.clone().unwrap_or_else(|| r.name.clone()),
+                mcp,
             });
         }
         let resource_names: Vec<&str> = c.resources.iter().map(|r| r.name.as_str()).collect();
@@ -528,13 +578,25 @@ impl Policy {
                 return Err(ConfigError::new(format!("{field}.ttl_s"), "must be between 1 and 3600"));
             }
             let mut operations = Vec::new();
+            let mut mcp_ops = Vec::new();
             for (j, op) in it.operations.iter().enumerate() {
                 let ofield = format!("{field}.operations[{j}]");
                 let idx = resource_names
                     .iter()
                     .position(|n| *n == op.resource)
                     .ok_or_else(|| ConfigError::new(format!("{ofield}.resource"), format!("unknown resource `{}`", op.resource)))?;
-                operations.push((idx, methods(&format!("{ofield}.methods"), &op.methods)?));
+                match McpOp::compile(&ofield, &op.mcp_methods, &op.tools, &op.uris, &op.prompts, &op.arguments)? {
+                    Some(m) => {
+                        if resources.get(idx).is_none_or(|r| r.mcp.is_none()) {
+                            return Err(ConfigError::new(format!("{ofield}.resource"), format!("`{}` is not an MCP resource (no `mcp` object)", op.resource)));
+                        }
+                        if !op.methods.is_empty() {
+                            return Err(ConfigError::new(format!("{ofield}.methods"), "an MCP operation names mcp_methods, not HTTP methods"));
+                        }
+                        mcp_ops.push((idx, m));
+                    }
+                    None => operations.push((idx, methods(&format!("{ofield}.methods"), &op.methods)?)),
+                }
             }
             for (j, s) in it.scopes.iter().enumerate() {
                 if s.is_empty() || s.bytes().any(|b| b == b' ' || b == b'"' || b == b'\\' || b.is_ascii_control()) {
@@ -544,6 +606,7 @@ impl Policy {
             intents.push(Intent {
                 name: it.name.clone(),
                 operations,
+                mcp_ops,
                 max_sensitivity: level(&levels, &format!("{field}.max_sensitivity"), &it.max_sensitivity)?,
                 scopes: it.scopes.clone(),
                 ttl_s: it.ttl_s,
@@ -589,6 +652,8 @@ impl Policy {
                 intents: index_of(&format!("{field}.intents"), "intent", &intent_names, &r.intents)?,
                 resources: index_of(&format!("{field}.resources"), "resource", &resource_names, &r.resources)?,
                 methods: methods(&format!("{field}.methods"), &r.methods)?,
+                tools: mcp::rule_globs(&format!("{field}.tools"), &r.tools)?,
+                mcp_methods: mcp::rule_globs(&format!("{field}.mcp_methods"), &r.mcp_methods)?,
                 max_sensitivity: level(&levels, &format!("{field}.max_sensitivity"), &r.max_sensitivity)?,
                 min_sensitivity: level(&levels, &format!("{field}.min_sensitivity"), &r.min_sensitivity)?,
                 environments: r.environments.clone(),
@@ -672,9 +737,21 @@ impl Policy {
             return deny(Reason::StandingSecretPresented);
         }
 
+        let res_idx = self.resource_of(input.authority, input.path, input.method);
+        let resource = res_idx.and_then(|i| self.resources.get(i));
+        // MCP: the call on an MCP resource. A POST there is always a call; without one it is
+        // malformed (the filter and the CLI both build it).
+        let mcp_res = resource.and_then(|r| r.mcp.as_ref());
+        let call = match (mcp_res, input.mcp) {
+            (Some(_), Some(c)) => Some(c),
+            (Some(_), None) if input.method == "POST" => return deny(Reason::McpMalformed),
+            _ => None,
+        };
+        let session = call.is_some_and(|c| mcp::is_session_method(&c.method));
+
         let intent_idx = match input.intent {
             None => {
-                if class.is_some_and(|c| c.intent_required) {
+                if class.is_some_and(|c| c.intent_required) && !session {
                     return deny(Reason::IntentRequired);
                 }
                 None
@@ -695,8 +772,6 @@ impl Policy {
             }
         }
 
-        let res_idx = self.resource_of(input.authority, input.path, input.method);
-        let resource = res_idx.and_then(|i| self.resources.get(i));
         if let Some(r) = resource {
             d.resource = Some(r.name.clone());
             d.sensitivity = self.levels.get(r.sensitivity).cloned();
@@ -704,9 +779,20 @@ impl Policy {
             d.audience = Some(r.audience.clone());
         }
         // An unknown destination is treated as the most sensitive: fail closed.
-        let sensitivity = resource.map_or(self.levels.len().saturating_sub(1), |r| r.sensitivity);
+        let mut sensitivity = resource.map_or(self.levels.len().saturating_sub(1), |r| r.sensitivity);
 
-        if let Some(intent) = intent {
+        if let (Some(call), Some(mres), Some(ri)) = (call, mcp_res, res_idx) {
+            sensitivity = mcp::call_sensitivity(mres, call, sensitivity);
+            d.sensitivity = self.levels.get(sensitivity).cloned();
+            if !session {
+                self.judge_mcp_call(input, call, ri, intent, d)?;
+            }
+            if let Some(intent) = intent {
+                if intent.max_sensitivity.is_some_and(|max| sensitivity > max) {
+                    return deny(Reason::SensitivityExceeded);
+                }
+            }
+        } else if let Some(intent) = intent {
             let bound = match (res_idx, resource) {
                 (Some(ri), Some(r)) => intent.operations.iter().any(|(op_res, op_methods)| {
                     *op_res == ri
@@ -740,7 +826,8 @@ impl Policy {
             }
         }
 
-        // Rules: any enforced matching deny wins; otherwise an allow must match.
+        // Rules: any enforced matching deny wins; otherwise an allow must match (an MCP
+        // session method needs none: it is allowed to a verified caller unless denied).
         let mut allow: Option<&Rule> = None;
         let mut dry_deny: Option<&Rule> = None;
         for rule in &self.rules {
@@ -755,7 +842,9 @@ impl Policy {
                 RuleEffect::Allow => allow = allow.or(Some(rule)),
             }
         }
-        let Some(allow) = allow else { return deny(Reason::NoRuleMatched) };
+        if allow.is_none() && !session {
+            return deny(Reason::NoRuleMatched);
+        }
         // A credential is minted only for a resource the policy names, with its audience:
         // never for whatever `:authority` the caller sent (confused deputy).
         if input.minter && resource.is_none() {
@@ -770,7 +859,7 @@ impl Policy {
                 return deny(Reason::TaskUnregistered);
             }
         }
-        d.rule_id = Some(allow.id.clone());
+        d.rule_id = allow.map(|a| a.id.clone());
         if let Some(dr) = dry_deny {
             d.effect = Effect::DryRunDeny;
             d.dry_run_reason = Some(Reason::DeniedByRule);
@@ -782,6 +871,64 @@ impl Policy {
             d.ttl_s = Some(intent.ttl_s);
         }
         Ok(())
+    }
+
+    /// A non-session MCP call: an intent operation on this resource must name it, and its
+    /// argument constraints must hold. Sets `needs_body` when the headers do not say enough.
+    fn judge_mcp_call(&self, input: &PolicyInput<'_>, call: &McpCall, ri: usize, intent: Option<&Intent>, d: &mut PolicyDecision) -> Result<(), (Reason, Option<String>)> {
+        let Some(intent) = intent else {
+            d.needed_scopes = self.scopes_covering(call, ri);
+            return Err((Reason::IntentRequired, None));
+        };
+        let mut on_resource = false;
+        let mut covered = false;
+        let mut need_body = false;
+        let mut failed: Option<Vec<ArgCheck>> = None;
+        let ctx = ArgContext { task: input.task, principal: input.principal, intent: Some(intent.name.as_str()) };
+        for (_, op) in intent.mcp_ops.iter().filter(|(r, _)| *r == ri) {
+            on_resource = true;
+            if !op.covers(call) {
+                continue;
+            }
+            covered = true;
+            match op.check_arguments(call, &ctx) {
+                ArgOutcome::Pass(checked) => {
+                    d.mcp_checked = checked;
+                    return Ok(());
+                }
+                ArgOutcome::NeedBody => need_body = true,
+                ArgOutcome::Fail(checked) => {
+                    failed.get_or_insert(checked);
+                }
+            }
+        }
+        if need_body {
+            d.needs_body = true;
+            return Err((Reason::ArgumentNotAllowed, None));
+        }
+        if let Some(checked) = failed {
+            d.mcp_checked = checked;
+            return Err((Reason::ArgumentNotAllowed, None));
+        }
+        debug_assert!(!covered);
+        d.needed_scopes = self.scopes_covering(call, ri);
+        Err((if on_resource { Reason::ToolNotAllowed } else { Reason::IntentMismatch }, None))
+    }
+
+    /// Scopes of every intent with an operation on this resource that names the call (for
+    /// `insufficient_scope`). Refusals only: never on the allow path.
+    fn scopes_covering(&self, call: &McpCall, ri: usize) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for it in &self.intents {
+            if it.mcp_ops.iter().any(|(r, op)| *r == ri && op.covers(call)) {
+                for s in &it.scopes {
+                    if !out.contains(s) {
+                        out.push(s.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -836,6 +983,12 @@ impl Policy {
         if !rule.methods.is_empty() && !rule.methods.iter().any(|m| m == input.method) {
             return Some(Mismatch::Method);
         }
+        if !rule.mcp_methods.is_empty() && !input.mcp.is_some_and(|c| mcp::any_glob(&rule.mcp_methods, &c.method)) {
+            return Some(Mismatch::McpMethod);
+        }
+        if !rule.tools.is_empty() && !input.mcp.and_then(McpCall::tool).is_some_and(|t| mcp::any_glob(&rule.tools, t)) {
+            return Some(Mismatch::Tool);
+        }
         if rule.max_sensitivity.is_some_and(|m| sensitivity > m) {
             return Some(Mismatch::TooSensitive);
         }
@@ -867,6 +1020,8 @@ impl Policy {
             Mismatch::Intent => format!("intent is not one of {:?}", self.names(&rule.intents, |i| self.intents.get(i).map(|x| x.name.as_str()))),
             Mismatch::Resource => format!("resource is not one of {:?}", self.names(&rule.resources, |i| self.resources.get(i).map(|x| x.name.as_str()))),
             Mismatch::Method => format!("method is not one of {:?}", rule.methods),
+            Mismatch::McpMethod => format!("MCP method is not one of {:?}", rule.mcp_methods.iter().map(Glob::source).collect::<Vec<_>>()),
+            Mismatch::Tool => format!("not a tools/call for one of {:?}", rule.tools.iter().map(Glob::source).collect::<Vec<_>>()),
             Mismatch::TooSensitive => "resource is more sensitive than the rule's max_sensitivity".into(),
             Mismatch::NotSensitiveEnough => "resource is less sensitive than the rule's min_sensitivity".into(),
             Mismatch::Environment => format!("environment {:?} is not one of {:?}", input.environment, rule.environments),
@@ -884,7 +1039,11 @@ impl Policy {
         let class = self.class_of(input.principal);
         let intent = input.intent.and_then(|n| self.intent_index(n));
         let resource = self.resource_of(input.authority, input.path, input.method);
-        let sensitivity = resource.and_then(|r| self.resources.get(r)).map_or(self.levels.len().saturating_sub(1), |r| r.sensitivity);
+        let res = resource.and_then(|r| self.resources.get(r));
+        let mut sensitivity = res.map_or(self.levels.len().saturating_sub(1), |r| r.sensitivity);
+        if let (Some(m), Some(call)) = (res.and_then(|r| r.mcp.as_ref()), input.mcp) {
+            sensitivity = mcp::call_sensitivity(m, call, sensitivity);
+        }
         let rules = self
             .rules
             .iter()
@@ -904,6 +1063,8 @@ enum Mismatch {
     Intent,
     Resource,
     Method,
+    McpMethod,
+    Tool,
     TooSensitive,
     NotSensitiveEnough,
     Environment,
@@ -927,3 +1088,5 @@ pub struct Explanation {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod mcp_tests;

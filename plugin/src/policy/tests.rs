@@ -54,6 +54,7 @@ fn input<'a>(principal: &'a str, intent: Option<&'a str>, method: &'a str, host:
         environment: Some("prod"),
         standing_secret: false,
         minter: false,
+        mcp: None,
     }
 }
 

@@ -1,0 +1,688 @@
+//! MCP in the policy model: MCP resources, the MCP operations of intents (tools, methods,
+//! resource URIs, prompts, argument constraints) and the call being judged.
+//!
+//! Pure: the filter reads the call from headers or the JSON-RPC body (`crate::mcp`), the CLI
+//! from a case file; both hand an [`McpCall`] to the policy.
+
+use crate::config::ConfigError;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Default `max_body_bytes`: 1 MiB.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+/// Bounds of `max_body_bytes`.
+pub const MAX_BODY_RANGE: std::ops::RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
+/// Methods a verified caller may use without an intent (unless a deny rule matches).
+pub const SESSION_METHODS: [&str; 6] = ["initialize", "ping", "tools/list", "resources/list", "resources/templates/list", "prompts/list"];
+/// Longest name, URI or pattern judged; longer never matches.
+const MAX_MATCH_LEN: usize = 4096;
+
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY
+}
+
+/// How the filter reads an MCP call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyMode {
+    /// Always buffer and parse the body, and check it agrees with the headers.
+    #[default]
+    Always,
+    /// Decide from the 2026-07-28 headers when they carry everything the policy needs.
+    WhenNeeded,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpToolConfig {
+    #[serde(default)]
+    pub sensitivity: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct McpMetadataConfig {
+    pub resource: String,
+    #[serde(default)]
+    pub authorization_servers: Vec<String>,
+    #[serde(default)]
+    pub scopes_supported: Vec<String>,
+}
+
+/// `mcp` on a resource: the resource is an MCP server (Streamable HTTP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    #[serde(default)]
+    pub tools: BTreeMap<String, McpToolConfig>,
+    #[serde(default)]
+    pub body: BodyMode,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    #[serde(default)]
+    pub filter_tools_list: bool,
+    #[serde(default)]
+    pub metadata: Option<McpMetadataConfig>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// One argument constraint of an intent operation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArgumentConfig {
+    /// RFC 6901 pointer into `params.arguments`.
+    pub pointer: String,
+    #[serde(default, deserialize_with = "present")]
+    pub equals: Option<Value>,
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub equals_context: Option<String>,
+    #[serde(default)]
+    pub required: Option<bool>,
+    #[serde(default)]
+    pub sensitive: bool,
+}
+
+// ---------------------------------------------------------------- compiled
+
+/// Per-resource MCP settings, compiled.
+#[derive(Debug, Clone)]
+pub struct McpResource {
+    /// Tool name → sensitivity level (tools not listed have the resource's).
+    pub tools: Vec<(String, usize)>,
+    pub body: BodyMode,
+    pub max_body_bytes: usize,
+    pub filter_tools_list: bool,
+    pub metadata: Option<McpMetadataConfig>,
+}
+
+impl McpResource {
+    pub fn compile(c: &McpConfig, field: &str, level: impl Fn(&str, &Option<String>) -> Result<Option<usize>, ConfigError>, default: usize) -> Result<McpResource, ConfigError> {
+        if !MAX_BODY_RANGE.contains(&c.max_body_bytes) {
+            return Err(ConfigError::new(format!("{field}.max_body_bytes"), "must be between 1024 and 16777216"));
+        }
+        let mut tools = Vec::new();
+        for (name, t) in &c.tools {
+            tool_name_ok(&format!("{field}.tools"), name)?;
+            let lvl = level(&format!("{field}.tools.{name}.sensitivity"), &t.sensitivity)?.unwrap_or(default);
+            tools.push((name.clone(), lvl));
+        }
+        if let Some(m) = &c.metadata {
+            let mf = format!("{field}.metadata");
+            if !(m.resource.starts_with("https://") || m.resource.starts_with("http://")) || m.resource.len() > 2048 || !visible(&m.resource) {
+                return Err(ConfigError::new(format!("{mf}.resource"), "must be an http(s) URL"));
+            }
+            for (i, s) in m.authorization_servers.iter().enumerate() {
+                if !(s.starts_with("https://") || s.starts_with("http://")) || !visible(s) {
+                    return Err(ConfigError::new(format!("{mf}.authorization_servers[{i}]"), "must be an http(s) URL"));
+                }
+            }
+            for (i, s) in m.scopes_supported.iter().enumerate() {
+                if s.is_empty() || !visible(s) || s.contains(['"', '\\']) {
+                    return Err(ConfigError::new(format!("{mf}.scopes_supported[{i}]"), "scopes are non-empty tokens without spaces or quotes"));
+                }
+            }
+        }
+        Ok(McpResource { tools, body: c.body, max_body_bytes: c.max_body_bytes, filter_tools_list: c.filter_tools_list, metadata: c.metadata.clone() })
+    }
+
+    /// The sensitivity of a tool (`default`: the resource's).
+    pub fn tool_sensitivity(&self, tool: &str, default: usize) -> usize {
+        self.tools.iter().find(|(n, _)| n == tool).map_or(default, |(_, l)| *l)
+    }
+}
+
+fn visible(s: &str) -> bool {
+    s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+fn tool_name_ok(field: &str, n: &str) -> Result<(), ConfigError> {
+    if n.is_empty() || n.len() > 128 || !visible(n) {
+        return Err(ConfigError::new(field, format!("tool `{n}` must be 1-128 visible ASCII characters")));
+    }
+    Ok(())
+}
+
+/// Whether an MCP method is a session method (allowed to a verified caller without an intent).
+pub fn is_session_method(method: &str) -> bool {
+    SESSION_METHODS.contains(&method) || method.starts_with("notifications/")
+}
+
+/// A `*` glob: `*` matches any run of characters. With `uri` set, `*` stops at `/` and `**`
+/// matches any run including `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    source: String,
+    uri: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tok {
+    Byte(u8),
+    Star,
+    Any,
+}
+
+impl Glob {
+    pub fn compile(p: &str, uri: bool) -> Result<Glob, String> {
+        if p.is_empty() || p.len() > 512 {
+            return Err("patterns are 1-512 characters".into());
+        }
+        if !uri && p.contains("**") {
+            return Err(format!("`**` is for URI patterns only: `{p}`"));
+        }
+        if p.contains("***") {
+            return Err(format!("bad pattern `{p}`"));
+        }
+        Ok(Glob { source: p.to_string(), uri })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn tokens(&self) -> Vec<Tok> {
+        let b = self.source.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while let Some(&c) = b.get(i) {
+            if c == b'*' {
+                if self.uri && b.get(i + 1) == Some(&b'*') {
+                    out.push(Tok::Any);
+                    i += 2;
+                    continue;
+                }
+                out.push(if self.uri { Tok::Star } else { Tok::Any });
+            } else {
+                out.push(Tok::Byte(c));
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// Whole-string match (never by prefix). Runs in O(pattern × value), value ≤ 4096 bytes.
+    pub fn matches(&self, s: &str) -> bool {
+        if s.len() > MAX_MATCH_LEN {
+            return false;
+        }
+        // Fast path: a literal pattern.
+        if !self.source.contains('*') {
+            return self.source == s;
+        }
+        let s = s.as_bytes();
+        let toks = self.tokens();
+        // row[j]: the tokens so far match s[..j].
+        let mut row = vec![false; s.len() + 1];
+        if let Some(r) = row.first_mut() {
+            *r = true;
+        }
+        for t in toks {
+            let mut next = vec![false; s.len() + 1];
+            match t {
+                Tok::Byte(c) => {
+                    for j in 0..s.len() {
+                        if row.get(j) == Some(&true) && s.get(j) == Some(&c) {
+                            if let Some(n) = next.get_mut(j + 1) {
+                                *n = true;
+                            }
+                        }
+                    }
+                }
+                Tok::Any | Tok::Star => {
+                    let mut on = false;
+                    for j in 0..=s.len() {
+                        if row.get(j) == Some(&true) {
+                            on = true;
+                        }
+                        if on {
+                            if let Some(n) = next.get_mut(j) {
+                                *n = true;
+                            }
+                        }
+                        // `*` in a URI pattern never crosses a `/`.
+                        if t == Tok::Star && s.get(j) == Some(&b'/') {
+                            on = false;
+                        }
+                    }
+                }
+            }
+            row = next;
+        }
+        row.last() == Some(&true)
+    }
+}
+
+fn globs(field: &str, list: &Option<Vec<String>>, uri: bool) -> Result<Option<Vec<Glob>>, ConfigError> {
+    let Some(list) = list else { return Ok(None) };
+    if list.is_empty() {
+        return Err(ConfigError::new(field, "must not be an empty list (leave it out instead)"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if !visible(p) {
+                return Err(ConfigError::new(format!("{field}[{i}]"), "patterns are visible ASCII"));
+            }
+            Glob::compile(p, uri).map_err(|e| ConfigError::new(format!("{field}[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// Compiles rule `tools` / `mcp_methods` lists (empty: the rule does not look at MCP).
+pub fn rule_globs(field: &str, list: &[String]) -> Result<Vec<Glob>, ConfigError> {
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(globs(field, &Some(list.to_vec()), false)?.unwrap_or_default())
+}
+
+/// What an argument constraint requires of the value at its pointer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Check {
+    Equals(Value),
+    Pattern(Glob),
+    Prefix(String),
+    Range(Option<f64>, Option<f64>),
+    Context(ContextField),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextField {
+    Task,
+    Principal,
+    Intent,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArgConstraint {
+    pub pointer: String,
+    tokens: Vec<String>,
+    pub check: Check,
+    pub required: bool,
+    pub sensitive: bool,
+}
+
+fn pointer_tokens(p: &str) -> Result<Vec<String>, String> {
+    let Some(rest) = p.strip_prefix('/') else { return Err("a pointer starts with `/` (RFC 6901)".into()) };
+    if p.len() > 512 {
+        return Err("pointers are at most 512 characters".into());
+    }
+    rest.split('/')
+        .map(|t| {
+            let mut out = String::with_capacity(t.len());
+            let mut chars = t.chars();
+            while let Some(c) = chars.next() {
+                if c == '~' {
+                    match chars.next() {
+                        Some('0') => out.push('~'),
+                        Some('1') => out.push('/'),
+                        _ => return Err(format!("bad escape in pointer `{p}`")),
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+impl ArgConstraint {
+    pub fn compile(c: &ArgumentConfig, field: &str) -> Result<ArgConstraint, ConfigError> {
+        let tokens = pointer_tokens(&c.pointer).map_err(|e| ConfigError::new(format!("{field}.pointer"), e))?;
+        let mut checks = Vec::new();
+        if let Some(v) = &c.equals {
+            checks.push(Check::Equals(v.clone()));
+        }
+        if let Some(p) = &c.pattern {
+            checks.push(Check::Pattern(Glob::compile(p, false).map_err(|e| ConfigError::new(format!("{field}.pattern"), e))?));
+        }
+        if let Some(p) = &c.prefix {
+            if p.is_empty() {
+                return Err(ConfigError::new(format!("{field}.prefix"), "must not be empty"));
+            }
+            checks.push(Check::Prefix(p.clone()));
+        }
+        if c.min.is_some() || c.max.is_some() {
+            if let (Some(a), Some(b)) = (c.min, c.max) {
+                if a > b {
+                    return Err(ConfigError::new(format!("{field}.min"), "min is above max"));
+                }
+            }
+            if c.min.is_some_and(|x| !x.is_finite()) || c.max.is_some_and(|x| !x.is_finite()) {
+                return Err(ConfigError::new(format!("{field}.min"), "bounds are finite numbers"));
+            }
+            checks.push(Check::Range(c.min, c.max));
+        }
+        if let Some(ctx) = &c.equals_context {
+            let f = match ctx.as_str() {
+                "task" => ContextField::Task,
+                "principal" => ContextField::Principal,
+                "intent" => ContextField::Intent,
+                _ => return Err(ConfigError::new(format!("{field}.equals_context"), "must be `task`, `principal` or `intent`")),
+            };
+            checks.push(Check::Context(f));
+        }
+        if checks.len() != 1 {
+            return Err(ConfigError::new(field, "exactly one of equals, pattern, prefix, min/max, equals_context is required"));
+        }
+        let check = checks.pop().ok_or_else(|| ConfigError::new(field, "no check"))?;
+        Ok(ArgConstraint { pointer: c.pointer.clone(), tokens, check, required: c.required.unwrap_or(true), sensitive: c.sensitive })
+    }
+
+    /// The first pointer token: the top-level argument the headers may mirror.
+    fn top(&self) -> Option<&str> {
+        self.tokens.first().map(String::as_str)
+    }
+}
+
+/// The MCP part of one intent operation.
+#[derive(Debug, Clone)]
+pub struct McpOp {
+    pub methods: Option<Vec<Glob>>,
+    pub tools: Option<Vec<Glob>>,
+    pub uris: Option<Vec<Glob>>,
+    pub prompts: Option<Vec<Glob>>,
+    pub arguments: Vec<ArgConstraint>,
+}
+
+impl McpOp {
+    /// `None` when the operation names no MCP field (a plain HTTP operation).
+    pub fn compile(
+        field: &str,
+        methods: &Option<Vec<String>>,
+        tools: &Option<Vec<String>>,
+        uris: &Option<Vec<String>>,
+        prompts: &Option<Vec<String>>,
+        arguments: &Option<Vec<ArgumentConfig>>,
+    ) -> Result<Option<McpOp>, ConfigError> {
+        if methods.is_none() && tools.is_none() && uris.is_none() && prompts.is_none() && arguments.is_none() {
+            return Ok(None);
+        }
+        let m = globs(&format!("{field}.mcp_methods"), methods, false)?;
+        if let Some(list) = &m {
+            for (i, g) in list.iter().enumerate() {
+                if g.matches("tools/call") && tools.is_none() {
+                    return Err(ConfigError::new(format!("{field}.mcp_methods[{i}]"), "tools/call needs `tools`, the tools this operation may call"));
+                }
+            }
+        }
+        let args = match arguments {
+            None => Vec::new(),
+            Some(list) if list.is_empty() => return Err(ConfigError::new(format!("{field}.arguments"), "must not be an empty list (leave it out instead)")),
+            Some(list) => list.iter().enumerate().map(|(i, a)| ArgConstraint::compile(a, &format!("{field}.arguments[{i}]"))).collect::<Result<_, _>>()?,
+        };
+        if arguments.is_some() && tools.is_none() && prompts.is_none() {
+            return Err(ConfigError::new(format!("{field}.arguments"), "argument constraints apply to `tools` or `prompts`"));
+        }
+        let op = McpOp {
+            methods: m,
+            tools: globs(&format!("{field}.tools"), tools, false)?,
+            uris: globs(&format!("{field}.uris"), uris, true)?,
+            prompts: globs(&format!("{field}.prompts"), prompts, false)?,
+            arguments: args,
+        };
+        for (i, t) in op.tools.iter().flatten().enumerate() {
+            if !t.source().contains('*') {
+                tool_name_ok(&format!("{field}.tools[{i}]"), t.source())?;
+            }
+        }
+        Ok(Some(op))
+    }
+
+    fn method_listed(&self, m: &str) -> bool {
+        self.methods.as_ref().is_some_and(|l| l.iter().any(|g| g.matches(m)))
+    }
+
+    /// Whether this operation names the call (method and tool / URI / prompt), arguments aside.
+    /// `tools` implies `tools/call`, `uris` `resources/read`, `prompts` `prompts/get`; a
+    /// `tools/call` is only ever covered by a tool name.
+    pub fn covers(&self, call: &McpCall) -> bool {
+        let any = |l: &Option<Vec<Glob>>, v: Option<&str>| l.as_ref().is_some_and(|l| v.is_some_and(|v| l.iter().any(|g| g.matches(v))));
+        match call.method.as_str() {
+            "tools/call" => any(&self.tools, call.name.as_deref()),
+            "resources/read" => {
+                (self.uris.is_some() || self.method_listed("resources/read")) && (self.uris.is_none() || any(&self.uris, call.uri.as_deref()))
+            }
+            "prompts/get" => {
+                (self.prompts.is_some() || self.method_listed("prompts/get")) && (self.prompts.is_none() || any(&self.prompts, call.name.as_deref()))
+            }
+            m => self.method_listed(m),
+        }
+    }
+
+    /// Checks every argument constraint against the call.
+    pub fn check_arguments(&self, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
+        let mut checked = Vec::with_capacity(self.arguments.len());
+        let mut need_body = false;
+        let mut ok = true;
+        for c in &self.arguments {
+            match check_one(c, call, ctx) {
+                One::Ok(v) => checked.push(ArgCheck::new(c, true, v)),
+                One::Fail(v) => {
+                    ok = false;
+                    checked.push(ArgCheck::new(c, false, v));
+                }
+                One::NeedBody => need_body = true,
+            }
+        }
+        if !ok {
+            ArgOutcome::Fail(checked)
+        } else if need_body {
+            ArgOutcome::NeedBody
+        } else {
+            ArgOutcome::Pass(checked)
+        }
+    }
+}
+
+/// Request context an `equals_context` constraint compares with.
+pub struct ArgContext<'a> {
+    pub task: Option<&'a str>,
+    pub principal: &'a str,
+    pub intent: Option<&'a str>,
+}
+
+pub enum ArgOutcome {
+    Pass(Vec<ArgCheck>),
+    Fail(Vec<ArgCheck>),
+    /// The headers do not carry what a constraint needs: read the body.
+    NeedBody,
+}
+
+/// One checked argument, for the decision record (the value hashed when sensitive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArgCheck {
+    pub pointer: String,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+}
+
+/// Longest argument value copied into a record as is; longer ones are hashed.
+const MAX_RECORDED_VALUE: usize = 128;
+
+impl ArgCheck {
+    fn new(c: &ArgConstraint, ok: bool, v: Option<Value>) -> ArgCheck {
+        let value = v.map(|v| {
+            let long = match &v {
+                Value::String(s) => s.len() > MAX_RECORDED_VALUE,
+                Value::Array(_) | Value::Object(_) => true,
+                _ => false,
+            };
+            if c.sensitive || long {
+                let text = v.to_string();
+                let d: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+                Value::String(format!("sha256:{}", d.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+            } else {
+                v
+            }
+        });
+        ArgCheck { pointer: c.pointer.clone(), ok, value }
+    }
+}
+
+enum One {
+    Ok(Option<Value>),
+    Fail(Option<Value>),
+    NeedBody,
+}
+
+/// The arguments of a call: the whole object from the body, or what the headers mirror.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum McpArgs {
+    /// No arguments (`params.arguments` absent).
+    #[default]
+    None,
+    Body(Map<String, Value>),
+    /// `Mcp-Param-{Name}` values: (lowercased name, decoded value). Only top-level arguments,
+    /// as strings; anything else needs the body.
+    Headers(Vec<(String, String)>),
+}
+
+/// Where the call was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum McpSource {
+    Header,
+    Body,
+}
+
+/// One MCP call, as judged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McpCall {
+    pub method: String,
+    /// The tool (tools/call) or prompt (prompts/get).
+    pub name: Option<String>,
+    /// resources/read.
+    pub uri: Option<String>,
+    pub arguments: McpArgs,
+    pub source: McpSource,
+}
+
+impl McpCall {
+    /// The tool a tools/call names.
+    pub fn tool(&self) -> Option<&str> {
+        if self.method == "tools/call" {
+            self.name.as_deref()
+        } else {
+            None
+        }
+    }
+}
+
+fn resolve<'v>(tokens: &[String], args: &'v Map<String, Value>) -> Option<&'v Value> {
+    let (first, rest) = tokens.split_first()?;
+    let mut v = args.get(first)?;
+    for t in rest {
+        v = match v {
+            Value::Object(m) => m.get(t)?,
+            Value::Array(a) => {
+                if t.is_empty() || (t.len() > 1 && t.starts_with('0')) || !t.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                a.get(t.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+/// Whether a string may follow a prefix: no `.` or `..` segment, no `//`, no `\`, no `%`.
+fn prefix_safe(s: &str) -> bool {
+    !s.contains('\\') && !s.contains('%') && !s.contains("//") && !s.split('/').any(|seg| seg == "." || seg == "..") && !s.bytes().any(|b| b.is_ascii_control())
+}
+
+fn json_number(s: &str) -> Option<f64> {
+    // Strict JSON number grammar (serde_json), never `NaN`, `inf` or `0x10`.
+    match serde_json::from_str::<Value>(s).ok()? {
+        Value::Number(n) => n.as_f64(),
+        _ => None,
+    }
+}
+
+fn values_equal(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64().is_some() && x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+fn check_one(c: &ArgConstraint, call: &McpCall, ctx: &ArgContext<'_>) -> One {
+    let value: Option<Value> = match &call.arguments {
+        McpArgs::None => None,
+        McpArgs::Body(m) => resolve(&c.tokens, m).cloned(),
+        McpArgs::Headers(h) => {
+            // Only a top-level argument can come from a header; its value is text.
+            let found = match (c.tokens.len(), c.top()) {
+                (1, Some(top)) => h.iter().find(|(n, _)| n.eq_ignore_ascii_case(top)).map(|(_, v)| v.as_str()),
+                _ => None,
+            };
+            let Some(text) = found else { return One::NeedBody };
+            match &c.check {
+                Check::Range(..) => match json_number(text) {
+                    Some(_) => serde_json::from_str::<Value>(text).ok(),
+                    None => return One::NeedBody,
+                },
+                Check::Equals(v) if !v.is_string() => match serde_json::from_str::<Value>(text) {
+                    Ok(parsed) if !parsed.is_string() => Some(parsed),
+                    _ => return One::NeedBody,
+                },
+                _ => Some(Value::String(text.to_string())),
+            }
+        }
+    };
+    let Some(v) = value else {
+        return if c.required { One::Fail(None) } else { One::Ok(None) };
+    };
+    let ok = match &c.check {
+        Check::Equals(want) => values_equal(want, &v),
+        Check::Pattern(g) => v.as_str().is_some_and(|s| g.matches(s)),
+        Check::Prefix(p) => v.as_str().is_some_and(|s| s.starts_with(p.as_str()) && prefix_safe(s)),
+        Check::Range(min, max) => match v.as_f64() {
+            Some(x) if v.is_number() => min.is_none_or(|m| x >= m) && max.is_none_or(|m| x <= m),
+            _ => false,
+        },
+        Check::Context(f) => {
+            let want = match f {
+                ContextField::Task => ctx.task,
+                ContextField::Principal => Some(ctx.principal),
+                ContextField::Intent => ctx.intent,
+            };
+            want.is_some_and(|w| v.as_str() == Some(w))
+        }
+    };
+    if ok {
+        One::Ok(Some(v))
+    } else {
+        One::Fail(Some(v))
+    }
+}
+
+/// Compiled sensitivity of the call: the tool's for tools/call, else the resource's.
+pub fn call_sensitivity(res: &McpResource, call: &McpCall, default: usize) -> usize {
+    match call.tool() {
+        Some(t) => res.tool_sensitivity(t, default),
+        None => default,
+    }
+}
+
+/// Glob helper for tests and tools/list filtering.
+pub fn any_glob(list: &[Glob], v: &str) -> bool {
+    list.iter().any(|g| g.matches(v))
+}
