@@ -12,7 +12,9 @@ use crate::mint::{self, Credential, CredentialCache, MintError, MintRequest, Rev
 use crate::record::CredentialInfo;
 use crate::policy::intent::{self, IntentVerifier};
 use crate::policy::path::{normalize, normalize_authority};
-use crate::policy::{Policy, PolicyDecision, PolicyInput};
+use crate::mcp;
+use crate::policy::mcp::{BodyMode, McpCall, McpSource};
+use crate::policy::{Policy, PolicyDecision, PolicyInput, SignedIntent};
 use crate::reason::Reason;
 use lru::LruCache;
 use std::num::NonZeroUsize;
@@ -33,6 +35,90 @@ pub enum Verdict {
     Reply(LocalReply),
     /// Obtain a credential from the minter first, then finish with [`Engine::finish_mint`].
     Mint(Box<MintPlan>),
+    /// MCP: the decision needs the request body. Buffer it (at most `max_body_bytes`; over
+    /// it, [`Engine::body_too_large`]), then finish with [`Engine::on_request_body`].
+    NeedBody(Box<BodyPlan>),
+}
+
+/// A request waiting for its body: what was read from the headers and the edits to apply.
+#[derive(Clone)]
+pub struct BodyPlan {
+    inputs: JudgeInputs,
+    edits: HeaderEdits,
+    token: Vec<u8>,
+    identity: Rc<Identity>,
+    pub max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for BodyPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        write!(f, "BodyPlan(max_body_bytes={})", self.max_body_bytes)
+    }
+}
+
+impl PartialEq for BodyPlan {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for BodyPlan {}
+
+/// Everything judged from the request headers, kept while the body is read.
+#[derive(Clone)]
+struct JudgeInputs {
+    method: Rc<str>,
+    authority: Rc<str>,
+    path: Rc<str>,
+    rewrite: Option<Vec<u8>>,
+    intent: Option<Rc<str>>,
+    task: Option<Rc<str>>,
+    signed: Option<SignedIntent>,
+    standing_secret: bool,
+    /// MCP: the headers (checked against the body when it is read).
+    mcp: Option<mcp::headers::McpHeaders>,
+    max_body_bytes: usize,
+}
+
+enum Judgement {
+    Done(Judged),
+    NeedBody(JudgeInputs),
+}
+
+/// An MCP request: how it is answered and what the record says about the call.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct McpInfo {
+    pub method: Option<String>,
+    pub tool: Option<String>,
+    /// `header` or `body`: which path decided.
+    pub path: Option<&'static str>,
+    /// A POST: refusals answer with a JSON-RPC error.
+    pub jsonrpc: bool,
+    /// RFC 9728 metadata URL for `WWW-Authenticate` on 401s.
+    pub resource_metadata: Option<String>,
+    pub filter_tools_list: bool,
+}
+
+/// Path of the RFC 9728 metadata documents.
+pub const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";
+
+/// The path of an http(s) URL (`/` when it has none); `None` when it is not one.
+fn resource_path(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
+    Some(rest.find('/').and_then(|i| rest.get(i..)).unwrap_or("/"))
+}
+
+/// RFC 9728 §3.1: the metadata URL inserts the well-known path between the resource's
+/// authority and its path. Built from configuration only, never from the request.
+fn metadata_url(resource: &str) -> Option<String> {
+    let scheme_len = if resource.starts_with("https://") { 8 } else if resource.starts_with("http://") { 7 } else { return None };
+    let rest = resource.get(scheme_len..)?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (rest.get(..i)?, rest.get(i..)?),
+        None => (rest, ""),
+    };
+    let path = if path == "/" { "" } else { path };
+    Some(format!("{}{authority}{WELL_KNOWN}{path}", resource.get(..scheme_len)?))
 }
 
 /// A pending credential exchange: what to send, and the edits to apply once it lands.
@@ -103,6 +189,12 @@ pub struct Decision {
     pub degraded: Option<&'static str>,
     pub request_id: Option<String>,
     pub traceparent: Option<String>,
+    /// MCP requests: the call and how to answer.
+    pub mcp: Option<Rc<McpInfo>>,
+    /// The JSON-RPC `id` of the request, once its body was read.
+    pub mcp_id: Option<serde_json::Value>,
+    /// The body was not JSON (error code -32700).
+    pub mcp_not_json: bool,
 }
 
 impl Decision {
@@ -146,6 +238,8 @@ struct Judged {
     /// Set when a minter is configured and the policy allowed a matched resource.
     credential_key: Option<[u8; 16]>,
     expires_at: u64,
+    /// MCP calls decided from the headers (never from a body: those are not cached).
+    mcp: Option<Rc<McpInfo>>,
 }
 
 /// Longest decision-cache key kept (serial, flags and the six fields as sent): with the path
@@ -156,13 +250,30 @@ const MAX_CACHED_KEY_BYTES: usize = 2048;
 /// repeat of the same bytes by the same verified token can reuse the judgement.
 struct Sent<'h> {
     fields: [Result<Option<&'h [u8]>, Duplicate>; 6],
+    /// Some `mcp-*` header was sent (looked for only when the policy has MCP resources).
+    mcp: bool,
 }
 
 impl<'h> Sent<'h> {
     const NAMES: [&'static str; 6] = [":method", ":authority", ":path", intent::INTENT_HEADER, intent::TASK_HEADER, intent::INTENT_TOKEN_HEADER];
 
-    fn read(h: &'h Headers) -> Self {
-        Sent { fields: Sent::NAMES.map(|name| h.single(name)) }
+    /// One pass over the headers.
+    fn read(h: &'h Headers, look_for_mcp: bool) -> Self {
+        let mut fields: [Result<Option<&'h [u8]>, Duplicate>; 6] = [Ok(None); 6];
+        let mut mcp = false;
+        for (k, v) in h.pairs() {
+            if let Some(i) = Sent::NAMES.iter().position(|n| n.len() == k.len() && k.eq_ignore_ascii_case(n.as_bytes())) {
+                if let Some(f) = fields.get_mut(i) {
+                    *f = match f {
+                        Ok(None) => Ok(Some(v)),
+                        _ => Err(Duplicate),
+                    };
+                }
+            } else if look_for_mcp && !mcp && is_mcp_header(k) {
+                mcp = true;
+            }
+        }
+        Sent { fields, mcp }
     }
 
     /// A repeated header is judged (and refused) on the slow path, never looked up.
@@ -170,22 +281,37 @@ impl<'h> Sent<'h> {
         self.fields.iter().all(Result::is_ok)
     }
 
-    /// The decision-cache key: the verified token's serial and every field, length-prefixed.
-    fn key_into(&self, buf: &mut Vec<u8>, serial: u64, standing_secret: bool) {
+    /// The decision-cache key: the verified token's serial and every field, length-prefixed;
+    /// then, if any, every `mcp-*` header in order (an MCP call decided from its headers).
+    fn key_into(&self, buf: &mut Vec<u8>, serial: u64, standing_secret: bool, h: &Headers) {
         buf.clear();
         buf.extend_from_slice(&serial.to_le_bytes());
         buf.push(u8::from(standing_secret));
+        let put = |buf: &mut Vec<u8>, v: &[u8]| {
+            buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            buf.extend_from_slice(v);
+        };
         for field in &self.fields {
             match field {
                 Ok(Some(v)) => {
                     buf.push(1);
-                    buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                    buf.extend_from_slice(v);
+                    put(buf, v);
                 }
                 _ => buf.push(0),
             }
         }
+        if self.mcp {
+            for (k, v) in h.pairs().filter(|(k, _)| is_mcp_header(k)) {
+                buf.push(2);
+                put(buf, k);
+                put(buf, v);
+            }
+        }
     }
+}
+
+fn is_mcp_header(name: &[u8]) -> bool {
+    name.get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"mcp-"))
 }
 
 pub struct Engine {
@@ -202,6 +328,10 @@ pub struct Engine {
     /// The revocation feed: revoked set, cursor, epoch, freshness and poll schedule.
     pub feed: RevocationFeed,
     pub stats: EngineStats,
+    /// The policy has MCP resources (MCP work is skipped entirely otherwise).
+    has_mcp: bool,
+    /// Some MCP resource publishes RFC 9728 metadata.
+    mcp_metadata: bool,
 }
 
 /// Inputs gathered by the shell for one request.
@@ -232,7 +362,11 @@ impl Engine {
             .and_then(|p| NonZeroUsize::new(p.cache.size))
             .map(|n| LruCache::with_hasher(n, std::collections::hash_map::RandomState::new()));
         let credentials = config.minter.as_ref().map_or(CredentialCache::new(0, 0), |m| CredentialCache::new(m.cache_size, m.refresh_margin_s));
+        let has_mcp = policy.as_ref().is_some_and(|p| p.resources.iter().any(|r| r.mcp.is_some()));
+        let mcp_metadata = policy.as_ref().is_some_and(|p| p.resources.iter().any(|r| r.mcp.as_ref().is_some_and(|m| m.metadata.is_some())));
         Ok(Engine {
+            has_mcp,
+            mcp_metadata,
             credentials,
             feed: RevocationFeed::default(),
             config,
@@ -278,21 +412,35 @@ impl Engine {
     fn decide(&mut self, req: &Request<'_>, d: &mut Decision) -> Step<Verdict> {
         let h = req.headers;
 
+        // 0. RFC 9728 protected-resource metadata of MCP resources: served without a token.
+        if self.mcp_metadata {
+            if let Some(reply) = self.metadata_reply(h, d) {
+                return Ok(Verdict::Reply(reply));
+            }
+        }
+
         // 1. Identity: a token verified against the trust bundles.
-        let token = bearer_token(h, &self.config)?;
+        let token = bearer_token(h, &self.config).inspect_err(|_| self.mark_mcp_target(h, d))?;
         d.identity_checked = true;
         let hits_before = self.identity.stats.cache_hits;
-        let identity = self.identity.verify(token, req.now)?;
+        let identity = match self.identity.verify(token, req.now) {
+            Ok(i) => i,
+            Err(r) => {
+                self.mark_mcp_target(h, d);
+                return Err(r);
+            }
+        };
         d.identity_cache_hit = self.identity.stats.cache_hits > hits_before;
         d.identity = Some(identity.clone());
 
-        // 2 and 3. The operation, the declared intent and the policy's judgement of them,
-        // reused when this verified token sent exactly these bytes before.
-        let sent = Sent::read(h);
+        // 2 and 3. The operation (for an MCP resource: the call), the declared intent and the
+        // policy's judgement of them, reused when this verified token sent exactly these bytes
+        // before (MCP calls: only when decided from the headers, which are part of the key).
+        let sent = Sent::read(h, self.has_mcp);
         let standing_secret = self.standing_secret_presented(h);
         let mut cacheable = self.decisions.is_some() && sent.unambiguous();
         if cacheable {
-            sent.key_into(&mut self.key_buf, identity.serial, standing_secret);
+            sent.key_into(&mut self.key_buf, identity.serial, standing_secret, h);
             // Bounded entries: a caller with a valid token cannot grow the cache by sending long
             // paths (the entry keeps the key and up to two forms of the path). Longer requests
             // are judged every time.
@@ -312,15 +460,46 @@ impl Engine {
             }
             None => {
                 self.stats.decision_cache_misses += 1;
-                let judged = Rc::new(self.judge(h, &identity, standing_secret, req.now, d)?);
-                if cacheable {
-                    if let Some(c) = self.decisions.as_mut() {
-                        c.put(self.key_buf.as_slice().into(), judged.clone());
+                match self.judge(h, &identity, standing_secret, req.now, d)? {
+                    Judgement::Done(judged) => {
+                        let judged = Rc::new(judged);
+                        if cacheable {
+                            if let Some(c) = self.decisions.as_mut() {
+                                c.put(self.key_buf.as_slice().into(), judged.clone());
+                            }
+                        }
+                        judged
+                    }
+                    Judgement::NeedBody(inputs) => {
+                        // The edits are made now, from the headers; applied once the body decided.
+                        if h.reserved_name_unreadable() {
+                            return Err(Reason::InternalError);
+                        }
+                        let mut edits = self.upstream_edits(h, &d.id, &identity);
+                        if let Some(target) = &inputs.rewrite {
+                            edits.set.push((":path".to_string(), target.clone()));
+                        }
+                        let max_body_bytes = inputs.max_body_bytes;
+                        return Ok(Verdict::NeedBody(Box::new(BodyPlan { inputs, edits, token: token.to_vec(), identity, max_body_bytes })));
                     }
                 }
-                judged
             }
         };
+        self.conclude(&judged, Some(h), None, token, &identity, req.now, d)
+    }
+
+    /// After the judgement: revocations, the effect, the edits, the credential.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &mut self,
+        judged: &Judged,
+        h: Option<&Headers>,
+        prepared: Option<HeaderEdits>,
+        token: &[u8],
+        identity: &Rc<Identity>,
+        now: u64,
+        d: &mut Decision,
+    ) -> Step<Verdict> {
         let decision = &judged.policy;
         d.method = Some(judged.method.clone());
         d.authority = Some(judged.authority.clone());
@@ -329,6 +508,9 @@ impl Engine {
         d.task = judged.task.clone();
         d.intent_signed = judged.intent_signed;
         d.policy = Some(decision.clone());
+        if judged.mcp.is_some() {
+            d.mcp = judged.mcp.clone();
+        }
         // Revocations apply to cached decisions too: checked on every request.
         if d.task.as_deref().is_some_and(|t| self.feed.revoked.task_revoked(t, &identity.principal)) {
             return Err(Reason::TaskRevoked);
@@ -343,14 +525,21 @@ impl Engine {
         d.reason = Some(decision.reason);
 
         // 4. Inject: strip what the caller must not control, set what mandate vouches for.
-        // A reserved header whose name is not UTF-8 could not be named for removal: refuse.
-        if h.reserved_name_unreadable() {
-            return Err(Reason::InternalError);
-        }
-        let mut edits = self.upstream_edits(h, &d.id, &identity);
-        if let Some(target) = &judged.rewrite {
-            edits.set.push((":path".to_string(), target.clone()));
-        }
+        let mut edits = match (prepared, h) {
+            (Some(e), _) => e,
+            (None, Some(h)) => {
+                // A reserved header whose name is not UTF-8 could not be named for removal: refuse.
+                if h.reserved_name_unreadable() {
+                    return Err(Reason::InternalError);
+                }
+                let mut e = self.upstream_edits(h, &d.id, identity);
+                if let Some(target) = &judged.rewrite {
+                    e.set.push((":path".to_string(), target.clone()));
+                }
+                e
+            }
+            (None, None) => return Err(Reason::InternalError),
+        };
 
         // 5. Just-in-time credential: only now, after every check passed.
         let Some(m) = &self.config.minter else { return Ok(Verdict::Forward(edits)) };
@@ -365,13 +554,13 @@ impl Engine {
             return Err(Reason::NoResourceMatched);
         };
         // Revocations not heard of for too long: no cached credential, no new one.
-        if self.feed.stale(&m.revocations, req.now) {
+        if self.feed.stale(&m.revocations, now) {
             return Err(Reason::RevocationsStale);
         }
-        if let Some(cred) = self.credentials.get(&key, req.now) {
+        if let Some(cred) = self.credentials.get(&key, now) {
             self.stats.credential_cache_hits += 1;
             d.credential_cache_hit = true;
-            inject(&mut edits, &cred, d, Some(h));
+            inject(&mut edits, &cred, d, h);
             return Ok(Verdict::Forward(edits));
         }
         let request = MintRequest {
@@ -381,6 +570,7 @@ impl Engine {
             ttl_s: decision.ttl_s,
             task: d.task.as_deref().map(str::to_string),
             intent: d.intent.as_deref().map(str::to_string),
+            tool: judged.mcp.as_ref().and_then(|m| m.tool.clone()),
         };
         self.stats.credential_cache_misses += 1;
         Ok(Verdict::Mint(Box::new(MintPlan {
@@ -396,7 +586,9 @@ impl Engine {
 
     /// Parses and judges the operation and the declared intent: the uncached half of the
     /// request path. Fills `d` as it goes, so a refusal is recorded with what was known.
-    fn judge(&mut self, h: &Headers, identity: &Identity, standing_secret: bool, now: u64, d: &mut Decision) -> Step<Judged> {
+    /// A POST to an MCP resource is judged from its headers when they say enough, else the
+    /// judgement waits for the body.
+    fn judge(&mut self, h: &Headers, identity: &Identity, standing_secret: bool, now: u64, d: &mut Decision) -> Step<Judgement> {
         let method = pseudo(h, ":method").ok_or(Reason::MethodInvalid)?;
         // Methods are case-sensitive tokens; `delete` must not slip past a `DELETE` rule.
         if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -409,6 +601,11 @@ impl Engine {
         d.method = Some(method.clone());
         d.authority = Some(authority.clone());
         d.path = Some(path_str.clone());
+        // The MCP target first: every refusal from here on answers in JSON-RPC.
+        let mcp_res = self.mcp_resource(&authority, &path_str, &method);
+        if let Some(m) = &mcp_res {
+            d.mcp = Some(m.clone());
+        }
         let mut intent_name = intent::declared_intent(h)?;
         let mut task = intent::declared_task(h)?;
         let intent_token = match h.single(intent::INTENT_TOKEN_HEADER) {
@@ -418,7 +615,9 @@ impl Engine {
         d.intent = intent_name.as_deref().map(Rc::from);
         d.task = task.as_deref().map(Rc::from);
 
-        let policy = self.policy.as_ref().ok_or(Reason::NoRuleMatched)?;
+        if self.policy.is_none() {
+            return Err(Reason::NoRuleMatched);
+        }
         let signed = match intent_token {
             Some(t) => {
                 let s = self.intents.verify(t, &identity.principal, now)?;
@@ -439,48 +638,220 @@ impl Engine {
         if task.is_none() {
             task = signed.as_ref().and_then(|s| s.task.clone());
         }
+        let rewrite = self.config.upstream.rewrite_path.then(|| path.target().into_bytes()).filter(|t| t.as_slice() != raw_path);
+        let intent = intent_name.as_deref().map(Rc::from).or(d.intent.take());
+        let mut inputs = JudgeInputs {
+            method,
+            authority,
+            path: path_str,
+            rewrite,
+            intent,
+            task: task.as_deref().map(Rc::from),
+            signed,
+            standing_secret,
+            mcp: None,
+            max_body_bytes: 0,
+        };
+        let Some(target) = mcp_res else { return Ok(Judgement::Done(self.evaluate(&inputs, None, identity, now))) };
+        // An MCP call: the headers, then (if they do not say enough) the body.
+        let headers = mcp::headers::read(h)?;
+        let (body_mode, max_body) = self.mcp_body_settings(&inputs);
+        inputs.max_body_bytes = max_body;
+        let from_headers = if body_mode == BodyMode::WhenNeeded { headers.call() } else { None };
+        let header_method = headers.method.clone();
+        inputs.mcp = Some(headers);
+        let Some(call) = from_headers else {
+            d.mcp = Some(Rc::new(McpInfo { method: header_method, path: Some("body"), ..(*target).clone() }));
+            return Ok(Judgement::NeedBody(inputs));
+        };
+        let judged = self.evaluate(&inputs, Some(&call), identity, now);
+        if judged.policy.needs_body {
+            d.mcp = Some(Rc::new(McpInfo { method: header_method, path: Some("body"), ..(*target).clone() }));
+            return Ok(Judgement::NeedBody(inputs));
+        }
+        Ok(Judgement::Done(judged))
+    }
+
+    /// The policy's judgement of prepared inputs (and the MCP call, if any).
+    fn evaluate(&self, inp: &JudgeInputs, call: Option<&McpCall>, identity: &Identity, now: u64) -> Judged {
         let input = PolicyInput {
             principal: &identity.principal,
             iat: identity.iat,
             exp: identity.exp,
-            intent: intent_name.as_deref(),
-            signed_intent: signed.as_ref(),
-            task: task.as_deref(),
-            method: &method,
-            authority: &authority,
-            path: &path.path,
+            intent: inp.intent.as_deref(),
+            signed_intent: inp.signed.as_ref(),
+            task: inp.task.as_deref(),
+            method: &inp.method,
+            authority: &inp.authority,
+            path: &inp.path,
             now,
             environment: self.environment.as_deref(),
-            standing_secret,
+            standing_secret: inp.standing_secret,
             minter: self.config.minter.is_some(),
-            mcp: None,
+            mcp: call,
         };
-        let decision = Rc::new(policy.evaluate(&input));
-        let ttl_end = now.saturating_add(policy.cache.ttl_s);
-        let expires_at = [ttl_end, identity.exp, decision.valid_until, signed.as_ref().map_or(u64::MAX, |s| s.exp)]
+        let (decision, ttl) = match &self.policy {
+            Some(policy) => (policy.evaluate(&input), policy.cache.ttl_s),
+            None => (PolicyDecision::with(Effect::Deny, Reason::NoRuleMatched), 0),
+        };
+        let decision = Rc::new(decision);
+        let ttl_end = now.saturating_add(ttl);
+        let expires_at = [ttl_end, identity.exp, decision.valid_until, inp.signed.as_ref().map_or(u64::MAX, |s| s.exp)]
             .into_iter()
             .min()
             .unwrap_or(now);
-        let rewrite = self.config.upstream.rewrite_path.then(|| path.target().into_bytes()).filter(|t| t.as_slice() != raw_path);
-        let intent = intent_name.as_deref().map(Rc::from).or(d.intent.take());
-        let task: Option<Rc<str>> = task.as_deref().map(Rc::from);
+        let tool = call.and_then(McpCall::tool);
         let credential_key = match (&self.config.minter, decision.effect, decision.audience.as_deref()) {
-            (Some(_), Effect::Allow, Some(audience)) => {
-                Some(mint::credential_key(&identity.principal, audience, &decision.scopes, task.as_deref(), intent.as_deref()))
-            }
+            (Some(_), Effect::Allow, Some(audience)) => Some(mint::credential_key(
+                &identity.principal,
+                audience,
+                &decision.scopes,
+                inp.task.as_deref(),
+                inp.intent.as_deref(),
+                tool,
+            )),
             _ => None,
         };
-        Ok(Judged {
+        let mcp = call.map(|c| {
+            let target = self.mcp_resource(&inp.authority, &inp.path, &inp.method);
+            Rc::new(McpInfo {
+                method: Some(c.method.clone()),
+                tool: tool.map(str::to_string),
+                path: Some(match c.source {
+                    McpSource::Header => "header",
+                    McpSource::Body => "body",
+                }),
+                ..target.map(|t| (*t).clone()).unwrap_or_default()
+            })
+        });
+        Judged {
             policy: decision,
-            method,
-            authority,
-            path: path_str,
-            intent,
-            task,
-            intent_signed: signed.is_some(),
-            rewrite,
+            method: inp.method.clone(),
+            authority: inp.authority.clone(),
+            path: inp.path.clone(),
+            intent: inp.intent.clone(),
+            task: inp.task.clone(),
+            intent_signed: inp.signed.is_some(),
+            rewrite: inp.rewrite.clone(),
             credential_key,
             expires_at,
+            mcp,
+        }
+    }
+
+    /// Finishes a request that waited for its body ([`Verdict::NeedBody`]): parses the JSON-RPC
+    /// message, checks it agrees with the MCP headers, judges the call, and goes on as
+    /// [`Engine::on_request`] would (forward, refuse, or mint).
+    pub fn on_request_body(&mut self, plan: &BodyPlan, body: &[u8], now: u64, d: &mut Decision) -> Verdict {
+        match self.decide_body(plan, body, now, d) {
+            Ok(v) => v,
+            Err(reason) => self.deny_with(d, reason),
+        }
+    }
+
+    /// A body over the resource's `max_body_bytes`: 413, and the record says so.
+    pub fn body_too_large(&self, d: &mut Decision) -> Verdict {
+        self.deny_with(d, Reason::McpBodyTooLarge)
+    }
+
+    fn decide_body(&mut self, plan: &BodyPlan, body: &[u8], now: u64, d: &mut Decision) -> Step<Verdict> {
+        if body.len() > plan.max_body_bytes {
+            return Err(Reason::McpBodyTooLarge);
+        }
+        let msg = match mcp::jsonrpc::parse(body) {
+            Ok(m) => m,
+            Err(e) => {
+                d.mcp_id = e.id;
+                d.mcp_not_json = e.not_json;
+                return Err(e.reason);
+            }
+        };
+        d.mcp_id = msg.id.clone();
+        if let Some(h) = plan.inputs.mcp.as_ref().filter(|h| h.present()) {
+            if !mcp::headers::agree(h, &msg) {
+                return Err(Reason::McpHeaderMismatch);
+            }
+        }
+        let call = msg.into_call();
+        let judged = self.evaluate(&plan.inputs, Some(&call), &plan.identity, now);
+        self.conclude(&judged, None, Some(plan.edits.clone()), &plan.token, &plan.identity, now, d)
+    }
+
+    /// The MCP settings of the resource the inputs target.
+    fn mcp_body_settings(&self, inp: &JudgeInputs) -> (BodyMode, usize) {
+        self.policy
+            .as_ref()
+            .and_then(|p| p.resource_of(&inp.authority, &inp.path, &inp.method).and_then(|i| p.resources.get(i)))
+            .and_then(|r| r.mcp.as_ref())
+            .map_or((BodyMode::Always, crate::policy::mcp::DEFAULT_MAX_BODY), |m| (m.body, m.max_body_bytes))
+    }
+
+    /// For a request to an MCP resource: how to answer it (JSON-RPC errors for POSTs, the
+    /// resource-metadata URL in 401s).
+    fn mcp_resource(&self, authority: &str, path: &str, method: &str) -> Option<Rc<McpInfo>> {
+        if !self.has_mcp {
+            return None;
+        }
+        let p = self.policy.as_ref()?;
+        let r = p.resources.get(p.resource_of(authority, path, method)?)?;
+        let m = r.mcp.as_ref()?;
+        Some(Rc::new(McpInfo {
+            jsonrpc: method == "POST",
+            resource_metadata: m.metadata.as_ref().and_then(|md| metadata_url(&md.resource)),
+            filter_tools_list: m.filter_tools_list,
+            ..McpInfo::default()
+        }))
+    }
+
+    /// Identity refused the request: if it targets an MCP resource, answer as MCP asks.
+    fn mark_mcp_target(&self, h: &Headers, d: &mut Decision) {
+        if !self.has_mcp {
+            return;
+        }
+        let authority = pseudo(h, ":authority").and_then(|a| normalize_authority(a.as_bytes()));
+        let path = h.single(":path").ok().flatten().and_then(|p| normalize(p).ok());
+        let method = pseudo(h, ":method");
+        if let (Some(a), Some(p), Some(m)) = (authority, path, method) {
+            d.mcp = self.mcp_resource(&a, &p.path, &m);
+        }
+    }
+
+    /// `GET /.well-known/oauth-protected-resource<path>` for an MCP resource with `metadata`.
+    fn metadata_reply(&self, h: &Headers, d: &mut Decision) -> Option<LocalReply> {
+        let path = h.single(":path").ok().flatten()?;
+        let rest = path.strip_prefix(WELL_KNOWN.as_bytes())?;
+        if h.single(":method").ok().flatten() != Some(b"GET") {
+            return None;
+        }
+        let rest = rest.split(|b| *b == b'?').next().unwrap_or_default();
+        let authority = pseudo(h, ":authority").and_then(|a| normalize_authority(a.as_bytes()))?;
+        let p = self.policy.as_ref()?;
+        let md = p.resources.iter().find_map(|r| {
+            let md = r.mcp.as_ref()?.metadata.as_ref()?;
+            let rpath = resource_path(&md.resource)?;
+            let served = if rpath == "/" { rest.is_empty() || rest == b"/" } else { rest == rpath.as_bytes() };
+            (served && p.resource_of(&authority, if rpath.is_empty() { "/" } else { rpath }, "POST").is_some()).then_some(md)
+        })?;
+        let body = serde_json::json!({
+            "resource": md.resource,
+            "authorization_servers": md.authorization_servers,
+            "scopes_supported": md.scopes_supported,
+            "bearer_methods_supported": ["header"],
+        })
+        .to_string();
+        d.effect = Some(Effect::Allow);
+        d.reason = Some(Reason::Allowed);
+        d.method = Some(Rc::from("GET"));
+        d.authority = Some(Rc::from(authority.as_str()));
+        d.path = std::str::from_utf8(path).ok().map(Rc::from);
+        Some(LocalReply {
+            status: 200,
+            headers: vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("cache-control".to_string(), "max-age=300".to_string()),
+                (self.config.upstream.decision_id_header.clone(), d.id.clone()),
+            ],
+            body,
         })
     }
 
@@ -494,7 +865,7 @@ impl Engine {
         };
         let subject = d.identity.as_ref().map_or("", |i| i.principal.as_str()).to_string();
         let request = &plan.request;
-        let parsed = answer.and_then(|(status, body)| mint::parse_response(m, status, body, now, &subject, request.task.as_deref(), &request.audience));
+        let parsed = answer.and_then(|(status, body)| mint::parse_response(m, status, body, now, &subject, request.task.as_deref(), &request.audience, request.tool.as_deref()));
         let revoked = &self.feed.revoked;
         match parsed {
             // A revocation may have arrived while the exchange was in flight: re-check.
@@ -525,7 +896,34 @@ impl Engine {
     fn deny_with(&self, d: &mut Decision, reason: Reason) -> Verdict {
         d.effect = Some(Effect::Deny);
         d.reason = Some(reason);
-        Verdict::Reply(LocalReply::deny(reason, &d.id, &self.config.upstream.decision_id_header))
+        Verdict::Reply(self.reply_for(d, reason))
+    }
+
+    /// The denial reply: plain JSON, or for an MCP request the JSON-RPC error with the request's
+    /// `id`, `resource_metadata` on 401s and `insufficient_scope` when the intent does not cover
+    /// the call.
+    fn reply_for(&self, d: &Decision, reason: Reason) -> LocalReply {
+        let mut r = LocalReply::deny(reason, &d.id, &self.config.upstream.decision_id_header);
+        let Some(m) = d.mcp.as_deref() else { return r };
+        if m.jsonrpc {
+            r.body = mcp::error_body(reason, d.mcp_not_json, d.mcp_id.as_ref(), &d.id);
+        }
+        let rm = m.resource_metadata.as_deref().map(|u| format!("resource_metadata=\"{u}\""));
+        if r.status == 401 {
+            if let (Some(rm), Some((_, v))) = (&rm, r.headers.iter_mut().find(|(k, _)| k == "www-authenticate")) {
+                let rest = v.strip_prefix("Bearer").unwrap_or_default().trim().to_string();
+                *v = if rest.is_empty() { format!("Bearer {rm}") } else { format!("Bearer {rm}, {rest}") };
+            }
+        } else if m.jsonrpc && matches!(reason, Reason::ToolNotAllowed | Reason::IntentMismatch | Reason::IntentRequired) {
+            let scopes = d.policy.as_ref().map(|p| p.needed_scopes.join(" ")).unwrap_or_default();
+            let mut v = format!("Bearer error=\"insufficient_scope\", scope=\"{scopes}\"");
+            if let Some(rm) = &rm {
+                v.push_str(", ");
+                v.push_str(rm);
+            }
+            r.headers.push(("www-authenticate".to_string(), v));
+        }
+        r
     }
 
     /// A revocation poll, if a minter is configured, this VM serves requests, and one is due.
@@ -592,10 +990,8 @@ impl Engine {
     }
 
     fn deny(&self, mut d: Decision, reason: Reason) -> Outcome {
-        d.effect = Some(Effect::Deny);
-        d.reason = Some(reason);
-        let reply = LocalReply::deny(reason, &d.id, &self.config.upstream.decision_id_header);
-        Outcome { decision: d, verdict: Verdict::Reply(reply) }
+        let verdict = self.deny_with(&mut d, reason);
+        Outcome { decision: d, verdict }
     }
 
     fn upstream_edits(&self, headers: &Headers, id: &str, identity: &Identity) -> HeaderEdits {
@@ -758,6 +1154,7 @@ mod tests {
             Verdict::Forward(e) => e,
             Verdict::Reply(r) => panic!("expected forward, got {} {}", r.status, r.body),
             Verdict::Mint(_) => panic!("expected forward, got a mint plan"),
+            Verdict::NeedBody(_) => panic!("expected forward, got a body request"),
         }
     }
 
@@ -962,12 +1359,12 @@ mod tests {
         let h = Headers::new(get(&[("x-agent-intent", "ab"), ("x-agent-task", "c")], &b));
         let h2 = Headers::new(get(&[("x-agent-intent", "a"), ("x-agent-task", "bc")], &b));
         let (mut k1, mut k2) = (Vec::new(), Vec::new());
-        Sent::read(&h).key_into(&mut k1, 7, false);
-        Sent::read(&h2).key_into(&mut k2, 7, false);
+        Sent::read(&h, false).key_into(&mut k1, 7, false, &h);
+        Sent::read(&h2, false).key_into(&mut k2, 7, false, &h2);
         assert_ne!(k1, k2);
-        Sent::read(&h).key_into(&mut k2, 8, false);
+        Sent::read(&h, false).key_into(&mut k2, 8, false, &h);
         assert_ne!(k1, k2, "another verified token, another key");
-        Sent::read(&h).key_into(&mut k2, 7, true);
+        Sent::read(&h, false).key_into(&mut k2, 7, true, &h);
         assert_ne!(k1, k2, "a standing secret changes the key");
     }
 

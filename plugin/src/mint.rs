@@ -153,6 +153,8 @@ pub struct MintRequest {
     pub ttl_s: Option<u64>,
     pub task: Option<String>,
     pub intent: Option<String>,
+    /// MCP: the tool the credential is for (`tool` extension parameter; claim checked).
+    pub tool: Option<String>,
 }
 
 impl MintRequest {
@@ -175,17 +177,20 @@ impl MintRequest {
         if let Some(i) = &self.intent {
             f.append_pair("intent", i);
         }
+        if let Some(t) = &self.tool {
+            f.append_pair("tool", t);
+        }
         f.finish().into_bytes()
     }
 
     /// Cache key of this exchange's credential.
     pub fn cache_key(&self, subject: &str) -> [u8; 16] {
-        credential_key(subject, &self.audience, &self.scopes, self.task.as_deref(), self.intent.as_deref())
+        credential_key(subject, &self.audience, &self.scopes, self.task.as_deref(), self.intent.as_deref(), self.tool.as_deref())
     }
 }
 
-/// Credential cache key: (subject, audience, scopes, task, intent). Delegation chains join later.
-pub fn credential_key(subject: &str, audience: &str, scopes: &[String], task: Option<&str>, intent: Option<&str>) -> [u8; 16] {
+/// Credential cache key: (subject, audience, scopes, task, intent, tool). Delegation chains join later.
+pub fn credential_key(subject: &str, audience: &str, scopes: &[String], task: Option<&str>, intent: Option<&str>, tool: Option<&str>) -> [u8; 16] {
     let mut h = Sha256::new();
     let mut part = |p: &str| {
         h.update((p.len() as u32).to_le_bytes());
@@ -199,6 +204,11 @@ pub fn credential_key(subject: &str, audience: &str, scopes: &[String], task: Op
     }
     part(task.unwrap_or(""));
     part(intent.unwrap_or(""));
+    // Absent and empty differ: a tool name is never empty, so "" stands for none.
+    if let Some(t) = tool {
+        part("tool");
+        part(t);
+    }
     let full: [u8; 32] = h.finalize().into();
     let mut out = [0u8; 16];
     out.copy_from_slice(full.get(..16).unwrap_or(&[0u8; 16]));
@@ -254,6 +264,8 @@ struct JwtPeek {
     sub: Option<String>,
     aud: Option<Audience>,
     task: Option<String>,
+    #[serde(default)]
+    tool: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -301,7 +313,7 @@ pub fn refusal(status: u16, body: &[u8]) -> Option<crate::reason::Reason> {
 
 /// Checks that a minted JWT is the one asked for: `aud` names the audience, `sub` is the
 /// verified caller, `task` is the requested task (both absent or equal).
-fn check_minted(peek: Option<&JwtPeek>, audience: &str, subject: &str, task: Option<&str>) -> Result<(), MintError> {
+fn check_minted(peek: Option<&JwtPeek>, audience: &str, subject: &str, task: Option<&str>, tool: Option<&str>) -> Result<(), MintError> {
     let p = peek.ok_or(MintError::Mismatch("the minted token's claims are unreadable"))?;
     if !p.aud.as_ref().is_some_and(|a| a.names(audience)) {
         return Err(MintError::Mismatch("the minted token is for another audience"));
@@ -312,6 +324,9 @@ fn check_minted(peek: Option<&JwtPeek>, audience: &str, subject: &str, task: Opt
     if p.task.as_deref() != task {
         return Err(MintError::Mismatch("the minted token is for another task"));
     }
+    if p.tool.as_deref() != tool {
+        return Err(MintError::Mismatch("the minted token is for another tool"));
+    }
     Ok(())
 }
 
@@ -320,6 +335,7 @@ fn header_value_ok(v: &str) -> bool {
 }
 
 /// Parses the minter's answer into the credential to inject.
+#[allow(clippy::too_many_arguments)]
 pub fn parse_response(
     cfg: &MinterConfig,
     status: u16,
@@ -328,6 +344,7 @@ pub fn parse_response(
     subject: &str,
     task: Option<&str>,
     audience: &str,
+    tool: Option<&str>,
 ) -> Result<Credential, MintError> {
     if status != 200 {
         return Err(refusal(status, body).map_or(MintError::Status(status), MintError::Refused));
@@ -367,7 +384,7 @@ pub fn parse_response(
         .nth(1)
         .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
         .and_then(|b| serde_json::from_slice::<JwtPeek>(&b).ok());
-    check_minted(peek.as_ref(), audience, subject, task)?;
+    check_minted(peek.as_ref(), audience, subject, task, tool)?;
     let jti = peek.as_ref().and_then(|p| p.jti.clone());
     if let Some(e) = peek.and_then(|p| p.exp) {
         exp = exp.min(e);

@@ -27,6 +27,16 @@ pub struct CacheHits {
     pub credential: bool,
 }
 
+/// The MCP call of a request: method, tool, which path decided, the arguments checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct McpRecord<'a> {
+    pub method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<&'a str>,
+    pub path: Option<&'static str>,
+    pub checked: &'a [crate::policy::mcp::ArgCheck],
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionRecord<'a> {
     /// Unix time of the decision, milliseconds.
@@ -56,6 +66,8 @@ pub struct DecisionRecord<'a> {
     pub scopes: &'a [String],
     pub ttl_s: Option<u64>,
     pub credential: Option<&'a CredentialInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpRecord<'a>>,
     /// Why no credential went upstream although a minter is configured (`dry_run`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_withheld: Option<&'static str>,
@@ -100,6 +112,12 @@ impl<'a> DecisionRecord<'a> {
             scopes: p.map_or(EMPTY, |p| p.scopes.as_slice()),
             ttl_s: p.and_then(|p| p.ttl_s),
             credential: d.credential.as_ref(),
+            mcp: d.mcp.as_deref().map(|m| McpRecord {
+                method: m.method.as_deref(),
+                tool: m.tool.as_deref(),
+                path: m.path,
+                checked: p.map_or(&[][..], |p| p.mcp_checked.as_slice()),
+            }),
             credential_withheld: d.credential_withheld,
             degraded: d.degraded,
             cache: CacheHits { identity: d.identity_cache_hit, decision: d.decision_cache_hit, credential: d.credential_cache_hit },

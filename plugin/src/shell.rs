@@ -10,7 +10,7 @@
 
 use crate::config;
 use crate::decision::{DecisionIds, Effect, LocalReply};
-use crate::engine::{Decision, Engine, MintPlan, Request, Verdict};
+use crate::engine::{BodyPlan, Decision, Engine, MintPlan, Request, Verdict};
 use crate::headers::{serialize_pairs, Headers};
 use crate::identity::bundles::{FetchReport, SourceId};
 use crate::identity::jwks::MAX_BUNDLE_BYTES;
@@ -57,6 +57,7 @@ extern "C" {
     fn proxy_log(level: LogLevel, message_data: *const u8, message_size: usize) -> Status;
     fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> Status;
     fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
+    fn proxy_get_buffer_bytes(buffer_type: BufferType, start: usize, max_size: usize, return_buffer_data: *mut *mut u8, return_buffer_size: *mut usize) -> Status;
     fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
@@ -277,6 +278,51 @@ fn request_headers() -> Option<Headers> {
     Headers::from_map(buf).ok()
 }
 
+/// The buffered request body (at most `max` bytes) in one host call; `None` on a host error.
+/// Unlike the SDK wrapper, a bad status is a per-request denial, never a panic.
+fn request_body(size: usize, max: usize) -> Option<Vec<u8>> {
+    if size == 0 {
+        return Some(Vec::new());
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut len: usize = 0;
+    // SAFETY: the host fills both out-pointers; it allocated `data` through this module's
+    // `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `len`), so we own it from here.
+    let status = unsafe { proxy_get_buffer_bytes(BufferType::HttpRequestBody, 0, size.min(max.saturating_add(1)), &mut data, &mut len) };
+    match status {
+        Status::Ok if data.is_null() || len == 0 => Some(Vec::new()),
+        // SAFETY: see above.
+        Status::Ok => Some(unsafe { Vec::from_raw_parts(data, len, len) }),
+        Status::NotFound => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+/// Metric name part of an MCP method: known methods only (a caller cannot create metrics).
+fn mcp_metric_method(method: Option<&str>) -> &'static str {
+    const KNOWN: [(&str, &str); 14] = [
+        ("initialize", "initialize"),
+        ("ping", "ping"),
+        ("tools/list", "tools_list"),
+        ("tools/call", "tools_call"),
+        ("resources/list", "resources_list"),
+        ("resources/read", "resources_read"),
+        ("resources/templates/list", "resources_templates_list"),
+        ("resources/subscribe", "resources_subscribe"),
+        ("resources/unsubscribe", "resources_unsubscribe"),
+        ("prompts/list", "prompts_list"),
+        ("prompts/get", "prompts_get"),
+        ("completion/complete", "completion_complete"),
+        ("logging/setLevel", "logging_setLevel"),
+        ("elicitation/create", "elicitation_create"),
+    ];
+    match method {
+        None => "unknown",
+        Some(m) if m.starts_with("notifications/") => "notifications",
+        Some(m) => KNOWN.iter().find(|(k, _)| *k == m).map_or("other", |(_, v)| v),
+    }
+}
+
 /// Writes record lines to the proxy's log (bytes: no UTF-8 re-check, no copy).
 fn log_record_line(line: &[u8]) {
     // SAFETY: the pointer references a live buffer for the duration of the call.
@@ -339,6 +385,13 @@ impl Shared {
         self.line.extend_from_slice(LOG_PREFIX.as_bytes());
         rec.write_json(&mut self.line);
         self.metrics.decision(d.effect(), d.reason());
+        if let Some(m) = d.mcp.as_deref() {
+            let effect = if d.effect() == Effect::Allow { "allow" } else { "deny" };
+            let name = format!("mandate.mcp.{}.{effect}", mcp_metric_method(m.method.as_deref()));
+            if let Some(id) = self.metrics.id(MetricType::Counter, &name) {
+                self.metrics.count(id);
+            }
+        }
         if d.reason == Some(Reason::RevocationsStale) {
             if let Some(name) = self.stale_counter.as_deref() {
                 self.metrics.inc(name);
@@ -413,8 +466,8 @@ fn apply(verdict: &Verdict) -> Action {
             send_reply(reply);
             Action::Pause
         }
-        // Never reached: a mint verdict is resolved before it is applied.
-        Verdict::Mint(_) => fail_closed(Reason::InternalError),
+        // Never reached: mint and body verdicts are resolved before they are applied.
+        Verdict::Mint(_) | Verdict::NeedBody(_) => fail_closed(Reason::InternalError),
     }
 }
 
@@ -752,7 +805,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0 }))
+        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -766,6 +819,8 @@ struct Http {
     id: u32,
     shared: SharedRef,
     started_ns: u64,
+    /// MCP: a request waiting for its body.
+    body: Option<(Box<BodyPlan>, Decision)>,
 }
 
 impl Context for Http {
@@ -776,6 +831,53 @@ impl Context for Http {
 }
 
 impl Http {
+    /// Applies a verdict: forwards, answers, or dispatches (or joins) the credential exchange.
+    /// Records the decision unless the request now waits on an exchange.
+    fn run(&mut self, shared: &mut Shared, verdict: Verdict, decision: Decision, now: u64) -> Action {
+        let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
+        match verdict {
+            Verdict::Mint(plan) => {
+                let key = plan.key;
+                if let Some(flight) = shared.flights.get_mut(&key) {
+                    // Single flight: wait on the exchange already under way.
+                    flight.waiters.push(self.id);
+                    shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns });
+                    return Action::Pause;
+                }
+                let body = plan.body();
+                let headers = vec![
+                    (":method", "POST"),
+                    (":path", plan.path.as_str()),
+                    (":authority", plan.authority.as_str()),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("accept", "application/json"),
+                ];
+                match hostcalls::dispatch_http_call(&plan.cluster, headers, Some(&body), vec![], Duration::from_millis(plan.timeout_ms)) {
+                    Ok(_) => {
+                        shared.flights.insert(key, Flight { leader: self.id, waiters: Vec::new(), dispatched_ns: self.started_ns });
+                        shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns });
+                        Action::Pause
+                    }
+                    Err(status) => {
+                        // Unknown cluster or no capacity: fail closed, never pass the request through.
+                        let mut d = decision;
+                        let (verdict, _) = engine.finish_mint(&plan, Err(MintError::Dispatch(format!("{status:?}"))), now, &mut d);
+                        shared.metrics.inc("mandate.minter.failures");
+                        log(LogLevel::Warn, &format!("mandate: cannot call minter cluster `{}`: {status:?}", plan.cluster));
+                        let action = apply(&verdict);
+                        shared.record(&d, self.started_ns, true);
+                        action
+                    }
+                }
+            }
+            verdict => {
+                let action = apply(&verdict);
+                shared.record(&decision, self.started_ns, true);
+                action
+            }
+        }
+    }
+
     /// Completes this context's exchange for itself and every waiter on it.
     fn complete_flight(&mut self, answer: Result<(u16, Vec<u8>), MintError>) {
         let now_ns = now_nanos().unwrap_or(0);
@@ -817,60 +919,62 @@ impl Http {
 }
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.started_ns = now_nanos().unwrap_or(0);
         let Some(headers) = request_headers() else { return fail_closed(Reason::InternalError) };
         let now = self.started_ns / 1_000_000_000;
         if now == 0 {
             return fail_closed(Reason::InternalError);
         }
-        let Ok(mut shared) = self.shared.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
+        let shared_ref = self.shared.clone();
+        let Ok(mut shared) = shared_ref.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
         let shared = &mut *shared;
         let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
 
-        // identity → intent → policy → (credential) → inject → record
+        // identity → MCP call → intent → policy → (credential) → inject → record
         let outcome = engine.on_request(&Request { headers: &headers, now });
         match outcome.verdict {
-            Verdict::Mint(plan) => {
-                let key = plan.key;
-                if let Some(flight) = shared.flights.get_mut(&key) {
-                    // Single flight: wait on the exchange already under way.
-                    flight.waiters.push(self.id);
-                    shared.pending.insert(self.id, Pending { plan, decision: outcome.decision, started_ns: self.started_ns });
-                    return Action::Pause;
-                }
-                let body = plan.body();
-                let headers = vec![
-                    (":method", "POST"),
-                    (":path", plan.path.as_str()),
-                    (":authority", plan.authority.as_str()),
-                    ("content-type", "application/x-www-form-urlencoded"),
-                    ("accept", "application/json"),
-                ];
-                match hostcalls::dispatch_http_call(&plan.cluster, headers, Some(&body), vec![], Duration::from_millis(plan.timeout_ms)) {
-                    Ok(_) => {
-                        shared.flights.insert(key, Flight { leader: self.id, waiters: Vec::new(), dispatched_ns: self.started_ns });
-                        shared.pending.insert(self.id, Pending { plan, decision: outcome.decision, started_ns: self.started_ns });
-                        Action::Pause
-                    }
-                    Err(status) => {
-                        // Unknown cluster or no capacity: fail closed, never pass the request through.
-                        let mut d = outcome.decision;
-                        let (verdict, _) = engine.finish_mint(&plan, Err(MintError::Dispatch(format!("{status:?}"))), now, &mut d);
-                        shared.metrics.inc("mandate.minter.failures");
-                        log(LogLevel::Warn, &format!("mandate: cannot call minter cluster `{}`: {status:?}", plan.cluster));
-                        let action = apply(&verdict);
-                        shared.record(&d, self.started_ns, true);
-                        action
-                    }
-                }
+            Verdict::NeedBody(plan) if end_of_stream => {
+                // No body will come: judge the empty one (a malformed call).
+                let mut d = outcome.decision;
+                let verdict = engine.on_request_body(&plan, &[], now, &mut d);
+                self.run(shared, verdict, d, now)
             }
-            verdict => {
-                let action = apply(&verdict);
-                shared.record(&outcome.decision, self.started_ns, true);
-                action
+            Verdict::NeedBody(plan) => {
+                // Paused until the body is complete; the headers stay editable meanwhile.
+                self.body = Some((plan, outcome.decision));
+                Action::Pause
             }
+            verdict => self.run(shared, verdict, outcome.decision, now),
         }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some((plan, _)) = self.body.as_ref() else { return Action::Continue };
+        let max = plan.max_body_bytes;
+        if body_size <= max && !end_of_stream {
+            // Let the proxy buffer until the end of the stream.
+            return Action::Pause;
+        }
+        let Some((plan, mut d)) = self.body.take() else { return Action::Continue };
+        let now = now_nanos().unwrap_or(self.started_ns) / 1_000_000_000;
+        let shared_ref = self.shared.clone();
+        let Ok(mut shared) = shared_ref.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
+        let shared = &mut *shared;
+        let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
+        let verdict = if body_size > max {
+            engine.body_too_large(&mut d)
+        } else {
+            match request_body(body_size, max) {
+                Some(body) => engine.on_request_body(&plan, &body, now, &mut d),
+                None => {
+                    d.effect = Some(Effect::Deny);
+                    d.reason = Some(Reason::InternalError);
+                    Verdict::Reply(LocalReply::deny(Reason::InternalError, &d.id, &engine.config().upstream.decision_id_header))
+                }
+            }
+        };
+        self.run(shared, verdict, d, now)
     }
 
     fn on_log(&mut self) {
@@ -878,6 +982,13 @@ impl HttpContext for Http {
         // cancels the call, so fail its waiters closed now rather than leave them hanging.
         let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
         let shared = &mut *shared;
+        // A request that ended while its body was awaited: refused, and on the record.
+        if let Some((_, mut d)) = self.body.take() {
+            d.effect = Some(Effect::Deny);
+            d.reason = Some(Reason::McpMalformed);
+            shared.record(&d, self.started_ns, false);
+            return;
+        }
         let Some(mut p) = shared.pending.remove(&self.id) else { return };
         let key = p.plan.key;
         // The request reached the filter: it gets its record even though its client left.
