@@ -27,8 +27,6 @@ struct Params {
     requested_token_type: Option<String>,
     task: Option<String>,
     intent: Option<String>,
-    /// MCP: the tool the credential is for (mandate extension parameter, `tool` claim).
-    tool: Option<String>,
     requested_ttl: Option<String>,
 }
 
@@ -55,7 +53,6 @@ fn parse_params(body: &[u8]) -> Result<Params, OAuthError> {
             "requested_token_type" => set_once(&mut p.requested_token_type, &k, v)?,
             "task" => set_once(&mut p.task, &k, v)?,
             "intent" => set_once(&mut p.intent, &k, v)?,
-            "tool" => set_once(&mut p.tool, &k, v)?,
             "requested_ttl" => set_once(&mut p.requested_ttl, &k, v)?,
             "audience" => p.audiences.push(v),
             "resource" => p.resource = true,
@@ -137,8 +134,6 @@ struct Claims<'a> {
     intent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     task: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     act: Option<Value>,
     client_id: &'a str,
@@ -224,9 +219,6 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
     }
     if let Some(i) = &p.intent {
         check(crate::values::intent(i))?;
-    }
-    if let Some(t) = &p.tool {
-        check(crate::values::tool(t))?;
     }
     let requested_ttl = match p.requested_ttl.as_deref() {
         None => None,
@@ -359,7 +351,6 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
             scope: (!scope_str.is_empty()).then_some(scope_str.as_str()),
             intent: p.intent.as_deref(),
             task: p.task.as_deref(),
-            tool: p.tool.as_deref(),
             act,
             client_id: &client.client_id,
         };

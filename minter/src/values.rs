@@ -1,6 +1,6 @@
 //! One validation for every value the minter signs, stores or publishes.
 //!
-//! `/token` (audience, task, intent, tool), `POST /tasks` (subjects, intents,
+//! `/token` (audience, task, intent), `POST /tasks` (subjects, intents,
 //! label), `POST /tasks/{id}/end` and `POST /revoke` (task, jti, subject) all
 //! check their values here, so nothing reaches a token, the database or the
 //! revocation feed that another endpoint would refuse. The limits keep every
@@ -53,11 +53,6 @@ pub fn task(v: &str) -> Result<(), Invalid> {
 
 pub fn intent(v: &str) -> Result<(), Invalid> {
     bounded_visible("intent", v, MAX_INTENT)
-}
-
-/// An MCP tool name (the `tool` extension parameter and claim): held to the intent rules.
-pub fn tool(v: &str) -> Result<(), Invalid> {
-    bounded_visible("tool", v, MAX_INTENT)
 }
 
 pub fn audience(v: &str) -> Result<(), Invalid> {

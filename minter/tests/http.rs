@@ -135,21 +135,6 @@ fn verify_with_jwks(h: &Handle, jwt: &str) {
     pk.verify_token::<NoCustomClaims>(jwt, Some(opts)).expect("issued token verifies with the published JWKS");
 }
 
-/// MCP (issue 12): the `tool` parameter becomes the `tool` claim, so a credential minted for one
-/// tool is visibly not for another.
-#[test]
-fn tool_parameter_becomes_the_tool_claim() {
-    let env = Env::new();
-    let h = start(env.config());
-    let tok = env.svid(SUB, 600);
-    let mut pairs = exchange_pairs(&tok, "payments-api", "payments:read", "task-1");
-    pairs.push(("tool", "refund"));
-    let (s, v, _) = post_form(&h, "/token", &pairs, None);
-    assert_eq!(s, 200, "{v}");
-    let c = claims_of(v["access_token"].as_str().unwrap());
-    assert_eq!((c["tool"].as_str(), c["task"].as_str()), (Some("refund"), Some("task-1")));
-}
-
 #[test]
 fn happy_path_claims_and_jwks() {
     let env = Env::new();
@@ -176,7 +161,6 @@ fn happy_path_claims_and_jwks() {
     assert_eq!(c["task"], "task-1");
     assert_eq!(c["client_id"], "loopback");
     assert!(c.get("act").is_none());
-    assert!(c.get("tool").is_none());
     let iat = c["iat"].as_u64().unwrap();
     assert!(iat >= t0 && iat <= now());
     assert_eq!(c["exp"].as_u64().unwrap(), iat + 120);
