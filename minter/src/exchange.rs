@@ -27,6 +27,8 @@ struct Params {
     requested_token_type: Option<String>,
     task: Option<String>,
     intent: Option<String>,
+    /// MCP: the tool the credential is for (mandate extension parameter; `tool` claim).
+    tool: Option<String>,
     requested_ttl: Option<String>,
 }
 
@@ -53,6 +55,7 @@ fn parse_params(body: &[u8]) -> Result<Params, OAuthError> {
             "requested_token_type" => set_once(&mut p.requested_token_type, &k, v)?,
             "task" => set_once(&mut p.task, &k, v)?,
             "intent" => set_once(&mut p.intent, &k, v)?,
+            "tool" => set_once(&mut p.tool, &k, v)?,
             "requested_ttl" => set_once(&mut p.requested_ttl, &k, v)?,
             "audience" => p.audiences.push(v),
             "resource" => p.resource = true,
@@ -134,6 +137,8 @@ struct Claims<'a> {
     intent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     task: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     act: Option<Value>,
     client_id: &'a str,
@@ -219,6 +224,9 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
     }
     if let Some(i) = &p.intent {
         check(crate::values::intent(i))?;
+    }
+    if let Some(t) = &p.tool {
+        check(crate::values::tool(t))?;
     }
     let requested_ttl = match p.requested_ttl.as_deref() {
         None => None,
@@ -351,6 +359,7 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
             scope: (!scope_str.is_empty()).then_some(scope_str.as_str()),
             intent: p.intent.as_deref(),
             task: p.task.as_deref(),
+            tool: p.tool.as_deref(),
             act,
             client_id: &client.client_id,
         };
@@ -421,6 +430,18 @@ mod tests {
         assert_eq!(e, Some("invalid_request"));
         let p = parse_params(b"audience=a&audience=b&foo=bar").ok().map(|p| p.audiences.len());
         assert_eq!(p, Some(2));
+    }
+
+    #[test]
+    fn tool_parameter_is_read_once_and_validated_like_an_intent() {
+        let p = parse_params(b"tool=get_ticket").ok().and_then(|p| p.tool);
+        assert_eq!(p.as_deref(), Some("get_ticket"));
+        let e = parse_params(b"tool=get_ticket&tool=delete_customer").err().map(|e| e.error);
+        assert_eq!(e, Some("invalid_request"), "a second tool cannot widen the credential");
+        assert!(crate::values::tool("get_ticket").is_ok());
+        for bad in ["", "a b", "caf\u{e9}", &"x".repeat(129), "a\nb"] {
+            assert!(crate::values::tool(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

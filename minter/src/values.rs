@@ -55,6 +55,11 @@ pub fn intent(v: &str) -> Result<(), Invalid> {
     bounded_visible("intent", v, MAX_INTENT)
 }
 
+/// MCP tool names (the `tool` exchange parameter and claim): the rules of intents.
+pub fn tool(v: &str) -> Result<(), Invalid> {
+    bounded_visible("tool", v, MAX_INTENT)
+}
+
 pub fn audience(v: &str) -> Result<(), Invalid> {
     bounded_visible("audience", v, MAX_AUDIENCE)
 }

@@ -2058,3 +2058,7 @@ mod tests {
         assert_eq!(run(&mut e, &h).decision.reason(), Reason::IntentTokenInvalid);
     }
 }
+
+#[cfg(test)]
+#[path = "engine_mcp_tests.rs"]
+mod mcp_tests;

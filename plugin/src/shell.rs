@@ -139,6 +139,8 @@ struct Metrics {
     hits: [Option<Option<u32>>; 7],
     /// Counts waiting for the next flush, by metric id (a handful of distinct ids).
     pending: Vec<(u32, i64)>,
+    /// `mandate.mcp.<method>.<allow|deny>` ids by (method, allowed).
+    mcp: HashMap<(&'static str, bool), Option<u32>>,
     batched: bool,
 }
 
@@ -185,6 +187,21 @@ impl Metrics {
             }
         };
         for id in [ids.0, ids.1].into_iter().flatten() {
+            self.count(id);
+        }
+    }
+
+    /// One more MCP call of this method (a fixed name: see [`mcp_metric_method`]).
+    fn mcp(&mut self, method: &'static str, allowed: bool) {
+        let id = match self.mcp.get(&(method, allowed)) {
+            Some(id) => *id,
+            None => {
+                let id = self.id(MetricType::Counter, &format!("mandate.mcp.{method}.{}", if allowed { "allow" } else { "deny" }));
+                self.mcp.insert((method, allowed), id);
+                id
+            }
+        };
+        if let Some(id) = id {
             self.count(id);
         }
     }
@@ -386,11 +403,7 @@ impl Shared {
         rec.write_json(&mut self.line);
         self.metrics.decision(d.effect(), d.reason());
         if let Some(m) = d.mcp.as_deref() {
-            let effect = if d.effect() == Effect::Allow { "allow" } else { "deny" };
-            let name = format!("mandate.mcp.{}.{effect}", mcp_metric_method(m.method.as_deref()));
-            if let Some(id) = self.metrics.id(MetricType::Counter, &name) {
-                self.metrics.count(id);
-            }
+            self.metrics.mcp(mcp_metric_method(m.method.as_deref()), d.effect() == Effect::Allow);
         }
         if d.reason == Some(Reason::RevocationsStale) {
             if let Some(name) = self.stale_counter.as_deref() {

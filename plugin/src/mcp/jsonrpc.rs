@@ -135,6 +135,16 @@ pub fn strict_value(body: &[u8]) -> Result<Value, serde_json::Error> {
     Ok(v)
 }
 
+fn lenient_id(body: &[u8]) -> Option<Value> {
+    match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Object(mut m) => match m.remove("id")? {
+            v @ (Value::String(_) | Value::Number(_) | Value::Null) => Some(v),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn name_ok(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
 }
@@ -151,54 +161,57 @@ pub fn parse(body: &[u8]) -> Result<Message, ParseError> {
         Ok(v) => v,
         Err(e) => {
             let not_json = matches!(e.classify(), serde_json::error::Category::Syntax | serde_json::error::Category::Eof);
-            return Err(ParseError { reason: Reason::McpMalformed, id: None, not_json });
+            // JSON, but refused (duplicate keys, too deep): the id, if a lenient reading finds
+            // one, is still echoed so the client can match the error (serde_json bounds its
+            // own recursion).
+            let id = if not_json { None } else { lenient_id(body) };
+            return Err(ParseError { reason: Reason::McpMalformed, id, not_json });
         }
     };
-    let Value::Object(mut m) = v else { return Err(ParseError::malformed(None)) };
+    let Value::Object(m) = v else { return Err(ParseError::malformed(None)) };
     // The id first, so every later refusal can keep it.
-    let id = match m.remove("id") {
+    let id = match m.get("id") {
         None => None,
-        Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(v),
+        Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(v.clone()),
         Some(_) => return Err(ParseError::malformed(None)),
     };
     let bad = || ParseError::malformed(id.clone());
-    if m.remove("jsonrpc") != Some(Value::String("2.0".into())) {
+    let (mut jsonrpc, mut method, mut params) = (None, None, None);
+    for (k, v) in m {
+        match k.as_str() {
+            "jsonrpc" => jsonrpc = Some(v),
+            "method" => method = Some(v),
+            "params" => params = Some(v),
+            "id" => {}
+            // Nothing else belongs in a request (`result`/`error` would make it a response).
+            _ => return Err(bad()),
+        }
+    }
+    if jsonrpc.as_ref().and_then(Value::as_str) != Some("2.0") {
         return Err(bad());
     }
-    let method = match m.remove("method") {
+    let method = match method {
         Some(Value::String(s)) if name_ok(&s, MAX_NAME) => s,
         _ => return Err(bad()),
     };
-    let params = match m.remove("params") {
+    let params = match params {
         None => None,
         Some(Value::Object(p)) => Some(p),
         Some(_) => return Err(bad()),
     };
-    // Nothing else belongs in a request (`result`/`error` would make it a response).
-    if !m.is_empty() {
-        return Err(bad());
-    }
     let mut msg = Message { id: id.clone(), method, name: None, arguments: None, uri: None };
-    if let Some(mut p) = params {
-        msg.arguments = match p.remove("arguments") {
-            None => None,
-            Some(Value::Object(a)) => Some(a),
-            Some(_) => return Err(bad()),
-        };
-        let named = matches!(msg.method.as_str(), "tools/call" | "prompts/get");
-        msg.name = match p.remove("name") {
-            Some(Value::String(s)) if name_ok(&s, MAX_NAME) => Some(s),
-            None => None,
+    let named = matches!(msg.method.as_str(), "tools/call" | "prompts/get");
+    for (k, v) in params.into_iter().flatten() {
+        match (k.as_str(), v) {
+            ("arguments", Value::Object(a)) => msg.arguments = Some(a),
+            ("arguments", _) => return Err(bad()),
+            ("name", Value::String(s)) if name_ok(&s, MAX_NAME) => msg.name = Some(s),
             // A tool name that is not a string (or not a name) is never judged.
-            Some(_) if named => return Err(bad()),
-            Some(_) => None,
-        };
-        msg.uri = match p.remove("uri") {
-            Some(Value::String(s)) if name_ok(&s, MAX_URI) => Some(s),
-            None => None,
-            Some(_) if msg.method == "resources/read" => return Err(bad()),
-            Some(_) => None,
-        };
+            ("name", _) if named => return Err(bad()),
+            ("uri", Value::String(s)) if name_ok(&s, MAX_URI) => msg.uri = Some(s),
+            ("uri", _) if msg.method == "resources/read" => return Err(bad()),
+            _ => {}
+        }
     }
     let needs_name = matches!(msg.method.as_str(), "tools/call" | "prompts/get");
     if (needs_name && msg.name.is_none()) || (msg.method == "resources/read" && msg.uri.is_none()) {

@@ -5,7 +5,7 @@ pub mod headers;
 pub mod jsonrpc;
 
 use crate::reason::Reason;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// JSON-RPC error code of a denial.
 pub fn error_code(reason: Reason, not_json: bool) -> i64 {
@@ -22,22 +22,28 @@ pub fn error_code(reason: Reason, not_json: bool) -> i64 {
 /// The JSON-RPC error body of a denied MCP call: keeps the request's `id` (`null` when
 /// unknown), the reason code and the decision id; never anything else from the request.
 pub fn error_body(reason: Reason, not_json: bool, id: Option<&Value>, decision_id: &str) -> String {
-    json!({
-        "jsonrpc": "2.0",
-        "id": id.cloned().unwrap_or(Value::Null),
-        "error": {
-            "code": error_code(reason, not_json),
-            "message": reason.message(),
-            "data": {"reason": reason.code(), "decision_id": decision_id}
-        }
-    })
-    .to_string()
+    // Written by hand (every piece is a fixed code, a number, or JSON-escaped): no generic
+    // JSON building on the denial path. The id is a string, a number or null (the parser
+    // accepts nothing else).
+    let id = match id {
+        Some(v @ (Value::String(_) | Value::Number(_))) => v.to_string(),
+        _ => "null".to_string(),
+    };
+    let esc = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string());
+    format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"error\":{{\"code\":{},\"message\":{},\"data\":{{\"reason\":\"{}\",\"decision_id\":{}}}}}}}",
+        error_code(reason, not_json),
+        esc(reason.message()),
+        reason.code(),
+        esc(decision_id)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::headers::Headers;
+    use serde_json::json;
 
     #[test]
     fn error_bodies_keep_the_id_and_the_reason() {

@@ -359,6 +359,37 @@ mod tests {
         assert_eq!(parse_time("1795564800"), Some(1_795_564_800));
     }
 
+    #[test]
+    fn case_requests_carry_mcp_calls() {
+        let policy = parse_policy(
+            serde_json::json!({
+                "resources": [{"name": "support-mcp", "hosts": ["mcp.acme.internal"], "paths": ["/mcp"], "mcp": {}}],
+                "intents": [{"name": "support.refund", "operations": [{"resource": "support-mcp", "tools": ["refund"],
+                             "arguments": [{"pointer": "/amount", "max": 100}]}]}],
+                "rules": [{"id": "all", "effect": "allow"}]
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let req = |mcp: serde_json::Value| -> CaseRequest {
+            serde_json::from_value(serde_json::json!({"principal": "spiffe://example.org/agent/a1", "intent": "support.refund",
+                "authority": "mcp.acme.internal", "path": "/mcp", "time": "2026-11-25T10:00:00Z", "mcp": mcp}))
+            .unwrap()
+        };
+        let d = evaluate_request(&policy, &req(serde_json::json!({"method": "tools/call", "name": "refund", "arguments": {"amount": 42}, "id": 1}))).unwrap();
+        assert_eq!(d.reason, Reason::Allowed, "{d:?}");
+        let d = evaluate_request(&policy, &req(serde_json::json!({"method": "tools/call", "name": "refund", "arguments": {"amount": 420}}))).unwrap();
+        assert_eq!(d.reason, Reason::ArgumentNotAllowed);
+        let d = evaluate_request(&policy, &req(serde_json::json!({"method": "tools/call", "name": "delete_customer"}))).unwrap();
+        assert_eq!(d.reason, Reason::ToolNotAllowed);
+        // Through the same strict parser as live traffic: a tool call without a name is malformed.
+        let d = evaluate_request(&policy, &req(serde_json::json!({"method": "tools/call"}))).unwrap();
+        assert_eq!(d.reason, Reason::McpMalformed);
+        let d = evaluate_request(&policy, &req(serde_json::json!({"method": "tools/list", "headers": false}))).unwrap();
+        assert_eq!(d.reason, Reason::Allowed);
+    }
+
     /// Every case file in policies/ passes: the library is tested code.
     #[test]
     fn policies_library_cases_pass() {

@@ -5,10 +5,9 @@
 //! from a case file; both hand an [`McpCall`] to the policy.
 
 use crate::config::ConfigError;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 
 /// Default `max_body_bytes`: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
@@ -19,12 +18,8 @@ pub const SESSION_METHODS: [&str; 6] = ["initialize", "ping", "tools/list", "res
 /// Longest name, URI or pattern judged; longer never matches.
 const MAX_MATCH_LEN: usize = 4096;
 
-fn default_max_body() -> usize {
-    DEFAULT_MAX_BODY
-}
-
 /// How the filter reads an MCP call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BodyMode {
     /// Always buffer and parse the body, and check it agrees with the headers.
@@ -34,65 +29,146 @@ pub enum BodyMode {
     WhenNeeded,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct McpToolConfig {
-    #[serde(default)]
-    pub sensitivity: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct McpMetadataConfig {
     pub resource: String,
-    #[serde(default)]
     pub authorization_servers: Vec<String>,
-    #[serde(default)]
     pub scopes_supported: Vec<String>,
 }
 
+// The MCP configuration is read by hand from the JSON value (strictly: unknown fields are
+// refused, every error names its field): serde's derived code for it, instantiated for the
+// path-tracking deserializer, cost the filter ~100 KB.
+
+fn cerr(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::new(field, message)
+}
+
+fn object<'v>(v: &'v Value, field: &str, allowed: &[&str]) -> Result<&'v Map<String, Value>, ConfigError> {
+    let m = v.as_object().ok_or_else(|| cerr(field, "must be an object"))?;
+    if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(cerr(&format!("{field}.{k}"), format!("unknown field `{k}`, expected one of {allowed:?}")));
+    }
+    Ok(m)
+}
+
+fn opt_str(m: &Map<String, Value>, key: &str, field: &str) -> Result<Option<String>, ConfigError> {
+    match m.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(cerr(&format!("{field}.{key}"), "must be a string")),
+    }
+}
+
+fn opt_bool(m: &Map<String, Value>, key: &str, field: &str) -> Result<Option<bool>, ConfigError> {
+    match m.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(cerr(&format!("{field}.{key}"), "must be true or false")),
+    }
+}
+
+fn opt_f64(m: &Map<String, Value>, key: &str, field: &str) -> Result<Option<f64>, ConfigError> {
+    match m.get(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| cerr(&format!("{field}.{key}"), "must be a number")),
+        Some(_) => Err(cerr(&format!("{field}.{key}"), "must be a number")),
+    }
+}
+
+/// A list of strings (`None` when absent).
+pub fn opt_strings(v: Option<&Value>, field: &str) -> Result<Option<Vec<String>>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x.as_str().map(str::to_string).ok_or_else(|| cerr(&format!("{field}[{i}]"), "must be a string")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(cerr(field, "must be a list of strings")),
+    }
+}
+
 /// `mcp` on a resource: the resource is an MCP server (Streamable HTTP).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct McpConfig {
-    #[serde(default)]
-    pub tools: BTreeMap<String, McpToolConfig>,
-    #[serde(default)]
+    /// Tool name → sensitivity (tools not listed have the resource's).
+    pub tools: Vec<(String, Option<String>)>,
     pub body: BodyMode,
-    #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
-    #[serde(default)]
     pub filter_tools_list: bool,
-    #[serde(default)]
     pub metadata: Option<McpMetadataConfig>,
 }
 
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
+impl McpConfig {
+    pub fn from_value(v: &Value, field: &str) -> Result<McpConfig, ConfigError> {
+        let m = object(v, field, &["tools", "body", "max_body_bytes", "filter_tools_list", "metadata"])?;
+        let mut tools = Vec::new();
+        if let Some(t) = m.get("tools") {
+            let tf = format!("{field}.tools");
+            for (name, cfg) in t.as_object().ok_or_else(|| cerr(&tf, "must be an object of tool names"))? {
+                let cf = format!("{tf}.{name}");
+                let c = object(cfg, &cf, &["sensitivity"])?;
+                tools.push((name.clone(), opt_str(c, "sensitivity", &cf)?));
+            }
+        }
+        let body = match opt_str(m, "body", field)?.as_deref() {
+            None | Some("always") => BodyMode::Always,
+            Some("when_needed") => BodyMode::WhenNeeded,
+            Some(_) => return Err(cerr(&format!("{field}.body"), "must be `always` or `when_needed`")),
+        };
+        let max_body_bytes = match m.get("max_body_bytes") {
+            None => DEFAULT_MAX_BODY,
+            Some(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| cerr(&format!("{field}.max_body_bytes"), "must be a whole number"))?,
+        };
+        let metadata = match m.get("metadata") {
+            None => None,
+            Some(md) => {
+                let mf = format!("{field}.metadata");
+                let o = object(md, &mf, &["resource", "authorization_servers", "scopes_supported"])?;
+                Some(McpMetadataConfig {
+                    resource: opt_str(o, "resource", &mf)?.ok_or_else(|| cerr(&format!("{mf}.resource"), "is required"))?,
+                    authorization_servers: opt_strings(o.get("authorization_servers"), &format!("{mf}.authorization_servers"))?.unwrap_or_default(),
+                    scopes_supported: opt_strings(o.get("scopes_supported"), &format!("{mf}.scopes_supported"))?.unwrap_or_default(),
+                })
+            }
+        };
+        Ok(McpConfig { tools, body, max_body_bytes, filter_tools_list: opt_bool(m, "filter_tools_list", field)?.unwrap_or(false), metadata })
+    }
 }
 
 /// One argument constraint of an intent operation.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct ArgumentConfig {
     /// RFC 6901 pointer into `params.arguments`.
     pub pointer: String,
-    #[serde(default, deserialize_with = "present")]
     pub equals: Option<Value>,
-    #[serde(default)]
     pub pattern: Option<String>,
-    #[serde(default)]
     pub prefix: Option<String>,
-    #[serde(default)]
     pub min: Option<f64>,
-    #[serde(default)]
     pub max: Option<f64>,
-    #[serde(default)]
     pub equals_context: Option<String>,
-    #[serde(default)]
     pub required: Option<bool>,
-    #[serde(default)]
     pub sensitive: bool,
+}
+
+impl ArgumentConfig {
+    pub fn from_value(v: &Value, field: &str) -> Result<ArgumentConfig, ConfigError> {
+        let m = object(v, field, &["pointer", "equals", "pattern", "prefix", "min", "max", "equals_context", "required", "sensitive"])?;
+        Ok(ArgumentConfig {
+            pointer: opt_str(m, "pointer", field)?.ok_or_else(|| cerr(&format!("{field}.pointer"), "is required"))?,
+            // `"equals": null` is the literal null.
+            equals: m.get("equals").cloned(),
+            pattern: opt_str(m, "pattern", field)?,
+            prefix: opt_str(m, "prefix", field)?,
+            min: opt_f64(m, "min", field)?,
+            max: opt_f64(m, "max", field)?,
+            equals_context: opt_str(m, "equals_context", field)?,
+            required: opt_bool(m, "required", field)?,
+            sensitive: opt_bool(m, "sensitive", field)?.unwrap_or(false),
+        })
+    }
 }
 
 // ---------------------------------------------------------------- compiled
@@ -114,9 +190,9 @@ impl McpResource {
             return Err(ConfigError::new(format!("{field}.max_body_bytes"), "must be between 1024 and 16777216"));
         }
         let mut tools = Vec::new();
-        for (name, t) in &c.tools {
+        for (name, sens) in &c.tools {
             tool_name_ok(&format!("{field}.tools"), name)?;
-            let lvl = level(&format!("{field}.tools.{name}.sensitivity"), &t.sensitivity)?.unwrap_or(default);
+            let lvl = level(&format!("{field}.tools.{name}.sensitivity"), sens)?.unwrap_or(default);
             tools.push((name.clone(), lvl));
         }
         if let Some(m) = &c.metadata {
@@ -408,7 +484,7 @@ impl McpOp {
         tools: &Option<Vec<String>>,
         uris: &Option<Vec<String>>,
         prompts: &Option<Vec<String>>,
-        arguments: &Option<Vec<ArgumentConfig>>,
+        arguments: &Option<Value>,
     ) -> Result<Option<McpOp>, ConfigError> {
         if methods.is_none() && tools.is_none() && uris.is_none() && prompts.is_none() && arguments.is_none() {
             return Ok(None);
@@ -423,8 +499,16 @@ impl McpOp {
         }
         let args = match arguments {
             None => Vec::new(),
-            Some(list) if list.is_empty() => return Err(ConfigError::new(format!("{field}.arguments"), "must not be an empty list (leave it out instead)")),
-            Some(list) => list.iter().enumerate().map(|(i, a)| ArgConstraint::compile(a, &format!("{field}.arguments[{i}]"))).collect::<Result<_, _>>()?,
+            Some(Value::Array(list)) if list.is_empty() => return Err(ConfigError::new(format!("{field}.arguments"), "must not be an empty list (leave it out instead)")),
+            Some(Value::Array(list)) => list
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let af = format!("{field}.arguments[{i}]");
+                    ArgConstraint::compile(&ArgumentConfig::from_value(a, &af)?, &af)
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(ConfigError::new(format!("{field}.arguments"), "must be a list of constraints")),
         };
         if arguments.is_some() && tools.is_none() && prompts.is_none() {
             return Err(ConfigError::new(format!("{field}.arguments"), "argument constraints apply to `tools` or `prompts`"));

@@ -162,9 +162,9 @@ pub struct ResourceConfig {
     /// Audience for credentials minted for this resource; defaults to the name.
     #[serde(default)]
     pub audience: Option<String>,
-    /// The resource is an MCP server (may be `{}`).
+    /// The resource is an MCP server (may be `{}`; see [`mcp::McpConfig`]).
     #[serde(default)]
-    pub mcp: Option<mcp::McpConfig>,
+    pub mcp: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,19 +176,20 @@ pub struct OperationConfig {
     pub methods: Vec<String>,
     /// MCP resources: JSON-RPC methods (globs) this operation may call.
     #[serde(default)]
-    pub mcp_methods: Option<Vec<String>>,
+    pub mcp_methods: Option<serde_json::Value>,
     /// MCP resources: tools (globs) this operation may call; implies `tools/call`.
     #[serde(default)]
-    pub tools: Option<Vec<String>>,
+    pub tools: Option<serde_json::Value>,
     /// MCP resources: resource URIs (globs, `**` too) `resources/read` may read.
     #[serde(default)]
-    pub uris: Option<Vec<String>>,
+    pub uris: Option<serde_json::Value>,
     /// MCP resources: prompts (globs) `prompts/get` may get.
     #[serde(default)]
-    pub prompts: Option<Vec<String>>,
-    /// Constraints on `params.arguments`, for every tool or prompt of this operation.
+    pub prompts: Option<serde_json::Value>,
+    /// Constraints on `params.arguments`, for every tool or prompt of this operation
+    /// (see [`mcp::ArgumentConfig`]).
     #[serde(default)]
-    pub arguments: Option<Vec<mcp::ArgumentConfig>>,
+    pub arguments: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -548,7 +549,10 @@ impl Policy {
                 .collect::<Result<_, _>>()?;
             let sensitivity = level(&levels, &format!("{field}.sensitivity"), &r.sensitivity)?.unwrap_or(0);
             let mcp = match &r.mcp {
-                Some(m) => Some(McpResource::compile(m, &format!("{field}.mcp"), |fl, n| level(&levels, fl, n), sensitivity)?),
+                Some(m) => {
+                    let mf = format!("{field}.mcp");
+                    Some(McpResource::compile(&mcp::McpConfig::from_value(m, &mf)?, &mf, |fl, n| level(&levels, fl, n), sensitivity)?)
+                }
                 None => None,
             };
             resources.push(Resource {
@@ -585,7 +589,9 @@ impl Policy {
                     .iter()
                     .position(|n| *n == op.resource)
                     .ok_or_else(|| ConfigError::new(format!("{ofield}.resource"), format!("unknown resource `{}`", op.resource)))?;
-                match McpOp::compile(&ofield, &op.mcp_methods, &op.tools, &op.uris, &op.prompts, &op.arguments)? {
+                let list = |name: &str, v: &Option<serde_json::Value>| mcp::opt_strings(v.as_ref(), &format!("{ofield}.{name}"));
+                let (mm, tl, ur, pr) = (list("mcp_methods", &op.mcp_methods)?, list("tools", &op.tools)?, list("uris", &op.uris)?, list("prompts", &op.prompts)?);
+                match McpOp::compile(&ofield, &mm, &tl, &ur, &pr, &op.arguments)? {
                     Some(m) => {
                         if resources.get(idx).is_none_or(|r| r.mcp.is_none()) {
                             return Err(ConfigError::new(format!("{ofield}.resource"), format!("`{}` is not an MCP resource (no `mcp` object)", op.resource)));
@@ -752,6 +758,9 @@ impl Policy {
         let intent_idx = match input.intent {
             None => {
                 if class.is_some_and(|c| c.intent_required) && !session {
+                    if let (Some(c), Some(ri)) = (call, res_idx) {
+                        d.needed_scopes = self.scopes_covering(c, ri);
+                    }
                     return deny(Reason::IntentRequired);
                 }
                 None

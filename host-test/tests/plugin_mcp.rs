@@ -1,0 +1,216 @@
+//! MCP through the built filter on the wasmtime host: the header fast path, the body path,
+//! JSON-RPC refusals, the RFC 9728 metadata endpoint and tool-scoped credentials.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use mandate_host_test::{Action, StreamId};
+use serde_json::{json, Value};
+
+const MCP_HOST: &str = "mcp.acme.internal";
+
+/// The shared policy plus an MCP server (`support-mcp`) and intents for it.
+fn add_mcp(cfg: &mut Value, body: &str) {
+    let p = &mut cfg["policy"];
+    p["resources"].as_array_mut().unwrap().push(json!({
+        "name": "support-mcp", "hosts": [MCP_HOST], "paths": ["/mcp"], "sensitivity": "internal", "audience": "support-mcp",
+        "mcp": {"body": body, "max_body_bytes": 4096,
+                "metadata": {"resource": "https://mcp.acme.internal/mcp", "authorization_servers": ["https://auth.acme.internal"],
+                             "scopes_supported": ["tickets:read", "refunds:write"]}}
+    }));
+    p["intents"].as_array_mut().unwrap().extend([
+        json!({"name": "support.read", "operations": [{"resource": "support-mcp", "tools": ["get_ticket"]}], "scopes": ["tickets:read"]}),
+        json!({"name": "support.refund", "operations": [{"resource": "support-mcp", "tools": ["refund"], "arguments": [
+            {"pointer": "/amount", "max": 100}, {"pointer": "/ticket_id", "equals_context": "task"}]}], "scopes": ["refunds:write"]}),
+    ]);
+    p["rules"].as_array_mut().unwrap().push(json!({"id": "mcp-agents", "effect": "allow", "classes": ["agent"], "intents": ["support.read", "support.refund"]}));
+}
+
+fn rig(test: &str, body: &str, minter: Value) -> Option<Rig> {
+    start_configured(test, minter, true, |c| add_mcp(c, body))
+}
+
+fn post(r: &Rig) -> Req {
+    Req::new("POST", MCP_HOST, "/mcp").bearer(&r.svid()).with("content-type", "application/json")
+}
+
+fn mirrored(req: Req, method: &str, name: Option<&str>) -> Req {
+    let req = req.with("mcp-protocol-version", "2026-07-28").with("mcp-method", method);
+    match name {
+        Some(n) => req.with("mcp-name", n),
+        None => req,
+    }
+}
+
+fn call(id: Value, tool: &str, args: Value) -> Vec<u8> {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}}).to_string().into_bytes()
+}
+
+/// Headers (not the end of the stream), then the body in one chunk: the actions of both.
+fn send_with_body(r: &mut Rig, req: &Req, body: &[u8]) -> (StreamId, Action, Option<Action>) {
+    let s = r.vm.new_stream().unwrap();
+    let a = r.vm.request_headers(s, req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), false).unwrap();
+    // A stream already answered locally gets no body.
+    if r.vm.stream(s).local_response.is_some() {
+        return (s, a, None);
+    }
+    let b = r.vm.request_body(s, body, true).unwrap();
+    (s, a, Some(b))
+}
+
+/// The JSON-RPC refusal of a stream: (HTTP status, error code, id, reason).
+fn refusal(r: &Rig, s: StreamId) -> (u32, i64, Value, String) {
+    let st = r.vm.stream(s);
+    assert!(st.upstream.headers.is_none(), "stream {} was forwarded", s.0);
+    assert_eq!(st.local_response_calls, 1, "one local reply per stream");
+    let lr = st.local_response.clone().expect("a local reply");
+    let v: Value = serde_json::from_slice(&lr.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", reply_text(&lr)));
+    assert_eq!(v["jsonrpc"], json!("2.0"), "{v}");
+    (lr.status, v["error"]["code"].as_i64().unwrap(), v["id"].clone(), v["error"]["data"]["reason"].as_str().unwrap_or_default().to_string())
+}
+
+fn reply_header(r: &Rig, s: StreamId, name: &str) -> Option<String> {
+    r.vm.stream(s).local_response.as_ref().and_then(|lr| header(&lr.headers, name))
+}
+
+#[test]
+fn allowed_call_by_headers_only_buffers_no_body() {
+    let Some(mut r) = rig("allowed_call_by_headers_only_buffers_no_body", "when_needed", Value::Null) else { return };
+    let req = mirrored(post(&r).intent("support.read"), "tools/call", Some("get_ticket"));
+    let (s, a, b) = send_with_body(&mut r, &req, &call(json!(1), "get_ticket", json!({"ticket_id": "T-1"})));
+    assert_eq!(a, Action::Continue, "decided in on_http_request_headers");
+    assert_eq!(b, Some(Action::Continue), "the body streams through unbuffered");
+    let fwd = r.forwarded(s);
+    assert_eq!(header(&fwd, "mcp-name").as_deref(), Some("get_ticket"), "the MCP headers reach the server");
+    assert!(header(&fwd, "authorization").is_none());
+    let rec = r.records().pop().unwrap();
+    assert_eq!(rec["mcp"], json!({"method": "tools/call", "tool": "get_ticket", "path": "header", "checked": []}));
+    assert_eq!(r.metric("mandate.mcp.tools_call.allow"), 1);
+}
+
+#[test]
+fn old_protocol_version_takes_the_body_path() {
+    let Some(mut r) = rig("old_protocol_version_takes_the_body_path", "when_needed", Value::Null) else { return };
+    let req = post(&r).intent("support.read").with("mcp-protocol-version", "2025-06-18");
+    let (s, a, b) = send_with_body(&mut r, &req, &call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})));
+    assert_eq!((a, b), (Action::Pause, Some(Action::Continue)));
+    r.forwarded(s);
+    assert_eq!(r.vm.stream(s).upstream.body, call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})), "the body goes upstream unchanged");
+    // A tool the intent does not name: 403 in JSON-RPC, id kept, insufficient_scope.
+    let (s, _, _) = send_with_body(&mut r, &req, &call(json!("x-9"), "delete_customer", json!({"customer_id": "C-1"})));
+    assert_eq!(refusal(&r, s), (403, -32003, json!("x-9"), "tool_not_allowed".to_string()));
+    let www = reply_header(&r, s, "www-authenticate").unwrap();
+    assert!(www.starts_with("Bearer error=\"insufficient_scope\", scope=\"\""), "{www}");
+    let records = r.records();
+    assert_eq!(records.len(), 2, "exactly one record per request");
+    assert_eq!(records[1]["mcp"]["path"], json!("body"));
+    assert_eq!(records[1]["reason"], json!("tool_not_allowed"));
+    assert_eq!(r.metric("mandate.mcp.tools_call.deny"), 1);
+}
+
+#[test]
+fn header_body_mismatch_is_refused() {
+    let Some(mut r) = rig("header_body_mismatch_is_refused", "always", Value::Null) else { return };
+    let req = mirrored(post(&r).intent("support.read"), "tools/call", Some("get_ticket"));
+    let (s, a, _) = send_with_body(&mut r, &req, &call(json!(3), "delete_customer", json!({"customer_id": "C-1"})));
+    assert_eq!(a, Action::Pause);
+    assert_eq!(refusal(&r, s), (400, -32020, json!(3), "mcp_header_mismatch".to_string()));
+    assert!(reply_header(&r, s, "x-mandate-decision-id").is_some());
+    assert_eq!(r.records().len(), 1);
+}
+
+#[test]
+fn body_over_the_limit_is_413_with_a_record() {
+    let Some(mut r) = rig("body_over_the_limit_is_413_with_a_record", "always", Value::Null) else { return };
+    let req = post(&r).intent("support.read");
+    let s = r.vm.new_stream().unwrap();
+    assert_eq!(r.vm.request_headers(s, req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), false).unwrap(), Action::Pause);
+    assert_eq!(r.vm.request_body(s, &[b' '; 3000], false).unwrap(), Action::Pause, "buffering");
+    r.vm.request_body(s, &[b' '; 3000], false).unwrap();
+    let (status, code, id, reason) = refusal(&r, s);
+    assert_eq!((status, code, id, reason.as_str()), (413, -32600, Value::Null, "mcp_body_too_large"), "refused before the end of the stream");
+    let rec = r.records().pop().unwrap();
+    assert_eq!(rec["reason"], json!("mcp_body_too_large"));
+    r.vm.finish_stream(s).unwrap();
+    assert_eq!(r.records().len(), 1, "exactly one record");
+}
+
+#[test]
+fn malformed_json_rpc_is_400_with_the_id_kept() {
+    let Some(mut r) = rig("malformed_json_rpc_is_400_with_the_id_kept", "always", Value::Null) else { return };
+    let req = post(&r).intent("support.read");
+    for (body, want) in [
+        (&b"{\"jsonrpc\":\"2.0\",\"id\":4,"[..], (400, -32700, Value::Null, "mcp_malformed")),
+        (br#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"get_ticket","name":"delete_customer"}}"#, (400, -32600, json!(5), "mcp_malformed")),
+        (br#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":["get_ticket"]}"#, (400, -32600, json!(6), "mcp_malformed")),
+        (br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":{"n":"get_ticket"}}}"#, (400, -32600, json!(7), "mcp_malformed")),
+        (br#"[{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"get_ticket"}}]"#, (400, -32600, Value::Null, "mcp_batch_refused")),
+        (b"\xff\xfe", (400, -32700, Value::Null, "mcp_malformed")),
+    ] {
+        let (s, _, _) = send_with_body(&mut r, &req, body);
+        let got = refusal(&r, s);
+        assert_eq!((got.0, got.1, got.2, got.3.as_str()), want, "{}", String::from_utf8_lossy(body));
+    }
+    // A POST with no body at all (headers end the stream).
+    let s = r.send(&req);
+    assert_eq!(refusal(&r, s).3, "mcp_malformed");
+    assert_eq!(r.records().len(), 7);
+    assert!(r.vm.broken().is_none(), "no input trapped the VM");
+}
+
+#[test]
+fn metadata_endpoint_is_served_without_a_token() {
+    let Some(mut r) = rig("metadata_endpoint_is_served_without_a_token", "always", Value::Null) else { return };
+    let s = r.send(&Req::get(MCP_HOST, "/.well-known/oauth-protected-resource/mcp"));
+    let lr = r.vm.stream(s).local_response.clone().unwrap();
+    assert_eq!(lr.status, 200);
+    assert_eq!(header(&lr.headers, "cache-control").as_deref(), Some("max-age=300"));
+    let v: Value = serde_json::from_slice(&lr.body).unwrap();
+    assert_eq!(v, json!({"resource": "https://mcp.acme.internal/mcp", "authorization_servers": ["https://auth.acme.internal"],
+                         "scopes_supported": ["tickets:read", "refunds:write"], "bearer_methods_supported": ["header"]}));
+    assert_eq!(r.records().len(), 1);
+}
+
+#[test]
+fn unauthenticated_call_gets_401_with_resource_metadata() {
+    let Some(mut r) = rig("unauthenticated_call_gets_401_with_resource_metadata", "always", Value::Null) else { return };
+    let req = Req::new("POST", MCP_HOST, "/mcp");
+    let (s, _, _) = send_with_body(&mut r, &req, &call(json!(1), "get_ticket", json!({})));
+    assert_eq!(refusal(&r, s), (401, -32001, Value::Null, "token_missing".to_string()));
+    assert_eq!(
+        reply_header(&r, s, "www-authenticate").as_deref(),
+        Some("Bearer resource_metadata=\"https://mcp.acme.internal/.well-known/oauth-protected-resource/mcp\"")
+    );
+}
+
+#[test]
+fn credential_is_scoped_to_the_tool() {
+    let Some(mut r) = rig("credential_is_scoped_to_the_tool", "when_needed", minter()) else { return };
+    let req = mirrored(post(&r).intent("support.refund").task("T-42"), "tools/call", Some("refund"))
+        .with("mcp-param-amount", "42")
+        .with("mcp-param-ticket_id", "T-42");
+    let s = r.send(&req);
+    let c = r.one_mint_call();
+    let f = form(&c);
+    assert!(f.contains(&("tool".to_string(), "refund".to_string())), "{f:?}");
+    // The minter's answer names the tool asked for: injected.
+    let now = r.now();
+    let token = minted_jwt_for("jti-1", now + 120, "support-mcp", Some("T-42"));
+    let claims = token.split('.').nth(1).unwrap();
+    let mut c_json: Value = serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap()).unwrap();
+    c_json["tool"] = json!("refund");
+    let with_tool = format!("{}.{}.{}", token.split('.').next().unwrap(), b64(c_json.to_string().as_bytes()), MINTED_SIG);
+    r.answer(&c, json_reply(200, &json!({"access_token": with_tool, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
+    let fwd = r.forwarded(s);
+    assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
+    // Another tool for the same caller, intent and task: its own exchange. A token without the
+    // tool claim is refused (503), never injected.
+    let over = mirrored(post(&r).intent("support.refund").task("T-42"), "tools/call", Some("refund"))
+        .with("mcp-param-amount", "500")
+        .with("mcp-param-ticket_id", "T-42");
+    let s2 = r.send(&over);
+    assert_eq!(refusal(&r, s2), (403, -32003, Value::Null, "argument_not_allowed".to_string()));
+    let rec = r.records().pop().unwrap();
+    assert_eq!(rec["mcp"]["checked"][0], json!({"pointer": "/amount", "ok": false, "value": 500}));
+}
