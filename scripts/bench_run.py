@@ -399,11 +399,14 @@ def main():
     for k in configs:
         h = {"Host": req["host"], "authorization": f"Bearer {first_pool_token if k in 'fhF' else token}",
              "x-agent-intent": req["intent"], "x-agent-task": "T-sanity" if k == "g" else req["task"]}
-        if k in "ij":
-            h = {"Host": mcp["host"], "authorization": f"Bearer {token}", **mcp_headers}
-            status, headers, body = request_once(envoys[k].port, h, mcp["path"], "POST", mcp_body)
-        else:
-            status, headers, body = request_once(envoys[k].port, h, req["path"])
+        try:
+            if k in "ij":
+                h = {"Host": mcp["host"], "authorization": f"Bearer {token}", **mcp_headers}
+                status, headers, body = request_once(envoys[k].port, h, mcp["path"], "POST", mcp_body)
+            else:
+                status, headers, body = request_once(envoys[k].port, h, req["path"])
+        except OSError as e:
+            raise RuntimeError(f"({k}) {LABELS[k]}: sanity request failed: {e}\n{envoys[k].tail()}")
         if status != 200:
             raise RuntimeError(f"({k}) {LABELS[k]}: sanity request got {status} {headers} {body[:200]!r}\n{envoys[k].tail()}")
         if k in "efgijEF":  # (x) logs nothing, by design
