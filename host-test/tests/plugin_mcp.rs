@@ -214,3 +214,105 @@ fn credential_is_scoped_to_the_tool() {
     let rec = r.records().pop().unwrap();
     assert_eq!(rec["mcp"]["checked"][0], json!({"pointer": "/amount", "ok": false, "value": 500}));
 }
+
+fn tools_list_rig(test: &str) -> Option<Rig> {
+    start_configured(test, Value::Null, true, |c| {
+        add_mcp(c, "when_needed");
+        c["policy"]["resources"][4]["mcp"]["filter_tools_list"] = json!(true);
+    })
+}
+
+fn list_request(r: &mut Rig) -> StreamId {
+    let req = mirrored(post(r).intent("support.read"), "tools/list", None);
+    let s = r.send(&req);
+    r.forwarded(s);
+    s
+}
+
+#[test]
+fn tools_list_answer_is_narrowed_to_the_intent() {
+    let Some(mut r) = tools_list_rig("tools_list_answer_is_narrowed_to_the_intent") else { return };
+    let s = list_request(&mut r);
+    let answer = json!({"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "get_ticket"}, {"name": "refund"}, {"name": "delete_customer"}]}});
+    let a = r.vm.response_headers(s, [(":status", "200"), ("content-type", "application/json"), ("content-length", "120")], false).unwrap();
+    assert_eq!(a, Action::Pause, "the answer is held until it is complete");
+    r.vm.response_body(s, answer.to_string().as_bytes(), true).unwrap();
+    let st = r.vm.stream(s);
+    let v: Value = serde_json::from_slice(&st.downstream.body).unwrap();
+    assert_eq!(v["result"]["tools"], json!([{"name": "get_ticket"}]));
+    assert!(header(st.downstream.headers.as_ref().unwrap(), "content-length").is_none());
+}
+
+#[test]
+fn tools_list_over_sse_is_narrowed_too() {
+    let Some(mut r) = tools_list_rig("tools_list_over_sse_is_narrowed_too") else { return };
+    let s = list_request(&mut r);
+    assert_eq!(r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/event-stream")], false).unwrap(), Action::Pause);
+    r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,", false).unwrap();
+    r.vm.response_body(s, b"\"result\":{\"tools\":[{\"name\":\"get_ticket\"},{\"name\":\"delete_customer\"}]}}\n\n", true).unwrap();
+    let st = r.vm.stream(s);
+    assert_eq!(header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(), Some("200"));
+    let body = String::from_utf8_lossy(&st.downstream.body).to_string();
+    assert!(body.starts_with("event: message\ndata: ") && body.contains("get_ticket") && !body.contains("delete_customer"), "{body}");
+}
+
+#[test]
+fn tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered() {
+    let Some(mut r) = tools_list_rig("tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered") else { return };
+    let s = list_request(&mut r);
+    r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/event-stream")], false).unwrap();
+    // Cut short: no blank line ends the event.
+    r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"delete_customer\"}]}}\n", true).unwrap();
+    let st = r.vm.stream(s);
+    let h = st.downstream.headers.as_ref().unwrap();
+    assert_eq!(header(h, ":status").as_deref(), Some("502"));
+    let body = String::from_utf8_lossy(&st.downstream.body).to_string();
+    assert!(!body.contains("delete_customer"), "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], json!(-32603));
+    assert_eq!(r.metric("mandate.mcp.tools_list.unfilterable"), 1);
+    // A content type that is neither JSON nor an event stream: refused at once.
+    let s = list_request(&mut r);
+    r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/plain")], false).unwrap();
+    r.vm.response_body(s, b"delete_customer", true).unwrap();
+    let st = r.vm.stream(s);
+    assert_eq!(header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(), Some("502"));
+    assert!(!String::from_utf8_lossy(&st.downstream.body).contains("delete_customer"));
+}
+
+#[test]
+fn body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body() {
+    let Some(mut r) = rig("body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body", "always", minter()) else { return };
+    let req = post(&r).intent("support.read");
+    let body = call(json!(11), "get_ticket", json!({"ticket_id": "T-1"}));
+    let (s, a, b) = send_with_body(&mut r, &req, &body);
+    assert_eq!((a, b), (Action::Pause, Some(Action::Pause)), "waiting on the exchange");
+    let c = r.one_mint_call();
+    assert!(form(&c).contains(&("tool".to_string(), "get_ticket".to_string())));
+    let now = r.now();
+    let token = minted_jwt_for("jti-b", now + 120, "support-mcp", None);
+    let mut claims: Value = serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, token.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    claims["tool"] = json!("get_ticket");
+    let token = format!("{}.{}.{}", token.split('.').next().unwrap(), b64(claims.to_string().as_bytes()), MINTED_SIG);
+    r.answer(&c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
+    let fwd = r.forwarded(s);
+    assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
+    assert_eq!(r.vm.stream(s).upstream.body, body);
+    let recs = r.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["mcp"]["path"], json!("body"));
+    assert_eq!(recs[0]["effect"], json!("allow"));
+}
+
+#[test]
+fn stream_that_ends_while_its_body_is_awaited_is_on_the_record_once() {
+    let Some(mut r) = rig("stream_that_ends_while_its_body_is_awaited_is_on_the_record_once", "always", Value::Null) else { return };
+    let req = post(&r).intent("support.read");
+    let s = r.vm.new_stream().unwrap();
+    assert_eq!(r.vm.request_headers(s, req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), false).unwrap(), Action::Pause);
+    r.vm.request_body(s, b"{\"jsonrpc\":", false).unwrap();
+    r.vm.finish_stream(s).unwrap();
+    let recs = r.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!((recs[0]["effect"].clone(), recs[0]["reason"].clone()), (json!("deny"), json!("mcp_malformed")));
+}

@@ -99,6 +99,14 @@ pub struct McpInfo {
     pub filter_tools_list: bool,
 }
 
+/// A `tools/list` answer to narrow for its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolsFilter {
+    pub intent: Option<Rc<str>>,
+    pub resource: String,
+    pub decision_id: String,
+}
+
 /// Path of the RFC 9728 metadata documents.
 pub const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";
 
@@ -1016,6 +1024,29 @@ impl Engine {
             remove.push(intent::INTENT_TOKEN_HEADER.to_string());
         }
         HeaderEdits { remove, set }
+    }
+
+    /// For an allowed `tools/list` to a resource with `filter_tools_list`: what the answer must
+    /// be narrowed to (the caller's intent on that resource).
+    pub fn tools_filter(&self, d: &Decision) -> Option<ToolsFilter> {
+        let m = d.mcp.as_deref()?;
+        if !m.filter_tools_list || m.method.as_deref() != Some("tools/list") || d.effect() == Effect::Deny {
+            return None;
+        }
+        let resource = d.policy.as_ref()?.resource.clone()?;
+        Some(ToolsFilter { intent: d.intent.clone(), resource, decision_id: d.id.clone() })
+    }
+
+    /// Narrows a `tools/list` answer to the tools the caller's intent may call.
+    /// `sse`: the answer is a (complete) `text/event-stream`.
+    pub fn filter_tools(&self, f: &ToolsFilter, body: &[u8], sse: bool) -> Result<Vec<u8>, mcp::Unfilterable> {
+        let Some(p) = &self.policy else { return Err(mcp::Unfilterable::NotAToolsList) };
+        let allowed = |tool: &str| p.tool_allowed(f.intent.as_deref(), &f.resource, tool);
+        if sse {
+            mcp::filter_tools_list_sse(body, allowed)
+        } else {
+            mcp::filter_tools_list(body, allowed)
+        }
     }
 
     pub fn decision_cache_len(&self) -> usize {

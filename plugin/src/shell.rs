@@ -10,7 +10,7 @@
 
 use crate::config;
 use crate::decision::{DecisionIds, Effect, LocalReply};
-use crate::engine::{BodyPlan, Decision, Engine, MintPlan, Request, Verdict};
+use crate::engine::{BodyPlan, Decision, Engine, MintPlan, Request, ToolsFilter, Verdict};
 use crate::headers::{serialize_pairs, Headers};
 use crate::identity::bundles::{FetchReport, SourceId};
 use crate::identity::jwks::MAX_BUNDLE_BYTES;
@@ -19,7 +19,7 @@ use crate::reason::Reason;
 use crate::record::{DecisionRecord, FILTER_STATE_KEY, LOG_PREFIX};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status, StreamType};
 use sha2::{Digest, Sha256};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -57,6 +57,12 @@ extern "C" {
     fn proxy_log(level: LogLevel, message_data: *const u8, message_size: usize) -> Status;
     fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> Status;
     fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
+    fn proxy_continue_stream(stream_type: StreamType) -> Status;
+    fn proxy_set_effective_context(context_id: u32) -> Status;
+    fn proxy_get_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize) -> Status;
+    fn proxy_replace_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> Status;
+    fn proxy_remove_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize) -> Status;
+    fn proxy_set_buffer_bytes(buffer_type: BufferType, start: usize, size: usize, buffer_data: *const u8, buffer_size: usize) -> Status;
     fn proxy_get_buffer_bytes(buffer_type: BufferType, start: usize, max_size: usize, return_buffer_data: *mut *mut u8, return_buffer_size: *mut usize) -> Status;
     fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
@@ -298,6 +304,11 @@ fn request_headers() -> Option<Headers> {
 /// The buffered request body (at most `max` bytes) in one host call; `None` on a host error.
 /// Unlike the SDK wrapper, a bad status is a per-request denial, never a panic.
 fn request_body(size: usize, max: usize) -> Option<Vec<u8>> {
+    buffer(BufferType::HttpRequestBody, size, max)
+}
+
+/// A buffer's bytes (at most `max`) by the raw host call; `None` on a host error.
+fn buffer(kind: BufferType, size: usize, max: usize) -> Option<Vec<u8>> {
     if size == 0 {
         return Some(Vec::new());
     }
@@ -305,7 +316,7 @@ fn request_body(size: usize, max: usize) -> Option<Vec<u8>> {
     let mut len: usize = 0;
     // SAFETY: the host fills both out-pointers; it allocated `data` through this module's
     // `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `len`), so we own it from here.
-    let status = unsafe { proxy_get_buffer_bytes(BufferType::HttpRequestBody, 0, size.min(max.saturating_add(1)), &mut data, &mut len) };
+    let status = unsafe { proxy_get_buffer_bytes(kind, 0, size.min(max.saturating_add(1)), &mut data, &mut len) };
     match status {
         Status::Ok if data.is_null() || len == 0 => Some(Vec::new()),
         // SAFETY: see above.
@@ -313,6 +324,55 @@ fn request_body(size: usize, max: usize) -> Option<Vec<u8>> {
         Status::NotFound => Some(Vec::new()),
         _ => None,
     }
+}
+
+/// A response header's value by the raw host call (`None`: absent or a host error).
+fn response_header(name: &str) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut len: usize = 0;
+    // SAFETY: as in `request_headers`: the host allocated `data` through this module.
+    let status = unsafe { proxy_get_header_map_value(MapType::HttpResponseHeaders, name.as_ptr(), name.len(), &mut data, &mut len) };
+    if status != Status::Ok || data.is_null() {
+        return None;
+    }
+    // SAFETY: see above.
+    Some(unsafe { Vec::from_raw_parts(data, len, len) })
+}
+
+/// Sets (`Some`) or removes a response header; false on a host error.
+fn set_response_header(name: &str, value: Option<&[u8]>) -> bool {
+    set_header(MapType::HttpResponseHeaders, name, value)
+}
+
+/// Sets (`Some`, replacing) or removes a header by the raw host call: unlike the SDK wrapper,
+/// a bad status (e.g. the map is gone) is a `false`, never a panic.
+fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> bool {
+    // SAFETY: the pointers reference live buffers for the duration of the call.
+    let status = unsafe {
+        match value {
+            Some(v) => proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len()),
+            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
+        }
+    };
+    status == Status::Ok
+}
+
+/// Resumes the current request (raw host call; never panics).
+fn resume_request() -> bool {
+    // SAFETY: plain value call.
+    unsafe { proxy_continue_stream(StreamType::HttpRequest) == Status::Ok }
+}
+
+/// Switches the effective context (raw host call; false when that stream is gone).
+fn set_effective_context(id: u32) -> bool {
+    // SAFETY: plain value call.
+    unsafe { proxy_set_effective_context(id) == Status::Ok }
+}
+
+/// Replaces the whole buffered response body; false on a host error.
+fn replace_response_body(size: usize, body: &[u8]) -> bool {
+    // SAFETY: the pointer references a live buffer for the duration of the call.
+    unsafe { proxy_set_buffer_bytes(BufferType::HttpResponseBody, 0, size, body.as_ptr(), body.len()) == Status::Ok }
 }
 
 /// Metric name part of an MCP method: known methods only (a caller cannot create metrics).
@@ -384,6 +444,8 @@ struct Shared {
     /// the revocation lag gauge and the count of `revocations_stale` refusals.
     lag_gauge: Option<String>,
     stale_counter: Option<String>,
+    /// Streams whose `tools/list` answer must be narrowed (by context id).
+    tool_filters: HashMap<u32, ToolsFilter>,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
@@ -441,6 +503,13 @@ impl Shared {
 }
 
 impl Shared {
+    /// A forwarded `tools/list` whose answer must be narrowed for its caller.
+    fn note_filter(&mut self, ctx: u32, d: &Decision) {
+        if let Some(f) = self.engine.as_ref().and_then(|e| e.tools_filter(d)) {
+            self.tool_filters.insert(ctx, f);
+        }
+    }
+
     /// Hands buffered record lines and counts to the host: one log call, one call per counter.
     fn flush(&mut self) {
         self.flush_lines();
@@ -464,12 +533,12 @@ fn apply(verdict: &Verdict) -> Action {
     match verdict {
         Verdict::Forward(edits) => {
             for name in &edits.remove {
-                if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, None).is_err() {
+                if !set_header(MapType::HttpRequestHeaders, name, None) {
                     return fail_closed(Reason::InternalError);
                 }
             }
             for (name, value) in &edits.set {
-                if hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value)).is_err() {
+                if !set_header(MapType::HttpRequestHeaders, name, Some(value)) {
                     return fail_closed(Reason::InternalError);
                 }
             }
@@ -581,6 +650,7 @@ impl Root {
             lines: Vec::new(),
             lag_gauge: None,
             stale_counter: None,
+            tool_filters: HashMap::new(),
         };
         Root { shared: Rc::new(RefCell::new(shared)), seed: random_seed(), calls: HashMap::new() }
     }
@@ -818,7 +888,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body: None }))
+        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body: None, filtering: None, refusal_written: false, sse: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -834,6 +904,13 @@ struct Http {
     started_ns: u64,
     /// MCP: a request waiting for its body.
     body: Option<(Box<BodyPlan>, Decision)>,
+    /// MCP: this stream's `tools/list` answer is being narrowed (`Some(false)`: it cannot be,
+    /// and is replaced by an error).
+    filtering: Option<bool>,
+    /// The refusal's error body is in place.
+    refusal_written: bool,
+    /// The answer being narrowed is an event stream.
+    sse: bool,
 }
 
 impl Context for Http {
@@ -844,6 +921,19 @@ impl Context for Http {
 }
 
 impl Http {
+    /// A `tools/list` answer that cannot be narrowed safely: 502 with a JSON-RPC error instead.
+    fn refuse_tools_list(&mut self, body_size: usize) {
+        let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
+        let id = shared.tool_filters.get(&self.id).map(|f| f.decision_id.clone()).unwrap_or_default();
+        shared.metrics.inc("mandate.mcp.tools_list.unfilterable");
+        drop(shared);
+        log(LogLevel::Warn, "mandate: a tools/list answer could not be filtered for its caller; refused (502)");
+        let body = crate::mcp::unfilterable_body(&id);
+        let _ = set_response_header(":status", Some(b"502"));
+        let _ = set_response_header("content-type", Some(b"application/json"));
+        self.refusal_written = replace_response_body(body_size, body.as_bytes());
+    }
+
     /// Applies a verdict: forwards, answers, or dispatches (or joins) the credential exchange.
     /// Records the decision unless the request now waits on an exchange.
     fn run(&mut self, shared: &mut Shared, verdict: Verdict, decision: Decision, now: u64) -> Action {
@@ -885,6 +975,9 @@ impl Http {
             }
             verdict => {
                 let action = apply(&verdict);
+                if action == Action::Continue {
+                    shared.note_filter(self.id, &decision);
+                }
                 shared.record(&decision, self.started_ns, true);
                 action
             }
@@ -903,7 +996,7 @@ impl Http {
         let mut reported = false;
         for member in std::iter::once(flight.leader).chain(flight.waiters) {
             let Some(mut p) = shared.pending.remove(&member) else { continue };
-            if member != self.id && hostcalls::set_effective_context(member).is_err() {
+            if member != self.id && !set_effective_context(member) {
                 continue; // that stream is gone
             }
             let Some(engine) = shared.engine.as_mut() else { break };
@@ -923,11 +1016,12 @@ impl Http {
             }
             let action = apply(&verdict);
             if action == Action::Continue {
-                let _ = hostcalls::resume_http_request();
+                let _ = resume_request();
+                shared.note_filter(member, &p.decision);
             }
             shared.record(&p.decision, p.started_ns, true);
         }
-        let _ = hostcalls::set_effective_context(self.id);
+        let _ = set_effective_context(self.id);
     }
 }
 
@@ -990,11 +1084,74 @@ impl HttpContext for Http {
         self.run(shared, verdict, d, now)
     }
 
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
+        // Almost always empty: no hashing on the way out for other streams.
+        if shared.tool_filters.is_empty() || !shared.tool_filters.contains_key(&self.id) {
+            return Action::Continue;
+        }
+        drop(shared);
+        // Only a JSON answer or a (complete) event stream can be narrowed; anything else is
+        // refused (502) rather than passed unfiltered.
+        let ct = response_header("content-type").unwrap_or_default();
+        let ct = ct.trim_ascii_start();
+        let is = |t: &[u8]| ct.get(..t.len()).is_some_and(|p| p.eq_ignore_ascii_case(t));
+        self.sse = is(b"text/event-stream");
+        let json = is(b"application/json") || self.sse;
+        let ok = set_response_header("content-length", None);
+        self.filtering = Some(json && ok);
+        if !(json && ok) || end_of_stream {
+            if !(json && ok) {
+                self.refuse_tools_list(0);
+            }
+            return Action::Continue;
+        }
+        Action::Pause
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(filtering) = self.filtering else { return Action::Continue };
+        if !filtering {
+            // Refused: the error body once, then whatever else comes is dropped.
+            if self.refusal_written {
+                let _ = replace_response_body(body_size, b"");
+            } else {
+                self.refuse_tools_list(body_size);
+            }
+            return Action::Continue;
+        }
+        if body_size > crate::mcp::MAX_TOOLS_LIST_BYTES {
+            self.refuse_tools_list(body_size);
+            self.filtering = Some(false);
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
+        let filtered = match (shared.tool_filters.get(&self.id), shared.engine.as_ref(), buffer(BufferType::HttpResponseBody, body_size, crate::mcp::MAX_TOOLS_LIST_BYTES)) {
+            (Some(f), Some(e), Some(body)) => e.filter_tools(f, &body, self.sse).ok(),
+            _ => None,
+        };
+        drop(shared);
+        match filtered {
+            Some(new) if replace_response_body(body_size, &new) => {}
+            _ => {
+                self.refuse_tools_list(body_size);
+                self.filtering = Some(false);
+            }
+        }
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         // A stream that ends while waiting: drop its state; if it led an exchange, the host
         // cancels the call, so fail its waiters closed now rather than leave them hanging.
         let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
         let shared = &mut *shared;
+        if !shared.tool_filters.is_empty() {
+            shared.tool_filters.remove(&self.id);
+        }
         // A request that ended while its body was awaited: refused, and on the record.
         if let Some((_, mut d)) = self.body.take() {
             d.effect = Some(Effect::Deny);
@@ -1019,7 +1176,7 @@ impl HttpContext for Http {
         let Some(flight) = shared.flights.remove(&key) else { return };
         for w in flight.waiters {
             let Some(mut wp) = shared.pending.remove(&w) else { continue };
-            if hostcalls::set_effective_context(w).is_err() {
+            if !set_effective_context(w) {
                 continue;
             }
             let Some(engine) = shared.engine.as_mut() else { break };
@@ -1027,6 +1184,6 @@ impl HttpContext for Http {
             let _ = apply(&verdict);
             shared.record(&wp.decision, wp.started_ns, true);
         }
-        let _ = hostcalls::set_effective_context(self.id);
+        let _ = set_effective_context(self.id);
     }
 }

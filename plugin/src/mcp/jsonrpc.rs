@@ -62,6 +62,8 @@ const TOO_DEEP: &str = "mandate: nesting too deep";
 /// Builds a `Value`, refusing duplicate keys and deep nesting.
 struct Strict {
     depth: usize,
+    /// Duplicate keys: the last wins (only to find an `id` to echo in a refusal).
+    lenient: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for Strict {
@@ -106,7 +108,7 @@ impl<'de> Visitor<'de> for Strict {
             return Err(A::Error::custom(TOO_DEEP));
         }
         let mut out = Vec::new();
-        while let Some(v) = seq.next_element_seed(Strict { depth: self.depth + 1 })? {
+        while let Some(v) = seq.next_element_seed(Strict { depth: self.depth + 1, lenient: self.lenient })? {
             out.push(v);
         }
         Ok(Value::Array(out))
@@ -117,8 +119,8 @@ impl<'de> Visitor<'de> for Strict {
         }
         let mut out = Map::new();
         while let Some(k) = map.next_key::<String>()? {
-            let v = map.next_value_seed(Strict { depth: self.depth + 1 })?;
-            if out.contains_key(&k) {
+            let v = map.next_value_seed(Strict { depth: self.depth + 1, lenient: self.lenient })?;
+            if !self.lenient && out.contains_key(&k) {
                 return Err(A::Error::custom(DUPLICATE));
             }
             out.insert(k, v);
@@ -129,16 +131,20 @@ impl<'de> Visitor<'de> for Strict {
 
 /// Parses a whole body as strict JSON (no trailing data).
 pub fn strict_value(body: &[u8]) -> Result<Value, serde_json::Error> {
+    read_value(body, false)
+}
+
+fn read_value(body: &[u8], lenient: bool) -> Result<Value, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let v = Strict { depth: 0 }.deserialize(&mut de)?;
+    let v = Strict { depth: 0, lenient }.deserialize(&mut de)?;
     de.end()?;
     Ok(v)
 }
 
 fn lenient_id(body: &[u8]) -> Option<Value> {
-    match serde_json::from_slice::<Value>(body).ok()? {
-        Value::Object(mut m) => match m.remove("id")? {
-            v @ (Value::String(_) | Value::Number(_) | Value::Null) => Some(v),
+    match read_value(body, true).ok()? {
+        Value::Object(m) => match m.get("id")? {
+            v @ (Value::String(_) | Value::Number(_) | Value::Null) => Some(v.clone()),
             _ => None,
         },
         _ => None,

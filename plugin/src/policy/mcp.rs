@@ -294,9 +294,14 @@ impl Glob {
         if s.len() > MAX_MATCH_LEN {
             return false;
         }
-        // Fast path: a literal pattern.
-        if !self.source.contains('*') {
-            return self.source == s;
+        // Fast paths: a literal pattern; a literal prefix and one final `*` (`search_*`).
+        match self.source.find('*') {
+            None => return self.source == s,
+            Some(i) if i + 1 == self.source.len() => {
+                let prefix = self.source.get(..i).unwrap_or_default();
+                return s.strip_prefix(prefix).is_some_and(|rest| !self.uri || !rest.contains('/'));
+            }
+            Some(_) => {}
         }
         let s = s.as_bytes();
         let toks = self.tokens();
@@ -694,7 +699,7 @@ fn prefix_safe(s: &str) -> bool {
 
 fn json_number(s: &str) -> Option<f64> {
     // Strict JSON number grammar (serde_json), never `NaN`, `inf` or `0x10`.
-    match serde_json::from_str::<Value>(s).ok()? {
+    match crate::mcp::jsonrpc::strict_value(s.as_bytes()).ok()? {
         Value::Number(n) => n.as_f64(),
         _ => None,
     }
@@ -720,10 +725,10 @@ fn check_one(c: &ArgConstraint, call: &McpCall, ctx: &ArgContext<'_>) -> One {
             let Some(text) = found else { return One::NeedBody };
             match &c.check {
                 Check::Range(..) => match json_number(text) {
-                    Some(_) => serde_json::from_str::<Value>(text).ok(),
+                    Some(_) => crate::mcp::jsonrpc::strict_value(text.as_bytes()).ok(),
                     None => return One::NeedBody,
                 },
-                Check::Equals(v) if !v.is_string() => match serde_json::from_str::<Value>(text) {
+                Check::Equals(v) if !v.is_string() => match crate::mcp::jsonrpc::strict_value(text.as_bytes()) {
                     Ok(parsed) if !parsed.is_string() => Some(parsed),
                     _ => return One::NeedBody,
                 },

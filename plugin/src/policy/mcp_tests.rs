@@ -137,6 +137,12 @@ fn tool_glob_does_not_match_a_longer_name_by_prefix() {
     assert_eq!(reason(&judge(&p, Some("support.read"), None, &tool("xget_ticket", json!({})))), Reason::ToolNotAllowed);
     let g = Glob::compile("search_*", false).unwrap();
     assert!(g.matches("search_") && g.matches("search_x/y") && !g.matches("searc_x") && !g.matches("re_search_x"));
+    let g = Glob::compile("*_ticket", false).unwrap();
+    assert!(g.matches("get_ticket") && !g.matches("get_ticket_admin") && !g.matches("get_tickets"));
+    let g = Glob::compile("a*b*c", false).unwrap();
+    assert!(g.matches("abc") && g.matches("axxbyyc") && !g.matches("axxbyycd") && !g.matches("acb"));
+    let g = Glob::compile("tickets://*", true).unwrap();
+    assert!(g.matches("tickets://T-1") && !g.matches("tickets://T-1/x") && !g.matches("tickets:/"));
 }
 
 #[test]

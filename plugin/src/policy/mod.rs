@@ -696,6 +696,17 @@ impl Policy {
         })
     }
 
+    /// Whether the intent may call this tool on this resource (by name; arguments aside): what
+    /// a filtered `tools/list` shows. Without an intent, no tool.
+    pub fn tool_allowed(&self, intent: Option<&str>, resource: &str, tool: &str) -> bool {
+        let (Some(i), Some(r)) = (intent.and_then(|n| self.intent_index(n)), self.resources.iter().position(|r| r.name == resource)) else {
+            return false;
+        };
+        self.intents.get(i).is_some_and(|it| {
+            it.mcp_ops.iter().any(|(ri, op)| *ri == r && op.tools.as_ref().is_some_and(|t| mcp::any_glob(t, tool)))
+        })
+    }
+
     pub fn intent_index(&self, name: &str) -> Option<usize> {
         self.intents.iter().position(|i| i.name == name)
     }
