@@ -20,6 +20,9 @@ Configurations (all: Envoy --concurrency 1 unless --concurrency says otherwise, 
      and a 1 KB JSON-RPC body that the filter does not read (the headers carry what it checks)
   j  mandate, MCP body path: the same request with `mcp.body: always`: the 1 KB body is buffered,
      parsed, checked against the headers and against the argument constraint
+  (i) and (j) put Envoy's buffer filter after mandate, so the direct response waits for the body
+  (otherwise Envoy answers a POST early and closes the connection: every request a new one).
+  Diagnostic p: no mandate, the same POST and buffer filter: what the MCP request itself costs.
 
 Called by scripts/bench after the builds; see docs/performance.md.
 """
@@ -49,6 +52,8 @@ LABELS = {
     "g": "mandate, minter in loop",
     "i": "mandate MCP, header path",
     "j": "mandate MCP, body path (1 KB)",
+    # Diagnostic: no mandate, (i)'s POST with its 1 KB body and the buffer filter.
+    "p": "no mandate, MCP POST + buffer",
     # (e) with records.log: false: the record is set as filter state only (the bench configures no
     # access log, so nothing writes it): what the log line costs.
     "r": "mandate warm, records.log off",
@@ -315,7 +320,7 @@ def main():
     configs = [k for k in a.configs if k in LABELS]
     needs_minter = any(k in "efgijxrEF" for k in configs)
     mcp = fx.get("mcp")
-    if any(k in "ij" for k in configs) and not mcp:
+    if any(k in "ijp" for k in configs) and not mcp:
         raise RuntimeError("configurations (i) and (j) need a filter with MCP support: bench-fixture could not "
                            "write plugin-mcp-*.json (see its message above); run without i and j (--configs)")
     if ("E" in configs or "F" in configs) and not a.alt_wasm:
@@ -342,6 +347,7 @@ def main():
     records_cfg["records"] = {"log": False}
     records_cfg = json.dumps(records_cfg)
     mint_cold_cfg = (a.fixture / "plugin-mint-cold.json").read_text()
+    buffer_filter = render(ROOT / "envoy/bench/filter-buffer.yaml", {})
     mcp_header_cfg = (a.fixture / "plugin-mcp-header.json").read_text() if mcp else ""
     mcp_body_cfg = (a.fixture / "plugin-mcp-body.json").read_text() if mcp else ""
     setups = {
@@ -352,8 +358,9 @@ def main():
         "e": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "f": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "g": (wasm_filter("mandate", a.plugin_wasm, mint_cold_cfg), minter_cluster),
-        "i": (wasm_filter("mandate", a.plugin_wasm, mcp_header_cfg), minter_cluster),
-        "j": (wasm_filter("mandate", a.plugin_wasm, mcp_body_cfg), minter_cluster),
+        "i": (wasm_filter("mandate", a.plugin_wasm, mcp_header_cfg) + buffer_filter, minter_cluster),
+        "j": (wasm_filter("mandate", a.plugin_wasm, mcp_body_cfg) + buffer_filter, minter_cluster),
+        "p": (buffer_filter, ""),
         "x": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "r": (wasm_filter("mandate", a.plugin_wasm, records_cfg), minter_cluster),
         "m": (wasm_filter("calls", a.calls_wasm, ""), "") if "m" in configs else None,
@@ -388,7 +395,7 @@ def main():
     if mcp:
         mcp_headers = {"x-agent-intent": mcp["intent"], "x-agent-task": mcp["task"], **{k: v for k, v in mcp["headers"]}}
         mcp_body = (a.fixture / mcp["body_file"]).read_bytes()
-    for k in "ij":
+    for k in "ijp":
         if k in envs:
             envs[k].update({"BENCH_HOST": mcp["host"], "BENCH_PATH": mcp["path"], "BENCH_METHOD": "POST",
                             "BENCH_BODY_FILE": str(a.fixture / mcp["body_file"]),
@@ -400,7 +407,7 @@ def main():
         h = {"Host": req["host"], "authorization": f"Bearer {first_pool_token if k in 'fhF' else token}",
              "x-agent-intent": req["intent"], "x-agent-task": "T-sanity" if k == "g" else req["task"]}
         try:
-            if k in "ij":
+            if k in "ijp":
                 h = {"Host": mcp["host"], "authorization": f"Bearer {token}", **mcp_headers}
                 status, headers, body = request_once(envoys[k].port, h, mcp["path"], "POST", mcp_body)
             else:
@@ -568,6 +575,8 @@ def main():
         "errors": {k: stats[k]["errors"] for k in configs},
         "ratios": {k: {b: ratio(k, b) for b in BASELINES if b in stats} for k in configs},
         "g_vs_jwt_authn_uncached": ratio("g", "d"),
+        # Diagnostic (p): the MCP request (POST, 1 KB body, buffer filter) with no mandate, against (a).
+        "mcp_request_no_filter_vs_no_filter": ratio("p", "a"),
         "noop_wasm_bytes": noop_bytes,
         "wasm_sha256": wasm_sha256,
         "wasm_path": str(a.plugin_wasm),
