@@ -8,10 +8,14 @@
   demo_tool.py request TITLE [METHOD ]URL SEEN_FILE [HEADER: VALUE]...   send one request, tell the story
   demo_tool.py post URL [--json B|--form B] [--tls PKI NAME] [--save FIELD FILE]   POST to the minter
   demo_tool.py decisions ENVOY_LOG              print the decision records, one line each
+  demo_tool.py mcp-session URL RECORD_FILE SCRIPT [HEADER: VALUE]...   the MCP SDK's client works
+                                                   a script of tool calls; tell each step's story
 """
 import http.server
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 import urllib.error
@@ -69,6 +73,7 @@ def render(template, out, assignments):
         values[name] = value if re.fullmatch(r"[0-9]+", value) else json.dumps(value)
     values.setdefault("EXTRA_LISTENERS", "")
     values.setdefault("EXTRA_CLUSTERS", "")
+    values.setdefault("HTTP_FILTERS_AFTER_MANDATE", "")
     lines = []
     for line in open(template, encoding="utf-8").read().splitlines():
         stripped = line.strip()
@@ -171,7 +176,7 @@ def describe_jwt(value):
     try:
         payload = value.split(" ", 1)[1].split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        keep = {k: claims[k] for k in ("sub", "aud", "scope", "intent", "task", "exp") if k in claims}
+        keep = {k: claims[k] for k in ("sub", "aud", "scope", "intent", "task", "tool", "exp") if k in claims}
         return "\n                 claims " + json.dumps(keep)
     except (IndexError, ValueError):
         return ""
@@ -219,6 +224,69 @@ def post(args):
             f.write(str(value))
 
 
+def mcp_session(url, record_file, script, headers):
+    """Runs tests/mcp/client.py (the official MCP SDK's client) with SCRIPT, a JSON list of steps
+    each with a "title", and tells what the agent sent, what Envoy answered and what the MCP
+    server (tests/mcp/server.py, recording to RECORD_FILE) ran, with which credential."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    steps = json.loads(script)
+    before = sum(1 for _ in open(record_file))
+    cmd = [os.path.join(root, ".venv/bin/python"), os.path.join(root, "tests/mcp/client.py"), url, "--mode", "modern",
+           "--script", json.dumps(steps)]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    try:
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        sys.exit(f"mcp-session: the client failed: {out.stderr[-2000:]}")
+    time.sleep(0.05)
+    ran = [r for r in (json.loads(l) for l in list(open(record_file))[before:]) if r.get("kind") == "tool"]
+    print(f"  agent:     the official MCP Python SDK's client, {url}, protocol {report.get('protocol_version')}")
+    for h in headers:
+        k, _, v = h.partition(":")
+        print(f"             {k.strip()}: {short(v.strip())}")
+    if not report.get("connect", {}).get("ok"):
+        print(f"  could not connect: {report.get('connect')}")
+        return
+    for step, res in zip(steps, report.get("steps", [])):
+        print(f"\n--- {step.get('title', step.get('op'))} ---")
+        if step["op"] == "list_tools":
+            print("  agent   -> tools/list")
+        else:
+            print(f"  agent   -> tools/call {step['name']} {json.dumps(step.get('arguments', {}))}")
+        call = next((e for e in res.get("http", []) if e.get("rpc") in ("tools/call", "tools/list")), {})
+        mirrored = [f"Mcp-Method: {call['mcp_method']}"] if call.get("mcp_method") else []
+        if call.get("mcp_name"):
+            mirrored.append(f"Mcp-Name: {call['mcp_name']}")
+        mirrored += [f"Mcp-Param-{k[len('mcp-param-'):]}: {v}" for k, v in sorted(call.get("mcp_params", {}).items())]
+        if mirrored:
+            print(f"             ({', '.join(mirrored)})")
+        print(f"  envoy   <- {call.get('status', '?')}")
+        if res.get("ok"):
+            result = res.get("result", {})
+            if step["op"] == "list_tools":
+                print(f"  tools:     {', '.join(result.get('tools', []))}")
+                continue
+            print(f"  result:    {json.dumps(result.get('structured'))}")
+            r = ran.pop(0) if ran else None
+            if r is None:
+                print("  service:   (no record)")
+                continue
+            auth = r["headers"].get("authorization", "")
+            print(f"  service:   ran {r['tool']} {json.dumps(r['arguments'])} with")
+            print(f"               authorization: {short(auth)}   <- minted for this tool and task (not the agent's SVID)"
+                  + describe_jwt(auth))
+        else:
+            err = res.get("error", {})
+            data = err.get("data") or {}
+            print(f"  refused:   JSON-RPC error {err.get('code')} {err.get('message', '')!r}")
+            print(f"             reason {data.get('reason')}, decision {data.get('decision_id')}")
+            if call.get("www_authenticate"):
+                print(f"             www-authenticate: {call['www_authenticate']}")
+            print("  service:   saw nothing: the call never left Envoy")
+
+
 def decisions(log_file):
     for line in open(log_file, encoding="utf-8", errors="replace"):
         i = line.find("mandate.decision ")
@@ -231,7 +299,9 @@ def decisions(log_file):
         cred = (r.get("credential") or {}).get("jti")
         print(f"  {r['decision_id']}  {r['effect']:<6} {r['reason']:<24} rule={r.get('rule_id') or '-':<22} "
               f"intent={r.get('intent') or '-':<16} task={(r.get('task') or '-'):<27} {r.get('method') or ''} "
-              f"{r.get('authority') or ''}{r.get('path') or ''}" + (f"  credential jti={cred}" if cred else ""))
+              f"{r.get('authority') or ''}{r.get('path') or ''}"
+              + (f" {r['mcp'].get('method')} {r['mcp'].get('tool') or ''}" if isinstance(r.get("mcp"), dict) else "")
+              + (f"  credential jti={cred}" if cred else ""))
 
 
 def main():
@@ -248,6 +318,8 @@ def main():
         post(args)
     elif cmd == "decisions":
         decisions(args[0])
+    elif cmd == "mcp-session":
+        mcp_session(args[0], args[1], args[2], args[3:])
     else:
         sys.exit(__doc__)
 

@@ -55,18 +55,40 @@ pub fn verify_signature(req: &[u8]) -> Option<Vec<u8>> {
             use p256::ecdsa::signature::Verifier as _;
             vk.verify(text, &s).is_ok()
         });
-        return Some(result(ok, if ok { "" } else { "Failed to verify digest. Error code: 0" }));
+        return Some(result(
+            ok,
+            if ok {
+                ""
+            } else {
+                "Failed to verify digest. Error code: 0"
+            },
+        ));
     }
     let pk = match rsa::RsaPublicKey::from_public_key_der(key) {
         Ok(pk) => pk,
         Err(_) => return Some(result(false, "Failed to initialize digest verify.")),
     };
-    let Ok(sig) = rsa::pkcs1v15::Signature::try_from(sig) else { return Some(result(false, "bad signature")) };
+    let Ok(sig) = rsa::pkcs1v15::Signature::try_from(sig) else {
+        return Some(result(false, "bad signature"));
+    };
     let ok = match hash {
-        b"sha256" => rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(pk).verify(text, &sig).is_ok(),
-        b"sha384" => rsa::pkcs1v15::VerifyingKey::<sha2::Sha384>::new(pk).verify(text, &sig).is_ok(),
-        b"sha512" => rsa::pkcs1v15::VerifyingKey::<sha2::Sha512>::new(pk).verify(text, &sig).is_ok(),
+        b"sha256" => rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(pk)
+            .verify(text, &sig)
+            .is_ok(),
+        b"sha384" => rsa::pkcs1v15::VerifyingKey::<sha2::Sha384>::new(pk)
+            .verify(text, &sig)
+            .is_ok(),
+        b"sha512" => rsa::pkcs1v15::VerifyingKey::<sha2::Sha512>::new(pk)
+            .verify(text, &sig)
+            .is_ok(),
         _ => return Some(result(false, "unknown is not supported.")),
     };
-    Some(result(ok, if ok { "" } else { "Failed to verify digest. Error code: 0" }))
+    Some(result(
+        ok,
+        if ok {
+            ""
+        } else {
+            "Failed to verify digest. Error code: 0"
+        },
+    ))
 }

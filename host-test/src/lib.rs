@@ -13,9 +13,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod abi;
+mod foreign;
 mod host;
 mod hostcalls;
-mod foreign;
 mod mem;
 pub mod runner;
 mod vm;

@@ -38,9 +38,16 @@ pub enum PolicyCommand {
 
 pub fn run(cmd: &PolicyCommand) -> Result<ExitCode> {
     match cmd {
-        PolicyCommand::Lint { file, deny_warnings } => lint_file(file, *deny_warnings),
+        PolicyCommand::Lint {
+            file,
+            deny_warnings,
+        } => lint_file(file, *deny_warnings),
         PolicyCommand::Test { paths } => test(paths),
-        PolicyCommand::Explain { policy, request, json } => explain(policy, request, *json),
+        PolicyCommand::Explain {
+            policy,
+            request,
+            json,
+        } => explain(policy, request, *json),
     }
 }
 
@@ -66,7 +73,11 @@ fn lint_file(file: &Path, deny_warnings: bool) -> Result<ExitCode> {
         policy.rules.len(),
         findings.len()
     );
-    Ok(if deny_warnings && !findings.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if deny_warnings && !findings.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -99,7 +110,13 @@ fn test(paths: &[PathBuf]) -> Result<ExitCode> {
     for f in &files {
         let (policy, results) = cases::run_file(f).map_err(anyhow::Error::msg)?;
         let bad: Vec<_> = results.iter().filter(|r| !r.passed).collect();
-        println!("{} ({}): {} cases, {} failed", f.display(), policy.display(), results.len(), bad.len());
+        println!(
+            "{} ({}): {} cases, {} failed",
+            f.display(),
+            policy.display(),
+            results.len(),
+            bad.len()
+        );
         for r in bad {
             println!("  FAIL {}: got {}, want {}", r.name, r.got, r.want);
         }
@@ -107,7 +124,11 @@ fn test(paths: &[PathBuf]) -> Result<ExitCode> {
         failed += results.iter().filter(|r| !r.passed).count();
     }
     println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
@@ -115,11 +136,16 @@ fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
     let raw = std::fs::read(request).with_context(|| format!("reading {}", request.display()))?;
     let req: CaseRequest = serde_json::from_slice(&raw).context("parsing the request")?;
     let mut signed = None;
-    let explanation = cases::with_input(&policy, &req, &mut signed, |input| policy.explain(input)).map_err(anyhow::Error::msg)?;
+    let explanation = cases::with_input(&policy, &req, &mut signed, |input| policy.explain(input))
+        .map_err(anyhow::Error::msg)?;
     let explanation = match explanation {
         Ok(e) => e,
         Err(reason) => {
-            println!("refused before the policy: {} ({})", reason.code(), reason.message());
+            println!(
+                "refused before the policy: {} ({})",
+                reason.code(),
+                reason.message()
+            );
             return Ok(ExitCode::SUCCESS);
         }
     };
@@ -130,16 +156,50 @@ fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
     let d = &explanation.decision;
     println!("decision: {:?} ({})", d.effect, d.reason.code());
     println!("  rule:        {}", d.rule_id.as_deref().unwrap_or("-"));
-    println!("  class:       {}", d.class.as_deref().unwrap_or("- (no class matched)"));
-    println!("  resource:    {}", d.resource.as_deref().unwrap_or("- (unknown destination: treated as most sensitive)"));
+    println!(
+        "  class:       {}",
+        d.class.as_deref().unwrap_or("- (no class matched)")
+    );
+    println!(
+        "  resource:    {}",
+        d.resource
+            .as_deref()
+            .unwrap_or("- (unknown destination: treated as most sensitive)")
+    );
     println!("  sensitivity: {}", d.sensitivity.as_deref().unwrap_or("-"));
     if !d.scopes.is_empty() {
-        println!("  scopes:      {} (ttl {}s)", d.scopes.join(" "), d.ttl_s.unwrap_or(0));
+        println!(
+            "  scopes:      {} (ttl {}s)",
+            d.scopes.join(" "),
+            d.ttl_s.unwrap_or(0)
+        );
+    }
+    for c in &d.mcp_checked {
+        let value = c
+            .value
+            .as_ref()
+            .map_or("(missing)".to_string(), |v| v.to_string());
+        println!(
+            "  argument:    {} = {value}: {}",
+            c.pointer,
+            if c.ok { "ok" } else { "REFUSED" }
+        );
+    }
+    if !d.needed_scopes.is_empty() {
+        println!(
+            "  would need:  an intent with scope(s) {}",
+            d.needed_scopes.join(" ")
+        );
     }
     println!("rules:");
     for r in &explanation.rules {
         let mark = if r.matched { "MATCH" } else { "  -  " };
-        let effect = format!("{:?}{}", r.effect, if r.dry_run { " (dry run)" } else { "" }).to_lowercase();
+        let effect = format!(
+            "{:?}{}",
+            r.effect,
+            if r.dry_run { " (dry run)" } else { "" }
+        )
+        .to_lowercase();
         match &r.why_not {
             None => println!("  {mark} {} [{effect}]", r.id),
             Some(why) => println!("  {mark} {} [{effect}]: {why}", r.id),

@@ -60,6 +60,12 @@ pub struct StreamState {
     /// is a bug: Envoy can hang such streams).
     pub local_response_calls: u32,
     pub request_paused: bool,
+    /// The filter paused in `on_request_headers` and has not resumed: as in Envoy
+    /// (`StopAllIterationAndWatermark`), no body reaches it until it does.
+    pub headers_paused: bool,
+    /// Body data that arrived while the headers were paused (`Some(end_of_stream)`): buffered
+    /// by the host and delivered to the filter only once it resumes the request.
+    pub held_body: Option<bool>,
     pub response_paused: bool,
     /// `proxy_continue_stream` calls, per direction.
     pub request_continues: u32,
@@ -397,6 +403,14 @@ impl VmState {
         if s.upstream.headers.is_none() {
             s.upstream.headers = s.request_headers.clone();
         }
+        if s.headers_paused && s.held_body.is_some() {
+            // Resumed from the header phase with a body waiting: Envoy hands the buffered
+            // body to the filter now (after this callback), it does not forward it past it.
+            s.headers_paused = false;
+            s.request_paused = false;
+            return;
+        }
+        s.headers_paused = false;
         let body = std::mem::take(&mut s.request_body);
         s.upstream.body.extend_from_slice(&body);
         if s.upstream.trailers.is_none() && s.request_trailers.is_some() {
@@ -663,6 +677,35 @@ impl Vm {
         for c in done {
             self.log_and_delete(c)?;
         }
+        // Bodies held while the headers were paused go to the filter once it resumed them.
+        let resumed: Vec<(u32, bool, usize)> = {
+            let st = self.store.data_mut();
+            st.streams
+                .iter_mut()
+                .filter(|(_, s)| !s.headers_paused && !s.finished && !s.ended_early())
+                .filter_map(|(c, s)| {
+                    s.held_body
+                        .take()
+                        .map(|eos| (*c, eos, s.request_body.len()))
+                })
+                .collect()
+        };
+        for (c, eos, size) in resumed {
+            if let Some(stream) = self.store.data_mut().streams.get_mut(&c) {
+                stream.in_request_body = true;
+            }
+            let r = self.action(
+                "proxy_on_request_body",
+                c,
+                &[c as i32, size as i32, eos as i32],
+            );
+            if let Some(stream) = self.store.data_mut().streams.get_mut(&c) {
+                stream.in_request_body = false;
+            }
+            let a = r?;
+            self.after_request_action(c, a);
+            self.post_callback(c)?;
+        }
         Ok(())
     }
 
@@ -919,6 +962,11 @@ impl Vm {
             &[ctx as i32, n as i32, end_of_stream as i32],
         )?;
         self.after_request_action(ctx, a);
+        if a == Action::Pause {
+            if let Some(st) = self.store.data_mut().streams.get_mut(&ctx) {
+                st.headers_paused = !st.ended_early() && st.request_paused;
+            }
+        }
         self.post_callback(ctx)?;
         Ok(a)
     }
@@ -932,6 +980,15 @@ impl Vm {
         end_of_stream: bool,
     ) -> Result<Action> {
         let ctx = self.request_open(s, "request_body")?;
+        if let Some(stream) = self.store.data_mut().streams.get_mut(&ctx) {
+            if stream.headers_paused {
+                // Envoy holds the body back from a filter that paused its headers: buffered
+                // here, delivered when the filter resumes the request (never before).
+                stream.request_body.extend_from_slice(chunk);
+                stream.held_body = Some(end_of_stream || stream.held_body == Some(true));
+                return Ok(Action::Pause);
+            }
+        }
         let size = {
             let st = self.store.data_mut();
             let Some(stream) = st.streams.get_mut(&ctx) else {

@@ -32,11 +32,15 @@ fn rig(test: &str, body: &str, minter: Value) -> Option<Rig> {
 }
 
 fn post(r: &Rig) -> Req {
-    Req::new("POST", MCP_HOST, "/mcp").bearer(&r.svid()).with("content-type", "application/json")
+    Req::new("POST", MCP_HOST, "/mcp")
+        .bearer(&r.svid())
+        .with("content-type", "application/json")
 }
 
 fn mirrored(req: Req, method: &str, name: Option<&str>) -> Req {
-    let req = req.with("mcp-protocol-version", "2026-07-28").with("mcp-method", method);
+    let req = req
+        .with("mcp-protocol-version", "2026-07-28")
+        .with("mcp-method", method);
     match name {
         Some(n) => req.with("mcp-name", n),
         None => req,
@@ -50,7 +54,13 @@ fn call(id: Value, tool: &str, args: Value) -> Vec<u8> {
 /// Headers (not the end of the stream), then the body in one chunk: the actions of both.
 fn send_with_body(r: &mut Rig, req: &Req, body: &[u8]) -> (StreamId, Action, Option<Action>) {
     let s = r.vm.new_stream().unwrap();
-    let a = r.vm.request_headers(s, req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), false).unwrap();
+    let a =
+        r.vm.request_headers(
+            s,
+            req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            false,
+        )
+        .unwrap();
     // A stream already answered locally gets no body.
     if r.vm.stream(s).local_response.is_some() {
         return (s, a, None);
@@ -59,77 +69,196 @@ fn send_with_body(r: &mut Rig, req: &Req, body: &[u8]) -> (StreamId, Action, Opt
     (s, a, Some(b))
 }
 
-/// The JSON-RPC refusal of a stream: (HTTP status, error code, id, reason).
+/// The JSON-RPC refusal of a stream: (HTTP status, error code, id, reason). A call refused
+/// in the body phase may have sent its headers upstream (Envoy then resets that stream), but
+/// never its body: the server never gets a complete call.
 fn refusal(r: &Rig, s: StreamId) -> (u32, i64, Value, String) {
     let st = r.vm.stream(s);
-    assert!(st.upstream.headers.is_none(), "stream {} was forwarded", s.0);
+    assert!(
+        st.upstream.body.is_empty(),
+        "stream {} sent its body upstream",
+        s.0
+    );
     assert_eq!(st.local_response_calls, 1, "one local reply per stream");
     let lr = st.local_response.clone().expect("a local reply");
-    let v: Value = serde_json::from_slice(&lr.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", reply_text(&lr)));
+    let v: Value = serde_json::from_slice(&lr.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", reply_text(&lr)));
     assert_eq!(v["jsonrpc"], json!("2.0"), "{v}");
-    (lr.status, v["error"]["code"].as_i64().unwrap(), v["id"].clone(), v["error"]["data"]["reason"].as_str().unwrap_or_default().to_string())
+    (
+        lr.status,
+        v["error"]["code"].as_i64().unwrap(),
+        v["id"].clone(),
+        v["error"]["data"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
 }
 
 fn reply_header(r: &Rig, s: StreamId, name: &str) -> Option<String> {
-    r.vm.stream(s).local_response.as_ref().and_then(|lr| header(&lr.headers, name))
+    r.vm.stream(s)
+        .local_response
+        .as_ref()
+        .and_then(|lr| header(&lr.headers, name))
 }
 
 #[test]
 fn allowed_call_by_headers_only_buffers_no_body() {
-    let Some(mut r) = rig("allowed_call_by_headers_only_buffers_no_body", "when_needed", Value::Null) else { return };
-    let req = mirrored(post(&r).intent("support.read"), "tools/call", Some("get_ticket"));
-    let (s, a, b) = send_with_body(&mut r, &req, &call(json!(1), "get_ticket", json!({"ticket_id": "T-1"})));
+    let Some(mut r) = rig(
+        "allowed_call_by_headers_only_buffers_no_body",
+        "when_needed",
+        Value::Null,
+    ) else {
+        return;
+    };
+    let req = mirrored(
+        post(&r).intent("support.read"),
+        "tools/call",
+        Some("get_ticket"),
+    );
+    let (s, a, b) = send_with_body(
+        &mut r,
+        &req,
+        &call(json!(1), "get_ticket", json!({"ticket_id": "T-1"})),
+    );
     assert_eq!(a, Action::Continue, "decided in on_http_request_headers");
-    assert_eq!(b, Some(Action::Continue), "the body streams through unbuffered");
+    assert_eq!(
+        b,
+        Some(Action::Continue),
+        "the body streams through unbuffered"
+    );
     let fwd = r.forwarded(s);
-    assert_eq!(header(&fwd, "mcp-name").as_deref(), Some("get_ticket"), "the MCP headers reach the server");
+    assert_eq!(
+        header(&fwd, "mcp-name").as_deref(),
+        Some("get_ticket"),
+        "the MCP headers reach the server"
+    );
     assert!(header(&fwd, "authorization").is_none());
     let rec = r.records().pop().unwrap();
-    assert_eq!(rec["mcp"], json!({"method": "tools/call", "tool": "get_ticket", "path": "header", "checked": []}));
+    assert_eq!(
+        rec["mcp"],
+        json!({"method": "tools/call", "tool": "get_ticket", "path": "header", "checked": []})
+    );
     assert_eq!(r.metric("mandate.mcp.tools_call.allow"), 1);
 }
 
 #[test]
 fn old_protocol_version_takes_the_body_path() {
-    let Some(mut r) = rig("old_protocol_version_takes_the_body_path", "when_needed", Value::Null) else { return };
-    let req = post(&r).intent("support.read").with("mcp-protocol-version", "2025-06-18");
-    let (s, a, b) = send_with_body(&mut r, &req, &call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})));
-    assert_eq!((a, b), (Action::Pause, Some(Action::Continue)));
+    let Some(mut r) = rig(
+        "old_protocol_version_takes_the_body_path",
+        "when_needed",
+        Value::Null,
+    ) else {
+        return;
+    };
+    let req = post(&r)
+        .intent("support.read")
+        .with("mcp-protocol-version", "2025-06-18");
+    let (s, a, b) = send_with_body(
+        &mut r,
+        &req,
+        &call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})),
+    );
+    // Envoy's sequence: the headers go on at once (nothing decided them yet but the intent's
+    // grant on the resource); the body is held until complete, then judged and forwarded.
+    assert_eq!((a, b), (Action::Continue, Some(Action::Continue)));
     r.forwarded(s);
-    assert_eq!(r.vm.stream(s).upstream.body, call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})), "the body goes upstream unchanged");
+    assert_eq!(
+        r.vm.stream(s).upstream.body,
+        call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})),
+        "the body goes upstream unchanged"
+    );
     // A tool the intent does not name: 403 in JSON-RPC, id kept, insufficient_scope.
-    let (s, _, _) = send_with_body(&mut r, &req, &call(json!("x-9"), "delete_customer", json!({"customer_id": "C-1"})));
-    assert_eq!(refusal(&r, s), (403, -32003, json!("x-9"), "tool_not_allowed".to_string()));
+    let (s, _, _) = send_with_body(
+        &mut r,
+        &req,
+        &call(
+            json!("x-9"),
+            "delete_customer",
+            json!({"customer_id": "C-1"}),
+        ),
+    );
+    assert_eq!(
+        refusal(&r, s),
+        (403, -32003, json!("x-9"), "tool_not_allowed".to_string())
+    );
     let www = reply_header(&r, s, "www-authenticate").unwrap();
-    assert!(www.starts_with("Bearer error=\"insufficient_scope\", scope=\"\""), "{www}");
+    assert!(
+        www.starts_with("Bearer error=\"insufficient_scope\", scope=\"\""),
+        "{www}"
+    );
     let records = r.records();
     assert_eq!(records.len(), 2, "exactly one record per request");
     assert_eq!(records[1]["mcp"]["path"], json!("body"));
     assert_eq!(records[1]["reason"], json!("tool_not_allowed"));
     assert_eq!(r.metric("mandate.mcp.tools_call.deny"), 1);
+    // An intent with no operation on this MCP server: refused by the headers, no body read.
+    let other = post(&r)
+        .intent("ticket.read")
+        .with("mcp-protocol-version", "2025-06-18");
+    let (s, a, b) = send_with_body(&mut r, &other, &call(json!(3), "get_ticket", json!({})));
+    assert_eq!((a, b), (Action::Pause, None));
+    assert_eq!(refusal(&r, s).3, "intent_mismatch");
+    assert!(r.vm.stream(s).upstream.headers.is_none());
 }
 
 #[test]
 fn header_body_mismatch_is_refused() {
-    let Some(mut r) = rig("header_body_mismatch_is_refused", "always", Value::Null) else { return };
-    let req = mirrored(post(&r).intent("support.read"), "tools/call", Some("get_ticket"));
-    let (s, a, _) = send_with_body(&mut r, &req, &call(json!(3), "delete_customer", json!({"customer_id": "C-1"})));
-    assert_eq!(a, Action::Pause);
-    assert_eq!(refusal(&r, s), (400, -32020, json!(3), "mcp_header_mismatch".to_string()));
+    let Some(mut r) = rig("header_body_mismatch_is_refused", "always", Value::Null) else {
+        return;
+    };
+    let req = mirrored(
+        post(&r).intent("support.read"),
+        "tools/call",
+        Some("get_ticket"),
+    );
+    let (s, a, b) = send_with_body(
+        &mut r,
+        &req,
+        &call(json!(3), "delete_customer", json!({"customer_id": "C-1"})),
+    );
+    // `body: always`: the headers allow get_ticket and go on; the body names another tool.
+    assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
+    assert_eq!(
+        refusal(&r, s),
+        (400, -32020, json!(3), "mcp_header_mismatch".to_string())
+    );
     assert!(reply_header(&r, s, "x-mandate-decision-id").is_some());
     assert_eq!(r.records().len(), 1);
 }
 
 #[test]
 fn body_over_the_limit_is_413_with_a_record() {
-    let Some(mut r) = rig("body_over_the_limit_is_413_with_a_record", "always", Value::Null) else { return };
+    let Some(mut r) = rig(
+        "body_over_the_limit_is_413_with_a_record",
+        "always",
+        Value::Null,
+    ) else {
+        return;
+    };
     let req = post(&r).intent("support.read");
     let s = r.vm.new_stream().unwrap();
-    assert_eq!(r.vm.request_headers(s, req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), false).unwrap(), Action::Pause);
-    assert_eq!(r.vm.request_body(s, &[b' '; 3000], false).unwrap(), Action::Pause, "buffering");
+    assert_eq!(
+        r.vm.request_headers(
+            s,
+            req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            false
+        )
+        .unwrap(),
+        Action::Continue
+    );
+    assert_eq!(
+        r.vm.request_body(s, &[b' '; 3000], false).unwrap(),
+        Action::Pause,
+        "buffering"
+    );
     r.vm.request_body(s, &[b' '; 3000], false).unwrap();
     let (status, code, id, reason) = refusal(&r, s);
-    assert_eq!((status, code, id, reason.as_str()), (413, -32600, Value::Null, "mcp_body_too_large"), "refused before the end of the stream");
+    assert_eq!(
+        (status, code, id, reason.as_str()),
+        (413, -32600, Value::Null, "mcp_body_too_large"),
+        "refused before the end of the stream"
+    );
     let rec = r.records().pop().unwrap();
     assert_eq!(rec["reason"], json!("mcp_body_too_large"));
     r.vm.finish_stream(s).unwrap();
@@ -138,7 +267,13 @@ fn body_over_the_limit_is_413_with_a_record() {
 
 #[test]
 fn malformed_json_rpc_is_400_with_the_id_kept() {
-    let Some(mut r) = rig("malformed_json_rpc_is_400_with_the_id_kept", "always", Value::Null) else { return };
+    let Some(mut r) = rig(
+        "malformed_json_rpc_is_400_with_the_id_kept",
+        "always",
+        Value::Null,
+    ) else {
+        return;
+    };
     let req = post(&r).intent("support.read");
     for (body, want) in [
         (&b"{\"jsonrpc\":\"2.0\",\"id\":4,"[..], (400, -32700, Value::Null, "mcp_malformed")),
@@ -161,23 +296,47 @@ fn malformed_json_rpc_is_400_with_the_id_kept() {
 
 #[test]
 fn metadata_endpoint_is_served_without_a_token() {
-    let Some(mut r) = rig("metadata_endpoint_is_served_without_a_token", "always", Value::Null) else { return };
-    let s = r.send(&Req::get(MCP_HOST, "/.well-known/oauth-protected-resource/mcp"));
+    let Some(mut r) = rig(
+        "metadata_endpoint_is_served_without_a_token",
+        "always",
+        Value::Null,
+    ) else {
+        return;
+    };
+    let s = r.send(&Req::get(
+        MCP_HOST,
+        "/.well-known/oauth-protected-resource/mcp",
+    ));
     let lr = r.vm.stream(s).local_response.clone().unwrap();
     assert_eq!(lr.status, 200);
-    assert_eq!(header(&lr.headers, "cache-control").as_deref(), Some("max-age=300"));
+    assert_eq!(
+        header(&lr.headers, "cache-control").as_deref(),
+        Some("max-age=300")
+    );
     let v: Value = serde_json::from_slice(&lr.body).unwrap();
-    assert_eq!(v, json!({"resource": "https://mcp.acme.internal/mcp", "authorization_servers": ["https://auth.acme.internal"],
-                         "scopes_supported": ["tickets:read", "refunds:write"], "bearer_methods_supported": ["header"]}));
+    assert_eq!(
+        v,
+        json!({"resource": "https://mcp.acme.internal/mcp", "authorization_servers": ["https://auth.acme.internal"],
+                         "scopes_supported": ["tickets:read", "refunds:write"], "bearer_methods_supported": ["header"]})
+    );
     assert_eq!(r.records().len(), 1);
 }
 
 #[test]
 fn unauthenticated_call_gets_401_with_resource_metadata() {
-    let Some(mut r) = rig("unauthenticated_call_gets_401_with_resource_metadata", "always", Value::Null) else { return };
+    let Some(mut r) = rig(
+        "unauthenticated_call_gets_401_with_resource_metadata",
+        "always",
+        Value::Null,
+    ) else {
+        return;
+    };
     let req = Req::new("POST", MCP_HOST, "/mcp");
     let (s, _, _) = send_with_body(&mut r, &req, &call(json!(1), "get_ticket", json!({})));
-    assert_eq!(refusal(&r, s), (401, -32001, Value::Null, "token_missing".to_string()));
+    assert_eq!(
+        refusal(&r, s),
+        (401, -32001, Value::Null, "token_missing".to_string())
+    );
     assert_eq!(
         reply_header(&r, s, "www-authenticate").as_deref(),
         Some("Bearer resource_metadata=\"https://mcp.acme.internal/.well-known/oauth-protected-resource/mcp\"")
@@ -186,33 +345,60 @@ fn unauthenticated_call_gets_401_with_resource_metadata() {
 
 #[test]
 fn credential_is_scoped_to_the_tool() {
-    let Some(mut r) = rig("credential_is_scoped_to_the_tool", "when_needed", minter()) else { return };
-    let req = mirrored(post(&r).intent("support.refund").task("T-42"), "tools/call", Some("refund"))
-        .with("mcp-param-amount", "42")
-        .with("mcp-param-ticket_id", "T-42");
+    let Some(mut r) = rig("credential_is_scoped_to_the_tool", "when_needed", minter()) else {
+        return;
+    };
+    let req = mirrored(
+        post(&r).intent("support.refund").task("T-42"),
+        "tools/call",
+        Some("refund"),
+    )
+    .with("mcp-param-amount", "42")
+    .with("mcp-param-ticket_id", "T-42");
     let s = r.send(&req);
     let c = r.one_mint_call();
     let f = form(&c);
-    assert!(f.contains(&("tool".to_string(), "refund".to_string())), "{f:?}");
+    assert!(
+        f.contains(&("tool".to_string(), "refund".to_string())),
+        "{f:?}"
+    );
     // The minter's answer names the tool asked for: injected.
     let now = r.now();
     let token = minted_jwt_for("jti-1", now + 120, "support-mcp", Some("T-42"));
     let claims = token.split('.').nth(1).unwrap();
-    let mut c_json: Value = serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap()).unwrap();
+    let mut c_json: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap(),
+    )
+    .unwrap();
     c_json["tool"] = json!("refund");
-    let with_tool = format!("{}.{}.{}", token.split('.').next().unwrap(), b64(c_json.to_string().as_bytes()), MINTED_SIG);
+    let with_tool = format!(
+        "{}.{}.{}",
+        token.split('.').next().unwrap(),
+        b64(c_json.to_string().as_bytes()),
+        MINTED_SIG
+    );
     r.answer(&c, json_reply(200, &json!({"access_token": with_tool, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
     let fwd = r.forwarded(s);
     assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
     // Another tool for the same caller, intent and task: its own exchange. A token without the
     // tool claim is refused (503), never injected.
-    let over = mirrored(post(&r).intent("support.refund").task("T-42"), "tools/call", Some("refund"))
-        .with("mcp-param-amount", "500")
-        .with("mcp-param-ticket_id", "T-42");
+    let over = mirrored(
+        post(&r).intent("support.refund").task("T-42"),
+        "tools/call",
+        Some("refund"),
+    )
+    .with("mcp-param-amount", "500")
+    .with("mcp-param-ticket_id", "T-42");
     let s2 = r.send(&over);
-    assert_eq!(refusal(&r, s2), (403, -32003, Value::Null, "argument_not_allowed".to_string()));
+    assert_eq!(
+        refusal(&r, s2),
+        (403, -32003, Value::Null, "argument_not_allowed".to_string())
+    );
     let rec = r.records().pop().unwrap();
-    assert_eq!(rec["mcp"]["checked"][0], json!({"pointer": "/amount", "ok": false, "value": 500}));
+    assert_eq!(
+        rec["mcp"]["checked"][0],
+        json!({"pointer": "/amount", "ok": false, "value": 500})
+    );
 }
 
 fn tools_list_rig(test: &str) -> Option<Rig> {
@@ -231,12 +417,25 @@ fn list_request(r: &mut Rig) -> StreamId {
 
 #[test]
 fn tools_list_answer_is_narrowed_to_the_intent() {
-    let Some(mut r) = tools_list_rig("tools_list_answer_is_narrowed_to_the_intent") else { return };
+    let Some(mut r) = tools_list_rig("tools_list_answer_is_narrowed_to_the_intent") else {
+        return;
+    };
     let s = list_request(&mut r);
     let answer = json!({"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "get_ticket"}, {"name": "refund"}, {"name": "delete_customer"}]}});
-    let a = r.vm.response_headers(s, [(":status", "200"), ("content-type", "application/json"), ("content-length", "120")], false).unwrap();
+    let a =
+        r.vm.response_headers(
+            s,
+            [
+                (":status", "200"),
+                ("content-type", "application/json"),
+                ("content-length", "120"),
+            ],
+            false,
+        )
+        .unwrap();
     assert_eq!(a, Action::Pause, "the answer is held until it is complete");
-    r.vm.response_body(s, answer.to_string().as_bytes(), true).unwrap();
+    r.vm.response_body(s, answer.to_string().as_bytes(), true)
+        .unwrap();
     let st = r.vm.stream(s);
     let v: Value = serde_json::from_slice(&st.downstream.body).unwrap();
     assert_eq!(v["result"]["tools"], json!([{"name": "get_ticket"}]));
@@ -245,22 +444,59 @@ fn tools_list_answer_is_narrowed_to_the_intent() {
 
 #[test]
 fn tools_list_over_sse_is_narrowed_too() {
-    let Some(mut r) = tools_list_rig("tools_list_over_sse_is_narrowed_too") else { return };
+    let Some(mut r) = tools_list_rig("tools_list_over_sse_is_narrowed_too") else {
+        return;
+    };
     let s = list_request(&mut r);
-    assert_eq!(r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/event-stream")], false).unwrap(), Action::Pause);
-    r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,", false).unwrap();
-    r.vm.response_body(s, b"\"result\":{\"tools\":[{\"name\":\"get_ticket\"},{\"name\":\"delete_customer\"}]}}\n\n", true).unwrap();
+    assert_eq!(
+        r.vm.response_headers(
+            s,
+            [(":status", "200"), ("content-type", "text/event-stream")],
+            false
+        )
+        .unwrap(),
+        Action::Pause
+    );
+    r.vm.response_body(
+        s,
+        b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,",
+        false,
+    )
+    .unwrap();
+    r.vm.response_body(
+        s,
+        b"\"result\":{\"tools\":[{\"name\":\"get_ticket\"},{\"name\":\"delete_customer\"}]}}\n\n",
+        true,
+    )
+    .unwrap();
     let st = r.vm.stream(s);
-    assert_eq!(header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(), Some("200"));
+    assert_eq!(
+        header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(),
+        Some("200")
+    );
     let body = String::from_utf8_lossy(&st.downstream.body).to_string();
-    assert!(body.starts_with("event: message\ndata: ") && body.contains("get_ticket") && !body.contains("delete_customer"), "{body}");
+    assert!(
+        body.starts_with("event: message\ndata: ")
+            && body.contains("get_ticket")
+            && !body.contains("delete_customer"),
+        "{body}"
+    );
 }
 
 #[test]
 fn tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered() {
-    let Some(mut r) = tools_list_rig("tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered") else { return };
+    let Some(mut r) =
+        tools_list_rig("tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered")
+    else {
+        return;
+    };
     let s = list_request(&mut r);
-    r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/event-stream")], false).unwrap();
+    r.vm.response_headers(
+        s,
+        [(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    )
+    .unwrap();
     // Cut short: no blank line ends the event.
     r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"delete_customer\"}]}}\n", true).unwrap();
     let st = r.vm.stream(s);
@@ -273,46 +509,143 @@ fn tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered() {
     assert_eq!(r.metric("mandate.mcp.tools_list.unfilterable"), 1);
     // A content type that is neither JSON nor an event stream: refused at once.
     let s = list_request(&mut r);
-    r.vm.response_headers(s, [(":status", "200"), ("content-type", "text/plain")], false).unwrap();
+    r.vm.response_headers(
+        s,
+        [(":status", "200"), ("content-type", "text/plain")],
+        false,
+    )
+    .unwrap();
     r.vm.response_body(s, b"delete_customer", true).unwrap();
     let st = r.vm.stream(s);
-    assert_eq!(header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(), Some("502"));
+    assert_eq!(
+        header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(),
+        Some("502")
+    );
     assert!(!String::from_utf8_lossy(&st.downstream.body).contains("delete_customer"));
 }
 
 #[test]
-fn body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body() {
-    let Some(mut r) = rig("body_path_call_is_minted_for_its_tool_and_forwarded_with_its_body", "always", minter()) else { return };
+fn body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body() {
+    let Some(mut r) = rig(
+        "body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body",
+        "always",
+        minter(),
+    ) else {
+        return;
+    };
+    // No 2026-07-28 headers: the tool is not known until the body, so the header phase mints
+    // for the intent on this resource (no `tool`), and the body is judged after.
     let req = post(&r).intent("support.read");
     let body = call(json!(11), "get_ticket", json!({"ticket_id": "T-1"}));
     let (s, a, b) = send_with_body(&mut r, &req, &body);
-    assert_eq!((a, b), (Action::Pause, Some(Action::Pause)), "waiting on the exchange");
+    assert_eq!(
+        (a, b),
+        (Action::Pause, Some(Action::Pause)),
+        "waiting on the exchange; the body is held by the host meanwhile"
+    );
+    assert!(r.vm.stream(s).upstream.headers.is_none());
     let c = r.one_mint_call();
-    assert!(form(&c).contains(&("tool".to_string(), "get_ticket".to_string())));
+    assert!(!form(&c).iter().any(|(k, _)| k == "tool"), "{:?}", form(&c));
     let now = r.now();
     let token = minted_jwt_for("jti-b", now + 120, "support-mcp", None);
-    let mut claims: Value = serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, token.split('.').nth(1).unwrap()).unwrap()).unwrap();
-    claims["tool"] = json!("get_ticket");
-    let token = format!("{}.{}.{}", token.split('.').next().unwrap(), b64(claims.to_string().as_bytes()), MINTED_SIG);
     r.answer(&c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
+    // Resumed: headers upstream with the credential, then the held body judged and forwarded.
     let fwd = r.forwarded(s);
     assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
     assert_eq!(r.vm.stream(s).upstream.body, body);
     let recs = r.records();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0]["mcp"]["path"], json!("body"));
+    assert_eq!(recs[0]["mcp"]["tool"], json!("get_ticket"));
+    assert_eq!(recs[0]["mcp"]["credential_scope"], json!("intent"));
     assert_eq!(recs[0]["effect"], json!("allow"));
+
+    // The same intent-scoped credential (cached) cannot carry a tool the intent does not
+    // name: the body is refused, never forwarded.
+    let (s, a, b) = send_with_body(
+        &mut r,
+        &req,
+        &call(json!(12), "delete_customer", json!({"customer_id": "C-1"})),
+    );
+    assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
+    assert_eq!(refusal(&r, s).3, "tool_not_allowed");
+    assert_eq!(r.records().len(), 2);
+}
+
+#[test]
+fn body_path_with_headers_mints_for_the_header_tool_and_checks_the_body_against_it() {
+    let Some(mut r) = rig(
+        "body_path_with_headers_mints_for_the_header_tool_and_checks_the_body_against_it",
+        "always",
+        minter(),
+    ) else {
+        return;
+    };
+    let req = mirrored(
+        post(&r).intent("support.read"),
+        "tools/call",
+        Some("get_ticket"),
+    );
+    let body = call(json!(13), "get_ticket", json!({"ticket_id": "T-1"}));
+    let (s, a, _) = send_with_body(&mut r, &req, &body);
+    assert_eq!(a, Action::Pause, "minting");
+    let c = r.one_mint_call();
+    assert!(form(&c).contains(&("tool".to_string(), "get_ticket".to_string())));
+    let now = r.now();
+    let token = minted_jwt_for("jti-h", now + 120, "support-mcp", None);
+    let mut claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            token.split('.').nth(1).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    claims["tool"] = json!("get_ticket");
+    let token = format!(
+        "{}.{}.{}",
+        token.split('.').next().unwrap(),
+        b64(claims.to_string().as_bytes()),
+        MINTED_SIG
+    );
+    r.answer(&c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
+    assert_eq!(r.vm.stream(s).upstream.body, body);
+    let rec = r.records().pop().unwrap();
+    assert_eq!(rec["mcp"]["credential_scope"], json!("tool"));
+    assert_eq!(rec["effect"], json!("allow"));
+    // A body naming another tool than the one the credential was minted for: mismatch.
+    let (s, a, b) = send_with_body(&mut r, &req, &call(json!(14), "delete_customer", json!({})));
+    assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
+    assert_eq!(refusal(&r, s).3, "mcp_header_mismatch");
+    assert_eq!(r.records().len(), 2);
 }
 
 #[test]
 fn stream_that_ends_while_its_body_is_awaited_is_on_the_record_once() {
-    let Some(mut r) = rig("stream_that_ends_while_its_body_is_awaited_is_on_the_record_once", "always", Value::Null) else { return };
+    let Some(mut r) = rig(
+        "stream_that_ends_while_its_body_is_awaited_is_on_the_record_once",
+        "always",
+        Value::Null,
+    ) else {
+        return;
+    };
     let req = post(&r).intent("support.read");
     let s = r.vm.new_stream().unwrap();
-    assert_eq!(r.vm.request_headers(s, req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), false).unwrap(), Action::Pause);
+    assert_eq!(
+        r.vm.request_headers(
+            s,
+            req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            false
+        )
+        .unwrap(),
+        Action::Continue
+    );
     r.vm.request_body(s, b"{\"jsonrpc\":", false).unwrap();
     r.vm.finish_stream(s).unwrap();
     let recs = r.records();
     assert_eq!(recs.len(), 1);
-    assert_eq!((recs[0]["effect"].clone(), recs[0]["reason"].clone()), (json!("deny"), json!("mcp_malformed")));
+    assert_eq!(
+        (recs[0]["effect"].clone(), recs[0]["reason"].clone()),
+        (json!("deny"), json!("mcp_malformed"))
+    );
 }

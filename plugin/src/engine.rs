@@ -13,7 +13,7 @@ use crate::record::CredentialInfo;
 use crate::policy::intent::{self, IntentVerifier};
 use crate::policy::path::{normalize, normalize_authority};
 use crate::mcp;
-use crate::policy::mcp::{BodyMode, McpCall, McpSource};
+use crate::policy::mcp::{BodyMode, McpArgs, McpCall, McpSource};
 use crate::policy::{Policy, PolicyDecision, PolicyInput, SignedIntent};
 use crate::reason::Reason;
 use lru::LruCache;
@@ -35,19 +35,32 @@ pub enum Verdict {
     Reply(LocalReply),
     /// Obtain a credential from the minter first, then finish with [`Engine::finish_mint`].
     Mint(Box<MintPlan>),
-    /// MCP: the decision needs the request body. Buffer it (at most `max_body_bytes`; over
-    /// it, [`Engine::body_too_large`]), then finish with [`Engine::on_request_body`].
+    /// MCP: the headers allow the call as far as they go, but the body must still be judged.
+    /// First apply [`BodyPlan::take_header_verdict`] (forward, or mint then forward): the
+    /// headers go on (a proxy holds a body back from a filter that paused its headers, so the
+    /// body can only be judged after they continue). Then buffer the body (at most
+    /// `max_body_bytes`; over it, [`Engine::body_too_large`]) and finish with
+    /// [`Engine::on_request_body`], which forwards the body or refuses the call.
     NeedBody(Box<BodyPlan>),
 }
 
-/// A request waiting for its body: what was read from the headers and the edits to apply.
+/// A request whose body is still to be judged: what was read from the headers.
 #[derive(Clone)]
 pub struct BodyPlan {
     inputs: JudgeInputs,
-    edits: HeaderEdits,
-    token: Vec<u8>,
     identity: Rc<Identity>,
+    /// The tool the header phase minted the credential for (`Mcp-Name`), if any.
+    tool: Option<String>,
+    /// What to do with the headers now.
+    header: Option<Box<Verdict>>,
     pub max_body_bytes: usize,
+}
+
+impl BodyPlan {
+    /// The header phase's verdict (forward, mint, or refuse): taken once.
+    pub fn take_header_verdict(&mut self) -> Option<Verdict> {
+        self.header.take().map(|v| *v)
+    }
 }
 
 impl std::fmt::Debug for BodyPlan {
@@ -82,7 +95,8 @@ struct JudgeInputs {
 
 enum Judgement {
     Done(Judged),
-    NeedBody(JudgeInputs),
+    /// Allowed as far as the headers go (this judgement); the body decides.
+    NeedBody(Box<(JudgeInputs, Judged)>),
 }
 
 /// An MCP request: how it is answered and what the record says about the call.
@@ -97,6 +111,10 @@ pub struct McpInfo {
     /// RFC 9728 metadata URL for `WWW-Authenticate` on 401s.
     pub resource_metadata: Option<String>,
     pub filter_tools_list: bool,
+    /// The body path: what the credential minted in the header phase is scoped to
+    /// (`tool`: the `Mcp-Name` tool; `intent`: the intent on this resource, the tool not being
+    /// known from old-protocol headers).
+    pub credential_scope: Option<&'static str>,
 }
 
 /// A `tools/list` answer to narrow for its caller.
@@ -478,17 +496,14 @@ impl Engine {
                         }
                         judged
                     }
-                    Judgement::NeedBody(inputs) => {
-                        // The edits are made now, from the headers; applied once the body decided.
-                        if h.reserved_name_unreadable() {
-                            return Err(Reason::InternalError);
-                        }
-                        let mut edits = self.upstream_edits(h, &d.id, &identity);
-                        if let Some(target) = &inputs.rewrite {
-                            edits.set.push((":path".to_string(), target.clone()));
-                        }
+                    Judgement::NeedBody(pair) => {
+                        let (inputs, judged) = *pair;
+                        // The header phase: edits and (tool- or intent-scoped) credential now;
+                        // the body is judged once the headers have gone on.
+                        let header = self.conclude(&judged, Some(h), None, token, &identity, req.now, d)?;
+                        let tool = judged.mcp.as_ref().and_then(|m| m.tool.clone());
                         let max_body_bytes = inputs.max_body_bytes;
-                        return Ok(Verdict::NeedBody(Box::new(BodyPlan { inputs, edits, token: token.to_vec(), identity, max_body_bytes })));
+                        return Ok(Verdict::NeedBody(Box::new(BodyPlan { inputs, identity, tool, header: Some(Box::new(header)), max_body_bytes })));
                     }
                 }
             }
@@ -665,19 +680,38 @@ impl Engine {
         let headers = mcp::headers::read(h)?;
         let (body_mode, max_body) = self.mcp_body_settings(&inputs);
         inputs.max_body_bytes = max_body;
-        let from_headers = if body_mode == BodyMode::WhenNeeded { headers.call() } else { None };
         let header_method = headers.method.clone();
+        // With 2026-07-28 headers, the call they mirror; without, a call not known yet (the
+        // policy then says whether the intent grants some MCP operation here).
+        let call = headers.call().unwrap_or(McpCall {
+            method: String::new(),
+            name: None,
+            uri: None,
+            arguments: McpArgs::default(),
+            source: McpSource::Unknown,
+        });
         inputs.mcp = Some(headers);
-        let Some(call) = from_headers else {
-            d.mcp = Some(Rc::new(McpInfo { method: header_method, path: Some("body"), ..(*target).clone() }));
-            return Ok(Judgement::NeedBody(inputs));
-        };
-        let judged = self.evaluate(&inputs, Some(&call), identity, now);
-        if judged.policy.needs_body {
-            d.mcp = Some(Rc::new(McpInfo { method: header_method, path: Some("body"), ..(*target).clone() }));
-            return Ok(Judgement::NeedBody(inputs));
+        let mut judged = self.evaluate(&inputs, Some(&call), identity, now);
+        let unknown = call.source == McpSource::Unknown;
+        if unknown {
+            judged.mcp = Some(Rc::new(McpInfo { method: header_method.clone(), path: Some("header"), ..(*target).clone() }));
         }
-        Ok(Judgement::Done(judged))
+        let body_needed = judged.policy.needs_body || unknown || body_mode == BodyMode::Always;
+        if !body_needed || judged.policy.effect == Effect::Deny {
+            // Decided by the headers (an allow only with `when_needed`), or refused by them.
+            return Ok(Judgement::Done(judged));
+        }
+        let tool = call.tool().map(str::to_string);
+        let info = McpInfo {
+            method: header_method,
+            credential_scope: Some(if tool.is_some() { "tool" } else { "intent" }),
+            tool,
+            path: Some("body"),
+            ..(*target).clone()
+        };
+        judged.mcp = Some(Rc::new(info));
+        d.mcp = judged.mcp.clone();
+        Ok(Judgement::NeedBody(Box::new((inputs, judged))))
     }
 
     /// The policy's judgement of prepared inputs (and the MCP call, if any).
@@ -726,7 +760,7 @@ impl Engine {
                 method: Some(c.method.clone()),
                 tool: tool.map(str::to_string),
                 path: Some(match c.source {
-                    McpSource::Header => "header",
+                    McpSource::Header | McpSource::Unknown => "header",
                     McpSource::Body => "body",
                 }),
                 ..target.map(|t| (*t).clone()).unwrap_or_default()
@@ -781,8 +815,25 @@ impl Engine {
             }
         }
         let call = msg.into_call();
+        // The credential went upstream scoped to the header's tool: the body must call that one.
+        if let Some(tool) = plan.tool.as_deref() {
+            if call.tool() != Some(tool) {
+                return Err(Reason::McpHeaderMismatch);
+            }
+        }
         let judged = self.evaluate(&plan.inputs, Some(&call), &plan.identity, now);
-        self.conclude(&judged, None, Some(plan.edits.clone()), &plan.token, &plan.identity, now, d)
+        let scope = d.mcp.as_ref().and_then(|m| m.credential_scope);
+        if let Some(m) = judged.mcp.as_deref() {
+            d.mcp = Some(Rc::new(McpInfo { credential_scope: scope, ..m.clone() }));
+        }
+        d.policy = Some(judged.policy.clone());
+        if judged.policy.effect == Effect::Deny {
+            return Err(judged.policy.reason);
+        }
+        // The headers (and credential) are upstream already: the body follows them, unchanged.
+        d.effect = Some(judged.policy.effect);
+        d.reason = Some(judged.policy.reason);
+        Ok(Verdict::Forward(HeaderEdits::default()))
     }
 
     /// The MCP settings of the resource the inputs target.

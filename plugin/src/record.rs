@@ -34,6 +34,9 @@ pub struct McpRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool: Option<&'a str>,
     pub path: Option<&'static str>,
+    /// Body path: what the credential minted from the headers is scoped to (`tool`, `intent`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_scope: Option<&'static str>,
     pub checked: &'a [crate::policy::mcp::ArgCheck],
 }
 
@@ -116,6 +119,7 @@ impl<'a> DecisionRecord<'a> {
                 method: m.method.as_deref(),
                 tool: m.tool.as_deref(),
                 path: m.path,
+                credential_scope: m.credential_scope.filter(|_| d.credential.is_some()),
                 checked: p.map_or(&[][..], |p| p.mcp_checked.as_slice()),
             }),
             credential_withheld: d.credential_withheld,

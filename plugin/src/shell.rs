@@ -328,10 +328,15 @@ fn buffer(kind: BufferType, size: usize, max: usize) -> Option<Vec<u8>> {
 
 /// A response header's value by the raw host call (`None`: absent or a host error).
 fn response_header(name: &str) -> Option<Vec<u8>> {
+    header_value(MapType::HttpResponseHeaders, name)
+}
+
+/// A header's value in a map by the raw host call (`None`: absent or a host error).
+fn header_value(map: MapType, name: &str) -> Option<Vec<u8>> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut len: usize = 0;
     // SAFETY: as in `request_headers`: the host allocated `data` through this module.
-    let status = unsafe { proxy_get_header_map_value(MapType::HttpResponseHeaders, name.as_ptr(), name.len(), &mut data, &mut len) };
+    let status = unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut len) };
     if status != Status::Ok || data.is_null() {
         return None;
     }
@@ -355,6 +360,14 @@ fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> bool {
         }
     };
     status == Status::Ok
+}
+
+/// Dispatches an HTTP callout. The SDK wrapper must be used: it registers the token with the
+/// SDK's dispatcher, which routes the answer (and panics on an unregistered token). It panics
+/// only on a status other than Ok, BadArgument and InternalFailure, which Envoy does not return
+/// for `proxy_http_call`.
+fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<u32, Status> {
+    hostcalls::dispatch_http_call(cluster, headers.to_vec(), (!body.is_empty()).then_some(body), Vec::new(), timeout)
 }
 
 /// Resumes the current request (raw host call; never panics).
@@ -420,6 +433,16 @@ struct Pending {
     plan: Box<MintPlan>,
     decision: Decision,
     started_ns: u64,
+    /// MCP body path: once the credential is in, the headers go on and the body is judged.
+    body: Option<Box<BodyPlan>>,
+}
+
+/// MCP body path: a request whose headers went on and whose body is being buffered and will
+/// be judged at its end. Its decision record is written then (or when the stream ends first).
+struct BodyWait {
+    plan: Box<BodyPlan>,
+    decision: Decision,
+    started_ns: u64,
 }
 
 /// One in-flight exchange and the requests waiting on it.
@@ -446,6 +469,8 @@ struct Shared {
     stale_counter: Option<String>,
     /// Streams whose `tools/list` answer must be narrowed (by context id).
     tool_filters: HashMap<u32, ToolsFilter>,
+    /// MCP streams whose body is pending (by context id).
+    bodies: HashMap<u32, BodyWait>,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
@@ -611,17 +636,14 @@ fn callout_answer(num_headers: usize, body_size: usize, limit: usize) -> Result<
     if num_headers == 0 {
         return Err(MintError::NoResponse);
     }
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
+    // Raw host calls: a bad status is a failed exchange, never a panic.
+    let status = header_value(MapType::HttpCallResponseHeaders, ":status")
         .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u16>().ok()))
         .ok_or(MintError::Malformed("no :status"))?;
     if body_size > limit {
         return Err(MintError::TooLarge);
     }
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-        .map_err(|_| MintError::Malformed("unreadable body"))?
-        .unwrap_or_default();
+    let body = buffer(BufferType::HttpCallResponseBody, body_size, body_size).ok_or(MintError::Malformed("unreadable body"))?;
     Ok((status, body))
 }
 
@@ -651,6 +673,7 @@ impl Root {
             lag_gauge: None,
             stale_counter: None,
             tool_filters: HashMap::new(),
+            bodies: HashMap::new(),
         };
         Root { shared: Rc::new(RefCell::new(shared)), seed: random_seed(), calls: HashMap::new() }
     }
@@ -664,7 +687,7 @@ impl Root {
         let Some(engine) = shared.engine.as_mut() else { return };
         for plan in engine.identity.bundles.due_fetches(now) {
             let headers = vec![(":method", "GET"), (":path", plan.path.as_str()), (":authority", plan.authority.as_str()), ("accept", "application/json")];
-            match hostcalls::dispatch_http_call(&plan.cluster, headers, None, vec![], Duration::from_millis(plan.timeout_ms)) {
+            match http_call(&plan.cluster, &headers, &[], Duration::from_millis(plan.timeout_ms)) {
                 Ok(token) => {
                     self.calls.insert(token, RootCall::Bundle(plan.source));
                 }
@@ -687,7 +710,7 @@ fn poll_revocations(engine: &mut Engine, metrics: &mut Metrics, calls: &mut Hash
     let now_ms = now_ns / 1_000_000;
     let Some(poll) = engine.due_poll(now_ms) else { return };
     let headers = vec![(":method", "GET"), (":path", poll.path.as_str()), (":authority", poll.authority.as_str()), ("accept", "application/json")];
-    match hostcalls::dispatch_http_call(&poll.cluster, headers, None, vec![], Duration::from_millis(poll.timeout_ms)) {
+    match http_call(&poll.cluster, &headers, &[], Duration::from_millis(poll.timeout_ms)) {
         Ok(token) => {
             calls.insert(token, RootCall::Revocations);
         }
@@ -888,7 +911,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body: None, filtering: None, refusal_written: false, sse: false }))
+        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body_pending: false, filtering: None, refusal_written: false, sse: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -902,8 +925,9 @@ struct Http {
     id: u32,
     shared: SharedRef,
     started_ns: u64,
-    /// MCP: a request waiting for its body.
-    body: Option<(Box<BodyPlan>, Decision)>,
+    /// MCP: the header phase let the headers go on (or is minting first) and the body is
+    /// still to be judged (its state: `Shared::bodies`, or `Shared::pending` while minting).
+    body_pending: bool,
     /// MCP: this stream's `tools/list` answer is being narrowed (`Some(false)`: it cannot be,
     /// and is replaced by an error).
     filtering: Option<bool>,
@@ -936,7 +960,9 @@ impl Http {
 
     /// Applies a verdict: forwards, answers, or dispatches (or joins) the credential exchange.
     /// Records the decision unless the request now waits on an exchange.
-    fn run(&mut self, shared: &mut Shared, verdict: Verdict, decision: Decision, now: u64) -> Action {
+    /// `body`: the MCP body path; once the headers go on, the body is awaited and the record
+    /// waits for its judgement.
+    fn run(&mut self, shared: &mut Shared, verdict: Verdict, decision: Decision, now: u64, body: Option<Box<BodyPlan>>) -> Action {
         let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
         match verdict {
             Verdict::Mint(plan) => {
@@ -944,21 +970,21 @@ impl Http {
                 if let Some(flight) = shared.flights.get_mut(&key) {
                     // Single flight: wait on the exchange already under way.
                     flight.waiters.push(self.id);
-                    shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns });
+                    shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns, body });
                     return Action::Pause;
                 }
-                let body = plan.body();
-                let headers = vec![
+                let form = plan.body();
+                let headers = [
                     (":method", "POST"),
                     (":path", plan.path.as_str()),
                     (":authority", plan.authority.as_str()),
                     ("content-type", "application/x-www-form-urlencoded"),
                     ("accept", "application/json"),
                 ];
-                match hostcalls::dispatch_http_call(&plan.cluster, headers, Some(&body), vec![], Duration::from_millis(plan.timeout_ms)) {
+                match http_call(&plan.cluster, &headers, &form, Duration::from_millis(plan.timeout_ms)) {
                     Ok(_) => {
                         shared.flights.insert(key, Flight { leader: self.id, waiters: Vec::new(), dispatched_ns: self.started_ns });
-                        shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns });
+                        shared.pending.insert(self.id, Pending { plan, decision, started_ns: self.started_ns, body });
                         Action::Pause
                     }
                     Err(status) => {
@@ -976,6 +1002,11 @@ impl Http {
             verdict => {
                 let action = apply(&verdict);
                 if action == Action::Continue {
+                    if let Some(plan) = body {
+                        // The headers go on; the body is judged at its end (and recorded then).
+                        shared.bodies.insert(self.id, BodyWait { plan, decision, started_ns: self.started_ns });
+                        return action;
+                    }
                     shared.note_filter(self.id, &decision);
                 }
                 shared.record(&decision, self.started_ns, true);
@@ -1017,6 +1048,11 @@ impl Http {
             let action = apply(&verdict);
             if action == Action::Continue {
                 let _ = resume_request();
+                if let Some(plan) = p.body {
+                    // The headers went on with the credential; the body is judged at its end.
+                    shared.bodies.insert(member, BodyWait { plan, decision: p.decision, started_ns: p.started_ns });
+                    continue;
+                }
                 shared.note_filter(member, &p.decision);
             }
             shared.record(&p.decision, p.started_ns, true);
@@ -1042,32 +1078,44 @@ impl HttpContext for Http {
         let outcome = engine.on_request(&Request { headers: &headers, now });
         match outcome.verdict {
             Verdict::NeedBody(plan) if end_of_stream => {
-                // No body will come: judge the empty one (a malformed call).
+                // No body will come: judge the empty one (a malformed call), nothing minted.
                 let mut d = outcome.decision;
                 let verdict = engine.on_request_body(&plan, &[], now, &mut d);
-                self.run(shared, verdict, d, now)
+                self.run(shared, verdict, d, now, None)
             }
-            Verdict::NeedBody(plan) => {
-                // Paused until the body is complete; the headers stay editable meanwhile.
-                self.body = Some((plan, outcome.decision));
-                Action::Pause
+            Verdict::NeedBody(mut plan) => {
+                // The headers go on (after the credential, if one is minted): a proxy holds the
+                // body back from a filter that paused its headers, so the body can only be
+                // judged after they continue. It is held in `on_http_request_body` until
+                // complete, then judged; nothing reaches the server as a complete call first.
+                let Some(header) = plan.take_header_verdict() else { return fail_closed(Reason::InternalError) };
+                self.body_pending = true;
+                self.run(shared, header, outcome.decision, now, Some(plan))
             }
-            verdict => self.run(shared, verdict, outcome.decision, now),
+            verdict => self.run(shared, verdict, outcome.decision, now, None),
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some((plan, _)) = self.body.as_ref() else { return Action::Continue };
-        let max = plan.max_body_bytes;
-        if body_size <= max && !end_of_stream {
-            // Let the proxy buffer until the end of the stream.
-            return Action::Pause;
+        // Every other stream: untouched.
+        if !self.body_pending {
+            return Action::Continue;
         }
-        let Some((plan, mut d)) = self.body.take() else { return Action::Continue };
-        let now = now_nanos().unwrap_or(self.started_ns) / 1_000_000_000;
         let shared_ref = self.shared.clone();
         let Ok(mut shared) = shared_ref.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
         let shared = &mut *shared;
+        let Some(max) = shared.bodies.get(&self.id).map(|w| w.plan.max_body_bytes) else {
+            // Still minting (a proxy delivers no body then): hold it. Otherwise the header
+            // phase already answered.
+            return if shared.pending.contains_key(&self.id) { Action::Pause } else { Action::Continue };
+        };
+        if body_size <= max && !end_of_stream {
+            // The proxy buffers until the end of the stream.
+            return Action::Pause;
+        }
+        let Some(BodyWait { plan, decision: mut d, started_ns }) = shared.bodies.remove(&self.id) else { return Action::Continue };
+        self.body_pending = false;
+        let now = now_nanos().unwrap_or(started_ns) / 1_000_000_000;
         let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
         let verdict = if body_size > max {
             engine.body_too_large(&mut d)
@@ -1081,7 +1129,14 @@ impl HttpContext for Http {
                 }
             }
         };
-        self.run(shared, verdict, d, now)
+        // Allowed: the body follows the headers. Refused: a local reply (the proxy resets the
+        // upstream stream, which never got a complete call).
+        let action = apply(&verdict);
+        if action == Action::Continue {
+            shared.note_filter(self.id, &d);
+        }
+        shared.record(&d, started_ns, true);
+        action
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -1152,12 +1207,15 @@ impl HttpContext for Http {
         if !shared.tool_filters.is_empty() {
             shared.tool_filters.remove(&self.id);
         }
-        // A request that ended while its body was awaited: refused, and on the record.
-        if let Some((_, mut d)) = self.body.take() {
-            d.effect = Some(Effect::Deny);
-            d.reason = Some(Reason::McpMalformed);
-            shared.record(&d, self.started_ns, false);
-            return;
+        // A request that ended while its body was awaited: refused, and on the record (once).
+        if self.body_pending {
+            self.body_pending = false;
+            if let Some(mut w) = shared.bodies.remove(&self.id) {
+                w.decision.effect = Some(Effect::Deny);
+                w.decision.reason = Some(Reason::McpMalformed);
+                shared.record(&w.decision, w.started_ns, false);
+                return;
+            }
         }
         let Some(mut p) = shared.pending.remove(&self.id) else { return };
         let key = p.plan.key;

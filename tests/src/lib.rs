@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+pub mod mcp;
 pub mod parity;
 
 /// Name of the listener defined by `envoy/mandate.yaml`.
@@ -142,13 +143,15 @@ pub fn loopback_cluster_yaml(name: &str, port: u16, timeout: Duration) -> String
 /// Variables for an Envoy template. Every value is inserted verbatim: use the typed setters,
 /// which quote strings for YAML. Defaults: `ADMIN_PORT` and `LISTENER_PORT` = 0,
 /// `PLUGIN_WASM` = [`plugin_wasm`], `PLUGIN_CONFIG` = `{}`, `ACCESS_LOG` = `<workdir>/access.log`,
-/// `EXTRA_LISTENERS` / `EXTRA_CLUSTERS` = what was added, `WORK_DIR` = the temp dir.
+/// `EXTRA_LISTENERS` / `EXTRA_CLUSTERS` / `HTTP_FILTERS_AFTER_MANDATE` = what was added,
+/// `WORK_DIR` = the temp dir.
 #[derive(Debug, Clone)]
 pub struct Vars {
     vars: BTreeMap<String, String>,
     plugin_config: String,
     clusters: Vec<String>,
     listeners: Vec<String>,
+    filters_after: Vec<String>,
     log_level: String,
     component_log_level: Option<String>,
     ready_timeout: Duration,
@@ -167,6 +170,7 @@ impl Vars {
             plugin_config: "{}".to_string(),
             clusters: Vec::new(),
             listeners: Vec::new(),
+            filters_after: Vec::new(),
             log_level: std::env::var("MANDATE_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             component_log_level: None,
             ready_timeout: Duration::from_secs(
@@ -214,6 +218,13 @@ impl Vars {
         self
     }
 
+    /// Adds an HTTP filter between mandate and the router (`HTTP_FILTERS_AFTER_MANDATE`), given
+    /// as a YAML list item written at column 0 (`- name: ...`).
+    pub fn http_filter_after_mandate(mut self, yaml: &str) -> Self {
+        self.filters_after.push(yaml.to_string());
+        self
+    }
+
     /// Sets `{{name}}` to a YAML-quoted string.
     pub fn string(self, name: &str, value: &str) -> Self {
         let q = yaml_quote(value);
@@ -257,6 +268,7 @@ impl Vars {
         all.insert("WORK_DIR".to_string(), yaml_quote(&work_dir.to_string_lossy()));
         all.insert("EXTRA_CLUSTERS".to_string(), self.clusters.concat());
         all.insert("EXTRA_LISTENERS".to_string(), self.listeners.concat());
+        all.insert("HTTP_FILTERS_AFTER_MANDATE".to_string(), self.filters_after.concat());
         if !self.vars.contains_key("PLUGIN_WASM") {
             if let Ok(p) = plugin_wasm() {
                 all.insert("PLUGIN_WASM".to_string(), yaml_quote(&p.to_string_lossy()));

@@ -4,10 +4,12 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::time::Duration;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use mandate_host_test::{header_value, CalloutReply, Headers, Host, HttpCallout, LocalResponse, StreamId, Vm};
+use mandate_host_test::{
+    header_value, CalloutReply, Headers, Host, HttpCallout, LocalResponse, StreamId, Vm,
+};
 pub use mandate_plugin::testkit::{b64, plain_jwks, spiffe_bundle, svid_claims, TestKey};
 use serde_json::{json, Value};
 
@@ -29,7 +31,10 @@ pub fn logged_records(vm: &Vm) -> Vec<Value> {
         .iter()
         .flat_map(|l| l.message.lines())
         .filter_map(|l| l.strip_prefix(DECISION_PREFIX))
-        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("decision record is not JSON ({e}): {j}")))
+        .map(|j| {
+            serde_json::from_str(j)
+                .unwrap_or_else(|e| panic!("decision record is not JSON ({e}): {j}"))
+        })
         .collect()
 }
 const REQUIRE_ENV: &str = "MANDATE_REQUIRE_ENVOY";
@@ -40,8 +45,14 @@ pub fn wasm_path() -> PathBuf {
         return PathBuf::from(p);
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let target = if target.is_absolute() { target } else { root.join(target) };
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        root.join(target)
+    };
     target.join("wasm32-wasip1/release/mandate_plugin.wasm")
 }
 
@@ -137,7 +148,12 @@ pub fn start_with(test: &str, minter: Value, declare_minter: bool) -> Option<Rig
 }
 
 /// Like [`start_with`], with a last say on the plugin configuration.
-pub fn start_configured(test: &str, minter: Value, declare_minter: bool, edit: impl FnOnce(&mut Value)) -> Option<Rig> {
+pub fn start_configured(
+    test: &str,
+    minter: Value,
+    declare_minter: bool,
+    edit: impl FnOnce(&mut Value),
+) -> Option<Rig> {
     let host = host(test)?;
     if declare_minter {
         host.add_upstream(MINTER);
@@ -146,8 +162,15 @@ pub fn start_configured(test: &str, minter: Value, declare_minter: bool, edit: i
     let intent_key = TestKey::es256("intent-k1");
     let mut cfg = config(&key, &intent_key, minter);
     edit(&mut cfg);
-    let vm = host.new_vm(b"", cfg.to_string().as_bytes()).expect("configuration accepted");
-    Some(Rig { host, vm, key, intent_key })
+    let vm = host
+        .new_vm(b"", cfg.to_string().as_bytes())
+        .expect("configuration accepted");
+    Some(Rig {
+        host,
+        vm,
+        key,
+        intent_key,
+    })
 }
 
 impl Rig {
@@ -170,13 +193,21 @@ impl Rig {
 
     /// `GET https://tickets.internal/tickets/1` with intent `ticket.read` and the agent's SVID.
     pub fn tickets(&self) -> Req {
-        Req::get("tickets.internal", "/tickets/1").intent("ticket.read").bearer(&self.svid())
+        Req::get("tickets.internal", "/tickets/1")
+            .intent("ticket.read")
+            .bearer(&self.svid())
     }
 
     /// Opens a stream and delivers the request headers (end of stream).
     pub fn send(&mut self, req: &Req) -> StreamId {
         let s = self.vm.new_stream().expect("new stream");
-        self.vm.request_headers(s, req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), true).expect("request headers");
+        self.vm
+            .request_headers(
+                s,
+                req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                true,
+            )
+            .expect("request headers");
         s
     }
 
@@ -187,7 +218,11 @@ impl Rig {
 
     /// Outstanding credential exchanges (POSTs to the minter's token path).
     pub fn mint_calls(&self) -> Vec<HttpCallout> {
-        self.vm.pending_calls().into_iter().filter(|c| c.header(":path").as_deref() == Some(&b"/token"[..])).collect()
+        self.vm
+            .pending_calls()
+            .into_iter()
+            .filter(|c| c.header(":path").as_deref() == Some(&b"/token"[..]))
+            .collect()
     }
 
     /// The single outstanding exchange (panics unless exactly one).
@@ -202,12 +237,17 @@ impl Rig {
         self.vm
             .pending_calls()
             .into_iter()
-            .filter(|c| c.header(":path").is_some_and(|p| p.starts_with(b"/revocations")))
+            .filter(|c| {
+                c.header(":path")
+                    .is_some_and(|p| p.starts_with(b"/revocations"))
+            })
             .collect()
     }
 
     pub fn answer(&mut self, call: &HttpCallout, reply: CalloutReply) {
-        self.vm.answer_call(call.token, reply).expect("answer the call");
+        self.vm
+            .answer_call(call.token, reply)
+            .expect("answer the call");
     }
 
     /// Sends the request; if it waits on an exchange, answers it with a fresh token.
@@ -234,9 +274,9 @@ impl Rig {
 
     /// The record set as the stream's filter state (`mandate.decision`).
     pub fn state_record(&self, s: StreamId) -> Option<Value> {
-        self.vm
-            .stream_property(s, &["mandate.decision"])
-            .map(|v| serde_json::from_slice(&v).unwrap_or_else(|e| panic!("filter state is not JSON ({e})")))
+        self.vm.stream_property(s, &["mandate.decision"]).map(|v| {
+            serde_json::from_slice(&v).unwrap_or_else(|e| panic!("filter state is not JSON ({e})"))
+        })
     }
 
     /// A counter's value after a flush.
@@ -250,9 +290,17 @@ impl Rig {
     pub fn advance_with_feed(&mut self, d: Duration) {
         let steps = d.as_millis() / 100;
         for _ in 0..steps {
-            self.vm.advance(Duration::from_millis(100)).expect("advance");
+            self.vm
+                .advance(Duration::from_millis(100))
+                .expect("advance");
             for p in self.polls() {
-                self.answer(&p, json_reply(200, &json!({"epoch": "E1", "cursor": 0, "more": false, "revocations": []})));
+                self.answer(
+                    &p,
+                    json_reply(
+                        200,
+                        &json!({"epoch": "E1", "cursor": 0, "more": false, "revocations": []}),
+                    ),
+                );
             }
         }
     }
@@ -260,18 +308,40 @@ impl Rig {
     /// The stream went upstream: the headers as forwarded.
     pub fn forwarded(&self, s: StreamId) -> Headers {
         let st = self.vm.stream(s);
-        assert!(st.local_response.is_none(), "stream {} was answered locally: {:?}", s.0, st.local_response.as_ref().map(reply_text));
+        assert!(
+            st.local_response.is_none(),
+            "stream {} was answered locally: {:?}",
+            s.0,
+            st.local_response.as_ref().map(reply_text)
+        );
         assert!(!st.request_paused, "stream {} is still paused", s.0);
-        st.upstream.headers.clone().unwrap_or_else(|| panic!("stream {} was not forwarded", s.0))
+        st.upstream
+            .headers
+            .clone()
+            .unwrap_or_else(|| panic!("stream {} was not forwarded", s.0))
     }
 
     /// The stream was answered locally with this status and reason; returns the reply.
     pub fn denied(&self, s: StreamId, status: u32, reason: &str) -> LocalResponse {
         let st = self.vm.stream(s);
-        assert!(st.upstream.headers.is_none(), "stream {} was forwarded upstream", s.0);
-        let r = st.local_response.clone().unwrap_or_else(|| panic!("stream {} has no local reply (paused: {})", s.0, st.request_paused));
+        assert!(
+            st.upstream.headers.is_none(),
+            "stream {} was forwarded upstream",
+            s.0
+        );
+        let r = st.local_response.clone().unwrap_or_else(|| {
+            panic!(
+                "stream {} has no local reply (paused: {})",
+                s.0, st.request_paused
+            )
+        });
         let body: Value = serde_json::from_slice(&r.body).expect("JSON reply body");
-        assert_eq!((r.status, body["reason"].as_str()), (status, Some(reason)), "reply: {}", reply_text(&r));
+        assert_eq!(
+            (r.status, body["reason"].as_str()),
+            (status, Some(reason)),
+            "reply: {}",
+            reply_text(&r)
+        );
         assert_eq!(st.local_response_calls, 1, "one local reply per stream");
         r
     }
@@ -299,8 +369,18 @@ pub struct Req {
 
 impl Req {
     pub fn new(method: &str, authority: &str, path: &str) -> Req {
-        let h = [(":method", method), (":scheme", "https"), (":authority", authority), (":path", path)];
-        Req { headers: h.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+        let h = [
+            (":method", method),
+            (":scheme", "https"),
+            (":authority", authority),
+            (":path", path),
+        ];
+        Req {
+            headers: h
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
     }
     pub fn get(authority: &str, path: &str) -> Req {
         Req::new("GET", authority, path)
@@ -342,7 +422,8 @@ pub fn minted_jwt_for(jti: &str, exp: u64, aud: &str, task: Option<&str>) -> Str
 /// A minted JWT for subject `sub` (as a minter that echoes the exchange would issue it).
 pub fn minted_jwt_as(sub: &str, jti: &str, exp: u64, aud: &str, task: Option<&str>) -> String {
     let header = b64(br#"{"alg":"ES256","typ":"JWT","kid":"minter-k1"}"#);
-    let mut claims = json!({"iss": "https://minter", "sub": sub, "aud": aud, "jti": jti, "exp": exp});
+    let mut claims =
+        json!({"iss": "https://minter", "sub": sub, "aud": aud, "jti": jti, "exp": exp});
     if let Some(t) = task {
         claims["task"] = json!(t);
     }
@@ -364,7 +445,9 @@ pub fn token_reply_for(call: &HttpCallout, jti: &str, exp: u64, now: u64) -> Cal
     // The subject the exchange names: the `sub` of its subject token (unverified; a test rig).
     let sub = get("subject_token")
         .and_then(|t| t.split('.').nth(1).map(str::to_string))
-        .and_then(|p| base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok())
+        .and_then(|p| {
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok()
+        })
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         .and_then(|c| c["sub"].as_str().map(str::to_string))
         .unwrap_or_else(|| AGENT.to_string());
@@ -382,7 +465,14 @@ pub fn token_reply(jti: &str, exp: u64, now: u64) -> CalloutReply {
 }
 
 pub fn json_reply(status: u16, body: &Value) -> CalloutReply {
-    CalloutReply::ok(status, &[("content-type", "application/json"), ("cache-control", "no-store")], body.to_string())
+    CalloutReply::ok(
+        status,
+        &[
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ],
+        body.to_string(),
+    )
 }
 
 /// The form body of an exchange, as (name, value) pairs in order.

@@ -649,6 +649,9 @@ pub enum McpArgs {
 pub enum McpSource {
     Header,
     Body,
+    /// The header phase of a call whose method is not known yet (no 2026-07-28 headers): the
+    /// policy says only whether the caller could make *some* MCP call here (the body decides).
+    Unknown,
 }
 
 /// One MCP call, as judged.

@@ -19,7 +19,7 @@ pub mod window;
 use crate::config::ConfigError;
 use crate::decision::Effect;
 use crate::reason::Reason;
-use mcp::{ArgCheck, ArgContext, ArgOutcome, Glob, McpCall, McpOp, McpResource};
+use mcp::{ArgCheck, ArgContext, ArgOutcome, Glob, McpCall, McpOp, McpResource, McpSource};
 use pattern::{HostPattern, SegPattern};
 use serde::{Deserialize, Serialize};
 use window::{Window, WindowConfig};
@@ -764,7 +764,11 @@ impl Policy {
             (Some(_), None) if input.method == "POST" => return deny(Reason::McpMalformed),
             _ => None,
         };
-        let session = call.is_some_and(|c| mcp::is_session_method(&c.method));
+        // Not known yet (the header phase of an old-protocol call): without an intent it may be
+        // a session method; the body decides.
+        let unknown = call.is_some_and(|c| c.source == McpSource::Unknown);
+        d.needs_body = unknown;
+        let session = call.is_some_and(|c| mcp::is_session_method(&c.method)) || (unknown && input.intent.is_none());
 
         let intent_idx = match input.intent {
             None => {
@@ -900,6 +904,14 @@ impl Policy {
             d.needed_scopes = self.scopes_covering(call, ri);
             return Err((Reason::IntentRequired, None));
         };
+        if call.source == McpSource::Unknown {
+            // Some operation of the intent on this resource could allow the call: the body says.
+            if intent.mcp_ops.iter().any(|(r, _)| *r == ri) {
+                d.needs_body = true;
+                return Ok(());
+            }
+            return Err((Reason::IntentMismatch, None));
+        }
         let mut on_resource = false;
         let mut covered = false;
         let mut need_body = false;
@@ -923,8 +935,10 @@ impl Policy {
             }
         }
         if need_body {
+            // Allowed as far as the headers go; the arguments they do not mirror are judged
+            // with the body.
             d.needs_body = true;
-            return Err((Reason::ArgumentNotAllowed, None));
+            return Ok(());
         }
         if let Some(checked) = failed {
             d.mcp_checked = checked;
@@ -1003,11 +1017,19 @@ impl Policy {
         if !rule.methods.is_empty() && !rule.methods.iter().any(|m| m == input.method) {
             return Some(Mismatch::Method);
         }
-        if !rule.mcp_methods.is_empty() && !input.mcp.is_some_and(|c| mcp::any_glob(&rule.mcp_methods, &c.method)) {
-            return Some(Mismatch::McpMethod);
-        }
-        if !rule.tools.is_empty() && !input.mcp.and_then(McpCall::tool).is_some_and(|t| mcp::any_glob(&rule.tools, t)) {
-            return Some(Mismatch::Tool);
+        if input.mcp.is_some_and(|c| c.source == McpSource::Unknown) && !(rule.mcp_methods.is_empty() && rule.tools.is_empty()) {
+            // The call is not known yet: an allow rule for MCP operations may match it, a deny
+            // rule is left to the body's judgement (which runs before anything executes).
+            if rule.effect == RuleEffect::Deny {
+                return Some(Mismatch::McpMethod);
+            }
+        } else {
+            if !rule.mcp_methods.is_empty() && !input.mcp.is_some_and(|c| mcp::any_glob(&rule.mcp_methods, &c.method)) {
+                return Some(Mismatch::McpMethod);
+            }
+            if !rule.tools.is_empty() && !input.mcp.and_then(McpCall::tool).is_some_and(|t| mcp::any_glob(&rule.tools, t)) {
+                return Some(Mismatch::Tool);
+            }
         }
         if rule.max_sensitivity.is_some_and(|m| sensitivity > m) {
             return Some(Mismatch::TooSensitive);

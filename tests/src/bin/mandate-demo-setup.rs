@@ -2,6 +2,7 @@
 //!   plugin.json    plugin config: trust domain acme.example (inline bundle), the
 //!                  support-agent policy from policies/ (registered tasks), an intent issuer,
 //!                  the minter cluster
+//!   plugin-mcp.json  the same, with the MCP chapter's policy (the support desk's MCP server)
 //!   minter.json    minter config as production runs it: HTTPS, mutual TLS with named clients
 //!                  (the gateway may mint and read the feed; the orchestrator may create and
 //!                  end tasks; nobody else, not even an agent holding a certificate from the
@@ -67,6 +68,11 @@ fn setup(out: &Path) -> Result<()> {
     });
     std::fs::write(out.join("plugin.json"), plugin.to_string())?;
 
+    // The MCP chapter: the same identity and minter, a policy for the support desk's MCP server.
+    let mut plugin_mcp = plugin.clone();
+    plugin_mcp["policy"] = mcp_policy();
+    std::fs::write(out.join("plugin-mcp.json"), plugin_mcp.to_string())?;
+
     let pki: PathBuf = out.join("pki");
     let minter = json!({
         "listen": "127.0.0.1:0",
@@ -80,13 +86,15 @@ fn setup(out: &Path) -> Result<()> {
             {"client_id": GATEWAY_CLIENT, "roles": ["mint", "feed"]},
             {"client_id": ORCHESTRATOR_CLIENT, "roles": ["tasks", "revoke"]}
         ]},
-        // Destinations are the policy's resources (their `audience`, else their name).
-        "audiences": {"acme.example": ["tickets", "ticket-comments", "kb-articles", "customer-db"]},
+        // Destinations are the policy's resources (their `audience`, else their name);
+        // `support-mcp` is the MCP chapter's support desk (plugin-mcp.json).
+        "audiences": {"acme.example": ["tickets", "ticket-comments", "kb-articles", "customer-db", "support-mcp"]},
         "scopes": {
             "tickets": ["tickets:read", "kb:read"],
             "ticket-comments": ["tickets:read", "kb:read", "tickets:comment"],
             "kb-articles": ["tickets:read", "kb:read"],
-            "customer-db": ["customers:read", "customers:write"]
+            "customer-db": ["customers:read", "customers:write"],
+            "support-mcp": ["tickets:read", "tickets:comment", "refunds:small"]
         },
         "require_task": true,
         "tasks": {"require_registered": true, "default_ttl_s": 900, "max_ttl_s": 3600},
@@ -98,6 +106,34 @@ fn setup(out: &Path) -> Result<()> {
     std::fs::write(out.join("agent.svid"), spire.sign(&claims))?;
     std::fs::write(out.join("rogue.svid"), testkit::TestKey::es256("spire-1").sign(&claims))?;
     Ok(())
+}
+
+/// The MCP chapter's policy: the support desk's MCP server (tests/mcp/server.py) as resource
+/// `support-mcp`; intent `support.case` may read tickets, comment, and refund up to 100;
+/// nothing else (delete_customer is named by no intent). Registered tasks, like the main story;
+/// the calls are judged from the 2026-07-28 headers (`body: when_needed`).
+fn mcp_policy() -> Value {
+    json!({
+        "tasks": "registered",
+        "resources": [{
+            "name": "support-mcp", "paths": ["/mcp"], "sensitivity": "internal", "audience": "support-mcp",
+            // `when_needed`: MCP 2026-07-28 mirrors the tool and the marked arguments (refund's
+            // `amount`) into headers, so the filter decides without buffering the body; the
+            // server rejects a body that disagrees with them.
+            "mcp": {"tools": {"refund": {"sensitivity": "confidential"}, "delete_customer": {"sensitivity": "restricted"}},
+                    "body": "when_needed"}
+        }],
+        "intents": [{
+            "name": "support.case",
+            "operations": [
+                {"resource": "support-mcp", "tools": ["get_ticket", "add_comment"]},
+                {"resource": "support-mcp", "tools": ["refund"], "arguments": [{"pointer": "/amount", "min": 0, "max": 100}]}
+            ],
+            "scopes": ["tickets:read", "tickets:comment", "refunds:small"],
+            "ttl_s": 300
+        }],
+        "rules": [{"id": "support-agents-work-cases", "effect": "allow", "intents": ["support.case"], "resources": ["support-mcp"]}]
+    })
 }
 
 fn intent(out: &Path, task: &str) -> Result<()> {
