@@ -67,6 +67,10 @@ pub struct StreamState {
     /// by the host and delivered to the filter only once it resumes the request.
     pub held_body: Option<bool>,
     pub response_paused: bool,
+    /// The same for the response: paused in `on_response_headers`, not yet resumed.
+    pub response_headers_paused: bool,
+    /// Response body data held while the response headers were paused.
+    pub held_response_body: Option<bool>,
     /// `proxy_continue_stream` calls, per direction.
     pub request_continues: u32,
     pub response_continues: u32,
@@ -430,6 +434,13 @@ impl VmState {
         if s.downstream.headers.is_none() {
             s.downstream.headers = s.response_headers.clone();
         }
+        if s.response_headers_paused && s.held_response_body.is_some() {
+            // As for requests: the held body goes to the filter after this callback.
+            s.response_headers_paused = false;
+            s.response_paused = false;
+            return;
+        }
+        s.response_headers_paused = false;
         let body = std::mem::take(&mut s.response_body);
         s.downstream.body.extend_from_slice(&body);
         if s.downstream.trailers.is_none() && s.response_trailers.is_some() {
@@ -690,6 +701,34 @@ impl Vm {
                 })
                 .collect()
         };
+        let resumed_responses: Vec<(u32, bool, usize)> = {
+            let st = self.store.data_mut();
+            st.streams
+                .iter_mut()
+                .filter(|(_, s)| !s.response_headers_paused && !s.finished && !s.closed)
+                .filter_map(|(c, s)| {
+                    s.held_response_body
+                        .take()
+                        .map(|eos| (*c, eos, s.response_body.len()))
+                })
+                .collect()
+        };
+        for (c, eos, size) in resumed_responses {
+            if let Some(stream) = self.store.data_mut().streams.get_mut(&c) {
+                stream.in_response_body = true;
+            }
+            let r = self.action(
+                "proxy_on_response_body",
+                c,
+                &[c as i32, size as i32, eos as i32],
+            );
+            if let Some(stream) = self.store.data_mut().streams.get_mut(&c) {
+                stream.in_response_body = false;
+            }
+            let a = r?;
+            self.after_response_action(c, a);
+            self.post_callback(c)?;
+        }
         for (c, eos, size) in resumed {
             if let Some(stream) = self.store.data_mut().streams.get_mut(&c) {
                 stream.in_request_body = true;
@@ -1068,6 +1107,11 @@ impl Vm {
             &[ctx as i32, n as i32, eos as i32],
         )?;
         self.after_response_action(ctx, a);
+        if a == Action::Pause {
+            if let Some(st) = self.store.data_mut().streams.get_mut(&ctx) {
+                st.response_headers_paused = !st.closed && st.response_paused;
+            }
+        }
         Ok(a)
     }
 
@@ -1085,6 +1129,14 @@ impl Vm {
     }
 
     fn response_body_inner(&mut self, ctx: u32, chunk: &[u8], eos: bool) -> Result<Action> {
+        if let Some(stream) = self.store.data_mut().streams.get_mut(&ctx) {
+            if stream.response_headers_paused {
+                // Envoy holds the body back from a filter that paused the response headers.
+                stream.response_body.extend_from_slice(chunk);
+                stream.held_response_body = Some(eos || stream.held_response_body == Some(true));
+                return Ok(Action::Pause);
+            }
+        }
         let size = {
             let st = self.store.data_mut();
             let Some(stream) = st.streams.get_mut(&ctx) else {

@@ -433,7 +433,9 @@ fn tools_list_answer_is_narrowed_to_the_intent() {
             false,
         )
         .unwrap();
-    assert_eq!(a, Action::Pause, "the answer is held until it is complete");
+    // The headers go on (a pause would keep the body from the filter, as in Envoy); the body
+    // is held until complete.
+    assert_eq!(a, Action::Continue);
     r.vm.response_body(s, answer.to_string().as_bytes(), true)
         .unwrap();
     let st = r.vm.stream(s);
@@ -455,7 +457,7 @@ fn tools_list_over_sse_is_narrowed_too() {
             false
         )
         .unwrap(),
-        Action::Pause
+        Action::Continue
     );
     r.vm.response_body(
         s,
@@ -501,10 +503,16 @@ fn tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered() {
     r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"delete_customer\"}]}}\n", true).unwrap();
     let st = r.vm.stream(s);
     let h = st.downstream.headers.as_ref().unwrap();
-    assert_eq!(header(h, ":status").as_deref(), Some("502"));
+    // The headers went on before the body could be read: the event stream's one event is
+    // replaced by the JSON-RPC error.
+    assert_eq!(header(h, ":status").as_deref(), Some("200"));
     let body = String::from_utf8_lossy(&st.downstream.body).to_string();
     assert!(!body.contains("delete_customer"), "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
+    let data = body
+        .strip_prefix("event: message\ndata: ")
+        .and_then(|b| b.strip_suffix("\n\n"))
+        .unwrap_or_else(|| panic!("{body}"));
+    let v: Value = serde_json::from_str(data).unwrap();
     assert_eq!(v["error"]["code"], json!(-32603));
     assert_eq!(r.metric("mandate.mcp.tools_list.unfilterable"), 1);
     // A content type that is neither JSON nor an event stream: refused at once.

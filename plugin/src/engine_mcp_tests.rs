@@ -292,3 +292,74 @@ fn non_mcp_requests_take_the_old_path() {
     assert!(matches!(out.verdict, Verdict::Forward(_)));
     assert!(out.decision.mcp.is_none());
 }
+
+/// The header phase of a body-path call: what to do with the headers now.
+fn header_verdict(p: &mut BodyPlan) -> Verdict {
+    p.take_header_verdict().expect("a header verdict")
+}
+
+#[test]
+fn body_path_header_phase_lets_the_headers_go_on_and_refuses_what_they_decide() {
+    let k = TestKey::es256("k");
+    let mut e = engine(&k, "always", false);
+    // Headers mirroring an allowed tool: forwarded now (edits applied), the body judged later.
+    let h = post(&bearer(&k), &[&[("x-agent-intent", "support.read")][..], &mirrored("get_ticket", &[])].concat());
+    let (mut p, d) = body_plan(run(&mut e, &h));
+    match header_verdict(&mut p) {
+        Verdict::Forward(edits) => assert!(edits.remove.iter().any(|n| n == "authorization"), "{edits:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(p.take_header_verdict().is_none(), "taken once");
+    assert_eq!(d.mcp.as_deref().unwrap().path, Some("body"));
+    // Headers mirroring a tool the intent does not name: refused from the headers.
+    let h = post(&bearer(&k), &[&[("x-agent-intent", "support.read")][..], &mirrored("delete_customer", &[])].concat());
+    let out = run(&mut e, &h);
+    assert_eq!(out.decision.reason(), Reason::ToolNotAllowed);
+    assert_eq!(reply(out.verdict).status, 403);
+    // No MCP headers: an intent without any operation on this server is refused from the headers.
+    let h = post(&bearer(&k), &[("x-agent-intent", "ticket.read")]);
+    let out = run(&mut e, &h);
+    assert_eq!(out.decision.reason(), Reason::IntentMismatch);
+    // No MCP headers and no intent: only a session method can pass, the body decides.
+    let h = post(&bearer(&k), &[]);
+    let (mut p, mut d) = body_plan(run(&mut e, &h));
+    assert!(matches!(header_verdict(&mut p), Verdict::Forward(_)));
+    let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    assert!(matches!(e.on_request_body(&p, ping, NOW, &mut d), Verdict::Forward(_)), "{:?}", d.reason());
+    let (p, mut d) = body_plan(run(&mut e, &h));
+    let r = reply(e.on_request_body(&p, &call_body(json!(2), "get_ticket", json!({})), NOW, &mut d));
+    assert_eq!((r.status, d.reason()), (403, Reason::IntentRequired));
+}
+
+#[test]
+fn body_path_mints_for_the_header_tool_or_for_the_intent() {
+    let k = TestKey::es256("k");
+    let mut e = engine(&k, "always", true);
+    // With Mcp-Name: the exchange names the tool, and a body calling another tool is a mismatch.
+    let h = post(&bearer(&k), &[&[("x-agent-intent", "support.read")][..], &mirrored("get_ticket", &[])].concat());
+    let (mut p, mut d) = body_plan(run(&mut e, &h));
+    match header_verdict(&mut p) {
+        Verdict::Mint(m) => assert_eq!(m.request.tool.as_deref(), Some("get_ticket")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.mcp.as_deref().unwrap().credential_scope, Some("tool"));
+    let r = reply(e.on_request_body(&p, &call_body(json!(3), "delete_customer", json!({})), NOW, &mut d));
+    assert_eq!(d.reason(), Reason::McpHeaderMismatch);
+    assert_eq!(r.status, 400);
+    // Without MCP headers: minted for the intent (no tool); the body is then judged in full.
+    let h = post(&bearer(&k), &[("x-agent-intent", "support.read")]);
+    let (mut p, mut d) = body_plan(run(&mut e, &h));
+    match header_verdict(&mut p) {
+        Verdict::Mint(m) => assert_eq!(m.request.tool, None),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.mcp.as_deref().unwrap().credential_scope, Some("intent"));
+    let v = e.on_request_body(&p, &call_body(json!(4), "get_ticket", json!({})), NOW, &mut d);
+    assert_eq!(v, Verdict::Forward(HeaderEdits::default()), "the body follows the headers unchanged");
+    let m = d.mcp.as_deref().unwrap();
+    assert_eq!((m.tool.as_deref(), m.path, m.credential_scope), (Some("get_ticket"), Some("body"), Some("intent")));
+    let (mut p, mut d) = body_plan(run(&mut e, &h));
+    let _ = header_verdict(&mut p);
+    let r = reply(e.on_request_body(&p, &call_body(json!(5), "delete_customer", json!({})), NOW, &mut d));
+    assert_eq!((r.status, d.reason()), (403, Reason::ToolNotAllowed));
+}

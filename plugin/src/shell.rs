@@ -945,16 +945,25 @@ impl Context for Http {
 }
 
 impl Http {
-    /// A `tools/list` answer that cannot be narrowed safely: 502 with a JSON-RPC error instead.
-    fn refuse_tools_list(&mut self, body_size: usize) {
+    /// A `tools/list` answer that cannot be narrowed safely: a JSON-RPC error instead. Refused
+    /// from its headers (a content type that cannot be narrowed): 502. Refused from its body,
+    /// the headers are already on their way (a proxy delivers a response body to a filter only
+    /// after it let the headers go on): the body is replaced by the error (an event for an event
+    /// stream), never passed unfiltered.
+    fn refuse_tools_list(&mut self, body_size: usize, in_headers: bool) {
         let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
         let id = shared.tool_filters.get(&self.id).map(|f| f.decision_id.clone()).unwrap_or_default();
         shared.metrics.inc("mandate.mcp.tools_list.unfilterable");
         drop(shared);
-        log(LogLevel::Warn, "mandate: a tools/list answer could not be filtered for its caller; refused (502)");
-        let body = crate::mcp::unfilterable_body(&id);
-        let _ = set_response_header(":status", Some(b"502"));
-        let _ = set_response_header("content-type", Some(b"application/json"));
+        log(LogLevel::Warn, "mandate: a tools/list answer could not be filtered for its caller; refused");
+        let mut body = crate::mcp::unfilterable_body(&id);
+        if in_headers {
+            let _ = set_response_header(":status", Some(b"502"));
+            let _ = set_response_header("content-type", Some(b"application/json"));
+            self.sse = false;
+        } else if self.sse {
+            body = format!("event: message\ndata: {body}\n\n");
+        }
         self.refusal_written = replace_response_body(body_size, body.as_bytes());
     }
 
@@ -1139,7 +1148,7 @@ impl HttpContext for Http {
         action
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
         // Almost always empty: no hashing on the way out for other streams.
         if shared.tool_filters.is_empty() || !shared.tool_filters.contains_key(&self.id) {
@@ -1155,13 +1164,13 @@ impl HttpContext for Http {
         let json = is(b"application/json") || self.sse;
         let ok = set_response_header("content-length", None);
         self.filtering = Some(json && ok);
-        if !(json && ok) || end_of_stream {
-            if !(json && ok) {
-                self.refuse_tools_list(0);
-            }
-            return Action::Continue;
+        if !(json && ok) {
+            self.refuse_tools_list(0, true);
         }
-        Action::Pause
+        // Never `Pause` here: a proxy would then hold the body back from this filter too
+        // (Envoy: StopAllIterationAndWatermark). The headers go on; the body is held in
+        // `on_http_response_body` until complete, then narrowed.
+        Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -1171,12 +1180,12 @@ impl HttpContext for Http {
             if self.refusal_written {
                 let _ = replace_response_body(body_size, b"");
             } else {
-                self.refuse_tools_list(body_size);
+                self.refuse_tools_list(body_size, false);
             }
             return Action::Continue;
         }
         if body_size > crate::mcp::MAX_TOOLS_LIST_BYTES {
-            self.refuse_tools_list(body_size);
+            self.refuse_tools_list(body_size, false);
             self.filtering = Some(false);
             return Action::Continue;
         }
@@ -1192,7 +1201,7 @@ impl HttpContext for Http {
         match filtered {
             Some(new) if replace_response_body(body_size, &new) => {}
             _ => {
-                self.refuse_tools_list(body_size);
+                self.refuse_tools_list(body_size, false);
                 self.filtering = Some(false);
             }
         }

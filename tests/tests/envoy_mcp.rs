@@ -556,9 +556,15 @@ fn an_older_protocol_takes_the_body_path_and_is_judged_the_same() {
 
     let get = ran(&rig.server, "get_ticket");
     assert_eq!(get.len(), 1, "{get:?}");
-    assert_eq!(jwt_claims(&rig.minted_for(&get[0]))["tool"], "get_ticket");
+    // No MCP headers: the tool is known only from the body, which the filter sees after the
+    // headers (and the credential) went on, so the credential is scoped to the intent on this
+    // server, not to a tool; the record says so.
+    let claims = jwt_claims(&rig.minted_for(&get[0]));
+    assert!(claims.get("tool").is_none(), "{claims}");
+    assert_eq!(claims["intent"], WORK, "{claims}");
     let rec = rig.record(get[0]["headers"]["x-mandate-decision-id"].as_str().expect("decision id upstream"));
     assert_eq!((rec["mcp"]["tool"].as_str(), rec["mcp"]["path"].as_str()), (Some("get_ticket"), Some("body")), "{rec}");
+    assert_eq!(rec["mcp"]["credential_scope"], "intent", "{rec}");
     let rec = rig.record(&denied);
     assert_eq!(rec["mcp"]["path"], "body", "{rec}");
 }
