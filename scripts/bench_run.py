@@ -15,6 +15,14 @@ Configurations (all: Envoy --concurrency 1 unless --concurrency says otherwise, 
      measures verification + policy, not the minter
   g  mandate, cold credential: minter.cache_size 0 and a fresh x-agent-task every request, so
      every request is one RFC 8693 exchange with the minter (the minter is in the loop)
+  i  mandate, MCP header path: (e)'s config plus an MCP server with `mcp.body: when_needed`; a
+     POST /mcp `tools/call` with the 2026-07-28 headers (Mcp-Method, Mcp-Name, Mcp-Param-Ticket)
+     and a 1 KB JSON-RPC body that the filter does not read (the headers carry what it checks)
+  j  mandate, MCP body path: the same request with `mcp.body: always`: the 1 KB body is buffered,
+     parsed, checked against the headers and against the argument constraint
+  (i) and (j) put Envoy's buffer filter after mandate, so the direct response waits for the body
+  (otherwise Envoy answers a POST early and closes the connection: every request a new one).
+  Diagnostic p: no mandate, the same POST and buffer filter: what the MCP request itself costs.
 
 Called by scripts/bench after the builds; see docs/performance.md.
 """
@@ -42,6 +50,10 @@ LABELS = {
     "e": "mandate warm",
     "f": "mandate cold (fresh token)",
     "g": "mandate, minter in loop",
+    "i": "mandate MCP, header path",
+    "j": "mandate MCP, body path (1 KB)",
+    # Diagnostic: no mandate, (i)'s POST with its 1 KB body and the buffer filter.
+    "p": "no mandate, MCP POST + buffer",
     # (e) with records.log: false: the record is set as filter state only (the bench configures no
     # access log, so nothing writes it): what the log line costs.
     "r": "mandate warm, records.log off",
@@ -68,6 +80,9 @@ TARGETS = {
     "wasm_bytes_max": 850 * 1000,
     "minter_exchanges_per_s_min": 5000,
     "minter_p99_ms_max": 5.0,
+    # Issue 12: an MCP tools/call against the plain warm path (e), same run.
+    "mcp_header_vs_warm": 0.95,
+    "mcp_body_vs_warm": 0.75,
 }
 
 PROCS = []  # every child we started, stopped by pid on exit
@@ -222,10 +237,10 @@ class Envoy:
             pass
 
 
-def request_once(port, headers, path):
+def request_once(port, headers, path, method="GET", body=None):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        c.request("GET", path, headers=headers)
+        c.request(method, path, body=body, headers=headers)
         r = c.getresponse()
         body = r.read()
         return r.status, dict(r.getheaders()), body
@@ -280,7 +295,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--configs", default="abcdefgr")
+    ap.add_argument("--configs", default="abcdefgijr")
     ap.add_argument("--pin", action="store_true", help="Envoy on CPU 0, wrk on CPU 1")
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads")
     ap.add_argument("--minter-requests", type=int, default=30000)
@@ -303,7 +318,11 @@ def main():
     envoy_cpu = 0 if a.pin else None
     wrk_cpu = 1 if a.pin else None
     configs = [k for k in a.configs if k in LABELS]
-    needs_minter = any(k in "efgxrEF" for k in configs)
+    needs_minter = any(k in "efgijxrEF" for k in configs)
+    mcp = fx.get("mcp")
+    if any(k in "ijp" for k in configs) and not mcp:
+        raise RuntimeError("configurations (i) and (j) need a filter with MCP support: bench-fixture could not "
+                           "write plugin-mcp-*.json (see its message above); run without i and j (--configs)")
     if ("E" in configs or "F" in configs) and not a.alt_wasm:
         raise RuntimeError("configurations (E) and (F) need --alt-wasm")
     if "h" in configs and not a.probe_wasm:
@@ -328,6 +347,9 @@ def main():
     records_cfg["records"] = {"log": False}
     records_cfg = json.dumps(records_cfg)
     mint_cold_cfg = (a.fixture / "plugin-mint-cold.json").read_text()
+    buffer_filter = render(ROOT / "envoy/bench/filter-buffer.yaml", {})
+    mcp_header_cfg = (a.fixture / "plugin-mcp-header.json").read_text() if mcp else ""
+    mcp_body_cfg = (a.fixture / "plugin-mcp-body.json").read_text() if mcp else ""
     setups = {
         "a": ("", ""),
         "b": (wasm_filter("noop", a.noop_wasm, ""), ""),
@@ -336,6 +358,9 @@ def main():
         "e": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "f": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "g": (wasm_filter("mandate", a.plugin_wasm, mint_cold_cfg), minter_cluster),
+        "i": (wasm_filter("mandate", a.plugin_wasm, mcp_header_cfg) + buffer_filter, minter_cluster),
+        "j": (wasm_filter("mandate", a.plugin_wasm, mcp_body_cfg) + buffer_filter, minter_cluster),
+        "p": (buffer_filter, ""),
         "x": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "r": (wasm_filter("mandate", a.plugin_wasm, records_cfg), minter_cluster),
         "m": (wasm_filter("calls", a.calls_wasm, ""), "") if "m" in configs else None,
@@ -364,21 +389,44 @@ def main():
     if "g" in envs:
         envs["g"]["BENCH_HEADERS"] = f"x-agent-intent: {req['intent']}"
         envs["g"]["BENCH_FRESH_TASK"] = "1"
+    # (i) and (j) send the same MCP request: only the filter's `mcp.body` differs.
+    mcp_headers = {}
+    mcp_body = b""
+    if mcp:
+        mcp_headers = {"x-agent-intent": mcp["intent"], "x-agent-task": mcp["task"], **{k: v for k, v in mcp["headers"]}}
+        mcp_body = (a.fixture / mcp["body_file"]).read_bytes()
+    for k in "ijp":
+        if k in envs:
+            envs[k].update({"BENCH_HOST": mcp["host"], "BENCH_PATH": mcp["path"], "BENCH_METHOD": "POST",
+                            "BENCH_BODY_FILE": str(a.fixture / mcp["body_file"]),
+                            "BENCH_HEADERS": "\n".join(f"{n}: {v}" for n, v in mcp_headers.items())})
 
     # Sanity: every configuration answers 200 (a denial is fast, and would make the bench a lie).
     first_pool_token = (a.fixture / "tokens.txt").open().readline().strip()
     for k in configs:
         h = {"Host": req["host"], "authorization": f"Bearer {first_pool_token if k in 'fhF' else token}",
              "x-agent-intent": req["intent"], "x-agent-task": "T-sanity" if k == "g" else req["task"]}
-        status, headers, body = request_once(envoys[k].port, h, req["path"])
+        try:
+            if k in "ijp":
+                h = {"Host": mcp["host"], "authorization": f"Bearer {token}", **mcp_headers}
+                status, headers, body = request_once(envoys[k].port, h, mcp["path"], "POST", mcp_body)
+            else:
+                status, headers, body = request_once(envoys[k].port, h, req["path"])
+        except OSError as e:
+            raise RuntimeError(f"({k}) {LABELS[k]}: sanity request failed: {e}\n{envoys[k].tail()}")
         if status != 200:
             raise RuntimeError(f"({k}) {LABELS[k]}: sanity request got {status} {headers} {body[:200]!r}\n{envoys[k].tail()}")
-        if k in "efgEF":  # (x) logs nothing, by design
+        if k in "efgijEF":  # (x) logs nothing, by design
             deadline = time.time() + 3
             while "mandate.decision" not in envoys[k].log_path.read_text(errors="replace") and time.time() < deadline:
                 time.sleep(0.1)
             if "mandate.decision" not in envoys[k].log_path.read_text(errors="replace"):
                 raise RuntimeError(f"({k}): no decision record in Envoy's log")
+            if k in "ij":
+                # The configuration measures what it says: the record names the path that decided.
+                want = '"path":"header"' if k == "i" else '"path":"body"'
+                if want not in envoys[k].log_path.read_text(errors="replace").replace(" ", ""):
+                    raise RuntimeError(f"({k}) {LABELS[k]}: the decision record does not say {want}\n{envoys[k].tail()}")
     log("sanity: every configuration answers 200" + (" and mandate logs its decision records" if needs_minter else ""))
 
     results = {k: [] for k in configs}
@@ -495,6 +543,8 @@ def main():
         "minter_exchanges_per_s": mload.get("exchanges_per_s") if mload else None,
         "minter_p99_ms": mload.get("p99_ms") if mload else None,
         "warm_records_log_off_vs_noop_wasm": ratio("r", "b"),
+        "mcp_header_vs_warm": ratio("i", "e"),
+        "mcp_body_vs_warm": ratio("j", "e"),
     }
     p("targets:")
     p(target_line("warm / no-op wasm  (e)/(b)", summary["warm_vs_noop_wasm"], TARGETS["warm_vs_noop_wasm"], ">="))
@@ -503,6 +553,8 @@ def main():
     p(target_line("wasm bytes", wasm_bytes, TARGETS["wasm_bytes_max"], "<="))
     p(target_line("minter exchanges/s", summary["minter_exchanges_per_s"], TARGETS["minter_exchanges_per_s_min"], ">="))
     p(target_line("minter p99 ms", summary["minter_p99_ms"], TARGETS["minter_p99_ms_max"], "<"))
+    p(target_line("MCP header path / warm  (i)/(e)", summary["mcp_header_vs_warm"], TARGETS["mcp_header_vs_warm"], ">="))
+    p(target_line("MCP body path / warm  (j)/(e)", summary["mcp_body_vs_warm"], TARGETS["mcp_body_vs_warm"], ">="))
     print("\n".join(lines), flush=True)
 
     summary.update({
@@ -523,6 +575,8 @@ def main():
         "errors": {k: stats[k]["errors"] for k in configs},
         "ratios": {k: {b: ratio(k, b) for b in BASELINES if b in stats} for k in configs},
         "g_vs_jwt_authn_uncached": ratio("g", "d"),
+        # Diagnostic (p): the MCP request (POST, 1 KB body, buffer filter) with no mandate, against (a).
+        "mcp_request_no_filter_vs_no_filter": ratio("p", "a"),
         "noop_wasm_bytes": noop_bytes,
         "wasm_sha256": wasm_sha256,
         "wasm_path": str(a.plugin_wasm),

@@ -8,6 +8,9 @@
 --                                 cycled in order (cold path, configuration (f))
 --   BENCH_FRESH_TASK=1            a fresh x-agent-task each request (configuration (g): no
 --                                 credential cache hit, no single-flight coalescing)
+--   BENCH_METHOD                  request method (default GET)
+--   BENCH_BODY_FILE               request body, read once (the MCP configurations (i), (j): a
+--                                 1 KB JSON-RPC tools/call)
 -- At the end, prints one line "BENCH_JSON {...}" with requests/s and latency percentiles (us).
 
 local host = os.getenv("BENCH_HOST")
@@ -16,8 +19,18 @@ local token = os.getenv("BENCH_TOKEN")
 local token_file = os.getenv("BENCH_TOKEN_FILE")
 local fresh_task = os.getenv("BENCH_FRESH_TASK") == "1"
 
-wrk.method = "GET"
+local method = os.getenv("BENCH_METHOD") or "GET"
+if method == "" then
+   method = "GET"
+end
+wrk.method = method
 wrk.path = path
+local body_file = os.getenv("BENCH_BODY_FILE")
+if body_file and body_file ~= "" then
+   local f = assert(io.open(body_file, "rb"))
+   wrk.body = f:read("*a")
+   f:close()
+end
 if host and host ~= "" then
    wrk.headers["Host"] = host
 end
@@ -38,7 +51,7 @@ if token_file and token_file ~= "" then
          if #line > 0 then
             n = n + 1
             wrk.headers["authorization"] = "Bearer " .. line
-            reqs[n] = wrk.format("GET", path)
+            reqs[n] = wrk.format(method, path)
          end
       end
       if n == 0 then
@@ -55,7 +68,7 @@ elseif fresh_task then
    function request()
       seq = seq + 1
       wrk.headers["x-agent-task"] = prefix .. seq
-      return wrk.format("GET", path)
+      return wrk.format(method, path)
    end
 end
 

@@ -69,3 +69,63 @@ pub fn minter_config(bundle: &Value) -> Value {
         "tasks": {"require_registered": false}
     })
 }
+
+/// The MCP configurations (i) and (j): a `tools/call` to an MCP server behind the same filter.
+#[allow(dead_code)] // bench-fixture only
+pub const MCP_HOST: &str = "mcp.internal";
+#[allow(dead_code)]
+pub const MCP_PATH: &str = "/mcp";
+#[allow(dead_code)]
+pub const MCP_INTENT: &str = "ticket.triage";
+#[allow(dead_code)]
+pub const MCP_TOOL: &str = "get_ticket";
+/// Size of the JSON-RPC body both MCP configurations send.
+#[allow(dead_code)]
+pub const MCP_BODY_BYTES: usize = 1024;
+
+/// The `tools/call` both MCP configurations send: a JSON-RPC body of exactly `MCP_BODY_BYTES`
+/// (`arguments.ticket` is the task, `arguments.note` pads it), and the 2026-07-28 headers that
+/// mirror it (`Mcp-Param-Ticket` carries the one argument the policy checks).
+#[allow(dead_code)]
+pub fn mcp_request() -> (String, Vec<(&'static str, String)>) {
+    let body = |pad: usize| {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+               "params": {"name": MCP_TOOL, "arguments": {"ticket": TASK, "note": "x".repeat(pad)}}})
+        .to_string()
+    };
+    let empty = body(0).len();
+    let text = body(MCP_BODY_BYTES.saturating_sub(empty));
+    let headers = vec![
+        ("content-type", "application/json".to_string()),
+        ("accept", "application/json, text/event-stream".to_string()),
+        ("mcp-protocol-version", "2026-07-28".to_string()),
+        ("mcp-method", "tools/call".to_string()),
+        ("mcp-name", MCP_TOOL.to_string()),
+        ("mcp-param-ticket", TASK.to_string()),
+    ];
+    (text, headers)
+}
+
+/// `plugin_config` plus an MCP server: `body` is `"when_needed"` (configuration (i): the
+/// 2026-07-28 headers carry the tool and the checked argument, so no body is read) or `"always"`
+/// (configuration (j): the 1 KB body is buffered, parsed and checked against the headers).
+#[allow(dead_code)]
+pub fn plugin_config_mcp(bundle: &Value, max_lifetime_s: u64, credential_cache: usize, body: &str) -> Value {
+    let mut cfg = plugin_config(bundle, max_lifetime_s, credential_cache);
+    let policy = &mut cfg["policy"];
+    if let Some(r) = policy["resources"].as_array_mut() {
+        r.push(json!({"name": "tickets-mcp", "hosts": [MCP_HOST], "paths": [MCP_PATH], "methods": ["POST"],
+                      "sensitivity": "internal", "audience": "tickets",
+                      "mcp": {"body": body, "tools": {"refund": {"sensitivity": "confidential"}}}}));
+    }
+    if let Some(i) = policy["intents"].as_array_mut() {
+        i.push(json!({"name": MCP_INTENT, "operations": [
+            {"resource": "tickets-mcp", "tools": [MCP_TOOL, "search_*"],
+             "arguments": [{"pointer": "/ticket", "equals_context": "task"}]}
+        ], "scopes": ["tickets:read"], "ttl_s": 300}));
+    }
+    if let Some(r) = policy["rules"].as_array_mut() {
+        r.push(json!({"id": "agents-triage-over-mcp", "effect": "allow", "classes": ["agent"], "intents": [MCP_INTENT]}));
+    }
+    cfg
+}

@@ -10,6 +10,11 @@
 //! * `plugin-warm.json`: mandate's config for (e) and (f): identity, intent-aware policy with its
 //!   decision cache, minter with the credential cache, revocation feed.
 //! * `plugin-mint-cold.json`: the same with `minter.cache_size: 0` for (g).
+//! * `plugin-mcp-header.json`, `plugin-mcp-body.json`: (e)'s config plus an MCP server
+//!   (`mcp.body` `when_needed` for (i), `always` for (j)); `mcp-body.json`: the 1 KB `tools/call`
+//!   both send, with the headers listed in `fixture.json` (`mcp_request`). Written only when the
+//!   plugin accepts them (a filter without MCP support refuses the `mcp` field): `fixture.json`
+//!   then says `"mcp": null` and scripts/bench refuses (i) and (j).
 //! * `minter.json`: the minter's config (loopback, port 0, one worker, quiet, same bundle).
 //! * `spki.hex`: the same public key as hex SubjectPublicKeyInfo DER (the `host-es256` probe's
 //!   configuration, diagnostic configuration (h)).
@@ -24,7 +29,8 @@ fn main() -> anyhow::Result<()> {
 
 mod native {
     use crate::common::{
-        claims, minter_config, plugin_config, AUD, HOST, INTENT, PATH, PRINCIPAL, TASK,
+        claims, mcp_request, minter_config, plugin_config, plugin_config_mcp, AUD, HOST, INTENT,
+        MCP_HOST, MCP_INTENT, MCP_PATH, MCP_TOOL, PATH, PRINCIPAL, TASK,
     };
     use anyhow::{Context, Result};
     use clap::Parser;
@@ -107,6 +113,30 @@ mod native {
         }
         write_json(&cli.dir, "minter.json", &minter_config(&bundle))?;
 
+        // MCP (i), (j): only with a filter that knows the `mcp` field.
+        let mcp_header = plugin_config_mcp(&bundle, cli.ttl + 60, 1024, "when_needed");
+        let mcp_body = plugin_config_mcp(&bundle, cli.ttl + 60, 1024, "always");
+        let mcp_ok = [&mcp_header, &mcp_body].iter().all(|cfg| {
+            match mandate_plugin::config::parse(cfg.to_string().as_bytes()) {
+                Ok(_) => true,
+                Err(e) => {
+                    eprintln!("bench-fixture: no MCP configurations (i), (j): the plugin refuses them: {e}");
+                    false
+                }
+            }
+        });
+        let mcp = if mcp_ok {
+            write_json(&cli.dir, "plugin-mcp-header.json", &mcp_header)?;
+            write_json(&cli.dir, "plugin-mcp-body.json", &mcp_body)?;
+            let (body, headers) = mcp_request();
+            std::fs::write(cli.dir.join("mcp-body.json"), &body)?;
+            json!({"host": MCP_HOST, "path": MCP_PATH, "intent": MCP_INTENT, "task": TASK, "tool": MCP_TOOL,
+                   "body_file": "mcp-body.json", "body_bytes": body.len(),
+                   "headers": headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>()})
+        } else {
+            Value::Null
+        };
+
         let summary = json!({
             "dir": cli.dir,
             "audience": AUD,
@@ -114,6 +144,7 @@ mod native {
             "pool": cli.pool,
             "token_exp": exp,
             "request": {"host": HOST, "path": PATH, "intent": INTENT, "task": TASK},
+            "mcp": mcp,
         });
         write_json(&cli.dir, "fixture.json", &summary)?;
         println!("{summary}");
