@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use mandate_host_test::{Action, StreamId};
+use mandate_host_test::{Action, HttpCallout, StreamId};
 use serde_json::{json, Value};
 
 const MCP_HOST: &str = "mcp.acme.internal";
@@ -27,8 +27,30 @@ fn add_mcp(cfg: &mut Value, body: &str) {
     p["rules"].as_array_mut().unwrap().push(json!({"id": "mcp-agents", "effect": "allow", "classes": ["agent"], "intents": ["support.read", "support.refund"]}));
 }
 
-fn rig(test: &str, body: &str, minter: Value) -> Option<Rig> {
-    start_configured(test, minter, true, |c| add_mcp(c, body))
+/// The name of the running test (libtest runs each test on a thread named after it), for the
+/// skip notice.
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("plugin_mcp")
+        .to_string()
+}
+
+/// The rig with the MCP server's `body` mode and this minter section (and, optionally, a last
+/// edit of the configuration); returns from the test when the filter is not built (skipped).
+macro_rules! rig {
+    ($body:expr, $minter:expr) => {
+        rig!($body, $minter, |_: &mut Value| {})
+    };
+    ($body:expr, $minter:expr, $edit:expr) => {
+        match start_configured(&test_name(), $minter, true, |c| {
+            add_mcp(c, $body);
+            ($edit)(c)
+        }) {
+            Some(r) => r,
+            None => return,
+        }
+    };
 }
 
 fn post(r: &Rig) -> Req {
@@ -47,12 +69,17 @@ fn mirrored(req: Req, method: &str, name: Option<&str>) -> Req {
     }
 }
 
+/// A 2026-07-28 `tools/call` of `tool` under `intent`, mirrored into the MCP headers.
+fn tool_call(r: &Rig, intent: &str, tool: &str) -> Req {
+    mirrored(post(r).intent(intent), "tools/call", Some(tool))
+}
+
 fn call(id: Value, tool: &str, args: Value) -> Vec<u8> {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}}).to_string().into_bytes()
 }
 
-/// Headers (not the end of the stream), then the body in one chunk: the actions of both.
-fn send_with_body(r: &mut Rig, req: &Req, body: &[u8]) -> (StreamId, Action, Option<Action>) {
+/// Opens a stream and delivers the request headers (not the end of the stream).
+fn headers(r: &mut Rig, req: &Req) -> (StreamId, Action) {
     let s = r.vm.new_stream().unwrap();
     let a =
         r.vm.request_headers(
@@ -61,12 +88,58 @@ fn send_with_body(r: &mut Rig, req: &Req, body: &[u8]) -> (StreamId, Action, Opt
             false,
         )
         .unwrap();
+    (s, a)
+}
+
+/// Like [`headers`], asserting the action of the header phase.
+fn open(r: &mut Rig, req: &Req, want: Action) -> StreamId {
+    let (s, a) = headers(r, req);
+    assert_eq!(a, want, "the action on the request headers");
+    s
+}
+
+/// Delivers a chunk of the request body.
+fn body(r: &mut Rig, s: StreamId, chunk: &[u8], end: bool) -> Action {
+    r.vm.request_body(s, chunk, end).unwrap()
+}
+
+/// Headers (not the end of the stream), then the body in one chunk: the actions of both.
+fn send_with_body(r: &mut Rig, req: &Req, chunk: &[u8]) -> (StreamId, Action, Option<Action>) {
+    let (s, a) = headers(r, req);
     // A stream already answered locally gets no body.
     if r.vm.stream(s).local_response.is_some() {
         return (s, a, None);
     }
-    let b = r.vm.request_body(s, body, true).unwrap();
+    let b = body(r, s, chunk, true);
     (s, a, Some(b))
+}
+
+/// A minted token for `support-mcp`, with a `tool` claim when `tool` is given.
+fn mcp_token(r: &Rig, jti: &str, task: Option<&str>, tool: Option<&str>) -> String {
+    let token = minted_jwt_for(jti, r.now() + 120, "support-mcp", task);
+    let Some(tool) = tool else {
+        return token;
+    };
+    let mut claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            token.split('.').nth(1).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    claims["tool"] = json!(tool);
+    format!(
+        "{}.{}.{}",
+        token.split('.').next().unwrap(),
+        b64(claims.to_string().as_bytes()),
+        MINTED_SIG
+    )
+}
+
+/// Answers the mint call `c` with `token`.
+fn answer_token(r: &mut Rig, c: &HttpCallout, token: &str) {
+    r.answer(c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
 }
 
 /// The JSON-RPC refusal of a stream: (HTTP status, error code, id, reason). A call refused
@@ -104,29 +177,16 @@ fn reply_header(r: &Rig, s: StreamId, name: &str) -> Option<String> {
 
 #[test]
 fn allowed_call_by_headers_only_buffers_no_body() {
-    let Some(mut r) = rig(
-        "allowed_call_by_headers_only_buffers_no_body",
-        "when_needed",
-        Value::Null,
-    ) else {
-        return;
-    };
-    let req = mirrored(
-        post(&r).intent("support.read"),
-        "tools/call",
-        Some("get_ticket"),
-    );
-    let (s, a, b) = send_with_body(
+    let mut r = rig!("when_needed", Value::Null);
+    let req = tool_call(&r, "support.read", "get_ticket");
+    let s = open(&mut r, &req, Action::Continue); // decided in on_http_request_headers
+    let b = body(
         &mut r,
-        &req,
+        s,
         &call(json!(1), "get_ticket", json!({"ticket_id": "T-1"})),
+        true,
     );
-    assert_eq!(a, Action::Continue, "decided in on_http_request_headers");
-    assert_eq!(
-        b,
-        Some(Action::Continue),
-        "the body streams through unbuffered"
-    );
+    assert_eq!(b, Action::Continue, "the body streams through unbuffered");
     let fwd = r.forwarded(s);
     assert_eq!(
         header(&fwd, "mcp-name").as_deref(),
@@ -144,40 +204,31 @@ fn allowed_call_by_headers_only_buffers_no_body() {
 
 #[test]
 fn old_protocol_version_takes_the_body_path() {
-    let Some(mut r) = rig(
-        "old_protocol_version_takes_the_body_path",
-        "when_needed",
-        Value::Null,
-    ) else {
-        return;
+    let mut r = rig!("when_needed", Value::Null);
+    let old = |r: &Rig, intent: &str| {
+        post(r)
+            .intent(intent)
+            .with("mcp-protocol-version", "2025-06-18")
     };
-    let req = post(&r)
-        .intent("support.read")
-        .with("mcp-protocol-version", "2025-06-18");
-    let (s, a, b) = send_with_body(
-        &mut r,
-        &req,
-        &call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})),
-    );
+    let req = old(&r, "support.read");
+    let get = call(json!(2), "get_ticket", json!({"ticket_id": "T-1"}));
+    let (s, a, b) = send_with_body(&mut r, &req, &get);
     // Envoy's sequence: the headers go on at once (nothing decided them yet but the intent's
     // grant on the resource); the body is held until complete, then judged and forwarded.
     assert_eq!((a, b), (Action::Continue, Some(Action::Continue)));
     r.forwarded(s);
     assert_eq!(
         r.vm.stream(s).upstream.body,
-        call(json!(2), "get_ticket", json!({"ticket_id": "T-1"})),
+        get,
         "the body goes upstream unchanged"
     );
     // A tool the intent does not name: 403 in JSON-RPC, id kept, insufficient_scope.
-    let (s, _, _) = send_with_body(
-        &mut r,
-        &req,
-        &call(
-            json!("x-9"),
-            "delete_customer",
-            json!({"customer_id": "C-1"}),
-        ),
+    let delete = call(
+        json!("x-9"),
+        "delete_customer",
+        json!({"customer_id": "C-1"}),
     );
+    let (s, _, _) = send_with_body(&mut r, &req, &delete);
     assert_eq!(
         refusal(&r, s),
         (403, -32003, json!("x-9"), "tool_not_allowed".to_string())
@@ -194,9 +245,7 @@ fn old_protocol_version_takes_the_body_path() {
     assert_eq!(records[1]["reason"], json!("tool_not_allowed"));
     assert_eq!(r.metric("mandate.mcp.tools_call.deny"), 1);
     // An intent with no operation on this MCP server: refused by the headers, no body read.
-    let other = post(&r)
-        .intent("ticket.read")
-        .with("mcp-protocol-version", "2025-06-18");
+    let other = old(&r, "ticket.read");
     let (s, a, b) = send_with_body(&mut r, &other, &call(json!(3), "get_ticket", json!({})));
     assert_eq!((a, b), (Action::Pause, None));
     assert_eq!(refusal(&r, s).3, "intent_mismatch");
@@ -205,19 +254,10 @@ fn old_protocol_version_takes_the_body_path() {
 
 #[test]
 fn header_body_mismatch_is_refused() {
-    let Some(mut r) = rig("header_body_mismatch_is_refused", "always", Value::Null) else {
-        return;
-    };
-    let req = mirrored(
-        post(&r).intent("support.read"),
-        "tools/call",
-        Some("get_ticket"),
-    );
-    let (s, a, b) = send_with_body(
-        &mut r,
-        &req,
-        &call(json!(3), "delete_customer", json!({"customer_id": "C-1"})),
-    );
+    let mut r = rig!("always", Value::Null);
+    let req = tool_call(&r, "support.read", "get_ticket");
+    let delete = call(json!(3), "delete_customer", json!({"customer_id": "C-1"}));
+    let (s, a, b) = send_with_body(&mut r, &req, &delete);
     // `body: always`: the headers allow get_ticket and go on; the body names another tool.
     assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
     assert_eq!(
@@ -230,30 +270,15 @@ fn header_body_mismatch_is_refused() {
 
 #[test]
 fn body_over_the_limit_is_413_with_a_record() {
-    let Some(mut r) = rig(
-        "body_over_the_limit_is_413_with_a_record",
-        "always",
-        Value::Null,
-    ) else {
-        return;
-    };
+    let mut r = rig!("always", Value::Null);
     let req = post(&r).intent("support.read");
-    let s = r.vm.new_stream().unwrap();
+    let s = open(&mut r, &req, Action::Continue);
     assert_eq!(
-        r.vm.request_headers(
-            s,
-            req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            false
-        )
-        .unwrap(),
-        Action::Continue
-    );
-    assert_eq!(
-        r.vm.request_body(s, &[b' '; 3000], false).unwrap(),
+        body(&mut r, s, &[b' '; 3000], false),
         Action::Pause,
         "buffering"
     );
-    r.vm.request_body(s, &[b' '; 3000], false).unwrap();
+    body(&mut r, s, &[b' '; 3000], false);
     let (status, code, id, reason) = refusal(&r, s);
     assert_eq!(
         (status, code, id, reason.as_str()),
@@ -268,13 +293,7 @@ fn body_over_the_limit_is_413_with_a_record() {
 
 #[test]
 fn malformed_json_rpc_is_400_with_the_id_kept() {
-    let Some(mut r) = rig(
-        "malformed_json_rpc_is_400_with_the_id_kept",
-        "always",
-        Value::Null,
-    ) else {
-        return;
-    };
+    let mut r = rig!("always", Value::Null);
     let req = post(&r).intent("support.read");
     for (body, want) in [
         (&b"{\"jsonrpc\":\"2.0\",\"id\":4,"[..], (400, -32700, Value::Null, "mcp_malformed")),
@@ -297,13 +316,7 @@ fn malformed_json_rpc_is_400_with_the_id_kept() {
 
 #[test]
 fn metadata_endpoint_is_served_without_a_token() {
-    let Some(mut r) = rig(
-        "metadata_endpoint_is_served_without_a_token",
-        "always",
-        Value::Null,
-    ) else {
-        return;
-    };
+    let mut r = rig!("always", Value::Null);
     let s = r.send(&Req::get(
         MCP_HOST,
         "/.well-known/oauth-protected-resource/mcp",
@@ -325,13 +338,7 @@ fn metadata_endpoint_is_served_without_a_token() {
 
 #[test]
 fn unauthenticated_call_gets_401_with_resource_metadata() {
-    let Some(mut r) = rig(
-        "unauthenticated_call_gets_401_with_resource_metadata",
-        "always",
-        Value::Null,
-    ) else {
-        return;
-    };
+    let mut r = rig!("always", Value::Null);
     let req = Req::new("POST", MCP_HOST, "/mcp");
     let (s, _, _) = send_with_body(&mut r, &req, &call(json!(1), "get_ticket", json!({})));
     assert_eq!(
@@ -346,16 +353,14 @@ fn unauthenticated_call_gets_401_with_resource_metadata() {
 
 #[test]
 fn credential_is_scoped_to_the_tool() {
-    let Some(mut r) = rig("credential_is_scoped_to_the_tool", "when_needed", minter()) else {
-        return;
+    let mut r = rig!("when_needed", minter());
+    let refund = |r: &Rig, amount: &str| {
+        tool_call(r, "support.refund", "refund")
+            .task("T-42")
+            .with("mcp-param-amount", amount)
+            .with("mcp-param-ticket_id", "T-42")
     };
-    let req = mirrored(
-        post(&r).intent("support.refund").task("T-42"),
-        "tools/call",
-        Some("refund"),
-    )
-    .with("mcp-param-amount", "42")
-    .with("mcp-param-ticket_id", "T-42");
+    let req = refund(&r, "42");
     let s = r.send(&req);
     let c = r.one_mint_call();
     let f = form(&c);
@@ -364,32 +369,13 @@ fn credential_is_scoped_to_the_tool() {
         "{f:?}"
     );
     // The minter's answer names the tool asked for: injected.
-    let now = r.now();
-    let token = minted_jwt_for("jti-1", now + 120, "support-mcp", Some("T-42"));
-    let claims = token.split('.').nth(1).unwrap();
-    let mut c_json: Value = serde_json::from_slice(
-        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap(),
-    )
-    .unwrap();
-    c_json["tool"] = json!("refund");
-    let with_tool = format!(
-        "{}.{}.{}",
-        token.split('.').next().unwrap(),
-        b64(c_json.to_string().as_bytes()),
-        MINTED_SIG
-    );
-    r.answer(&c, json_reply(200, &json!({"access_token": with_tool, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
+    let with_tool = mcp_token(&r, "jti-1", Some("T-42"), Some("refund"));
+    answer_token(&mut r, &c, &with_tool);
     let fwd = r.forwarded(s);
     assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
     // Another tool for the same caller, intent and task: its own exchange. A token without the
     // tool claim is refused (503), never injected.
-    let over = mirrored(
-        post(&r).intent("support.refund").task("T-42"),
-        "tools/call",
-        Some("refund"),
-    )
-    .with("mcp-param-amount", "500")
-    .with("mcp-param-ticket_id", "T-42");
+    let over = refund(&r, "500");
     let s2 = r.send(&over);
     assert_eq!(
         refusal(&r, s2),
@@ -402,11 +388,8 @@ fn credential_is_scoped_to_the_tool() {
     );
 }
 
-fn tools_list_rig(test: &str) -> Option<Rig> {
-    start_configured(test, Value::Null, true, |c| {
-        add_mcp(c, "when_needed");
-        c["policy"]["resources"][4]["mcp"]["filter_tools_list"] = json!(true);
-    })
+fn filter_tools_list(c: &mut Value) {
+    c["policy"]["resources"][4]["mcp"]["filter_tools_list"] = json!(true);
 }
 
 fn list_request(r: &mut Rig) -> StreamId {
@@ -416,24 +399,28 @@ fn list_request(r: &mut Rig) -> StreamId {
     s
 }
 
+/// Delivers the response headers: status 200, `content_type` and `extra`.
+fn respond(r: &mut Rig, s: StreamId, content_type: &str, extra: &[(&str, &str)]) -> Action {
+    let mut h = vec![(":status", "200"), ("content-type", content_type)];
+    h.extend_from_slice(extra);
+    r.vm.response_headers(s, h, false).unwrap()
+}
+
+/// What went downstream: the `:status` and the body.
+fn downstream(r: &Rig, s: StreamId) -> (Option<String>, String) {
+    let st = r.vm.stream(s);
+    (
+        header(st.downstream.headers.as_ref().unwrap(), ":status"),
+        String::from_utf8_lossy(&st.downstream.body).to_string(),
+    )
+}
+
 #[test]
 fn tools_list_answer_is_narrowed_to_the_intent() {
-    let Some(mut r) = tools_list_rig("tools_list_answer_is_narrowed_to_the_intent") else {
-        return;
-    };
+    let mut r = rig!("when_needed", Value::Null, filter_tools_list);
     let s = list_request(&mut r);
     let answer = json!({"jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "get_ticket"}, {"name": "refund"}, {"name": "delete_customer"}]}});
-    let a =
-        r.vm.response_headers(
-            s,
-            [
-                (":status", "200"),
-                ("content-type", "application/json"),
-                ("content-length", "120"),
-            ],
-            false,
-        )
-        .unwrap();
+    let a = respond(&mut r, s, "application/json", &[("content-length", "120")]);
     // The headers go on (a pause would keep the body from the filter, as in Envoy); the body
     // is held until complete.
     assert_eq!(a, Action::Continue);
@@ -447,17 +434,10 @@ fn tools_list_answer_is_narrowed_to_the_intent() {
 
 #[test]
 fn tools_list_over_sse_is_narrowed_too() {
-    let Some(mut r) = tools_list_rig("tools_list_over_sse_is_narrowed_too") else {
-        return;
-    };
+    let mut r = rig!("when_needed", Value::Null, filter_tools_list);
     let s = list_request(&mut r);
     assert_eq!(
-        r.vm.response_headers(
-            s,
-            [(":status", "200"), ("content-type", "text/event-stream")],
-            false
-        )
-        .unwrap(),
+        respond(&mut r, s, "text/event-stream", &[]),
         Action::Continue
     );
     r.vm.response_body(
@@ -472,12 +452,8 @@ fn tools_list_over_sse_is_narrowed_too() {
         true,
     )
     .unwrap();
-    let st = r.vm.stream(s);
-    assert_eq!(
-        header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(),
-        Some("200")
-    );
-    let body = String::from_utf8_lossy(&st.downstream.body).to_string();
+    let (status, body) = downstream(&r, s);
+    assert_eq!(status.as_deref(), Some("200"));
     assert!(
         body.starts_with("event: message\ndata: ")
             && body.contains("get_ticket")
@@ -488,26 +464,15 @@ fn tools_list_over_sse_is_narrowed_too() {
 
 #[test]
 fn tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered() {
-    let Some(mut r) =
-        tools_list_rig("tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered")
-    else {
-        return;
-    };
+    let mut r = rig!("when_needed", Value::Null, filter_tools_list);
     let s = list_request(&mut r);
-    r.vm.response_headers(
-        s,
-        [(":status", "200"), ("content-type", "text/event-stream")],
-        false,
-    )
-    .unwrap();
+    respond(&mut r, s, "text/event-stream", &[]);
     // Cut short: no blank line ends the event.
     r.vm.response_body(s, b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"delete_customer\"}]}}\n", true).unwrap();
-    let st = r.vm.stream(s);
-    let h = st.downstream.headers.as_ref().unwrap();
     // The headers went on before the body could be read: the event stream's one event is
     // replaced by the JSON-RPC error.
-    assert_eq!(header(h, ":status").as_deref(), Some("200"));
-    let body = String::from_utf8_lossy(&st.downstream.body).to_string();
+    let (status, body) = downstream(&r, s);
+    assert_eq!(status.as_deref(), Some("200"));
     assert!(!body.contains("delete_customer"), "{body}");
     let data = body
         .strip_prefix("event: message\ndata: ")
@@ -518,35 +483,21 @@ fn tools_list_that_cannot_be_parsed_is_refused_not_passed_unfiltered() {
     assert_eq!(r.metric("mandate.mcp.tools_list.unfilterable"), 1);
     // A content type that is neither JSON nor an event stream: refused at once.
     let s = list_request(&mut r);
-    r.vm.response_headers(
-        s,
-        [(":status", "200"), ("content-type", "text/plain")],
-        false,
-    )
-    .unwrap();
+    respond(&mut r, s, "text/plain", &[]);
     r.vm.response_body(s, b"delete_customer", true).unwrap();
-    let st = r.vm.stream(s);
-    assert_eq!(
-        header(st.downstream.headers.as_ref().unwrap(), ":status").as_deref(),
-        Some("502")
-    );
-    assert!(!String::from_utf8_lossy(&st.downstream.body).contains("delete_customer"));
+    let (status, body) = downstream(&r, s);
+    assert_eq!(status.as_deref(), Some("502"));
+    assert!(!body.contains("delete_customer"));
 }
 
 #[test]
 fn body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body() {
-    let Some(mut r) = rig(
-        "body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body",
-        "always",
-        minter(),
-    ) else {
-        return;
-    };
+    let mut r = rig!("always", minter());
     // No 2026-07-28 headers: the tool is not known until the body, so the header phase mints
     // for the intent on this resource (no `tool`), and the body is judged after.
     let req = post(&r).intent("support.read");
-    let body = call(json!(11), "get_ticket", json!({"ticket_id": "T-1"}));
-    let (s, a, b) = send_with_body(&mut r, &req, &body);
+    let get = call(json!(11), "get_ticket", json!({"ticket_id": "T-1"}));
+    let (s, a, b) = send_with_body(&mut r, &req, &get);
     assert_eq!(
         (a, b),
         (Action::Pause, Some(Action::Pause)),
@@ -555,13 +506,12 @@ fn body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body() {
     assert!(r.vm.stream(s).upstream.headers.is_none());
     let c = r.one_mint_call();
     assert!(!form(&c).iter().any(|(k, _)| k == "tool"), "{:?}", form(&c));
-    let now = r.now();
-    let token = minted_jwt_for("jti-b", now + 120, "support-mcp", None);
-    r.answer(&c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
+    let token = mcp_token(&r, "jti-b", None, None);
+    answer_token(&mut r, &c, &token);
     // Resumed: headers upstream with the credential, then the held body judged and forwarded.
     let fwd = r.forwarded(s);
     assert!(header(&fwd, "authorization").unwrap().ends_with(MINTED_SIG));
-    assert_eq!(r.vm.stream(s).upstream.body, body);
+    assert_eq!(r.vm.stream(s).upstream.body, get);
     let recs = r.records();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0]["mcp"]["path"], json!("body"));
@@ -571,11 +521,8 @@ fn body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body() {
 
     // The same intent-scoped credential (cached) cannot carry a tool the intent does not
     // name: the body is refused, never forwarded.
-    let (s, a, b) = send_with_body(
-        &mut r,
-        &req,
-        &call(json!(12), "delete_customer", json!({"customer_id": "C-1"})),
-    );
+    let delete = call(json!(12), "delete_customer", json!({"customer_id": "C-1"}));
+    let (s, a, b) = send_with_body(&mut r, &req, &delete);
     assert_eq!((a, b), (Action::Continue, Some(Action::Pause)));
     assert_eq!(refusal(&r, s).3, "tool_not_allowed");
     assert_eq!(r.records().len(), 2);
@@ -583,42 +530,16 @@ fn body_path_call_is_minted_for_its_intent_and_forwarded_with_its_body() {
 
 #[test]
 fn body_path_with_headers_mints_for_the_header_tool_and_checks_the_body_against_it() {
-    let Some(mut r) = rig(
-        "body_path_with_headers_mints_for_the_header_tool_and_checks_the_body_against_it",
-        "always",
-        minter(),
-    ) else {
-        return;
-    };
-    let req = mirrored(
-        post(&r).intent("support.read"),
-        "tools/call",
-        Some("get_ticket"),
-    );
-    let body = call(json!(13), "get_ticket", json!({"ticket_id": "T-1"}));
-    let (s, a, _) = send_with_body(&mut r, &req, &body);
+    let mut r = rig!("always", minter());
+    let req = tool_call(&r, "support.read", "get_ticket");
+    let get = call(json!(13), "get_ticket", json!({"ticket_id": "T-1"}));
+    let (s, a, _) = send_with_body(&mut r, &req, &get);
     assert_eq!(a, Action::Pause, "minting");
     let c = r.one_mint_call();
     assert!(form(&c).contains(&("tool".to_string(), "get_ticket".to_string())));
-    let now = r.now();
-    let token = minted_jwt_for("jti-h", now + 120, "support-mcp", None);
-    let mut claims: Value = serde_json::from_slice(
-        &base64::Engine::decode(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-            token.split('.').nth(1).unwrap(),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    claims["tool"] = json!("get_ticket");
-    let token = format!(
-        "{}.{}.{}",
-        token.split('.').next().unwrap(),
-        b64(claims.to_string().as_bytes()),
-        MINTED_SIG
-    );
-    r.answer(&c, json_reply(200, &json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120})));
-    assert_eq!(r.vm.stream(s).upstream.body, body);
+    let token = mcp_token(&r, "jti-h", None, Some("get_ticket"));
+    answer_token(&mut r, &c, &token);
+    assert_eq!(r.vm.stream(s).upstream.body, get);
     let rec = r.records().pop().unwrap();
     assert_eq!(rec["mcp"]["credential_scope"], json!("tool"));
     assert_eq!(rec["effect"], json!("allow"));
@@ -631,25 +552,10 @@ fn body_path_with_headers_mints_for_the_header_tool_and_checks_the_body_against_
 
 #[test]
 fn stream_that_ends_while_its_body_is_awaited_is_on_the_record_once() {
-    let Some(mut r) = rig(
-        "stream_that_ends_while_its_body_is_awaited_is_on_the_record_once",
-        "always",
-        Value::Null,
-    ) else {
-        return;
-    };
+    let mut r = rig!("always", Value::Null);
     let req = post(&r).intent("support.read");
-    let s = r.vm.new_stream().unwrap();
-    assert_eq!(
-        r.vm.request_headers(
-            s,
-            req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            false
-        )
-        .unwrap(),
-        Action::Continue
-    );
-    r.vm.request_body(s, b"{\"jsonrpc\":", false).unwrap();
+    let s = open(&mut r, &req, Action::Continue);
+    body(&mut r, s, b"{\"jsonrpc\":", false);
     r.vm.finish_stream(s).unwrap();
     let recs = r.records();
     assert_eq!(recs.len(), 1);

@@ -197,6 +197,12 @@ fn run(client: &McpClient, script: Value) -> ClientReport {
     report
 }
 
+/// One session of the SDK's client: `tools/list` (step 0), then each call in turn (steps 1…).
+fn session(client: &McpClient, calls: &[(&str, Value)]) -> ClientReport {
+    let steps = std::iter::once(step_list_tools()).chain(calls.iter().map(|(tool, args)| step_call(tool, args.clone())));
+    run(client, Value::Array(steps.collect()))
+}
+
 /// Asserts a step succeeded.
 fn ok(report: &ClientReport, i: usize) -> &Value {
     let s = report.step(i);
@@ -238,6 +244,11 @@ fn assert_jsonrpc_refusal(resp: &HttpResponse, status: u16, code: i64, reason: &
     body
 }
 
+/// The 2026-07-28 headers of a `tools/call` of `name` (what the SDK mirrors).
+fn call_headers(name: &str) -> Vec<(&str, &str)> {
+    vec![("mcp-protocol-version", MODERN), ("mcp-method", "tools/call"), ("mcp-name", name)]
+}
+
 fn tools_call(id: Value, name: &str, arguments: Value) -> Vec<u8> {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": name, "arguments": arguments,
            "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}}})
@@ -259,8 +270,10 @@ fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
     }
 }
 
-fn skip(test: &str) -> bool {
-    !(prerequisites(test) && mcp_prerequisite(test))
+/// The rig for `test` (see [`Rig::start`]), or `None` (skipped) when Envoy, the wasm module or
+/// the `mcp` package is missing.
+fn start(test: &str, mcp: Value) -> Option<Rig> {
+    (prerequisites(test) && mcp_prerequisite(test)).then(|| Rig::start(mcp))
 }
 
 /// The SDK's tool calls the server saw, by tool name.
@@ -281,22 +294,17 @@ fn reached(server: &McpServer, tool: &str) -> usize {
 
 #[test]
 fn allowed_tool_call_reaches_the_server_with_a_minted_tool_scoped_credential() {
-    const T: &str = "allowed_tool_call_reaches_the_server_with_a_minted_tool_scoped_credential";
-    if skip(T) {
-        return;
-    }
     // `when_needed`: get_ticket needs no argument, so the 2026-07-28 headers decide it.
-    let rig = Rig::start(json!({"body": "when_needed"}));
-    let report = run(
+    let Some(rig) = start("allowed_tool_call_reaches_the_server_with_a_minted_tool_scoped_credential", json!({"body": "when_needed"})) else { return };
+    let report = session(
         &rig.client(WORK),
-        json!([
-            step_list_tools(),
-            step_call("get_ticket", json!({"ticket_id": TASK})),
-            step_call("refund", json!({"ticket_id": TASK, "amount": 42})),
+        &[
+            ("get_ticket", json!({"ticket_id": TASK})),
+            ("refund", json!({"ticket_id": TASK, "amount": 42})),
             // Refused from the headers alone (the arguments are mirrored in Mcp-Param-*).
-            step_call("refund", json!({"ticket_id": TASK, "amount": 500})),
-            step_call("delete_customer", json!({"customer_id": "C-77"}))
-        ]),
+            ("refund", json!({"ticket_id": TASK, "amount": 500})),
+            ("delete_customer", json!({"customer_id": "C-77"})),
+        ],
     );
     assert_eq!(report.protocol_version(), Some(MODERN), "{report}");
     let over = refused(&report, 3, 403, POLICY_REFUSAL, "argument_not_allowed");
@@ -362,14 +370,10 @@ fn allowed_tool_call_reaches_the_server_with_a_minted_tool_scoped_credential() {
 
 #[test]
 fn the_sdks_default_client_stays_on_the_current_protocol_through_the_filter() {
-    const T: &str = "the_sdks_default_client_stays_on_the_current_protocol_through_the_filter";
-    if skip(T) {
-        return;
-    }
     // The SDK's default client (`mode="auto"`) probes `server/discover` first and silently falls
     // back to the old handshake (no MCP headers, so no fast path and no header/body check) on
     // any refusal of the probe: the filter must let a verified caller discover.
-    let rig = Rig::start(json!({"body": "when_needed"}));
+    let Some(rig) = start("the_sdks_default_client_stays_on_the_current_protocol_through_the_filter", json!({"body": "when_needed"})) else { return };
     let auto = run(&rig.client(WORK).protocol(Protocol::Auto), json!([step_call("get_ticket", json!({"ticket_id": TASK}))]));
     let probe = auto.raw["connect"]["http"].as_array().and_then(|h| h.first()).cloned().unwrap_or_default();
     assert_eq!((probe["rpc"].as_str(), probe["status"].as_u64()), (Some("server/discover"), Some(200)), "{auto}");
@@ -379,20 +383,15 @@ fn the_sdks_default_client_stays_on_the_current_protocol_through_the_filter() {
 
 #[test]
 fn tool_outside_the_intent_is_refused_and_never_reaches_the_server() {
-    const T: &str = "tool_outside_the_intent_is_refused_and_never_reaches_the_server";
-    if skip(T) {
-        return;
-    }
-    let rig = Rig::start(json!({}));
+    let Some(rig) = start("tool_outside_the_intent_is_refused_and_never_reaches_the_server", json!({})) else { return };
     // support.read names get_ticket only.
-    let report = run(
+    let report = session(
         &rig.client(READ),
-        json!([
-            step_list_tools(),
-            step_call("add_comment", json!({"ticket_id": TASK, "text": "refund on its way"})),
-            step_call("delete_customer", json!({"customer_id": "C-77"})),
-            step_call("get_ticket", json!({"ticket_id": TASK}))
-        ]),
+        &[
+            ("add_comment", json!({"ticket_id": TASK, "text": "refund on its way"})),
+            ("delete_customer", json!({"customer_id": "C-77"})),
+            ("get_ticket", json!({"ticket_id": TASK})),
+        ],
     );
     ok(&report, 0);
     let decision = refused(&report, 1, 403, POLICY_REFUSAL, "tool_not_allowed");
@@ -418,7 +417,7 @@ fn tool_outside_the_intent_is_refused_and_never_reaches_the_server() {
     let before = rig.server.http_requests().len();
     let resp = rig.post(
         READ,
-        &[("mcp-protocol-version", MODERN), ("mcp-method", "tools/call"), ("mcp-name", "delete_customer")],
+        &call_headers("delete_customer"),
         &tools_call(json!(77), "delete_customer", json!({"customer_id": "C-77"})),
     );
     assert_jsonrpc_refusal(&resp, 403, POLICY_REFUSAL, "tool_not_allowed", &Value::Null);
@@ -430,19 +429,14 @@ fn tool_outside_the_intent_is_refused_and_never_reaches_the_server() {
 
 #[test]
 fn argument_outside_its_constraint_is_refused() {
-    const T: &str = "argument_outside_its_constraint_is_refused";
-    if skip(T) {
-        return;
-    }
-    let rig = Rig::start(json!({}));
-    let report = run(
+    let Some(rig) = start("argument_outside_its_constraint_is_refused", json!({})) else { return };
+    let report = session(
         &rig.client(WORK),
-        json!([
-            step_list_tools(),
-            step_call("refund", json!({"ticket_id": TASK, "amount": 500})),
-            step_call("refund", json!({"ticket_id": "T-1002", "amount": 10})),
-            step_call("refund", json!({"ticket_id": TASK, "amount": 100}))
-        ]),
+        &[
+            ("refund", json!({"ticket_id": TASK, "amount": 500})),
+            ("refund", json!({"ticket_id": "T-1002", "amount": 10})),
+            ("refund", json!({"ticket_id": TASK, "amount": 100})),
+        ],
     );
     let over = refused(&report, 1, 403, POLICY_REFUSAL, "argument_not_allowed");
     let other_ticket = refused(&report, 2, 403, POLICY_REFUSAL, "argument_not_allowed");
@@ -474,15 +468,11 @@ fn argument_outside_its_constraint_is_refused() {
 
 #[test]
 fn header_body_mismatch_is_refused() {
-    const T: &str = "header_body_mismatch_is_refused";
-    if skip(T) {
-        return;
-    }
-    let rig = Rig::start(json!({}));
+    let Some(rig) = start("header_body_mismatch_is_refused", json!({})) else { return };
     // The headers name a harmless tool, the body deletes a customer.
     let resp = rig.post(
         WORK,
-        &[("mcp-protocol-version", MODERN), ("mcp-method", "tools/call"), ("mcp-name", "get_ticket")],
+        &call_headers("get_ticket"),
         &tools_call(json!(9), "delete_customer", json!({"customer_id": "C-77"})),
     );
     let body = assert_jsonrpc_refusal(&resp, 400, HEADER_MISMATCH, "mcp_header_mismatch", &json!(9));
@@ -491,7 +481,7 @@ fn header_body_mismatch_is_refused() {
     // A mirrored argument that says 5 while the body refunds 500.
     let resp = rig.post(
         WORK,
-        &[("mcp-protocol-version", MODERN), ("mcp-method", "tools/call"), ("mcp-name", "refund"), ("mcp-param-amount", "5")],
+        &[call_headers("refund"), vec![("mcp-param-amount", "5")]].concat(),
         &tools_call(json!(10), "refund", json!({"ticket_id": TASK, "amount": 500})),
     );
     assert_jsonrpc_refusal(&resp, 400, HEADER_MISMATCH, "mcp_header_mismatch", &json!(10));
@@ -505,7 +495,7 @@ fn header_body_mismatch_is_refused() {
     // A base64-encoded name that decodes to another tool.
     let resp = rig.post(
         WORK,
-        &[("mcp-protocol-version", MODERN), ("mcp-method", "tools/call"), ("mcp-name", "=?base64?Z2V0X3RpY2tldA==?=")],
+        &call_headers("=?base64?Z2V0X3RpY2tldA==?="),
         &tools_call(json!(12), "delete_customer", json!({"customer_id": "C-77"})),
     );
     assert_jsonrpc_refusal(&resp, 400, HEADER_MISMATCH, "mcp_header_mismatch", &json!(12));
@@ -513,7 +503,7 @@ fn header_body_mismatch_is_refused() {
     // Headers and body agreeing (the base64 form included) pass.
     let resp = rig.post(
         WORK,
-        &[("mcp-protocol-version", MODERN), ("mcp-method", "tools/call"), ("mcp-name", "=?base64?Z2V0X3RpY2tldA==?=")],
+        &call_headers("=?base64?Z2V0X3RpY2tldA==?="),
         &tools_call(json!(13), "get_ticket", json!({"ticket_id": TASK})),
     );
     assert_eq!(resp.status, 200, "{}", resp.text());
@@ -523,21 +513,16 @@ fn header_body_mismatch_is_refused() {
 
 #[test]
 fn an_older_protocol_takes_the_body_path_and_is_judged_the_same() {
-    const T: &str = "an_older_protocol_takes_the_body_path_and_is_judged_the_same";
-    if skip(T) {
-        return;
-    }
     // `when_needed` would decide from headers if there were any: the old handshake sends none.
-    let rig = Rig::start(json!({"body": "when_needed", "filter_tools_list": true}));
-    let report = run(
+    let Some(rig) = start("an_older_protocol_takes_the_body_path_and_is_judged_the_same", json!({"body": "when_needed", "filter_tools_list": true})) else { return };
+    let report = session(
         &rig.client(WORK).protocol(Protocol::Legacy),
-        json!([
-            step_list_tools(),
-            step_call("get_ticket", json!({"ticket_id": TASK})),
-            step_call("refund", json!({"ticket_id": TASK, "amount": 42})),
-            step_call("refund", json!({"ticket_id": TASK, "amount": 500})),
-            step_call("delete_customer", json!({"customer_id": "C-77"}))
-        ]),
+        &[
+            ("get_ticket", json!({"ticket_id": TASK})),
+            ("refund", json!({"ticket_id": TASK, "amount": 42})),
+            ("refund", json!({"ticket_id": TASK, "amount": 500})),
+            ("delete_customer", json!({"customer_id": "C-77"})),
+        ],
     );
     let version = report.protocol_version().unwrap_or_default().to_string();
     assert!(!version.is_empty() && version.as_str() < MODERN, "the client did not fall back to an older revision: {report}");
@@ -575,12 +560,8 @@ fn an_older_protocol_takes_the_body_path_and_is_judged_the_same() {
 
 #[test]
 fn tools_list_is_filtered_per_caller() {
-    const T: &str = "tools_list_is_filtered_per_caller";
-    if skip(T) {
-        return;
-    }
     // `when_needed`: tools/list is decided from the headers; the answer is what gets rewritten.
-    let rig = Rig::start(json!({"filter_tools_list": true, "body": "when_needed"}));
+    let Some(rig) = start("tools_list_is_filtered_per_caller", json!({"filter_tools_list": true, "body": "when_needed"})) else { return };
     // Straight to the server: all four tools.
     let direct = McpClient::new(&format!("http://127.0.0.1:{}/mcp", rig.server.port())).run(&json!([step_list_tools()])).expect("direct client");
     let all = &direct.step(0)["result"]["tools"];
@@ -605,18 +586,13 @@ fn tools_list_is_filtered_per_caller() {
 
 #[test]
 fn a_body_over_the_limit_is_refused_with_413() {
-    const T: &str = "a_body_over_the_limit_is_refused_with_413";
-    if skip(T) {
-        return;
-    }
-    let rig = Rig::start(json!({"max_body_bytes": 4096}));
-    let report = run(
+    let Some(rig) = start("a_body_over_the_limit_is_refused_with_413", json!({"max_body_bytes": 4096})) else { return };
+    let report = session(
         &rig.client(WORK),
-        json!([
-            step_list_tools(),
-            step_call("add_comment", json!({"ticket_id": TASK, "text": "x".repeat(10_000)})),
-            step_call("add_comment", json!({"ticket_id": TASK, "text": "y".repeat(2_000)}))
-        ]),
+        &[
+            ("add_comment", json!({"ticket_id": TASK, "text": "x".repeat(10_000)})),
+            ("add_comment", json!({"ticket_id": TASK, "text": "y".repeat(2_000)})),
+        ],
     );
     let decision = refused(&report, 1, 413, INVALID_REQUEST, "mcp_body_too_large");
     let comments = ran(&rig.server, "add_comment");
@@ -638,11 +614,7 @@ fn a_body_over_the_limit_is_refused_with_413() {
 
 #[test]
 fn malformed_json_rpc_is_refused_with_400_keeping_the_id() {
-    const T: &str = "malformed_json_rpc_is_refused_with_400_keeping_the_id";
-    if skip(T) {
-        return;
-    }
-    let rig = Rig::start(json!({}));
+    let Some(rig) = start("malformed_json_rpc_is_refused_with_400_keeping_the_id", json!({})) else { return };
     let post = |body: &str| rig.post(WORK, &[], body.as_bytes());
     let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
 
@@ -700,11 +672,7 @@ fn malformed_json_rpc_is_refused_with_400_keeping_the_id() {
 
 #[test]
 fn the_task_ended_mid_session_refuses_the_next_call() {
-    const T: &str = "the_task_ended_mid_session_refuses_the_next_call";
-    if skip(T) {
-        return;
-    }
-    let rig = Rig::start(json!({}));
+    let Some(rig) = start("the_task_ended_mid_session_refuses_the_next_call", json!({})) else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let go = dir.path().join("task-ended");
     // One client session: a call, then (once the test has ended the task) the same call again
@@ -752,15 +720,14 @@ fn the_task_ended_mid_session_refuses_the_next_call() {
 
 #[test]
 fn identity_failures_answer_401_pointing_at_the_protected_resource_metadata() {
-    const T: &str = "identity_failures_answer_401_pointing_at_the_protected_resource_metadata";
-    if skip(T) {
-        return;
-    }
-    let rig = Rig::start(json!({"metadata": {
+    let metadata = json!({
         "resource": "https://mcp.acme.internal/mcp",
         "authorization_servers": ["https://auth.acme.internal"],
         "scopes_supported": ["tickets:read"]
-    }}));
+    });
+    let Some(rig) = start("identity_failures_answer_401_pointing_at_the_protected_resource_metadata", json!({"metadata": metadata})) else {
+        return;
+    };
     // The SDK's client without an SVID: refused before anything is read.
     let report = McpClient::new(&rig.mcp_url())
         .header("x-agent-intent", WORK)

@@ -86,26 +86,16 @@ fn judge(p: &Policy, intent: Option<&str>, task: Option<&str>, call: &McpCall) -
 }
 
 fn judge_as(p: &Policy, principal: &str, intent: Option<&str>, task: Option<&str>, call: &McpCall) -> PolicyDecision {
-    p.evaluate(&PolicyInput {
-        principal,
-        iat: Some(NOW - 10),
-        exp: NOW + 290,
-        intent,
-        signed_intent: None,
-        task,
-        method: "POST",
-        authority: HOST,
-        path: "/mcp",
-        now: NOW,
-        environment: None,
-        standing_secret: false,
-        minter: true,
-        mcp: Some(call),
-    })
+    p.evaluate(&PolicyInput { principal, intent, task, minter: true, ..mcp_input(call, "") })
 }
 
 fn reason(d: &PolicyDecision) -> Reason {
     d.reason
+}
+
+/// The reason the support policy gives for a call of `name` (no arguments) under `intent`.
+fn reason_for(intent: &str, name: &str) -> Reason {
+    reason(&judge(&policy(support()), Some(intent), None, &tool(name, json!({}))))
 }
 
 #[test]
@@ -131,10 +121,9 @@ fn tool_no_intent_names_is_refused_with_the_scopes_that_would_allow_it() {
 
 #[test]
 fn tool_glob_does_not_match_a_longer_name_by_prefix() {
-    let p = policy(support());
-    assert_eq!(reason(&judge(&p, Some("support.read"), None, &tool("get_ticket_and_delete_customer", json!({})))), Reason::ToolNotAllowed);
-    assert_eq!(reason(&judge(&p, Some("support.read"), None, &tool("get_tickets", json!({})))), Reason::ToolNotAllowed);
-    assert_eq!(reason(&judge(&p, Some("support.read"), None, &tool("xget_ticket", json!({})))), Reason::ToolNotAllowed);
+    for name in ["get_ticket_and_delete_customer", "get_tickets", "xget_ticket"] {
+        assert_eq!(reason_for("support.read", name), Reason::ToolNotAllowed, "{name}");
+    }
     let g = Glob::compile("search_*", false).unwrap();
     assert!(g.matches("search_") && g.matches("search_x/y") && !g.matches("searc_x") && !g.matches("re_search_x"));
     let g = Glob::compile("*_ticket", false).unwrap();
@@ -147,8 +136,7 @@ fn tool_glob_does_not_match_a_longer_name_by_prefix() {
 
 #[test]
 fn tool_name_case_variant_is_another_tool() {
-    let p = policy(support());
-    assert_eq!(reason(&judge(&p, Some("support.read"), None, &tool("Get_Ticket", json!({})))), Reason::ToolNotAllowed);
+    assert_eq!(reason_for("support.read", "Get_Ticket"), Reason::ToolNotAllowed);
 }
 
 #[test]
@@ -280,8 +268,7 @@ fn unknown_method_without_an_intent_is_refused() {
 
 #[test]
 fn intent_for_another_resource_cannot_call_tools() {
-    let p = policy(support());
-    assert_eq!(reason(&judge(&p, Some("ticket.read"), None, &tool("get_ticket", json!({})))), Reason::IntentMismatch);
+    assert_eq!(reason_for("ticket.read", "get_ticket"), Reason::IntentMismatch);
 }
 
 #[test]
