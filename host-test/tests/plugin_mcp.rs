@@ -292,6 +292,23 @@ fn body_over_the_limit_is_413_with_a_record() {
 }
 
 #[test]
+fn trailers_cannot_carry_a_held_body_upstream_unjudged() {
+    // The body callback never says end_of_stream when trailers end the stream: without a
+    // trailers handler the held body (any tool, any arguments) would go upstream unjudged.
+    let mut r = rig!("always", Value::Null);
+    let req = post(&r).intent("support.read");
+    let s = open(&mut r, &req, Action::Continue);
+    let smuggled = call(json!(9), "delete_customer", json!({"customer_id": "C-1"}));
+    assert_eq!(body(&mut r, s, &smuggled, false), Action::Pause, "held");
+    assert_eq!(r.vm.request_trailers(s, [("x-trailer", "1")]).unwrap(), Action::Pause);
+    let (status, _, _, reason) = refusal(&r, s);
+    assert_eq!((status, reason.as_str()), (400, "mcp_malformed"));
+    r.vm.finish_stream(s).unwrap();
+    assert_eq!(r.records().len(), 1, "exactly one record");
+    assert_eq!(r.records()[0]["reason"], json!("mcp_malformed"));
+}
+
+#[test]
 fn malformed_json_rpc_is_400_with_the_id_kept() {
     let mut r = rig!("always", Value::Null);
     let req = post(&r).intent("support.read");

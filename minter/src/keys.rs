@@ -59,8 +59,10 @@ pub struct Policy {
     pub publish_before_use_s: u64,
     /// Keys kept and published (≥ 3).
     pub keep: usize,
-    /// A key is dropped only when its successor has been signing this long:
-    /// the longest token lifetime plus one JWKS cache period.
+    /// A key is dropped only when its successor's `not_before` is this long past: the
+    /// successor may start signing up to one publication period after `not_before` (a key
+    /// first seen late is held back again), the old key's last tokens live `ttl.max_s` after
+    /// that, and resource servers may cache the JWKS one more period.
     pub retire_after_s: u64,
     /// Added to `not_before` by `rotate`: a running minter notices a new key
     /// file within this many seconds (`reload_check_s`).
@@ -73,7 +75,10 @@ impl Policy {
         Policy {
             publish_before_use_s: pbu,
             keep: c.keys.keep.max(MIN_KEYS_KEPT),
-            retire_after_s: c.ttl.max_s.max(pbu).saturating_add(c.keys.jwks_max_age_s),
+            retire_after_s: pbu
+                .saturating_add(c.ttl.max_s)
+                .saturating_add(c.keys.jwks_max_age_s)
+                .saturating_add(c.reload_check_s.max(1)),
             notice_slack_s: c.reload_check_s.max(1),
         }
     }

@@ -793,7 +793,13 @@ impl Engine {
 
     /// A body over the resource's `max_body_bytes`: 413, and the record says so.
     pub fn body_too_large(&self, d: &mut Decision) -> Verdict {
-        self.deny_with(d, Reason::McpBodyTooLarge)
+        self.refuse_body(d, Reason::McpBodyTooLarge)
+    }
+
+    /// Refuses a request whose body was awaited (413, trailers, an unreadable body), with the
+    /// same reply every other refusal gets (JSON-RPC for an MCP call).
+    pub fn refuse_body(&self, d: &mut Decision, reason: Reason) -> Verdict {
+        self.deny_with(d, reason)
     }
 
     fn decide_body(&mut self, plan: &BodyPlan, body: &[u8], now: u64, d: &mut Decision) -> Step<Verdict> {
@@ -1854,6 +1860,29 @@ mod tests {
         e.on_revocations(Ok((200, feed_page("E1", 2, json!([]), true).as_bytes())), MS + 530).unwrap();
         assert!(e.due_poll(MS + 530).is_none());
         assert!(e.due_poll(MS + 1020).is_some());
+    }
+
+    #[test]
+    fn feed_that_never_catches_up_does_not_count_as_fresh() {
+        // Pages that answer `more: true` forever (a flood, or a feed serving a stale tail) are
+        // not a caught-up feed: past max_stale_s the cached credential is no longer used.
+        let k = TestKey::es256("k");
+        let mut e = polling_engine(&k);
+        let b = bearer(&k);
+        let (p, mut d) = plan(run(&mut e, &get(&[], &b)));
+        e.finish_mint(&p, Ok((200, &token_answer("jti-1", NOW + 200))), NOW, &mut d);
+        let mut t = MS + 500;
+        let mut cursor = 0u64;
+        while t < MS + 40_000 {
+            if e.due_poll(t).is_some() {
+                cursor += 1;
+                let page = feed_page("E1", cursor, json!([task_entry(cursor, &format!("other-{cursor}"))]), true);
+                let _ = e.on_revocations(Ok((200, page.as_bytes())), t);
+            }
+            t += 100;
+        }
+        assert!(cursor > 10, "pages kept coming ({cursor})");
+        assert_eq!(run_at(&mut e, &get(&[], &b), NOW + 31).decision.reason(), Reason::RevocationsStale);
     }
 
     #[test]

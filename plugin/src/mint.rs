@@ -704,7 +704,10 @@ impl RevocationFeed {
             }
         };
         self.failures = 0;
-        self.last_good = Some(now_ms / 1000);
+        // Fresh only once caught up: while pages remain, newer revocations may be unread.
+        if !page.more {
+            self.last_good = Some(now_ms / 1000);
+        }
         let new_epoch = page.epoch != self.epoch;
         let progress = if page.reset || new_epoch {
             // A restored or restarted minter (or our first poll): its cursor, our knowledge.

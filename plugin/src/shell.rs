@@ -911,7 +911,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body_pending: false, filtering: None, refusal_written: false, sse: false }))
+        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body_pending: false, filtering: None, refusal_written: false, sse: false, response_body_seen: 0 }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -933,6 +933,8 @@ struct Http {
     filtering: Option<bool>,
     /// The refusal's error body is in place.
     refusal_written: bool,
+    /// Bytes of the answer held so far while narrowing (for trailers that end it).
+    response_body_seen: usize,
     /// The answer being narrowed is an event stream.
     sse: bool,
 }
@@ -1131,11 +1133,7 @@ impl HttpContext for Http {
         } else {
             match request_body(body_size, max) {
                 Some(body) => engine.on_request_body(&plan, &body, now, &mut d),
-                None => {
-                    d.effect = Some(Effect::Deny);
-                    d.reason = Some(Reason::InternalError);
-                    Verdict::Reply(LocalReply::deny(Reason::InternalError, &d.id, &engine.config().upstream.decision_id_header))
-                }
+                None => engine.refuse_body(&mut d, Reason::InternalError),
             }
         };
         // Allowed: the body follows the headers. Refused: a local reply (the proxy resets the
@@ -1144,6 +1142,27 @@ impl HttpContext for Http {
         if action == Action::Continue {
             shared.note_filter(self.id, &d);
         }
+        shared.record(&d, started_ns, true);
+        action
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if !self.body_pending {
+            return Action::Continue;
+        }
+        // Trailers end the stream without a body callback that says so: the held body would go
+        // upstream unjudged. MCP's HTTP transport sends no trailers: refuse the call.
+        let shared_ref = self.shared.clone();
+        let Ok(mut shared) = shared_ref.try_borrow_mut() else { return fail_closed(Reason::InternalError) };
+        let shared = &mut *shared;
+        let Some(BodyWait { decision: mut d, started_ns, .. }) = shared.bodies.remove(&self.id) else {
+            // Still minting (the proxy holds everything then), or already answered.
+            return if shared.pending.contains_key(&self.id) { Action::Pause } else { Action::Continue };
+        };
+        self.body_pending = false;
+        let Some(engine) = shared.engine.as_ref() else { return fail_closed(Reason::NotConfigured) };
+        let verdict = engine.refuse_body(&mut d, Reason::McpMalformed);
+        let action = apply(&verdict);
         shared.record(&d, started_ns, true);
         action
     }
@@ -1190,6 +1209,7 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         if !end_of_stream {
+            self.response_body_seen = body_size;
             return Action::Pause;
         }
         let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
@@ -1204,6 +1224,16 @@ impl HttpContext for Http {
                 self.refuse_tools_list(body_size, false);
                 self.filtering = Some(false);
             }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        // A `tools/list` answer still being narrowed ends here, not in a body callback: replace
+        // what was held by the error rather than let it go out unfiltered.
+        if self.filtering == Some(true) {
+            self.refuse_tools_list(self.response_body_seen, false);
+            self.filtering = Some(false);
         }
         Action::Continue
     }
