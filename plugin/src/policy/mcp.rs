@@ -548,7 +548,10 @@ impl McpOp {
         match call.method.as_str() {
             "tools/call" => any(&self.tools, call.name.as_deref()),
             "resources/read" => {
-                (self.uris.is_some() || self.method_listed("resources/read")) && (self.uris.is_none() || any(&self.uris, call.uri.as_deref()))
+                // A URI that could mean another resource once a server decodes or resolves it
+                // (`..`, `%2e%2e`, `\\`) never matches a glob.
+                let uri = call.uri.as_deref().filter(|u| uri_safe(u));
+                (self.uris.is_some() || self.method_listed("resources/read")) && (self.uris.is_none() || any(&self.uris, uri))
             }
             "prompts/get" => {
                 (self.prompts.is_some() || self.method_listed("prompts/get")) && (self.prompts.is_none() || any(&self.prompts, call.name.as_deref()))
@@ -703,6 +706,20 @@ fn prefix_safe(s: &str) -> bool {
     !s.contains('\\') && !s.contains('%') && !s.contains("//") && !s.split('/').any(|seg| seg == "." || seg == "..") && !s.bytes().any(|b| b.is_ascii_control())
 }
 
+/// For `pattern` values, which may be free text: no backslash, control character, `.`/`..`
+/// segment or percent-escape (`%` and two hex digits); a lone `%` ("50% off") is fine.
+fn pattern_safe(s: &str) -> bool {
+    let b = s.as_bytes();
+    let escape = b.windows(3).any(|w| matches!(w, [b'%', x, y] if x.is_ascii_hexdigit() && y.is_ascii_hexdigit()));
+    !escape && !s.contains('\\') && !s.split('/').any(|seg| seg == "." || seg == "..") && !s.bytes().any(|c| c.is_ascii_control())
+}
+
+/// `prefix_safe` for a URI: the `scheme://` separator aside, the same rules.
+fn uri_safe(u: &str) -> bool {
+    let rest = u.split_once("://").map_or(u, |(_, r)| r);
+    prefix_safe(rest)
+}
+
 fn json_number(s: &str) -> Option<f64> {
     // Strict JSON number grammar (serde_json), never `NaN`, `inf` or `0x10`.
     match crate::mcp::jsonrpc::strict_value(s.as_bytes()).ok()? {
@@ -747,7 +764,8 @@ fn check_one(c: &ArgConstraint, call: &McpCall, ctx: &ArgContext<'_>) -> One {
     };
     let ok = match &c.check {
         Check::Equals(want) => values_equal(want, &v),
-        Check::Pattern(g) => v.as_str().is_some_and(|s| g.matches(s)),
+        // No dot segment, percent-escape or backslash can walk a path-like value out of it.
+        Check::Pattern(g) => v.as_str().is_some_and(|s| g.matches(s) && pattern_safe(s)),
         Check::Prefix(p) => v.as_str().is_some_and(|s| s.starts_with(p.as_str()) && prefix_safe(s)),
         Check::Range(min, max) => match v.as_f64() {
             Some(x) if v.is_number() => min.is_none_or(|m| x >= m) && max.is_none_or(|m| x <= m),

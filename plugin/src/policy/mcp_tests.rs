@@ -238,6 +238,30 @@ fn resource_uri_outside_the_pattern_is_refused() {
 }
 
 #[test]
+fn resource_uri_cannot_escape_its_glob_with_dot_segments_or_escapes() {
+    let p = policy(support());
+    let read = |uri: &str| McpCall { uri: Some(uri.into()), ..body_call("resources/read", None, Value::Null) };
+    for uri in ["tickets://..", "tickets://%2e%2e%2fcustomers%2f1", "tickets://T-1\\..\\c", "tickets://."] {
+        assert_eq!(reason(&judge(&p, Some("support.files"), None, &read(uri))), Reason::ToolNotAllowed, "{uri}");
+    }
+}
+
+#[test]
+fn pattern_constraint_cannot_be_escaped_with_dot_dot_or_escapes() {
+    let p = policy(support());
+    let base = json!({"ticket_id": "T-1", "text": "hi", "meta": {"channel": "agent"}});
+    for id in ["T-1/../../C-9", "T-%2e%2e", "T-1\\..", "T-/./x"] {
+        let mut a = base.clone();
+        a["ticket_id"] = json!(id);
+        assert_eq!(reason(&judge(&p, Some("support.comment"), None, &tool("add_comment", a))), Reason::ArgumentNotAllowed, "{id}");
+    }
+    // Free text under a `*` pattern keeps working: a lone `%` is not an escape.
+    let mut note = base.clone();
+    note["secret_note"] = json!("refund 50% of order 5512");
+    assert_eq!(judge(&p, Some("support.comment"), None, &tool("add_comment", note)).effect, Effect::Allow);
+}
+
+#[test]
 fn prompt_outside_the_pattern_is_refused() {
     let p = policy(support());
     let get = |n: &str| body_call("prompts/get", Some(n), json!({}));
