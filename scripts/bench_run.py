@@ -22,6 +22,8 @@ Configurations (all: Envoy --concurrency 1 unless --concurrency says otherwise, 
      parsed, checked against the headers and against the argument constraint
   (i) and (j) put Envoy's buffer filter after mandate, so the direct response waits for the body
   (otherwise Envoy answers a POST early and closes the connection: every request a new one).
+  q  mandate warm, (i)'s request (POST, 1 KB body, the MCP headers, the buffer filter) to a plain
+     resource of the same filter: the like-for-like baseline for (i) and (j)
   Diagnostic p: no mandate, the same POST and buffer filter: what the MCP request itself costs.
 
 Called by scripts/bench after the builds; see docs/performance.md.
@@ -54,6 +56,8 @@ LABELS = {
     "j": "mandate MCP, body path (1 KB)",
     # Diagnostic: no mandate, (i)'s POST with its 1 KB body and the buffer filter.
     "p": "no mandate, MCP POST + buffer",
+    # (i)'s request (POST, body, headers, buffer filter) to a plain resource: (e) for that request.
+    "q": "mandate warm, (i)'s POST, plain",
     # (e) with records.log: false: the record is set as filter state only (the bench configures no
     # access log, so nothing writes it): what the log line costs.
     "r": "mandate warm, records.log off",
@@ -83,6 +87,9 @@ TARGETS = {
     # Issue 12: an MCP tools/call against the plain warm path (e), same run.
     "mcp_header_vs_warm": 0.95,
     "mcp_body_vs_warm": 0.75,
+    # The same goals against (q): the plain warm path for the same request (POST, 1 KB body).
+    "mcp_header_vs_warm_post": 0.95,
+    "mcp_body_vs_warm_post": 0.75,
 }
 
 PROCS = []  # every child we started, stopped by pid on exit
@@ -318,9 +325,9 @@ def main():
     envoy_cpu = 0 if a.pin else None
     wrk_cpu = 1 if a.pin else None
     configs = [k for k in a.configs if k in LABELS]
-    needs_minter = any(k in "efgijxrEF" for k in configs)
+    needs_minter = any(k in "efgijqxrEF" for k in configs)
     mcp = fx.get("mcp")
-    if any(k in "ijp" for k in configs) and not mcp:
+    if any(k in "ijpq" for k in configs) and not mcp:
         raise RuntimeError("configurations (i) and (j) need a filter with MCP support: bench-fixture could not "
                            "write plugin-mcp-*.json (see its message above); run without i and j (--configs)")
     if ("E" in configs or "F" in configs) and not a.alt_wasm:
@@ -361,6 +368,7 @@ def main():
         "i": (wasm_filter("mandate", a.plugin_wasm, mcp_header_cfg) + buffer_filter, minter_cluster),
         "j": (wasm_filter("mandate", a.plugin_wasm, mcp_body_cfg) + buffer_filter, minter_cluster),
         "p": (buffer_filter, ""),
+        "q": (wasm_filter("mandate", a.plugin_wasm, mcp_header_cfg) + buffer_filter, minter_cluster),
         "x": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "r": (wasm_filter("mandate", a.plugin_wasm, records_cfg), minter_cluster),
         "m": (wasm_filter("calls", a.calls_wasm, ""), "") if "m" in configs else None,
@@ -395,9 +403,9 @@ def main():
     if mcp:
         mcp_headers = {"x-agent-intent": mcp["intent"], "x-agent-task": mcp["task"], **{k: v for k, v in mcp["headers"]}}
         mcp_body = (a.fixture / mcp["body_file"]).read_bytes()
-    for k in "ijp":
+    for k in "ijpq":
         if k in envs:
-            envs[k].update({"BENCH_HOST": mcp["host"], "BENCH_PATH": mcp["path"], "BENCH_METHOD": "POST",
+            envs[k].update({"BENCH_HOST": mcp["plain_host"] if k == "q" else mcp["host"], "BENCH_PATH": mcp["path"], "BENCH_METHOD": "POST",
                             "BENCH_BODY_FILE": str(a.fixture / mcp["body_file"]),
                             "BENCH_HEADERS": "\n".join(f"{n}: {v}" for n, v in mcp_headers.items())})
 
@@ -407,8 +415,8 @@ def main():
         h = {"Host": req["host"], "authorization": f"Bearer {first_pool_token if k in 'fhF' else token}",
              "x-agent-intent": req["intent"], "x-agent-task": "T-sanity" if k == "g" else req["task"]}
         try:
-            if k in "ijp":
-                h = {"Host": mcp["host"], "authorization": f"Bearer {token}", **mcp_headers}
+            if k in "ijpq":
+                h = {"Host": mcp["plain_host"] if k == "q" else mcp["host"], "authorization": f"Bearer {token}", **mcp_headers}
                 status, headers, body = request_once(envoys[k].port, h, mcp["path"], "POST", mcp_body)
             else:
                 status, headers, body = request_once(envoys[k].port, h, req["path"])
@@ -416,16 +424,18 @@ def main():
             raise RuntimeError(f"({k}) {LABELS[k]}: sanity request failed: {e}\n{envoys[k].tail()}")
         if status != 200:
             raise RuntimeError(f"({k}) {LABELS[k]}: sanity request got {status} {headers} {body[:200]!r}\n{envoys[k].tail()}")
-        if k in "efgijEF":  # (x) logs nothing, by design
+        if k in "efgijqEF":  # (x) logs nothing, by design
             deadline = time.time() + 3
             while "mandate.decision" not in envoys[k].log_path.read_text(errors="replace") and time.time() < deadline:
                 time.sleep(0.1)
             if "mandate.decision" not in envoys[k].log_path.read_text(errors="replace"):
                 raise RuntimeError(f"({k}): no decision record in Envoy's log")
-            if k in "ij":
-                # The configuration measures what it says: the record names the path that decided.
-                want = '"path":"header"' if k == "i" else '"path":"body"'
-                if want not in envoys[k].log_path.read_text(errors="replace").replace(" ", ""):
+            if k in "ijq":
+                # The configuration measures what it says: the record names the path that decided
+                # ((q) is not an MCP call at all).
+                text = envoys[k].log_path.read_text(errors="replace").replace(" ", "")
+                want = {"i": '"path":"header"', "j": '"path":"body"', "q": '"resource":"tickets-post"'}[k]
+                if want not in text:
                     raise RuntimeError(f"({k}) {LABELS[k]}: the decision record does not say {want}\n{envoys[k].tail()}")
     log("sanity: every configuration answers 200" + (" and mandate logs its decision records" if needs_minter else ""))
 
@@ -545,6 +555,8 @@ def main():
         "warm_records_log_off_vs_noop_wasm": ratio("r", "b"),
         "mcp_header_vs_warm": ratio("i", "e"),
         "mcp_body_vs_warm": ratio("j", "e"),
+        "mcp_header_vs_warm_post": ratio("i", "q"),
+        "mcp_body_vs_warm_post": ratio("j", "q"),
     }
     p("targets:")
     p(target_line("warm / no-op wasm  (e)/(b)", summary["warm_vs_noop_wasm"], TARGETS["warm_vs_noop_wasm"], ">="))
@@ -555,6 +567,8 @@ def main():
     p(target_line("minter p99 ms", summary["minter_p99_ms"], TARGETS["minter_p99_ms_max"], "<"))
     p(target_line("MCP header path / warm  (i)/(e)", summary["mcp_header_vs_warm"], TARGETS["mcp_header_vs_warm"], ">="))
     p(target_line("MCP body path / warm  (j)/(e)", summary["mcp_body_vs_warm"], TARGETS["mcp_body_vs_warm"], ">="))
+    p(target_line("MCP header / warm POST  (i)/(q)", summary["mcp_header_vs_warm_post"], TARGETS["mcp_header_vs_warm_post"], ">="))
+    p(target_line("MCP body / warm POST  (j)/(q)", summary["mcp_body_vs_warm_post"], TARGETS["mcp_body_vs_warm_post"], ">="))
     print("\n".join(lines), flush=True)
 
     summary.update({

@@ -79,6 +79,9 @@ pub const MCP_PATH: &str = "/mcp";
 pub const MCP_INTENT: &str = "ticket.triage";
 #[allow(dead_code)]
 pub const MCP_TOOL: &str = "get_ticket";
+/// (q): the same POST to a plain (non-MCP) resource: what the warm path costs for (i)'s request.
+#[allow(dead_code)]
+pub const POST_HOST: &str = "post.internal";
 /// Size of the JSON-RPC body both MCP configurations send.
 #[allow(dead_code)]
 pub const MCP_BODY_BYTES: usize = 1024;
@@ -117,11 +120,15 @@ pub fn plugin_config_mcp(bundle: &Value, max_lifetime_s: u64, credential_cache: 
         r.push(json!({"name": "tickets-mcp", "hosts": [MCP_HOST], "paths": [MCP_PATH], "methods": ["POST"],
                       "sensitivity": "internal", "audience": "tickets",
                       "mcp": {"body": body, "tools": {"refund": {"sensitivity": "confidential"}}}}));
+        // (q): (i)'s request to a plain resource, decided like (e).
+        r.push(json!({"name": "tickets-post", "hosts": [POST_HOST], "paths": [MCP_PATH], "methods": ["POST"],
+                      "sensitivity": "internal", "audience": "tickets"}));
     }
     if let Some(i) = policy["intents"].as_array_mut() {
         i.push(json!({"name": MCP_INTENT, "operations": [
             {"resource": "tickets-mcp", "tools": [MCP_TOOL, "search_*"],
-             "arguments": [{"pointer": "/ticket", "equals_context": "task"}]}
+             "arguments": [{"pointer": "/ticket", "equals_context": "task"}]},
+            {"resource": "tickets-post", "methods": ["POST"]}
         ], "scopes": ["tickets:read"], "ttl_s": 300}));
     }
     if let Some(r) = policy["rules"].as_array_mut() {

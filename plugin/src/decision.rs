@@ -18,7 +18,32 @@ impl DecisionIds {
 
     pub fn next_id(&mut self) -> String {
         self.counter = self.counter.wrapping_add(1);
-        format!("{:016x}{:08x}", self.prefix, self.counter & 0xffff_ffff)
+        // Every request pays for this: hex by hand, no formatter machinery.
+        let mut id = String::with_capacity(24);
+        push_hex(&mut id, self.prefix, 16);
+        push_hex(&mut id, self.counter & 0xffff_ffff, 8);
+        id
+    }
+}
+
+/// The low `digits` nibbles of `v`, lowercase hex, most significant first.
+fn push_hex(out: &mut String, v: u64, digits: u32) {
+    for i in (0..digits).rev() {
+        let nibble = ((v >> (i * 4)) & 0xf) as u8;
+        out.push(char::from(if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 }));
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_the_prefix_and_counter_in_fixed_width_hex() {
+        let mut ids = DecisionIds::new(0x0123_4567_89ab_cdef);
+        assert_eq!(ids.next_id(), "0123456789abcdef00000001");
+        let mut ids = DecisionIds { prefix: u64::MAX, counter: 0x1_ffff_fffe };
+        assert_eq!(ids.next_id(), format!("{:016x}{:08x}", u64::MAX, 0xffff_ffffu64));
     }
 }
 

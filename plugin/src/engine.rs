@@ -47,7 +47,7 @@ pub enum Verdict {
 /// A request whose body is still to be judged: what was read from the headers.
 #[derive(Clone)]
 pub struct BodyPlan {
-    inputs: JudgeInputs,
+    inputs: Rc<JudgeInputs>,
     identity: Rc<Identity>,
     /// The tool the header phase minted the credential for (`Mcp-Name`), if any.
     tool: Option<String>,
@@ -266,6 +266,10 @@ struct Judged {
     expires_at: u64,
     /// MCP calls decided from the headers (never from a body: those are not cached).
     mcp: Option<Rc<McpInfo>>,
+    /// Allowed as far as the headers go, the body decides: what the body is judged with. The
+    /// header phase is cached like any judgement (its inputs are all in the key); the body
+    /// never is.
+    body: Option<Rc<JudgeInputs>>,
 }
 
 /// Longest decision-cache key kept (serial, flags and the six fields as sent): with the path
@@ -486,29 +490,32 @@ impl Engine {
             }
             None => {
                 self.stats.decision_cache_misses += 1;
-                match self.judge(h, &identity, standing_secret, req.now, d)? {
-                    Judgement::Done(judged) => {
-                        let judged = Rc::new(judged);
-                        if cacheable {
-                            if let Some(c) = self.decisions.as_mut() {
-                                c.put(self.key_buf.as_slice().into(), judged.clone());
-                            }
-                        }
+                let judged = match self.judge(h, &identity, standing_secret, req.now, d)? {
+                    Judgement::Done(judged) => judged,
+                    Judgement::NeedBody(pair) => {
+                        let (inputs, mut judged) = *pair;
+                        judged.body = Some(Rc::new(inputs));
                         judged
                     }
-                    Judgement::NeedBody(pair) => {
-                        let (inputs, judged) = *pair;
-                        // The header phase: edits and (tool- or intent-scoped) credential now;
-                        // the body is judged once the headers have gone on.
-                        let header = self.conclude(&judged, Some(h), None, token, &identity, req.now, d)?;
-                        let tool = judged.mcp.as_ref().and_then(|m| m.tool.clone());
-                        let max_body_bytes = inputs.max_body_bytes;
-                        return Ok(Verdict::NeedBody(Box::new(BodyPlan { inputs, identity, tool, header: Some(Box::new(header)), max_body_bytes })));
+                };
+                let judged = Rc::new(judged);
+                if cacheable {
+                    if let Some(c) = self.decisions.as_mut() {
+                        c.put(self.key_buf.as_slice().into(), judged.clone());
                     }
                 }
+                judged
             }
         };
-        self.conclude(&judged, Some(h), None, token, &identity, req.now, d)
+        let Some(inputs) = judged.body.clone() else {
+            return self.conclude(&judged, Some(h), None, token, &identity, req.now, d);
+        };
+        // The header phase: edits and (tool- or intent-scoped) credential now; the body is
+        // judged once the headers have gone on.
+        let header = self.conclude(&judged, Some(h), None, token, &identity, req.now, d)?;
+        let tool = judged.mcp.as_ref().and_then(|m| m.tool.clone());
+        let max_body_bytes = inputs.max_body_bytes;
+        Ok(Verdict::NeedBody(Box::new(BodyPlan { inputs, identity, tool, header: Some(Box::new(header)), max_body_bytes })))
     }
 
     /// After the judgement: revocations, the effect, the edits, the credential.
@@ -716,6 +723,12 @@ impl Engine {
 
     /// The policy's judgement of prepared inputs (and the MCP call, if any).
     fn evaluate(&self, inp: &JudgeInputs, call: Option<&McpCall>, identity: &Identity, now: u64) -> Judged {
+        self.evaluate_keyed(inp, call, identity, now, true)
+    }
+
+    /// `credential`: whether the judgement needs its credential key (a body's judgement does
+    /// not: the header phase already chose the credential).
+    fn evaluate_keyed(&self, inp: &JudgeInputs, call: Option<&McpCall>, identity: &Identity, now: u64, credential: bool) -> Judged {
         let input = PolicyInput {
             principal: &identity.principal,
             iat: identity.iat,
@@ -744,7 +757,7 @@ impl Engine {
             .unwrap_or(now);
         let tool = call.and_then(McpCall::tool);
         let credential_key = match (&self.config.minter, decision.effect, decision.audience.as_deref()) {
-            (Some(_), Effect::Allow, Some(audience)) => Some(mint::credential_key(
+            (Some(_), Effect::Allow, Some(audience)) if credential => Some(mint::credential_key(
                 &identity.principal,
                 audience,
                 &decision.scopes,
@@ -778,6 +791,7 @@ impl Engine {
             credential_key,
             expires_at,
             mcp,
+            body: None,
         }
     }
 
@@ -827,7 +841,7 @@ impl Engine {
                 return Err(Reason::McpHeaderMismatch);
             }
         }
-        let judged = self.evaluate(&plan.inputs, Some(&call), &plan.identity, now);
+        let judged = self.evaluate_keyed(&plan.inputs, Some(&call), &plan.identity, now, false);
         let scope = d.mcp.as_ref().and_then(|m| m.credential_scope);
         if let Some(m) = judged.mcp.as_deref() {
             d.mcp = Some(Rc::new(McpInfo { credential_scope: scope, ..m.clone() }));

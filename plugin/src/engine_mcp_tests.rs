@@ -363,3 +363,23 @@ fn body_path_mints_for_the_header_tool_or_for_the_intent() {
     let r = reply(e.on_request_body(&p, &call_body(json!(5), "delete_customer", json!({})), NOW, &mut d));
     assert_eq!((r.status, d.reason()), (403, Reason::ToolNotAllowed));
 }
+
+#[test]
+fn cached_header_phase_never_lets_a_later_body_through_unjudged() {
+    // The header phase of a body-path call is cached like any judgement; the body is judged on
+    // every request: a harmless first call cannot vouch for a second one's arguments.
+    let k = TestKey::es256("k");
+    let mut e = engine(&k, "when_needed", false);
+    let h = post(&bearer(&k), &[&[("x-agent-intent", "support.refund"), ("x-agent-task", "T-42")][..], &mirrored("refund", &[])].concat());
+    let (p, mut d) = body_plan(run(&mut e, &h));
+    assert!(!d.decision_cache_hit);
+    let v = e.on_request_body(&p, &call_body(json!(1), "refund", json!({"amount": 20, "ticket_id": "T-42"})), NOW, &mut d);
+    assert!(matches!(v, Verdict::Forward(_)), "{:?}", d.reason());
+    let (p, mut d) = body_plan(run(&mut e, &h));
+    assert!(d.decision_cache_hit, "the same headers: the header phase comes from the cache");
+    let r = reply(e.on_request_body(&p, &call_body(json!(2), "refund", json!({"amount": 5000, "ticket_id": "T-42"})), NOW, &mut d));
+    assert_eq!((r.status, d.reason()), (403, Reason::ArgumentNotAllowed));
+    let (p, mut d) = body_plan(run(&mut e, &h));
+    let r = reply(e.on_request_body(&p, &call_body(json!(3), "delete_customer", json!({})), NOW, &mut d));
+    assert_eq!((r.status, d.reason()), (400, Reason::McpHeaderMismatch));
+}

@@ -16,7 +16,10 @@ fn main() {
 
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod native {
-    use crate::common::{claims, plugin_config, AUD, HOST, INTENT, PATH, TASK};
+    use crate::common::{
+        claims, mcp_request, plugin_config, plugin_config_mcp, AUD, HOST, INTENT, MCP_HOST,
+        MCP_INTENT, MCP_PATH, PATH, TASK,
+    };
     use mandate_plugin::config;
     use mandate_plugin::engine::{Engine, Request, Verdict};
     use mandate_plugin::headers::{serialize_pairs, Headers};
@@ -64,13 +67,17 @@ mod native {
     }
 
     fn minted(now: u64) -> Vec<u8> {
+        minted_for(now, INTENT, None)
+    }
+
+    fn minted_for(now: u64, intent: &str, tool: Option<&str>) -> Vec<u8> {
         use mandate_plugin::testkit::b64;
         let jwt = format!(
             "{}.{}.{}",
             b64(br#"{"alg":"ES256","typ":"JWT","kid":"m"}"#),
             b64(json!({"iss": "https://minter.bench.test", "sub": crate::common::PRINCIPAL, "aud": "tickets", "exp": now + 300,
-                       "iat": now, "jti": "AAAAAAAAAAAAAAAAAAAAAA", "scope": "tickets:read", "task": TASK, "intent": INTENT,
-                       "client_id": "loopback"}).to_string().as_bytes()),
+                       "iat": now, "jti": "AAAAAAAAAAAAAAAAAAAAAA", "scope": "tickets:read", "task": TASK, "intent": intent,
+                       "tool": tool, "client_id": "loopback"}).to_string().as_bytes()),
             b64(&[7u8; 64])
         );
         json!({"access_token": jwt, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer",
@@ -177,6 +184,10 @@ mod native {
                 .to_json()
                 .len();
 
+        if only.as_deref() == Some("mcp-body") {
+            mcp(&key, now, Duration::from_secs(10));
+            return;
+        }
         if only.as_deref() == Some("warm") {
             let mut ids = HashMap::new();
             let mut decs = HashMap::new();
@@ -289,6 +300,85 @@ mod native {
             t_cold / t_engine,
             t_verify / t_cold * 100.0
         );
+        mcp(&key, now, min);
         let _ = AUD;
+    }
+
+    /// (i) and (j): an MCP `tools/call` decided from its 2026-07-28 headers, and the same call
+    /// with its 1 KB body buffered and judged.
+    fn mcp(key: &TestKey, now: u64, min: Duration) {
+        let bundle = spiffe_bundle(&[key], None);
+        let token = key.sign(&claims(now - 5, now + 7200, None));
+        let (body, mcp_headers) = mcp_request();
+        let mut pairs: Vec<(String, Vec<u8>)> = [
+            (":authority", MCP_HOST),
+            (":path", MCP_PATH),
+            (":method", "POST"),
+            (":scheme", "http"),
+            ("authorization", &format!("Bearer {token}")),
+            ("x-agent-intent", MCP_INTENT),
+            ("x-agent-task", TASK),
+            ("x-forwarded-proto", "http"),
+            ("x-request-id", "6a1f8a2e-3d55-4c1e-9b8e-2f7f3c1d9a10"),
+            ("content-length", &body.len().to_string()),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        pairs.extend(mcp_headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())));
+        let map = serialize_pairs(&pairs);
+        let only_body = min >= Duration::from_secs(10);
+        for (label, mode) in [("(i) header path", "when_needed"), ("(j) body path, 1 KB", "always")] {
+            if only_body && mode != "always" {
+                continue;
+            }
+            let cfg = plugin_config_mcp(&bundle, 7260, 1024, mode);
+            let mut engine = Engine::new(config::parse(cfg.to_string().as_bytes()).unwrap(), 7, None).unwrap();
+            // Warm it: mint once, then every later request hits the caches.
+            let h = Headers::new(pairs.clone());
+            let run = |engine: &mut Engine| -> mandate_plugin::engine::Outcome {
+                let mut out = engine.on_request(&Request { headers: &h, now });
+                if let Verdict::NeedBody(plan) = &mut out.verdict {
+                    let header = plan.take_header_verdict();
+                    if let Some(Verdict::Mint(m)) = header {
+                        let (_, f) = engine.finish_mint(&m, Ok((200, &minted_for(now, MCP_INTENT, m.request.tool.as_deref()))), now, &mut out.decision);
+                        assert!(f.is_none());
+                    }
+                    let v = engine.on_request_body(plan, body.as_bytes(), now, &mut out.decision);
+                    out.verdict = v;
+                } else if let Verdict::Mint(m) = &out.verdict {
+                    let (v, f) = engine.finish_mint(m, Ok((200, &minted_for(now, MCP_INTENT, m.request.tool.as_deref()))), now, &mut out.decision);
+                    assert!(f.is_none());
+                    out.verdict = v;
+                }
+                out
+            };
+            let _ = run(&mut engine);
+            let out = run(&mut engine);
+            assert!(matches!(out.verdict, Verdict::Forward(_)), "{label}: {:?}", out.decision);
+            assert!(out.decision.credential_cache_hit, "{label}");
+            println!("== MCP {label}");
+            if only_body {
+                let t0 = Instant::now();
+                while t0.elapsed() < min {
+                    black_box(run(&mut engine));
+                }
+                return;
+            }
+            let mut line = Vec::with_capacity(2048);
+            let t_engine = bench("Engine (headers, body if any)", min, || {
+                black_box(run(&mut engine));
+            });
+            let t_record = bench("record line", min, || {
+                line.clear();
+                line.extend_from_slice(LOG_PREFIX.as_bytes());
+                DecisionRecord::new(&out.decision, Some("bench"), "0123456789ab", now * 1000, 42).write_json(&mut line);
+                black_box(&line);
+            });
+            let t_headers = bench("headers: the host's map", min, || {
+                black_box(Headers::from_map(black_box(map.clone())).unwrap());
+            });
+            println!("total {:.0} ns (engine {:.0}, record {:.0}, headers {:.0})", t_engine + t_record + t_headers, t_engine, t_record, t_headers);
+        }
     }
 }

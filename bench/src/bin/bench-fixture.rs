@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
 mod native {
     use crate::common::{
         claims, mcp_request, minter_config, plugin_config, plugin_config_mcp, AUD, HOST, INTENT,
-        MCP_HOST, MCP_INTENT, MCP_PATH, MCP_TOOL, PATH, PRINCIPAL, TASK,
+        MCP_HOST, MCP_INTENT, MCP_PATH, MCP_TOOL, PATH, POST_HOST, PRINCIPAL, TASK,
     };
     use anyhow::{Context, Result};
     use clap::Parser;
@@ -130,7 +130,7 @@ mod native {
             write_json(&cli.dir, "plugin-mcp-body.json", &mcp_body)?;
             let (body, headers) = mcp_request();
             std::fs::write(cli.dir.join("mcp-body.json"), &body)?;
-            json!({"host": MCP_HOST, "path": MCP_PATH, "intent": MCP_INTENT, "task": TASK, "tool": MCP_TOOL,
+            json!({"host": MCP_HOST, "path": MCP_PATH, "intent": MCP_INTENT, "task": TASK, "tool": MCP_TOOL, "plain_host": POST_HOST,
                    "body_file": "mcp-body.json", "body_bytes": body.len(),
                    "headers": headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>()})
         } else {
