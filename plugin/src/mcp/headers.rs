@@ -40,6 +40,10 @@ pub fn decode_value(raw: &[u8]) -> Result<String, Reason> {
     let text = if let Some(inner) = raw.strip_prefix(b"=?base64?").and_then(|r| r.strip_suffix(b"?=")) {
         let bytes = B64.decode(inner).map_err(|_| Reason::McpMalformed)?;
         String::from_utf8(bytes).map_err(|_| Reason::McpMalformed)?
+    } else if raw.get(..9).is_some_and(|p| p.eq_ignore_ascii_case(b"=?base64?")) {
+        // `=?BASE64?…?=` and other spellings: a server may decode what the filter would judge
+        // as literal text. Neither reading is safe to judge.
+        return Err(Reason::McpMalformed);
     } else {
         if !raw.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t') {
             return Err(Reason::McpMalformed);
@@ -184,6 +188,16 @@ mod tests {
         for v in [&b"=?base64?***?="[..], b"=?base64?//79?=", b"caf\xc3\xa9", b"\x00", b"a\nb"] {
             assert_eq!(read(&h(&[("mcp-name", v)])), Err(Reason::McpMalformed), "{v:?}");
         }
+    }
+
+    #[test]
+    fn encoded_value_in_another_case_cannot_be_judged_as_literal_text() {
+        // A server that decodes `=?BASE64?…?=` would act on `/etc/passwd` while a literal
+        // reading judged the wrapper: refused instead.
+        for v in [&b"=?BASE64?L2V0Yy9wYXNzd2Q=?="[..], b"=?Base64?L2V0Yy9wYXNzd2Q=?=", b"=?BASE64?"] {
+            assert_eq!(read(&h(&[("mcp-param-path", v)])), Err(Reason::McpMalformed), "{v:?}");
+        }
+        assert_eq!(read(&h(&[("mcp-param-path", b"=?base64?L2V0Yy9wYXNzd2Q=?=")])).map(|m| m.params), Ok(vec![("path".to_string(), "/etc/passwd".to_string())]));
     }
 
     #[test]

@@ -701,6 +701,15 @@ fn resolve<'v>(tokens: &[String], args: &'v Map<String, Value>) -> Option<&'v Va
     Some(v)
 }
 
+/// `s` is `prefix` or lies under it: a prefix that does not end in `/` ends at a segment
+/// boundary, so `/srv/data` covers `/srv/data/x` but not `/srv/database`.
+fn under_prefix(s: &str, prefix: &str) -> bool {
+    match s.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
 /// Whether a string may follow a prefix: no `.` or `..` segment, no `//`, no `\`, no `%`.
 fn prefix_safe(s: &str) -> bool {
     !s.contains('\\') && !s.contains('%') && !s.contains("//") && !s.split('/').any(|seg| seg == "." || seg == "..") && !s.bytes().any(|b| b.is_ascii_control())
@@ -766,7 +775,7 @@ fn check_one(c: &ArgConstraint, call: &McpCall, ctx: &ArgContext<'_>) -> One {
         Check::Equals(want) => values_equal(want, &v),
         // No dot segment, percent-escape or backslash can walk a path-like value out of it.
         Check::Pattern(g) => v.as_str().is_some_and(|s| g.matches(s) && pattern_safe(s)),
-        Check::Prefix(p) => v.as_str().is_some_and(|s| s.starts_with(p.as_str()) && prefix_safe(s)),
+        Check::Prefix(p) => v.as_str().is_some_and(|s| under_prefix(s, p) && prefix_safe(s)),
         Check::Range(min, max) => match v.as_f64() {
             Some(x) if v.is_number() => min.is_none_or(|m| x >= m) && max.is_none_or(|m| x <= m),
             _ => false,

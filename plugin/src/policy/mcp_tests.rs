@@ -201,6 +201,22 @@ fn prefix_constraint_cannot_be_escaped_with_dot_dot() {
 }
 
 #[test]
+fn prefix_without_a_trailing_slash_cannot_reach_a_sibling_directory() {
+    // `/srv/tickets` must not cover `/srv/tickets-archive` or `/srv/ticketsX`.
+    let mut cfg = support();
+    cfg["intents"][2]["operations"][0]["arguments"][0]["prefix"] = json!("/srv/tickets");
+    let p = policy(cfg);
+    for ok in ["/srv/tickets", "/srv/tickets/T-1/notes.txt"] {
+        let d = judge(&p, Some("support.files"), None, &tool("read_file", json!({"path": ok})));
+        assert_eq!(d.effect, Effect::Allow, "{ok}: {d:?}");
+    }
+    for sibling in ["/srv/tickets-archive/T-1", "/srv/ticketsX", "/srv/tickets.bak"] {
+        let d = judge(&p, Some("support.files"), None, &tool("read_file", json!({"path": sibling})));
+        assert_eq!(reason(&d), Reason::ArgumentNotAllowed, "{sibling}");
+    }
+}
+
+#[test]
 fn pattern_and_equals_constraints_hold_on_nested_pointers() {
     let p = policy(support());
     let good = json!({"ticket_id": "T-1", "text": "hi", "meta": {"channel": "agent"}});
