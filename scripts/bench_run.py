@@ -24,6 +24,8 @@ Configurations (all: Envoy --concurrency 1 unless --concurrency says otherwise, 
   (otherwise Envoy answers a POST early and closes the connection: every request a new one).
   q  mandate warm, (i)'s request (POST, 1 KB body, the MCP headers, the buffer filter) to a plain
      resource of the same filter: the like-for-like baseline for (i) and (j)
+  k  mandate warm, delegated: (e)'s request made by the last agent of a two-hop chain (the bench
+     principal -> B -> D), with D's SVID and the Txn-Token the minter issued for D
   Diagnostic p: no mandate, the same POST and buffer filter: what the MCP request itself costs.
 
 Called by scripts/bench after the builds; see docs/performance.md.
@@ -56,6 +58,7 @@ LABELS = {
     "j": "mandate MCP, body path (1 KB)",
     # Diagnostic: no mandate, (i)'s POST with its 1 KB body and the buffer filter.
     "p": "no mandate, MCP POST + buffer",
+    "k": "mandate warm, two-hop delegation",
     # (i)'s request (POST, body, headers, buffer filter) to a plain resource: (e) for that request.
     "q": "mandate warm, (i)'s POST, plain",
     # (e) with records.log: false: the record is set as filter state only (the bench configures no
@@ -90,6 +93,8 @@ TARGETS = {
     # The same goals against (q): the plain warm path for the same request (POST, 1 KB body).
     "mcp_header_vs_warm_post": 0.95,
     "mcp_body_vs_warm_post": 0.75,
+    # Issue 13: a call at the end of a two-hop delegation chain against the plain warm path (e).
+    "delegation_vs_warm": 0.85,
 }
 
 PROCS = []  # every child we started, stopped by pid on exit
@@ -284,6 +289,41 @@ def start_minter(binary, config, cpu=None):
     return p, addr
 
 
+TXN_TOKEN = "urn:ietf:params:oauth:token-type:txn_token"
+JWT_TOKEN = "urn:ietf:params:oauth:token-type:jwt"
+
+
+def txn_chain(minter_addr, fixture, dl, req, token):
+    """(k)'s chain from the minter itself (development mode on loopback): the bench principal's
+    root Txn-Token naming B, B's replacement naming D, D's replacement. Returns D's token and
+    the minter's JWKS."""
+    import urllib.error
+    import urllib.parse
+
+    def post(params):
+        data = urllib.parse.urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                                       "requested_token_type": TXN_TOKEN, **params}).encode()
+        r = urllib.request.Request(f"http://{minter_addr}/token", data=data,
+                                   headers={"content-type": "application/x-www-form-urlencoded"})
+        try:
+            with urllib.request.urlopen(r, timeout=5) as resp:
+                return json.loads(resp.read())["access_token"]
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"(k): the minter refused a Txn-Token exchange: {e.code} {e.read()[:300]!r}")
+
+    svid_b = (fixture / dl["svid_b"]).read_text().strip()
+    svid_d = (fixture / dl["svid_d"]).read_text().strip()
+    root = post({"subject_token": token, "subject_token_type": JWT_TOKEN, "task": req["task"], "intent": req["intent"],
+                 "scope": "tickets:read", "delegate": dl["b"]})
+    to_b = post({"subject_token": root, "subject_token_type": TXN_TOKEN, "actor_token": svid_b,
+                 "actor_token_type": JWT_TOKEN, "delegate": dl["d"]})
+    to_d = post({"subject_token": to_b, "subject_token_type": TXN_TOKEN, "actor_token": svid_d,
+                 "actor_token_type": JWT_TOKEN})
+    with urllib.request.urlopen(f"http://{minter_addr}/.well-known/jwks.json", timeout=5) as resp:
+        jwks = json.loads(resp.read())
+    return to_d, jwks
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -325,7 +365,7 @@ def main():
     envoy_cpu = 0 if a.pin else None
     wrk_cpu = 1 if a.pin else None
     configs = [k for k in a.configs if k in LABELS]
-    needs_minter = any(k in "efgijqxrEF" for k in configs)
+    needs_minter = any(k in "efgijkqxrEF" for k in configs)
     mcp = fx.get("mcp")
     if any(k in "ijpq" for k in configs) and not mcp:
         raise RuntimeError("configurations (i) and (j) need a filter with MCP support: bench-fixture could not "
@@ -357,6 +397,19 @@ def main():
     buffer_filter = render(ROOT / "envoy/bench/filter-buffer.yaml", {})
     mcp_header_cfg = (a.fixture / "plugin-mcp-header.json").read_text() if mcp else ""
     mcp_body_cfg = (a.fixture / "plugin-mcp-body.json").read_text() if mcp else ""
+    # (k): the minter chains the bench principal's task to B, then D; the filter trusts the
+    # minter's keys for Txn-Tokens and lets agents hand tasks to agents.
+    delegation_cfg, chain_token, chain_svid = "", "", ""
+    if "k" in configs:
+        dl = fx["delegation"]
+        chain_token, jwks = txn_chain(minter_addr, a.fixture, dl, req, token)
+        chain_svid = (a.fixture / dl["svid_d"]).read_text().strip()
+        cfg = json.loads(warm_cfg)
+        cfg["delegation"] = {"issuer": json.loads((a.fixture / "minter.json").read_text())["issuer"],
+                             "audience": dl["trust_domain"], "keys": {"inline": jwks}}
+        cfg["policy"]["delegation_rules"] = [{"id": "bench-agents-hand-off", "intents": [req["intent"]],
+                                              "from": ["agent"], "to": ["agent"]}]
+        delegation_cfg = json.dumps(cfg)
     setups = {
         "a": ("", ""),
         "b": (wasm_filter("noop", a.noop_wasm, ""), ""),
@@ -368,6 +421,7 @@ def main():
         "i": (wasm_filter("mandate", a.plugin_wasm, mcp_header_cfg) + buffer_filter, minter_cluster),
         "j": (wasm_filter("mandate", a.plugin_wasm, mcp_body_cfg) + buffer_filter, minter_cluster),
         "p": (buffer_filter, ""),
+        "k": (wasm_filter("mandate", a.plugin_wasm, delegation_cfg), minter_cluster),
         "q": (wasm_filter("mandate", a.plugin_wasm, mcp_header_cfg) + buffer_filter, minter_cluster),
         "x": (wasm_filter("mandate", a.plugin_wasm, warm_cfg), minter_cluster),
         "r": (wasm_filter("mandate", a.plugin_wasm, records_cfg), minter_cluster),
@@ -397,6 +451,9 @@ def main():
     if "g" in envs:
         envs["g"]["BENCH_HEADERS"] = f"x-agent-intent: {req['intent']}"
         envs["g"]["BENCH_FRESH_TASK"] = "1"
+    if "k" in envs:
+        envs["k"]["BENCH_TOKEN"] = chain_svid
+        envs["k"]["BENCH_HEADERS"] += f"\ntxn-token: {chain_token}"
     # (i) and (j) send the same MCP request: only the filter's `mcp.body` differs.
     mcp_headers = {}
     mcp_body = b""
@@ -415,6 +472,8 @@ def main():
         h = {"Host": req["host"], "authorization": f"Bearer {first_pool_token if k in 'fhF' else token}",
              "x-agent-intent": req["intent"], "x-agent-task": "T-sanity" if k == "g" else req["task"]}
         try:
+            if k == "k":
+                h.update({"authorization": f"Bearer {chain_svid}", "txn-token": chain_token})
             if k in "ijpq":
                 h = {"Host": mcp["plain_host"] if k == "q" else mcp["host"], "authorization": f"Bearer {token}", **mcp_headers}
                 status, headers, body = request_once(envoys[k].port, h, mcp["path"], "POST", mcp_body)
@@ -424,12 +483,14 @@ def main():
             raise RuntimeError(f"({k}) {LABELS[k]}: sanity request failed: {e}\n{envoys[k].tail()}")
         if status != 200:
             raise RuntimeError(f"({k}) {LABELS[k]}: sanity request got {status} {headers} {body[:200]!r}\n{envoys[k].tail()}")
-        if k in "efgijqEF":  # (x) logs nothing, by design
+        if k in "efgijkqEF":  # (x) logs nothing, by design
             deadline = time.time() + 3
             while "mandate.decision" not in envoys[k].log_path.read_text(errors="replace") and time.time() < deadline:
                 time.sleep(0.1)
             if "mandate.decision" not in envoys[k].log_path.read_text(errors="replace"):
                 raise RuntimeError(f"({k}): no decision record in Envoy's log")
+            if k == "k" and '"depth":2' not in envoys[k].log_path.read_text(errors="replace").replace(" ", ""):
+                raise RuntimeError(f"(k) {LABELS[k]}: the decision record does not show the two-hop chain\n{envoys[k].tail()}")
             if k in "ijq":
                 # The configuration measures what it says: the record names the path that decided
                 # ((q) is not an MCP call at all).
@@ -557,6 +618,7 @@ def main():
         "mcp_body_vs_warm": ratio("j", "e"),
         "mcp_header_vs_warm_post": ratio("i", "q"),
         "mcp_body_vs_warm_post": ratio("j", "q"),
+        "delegation_vs_warm": ratio("k", "e"),
     }
     p("targets:")
     p(target_line("warm / no-op wasm  (e)/(b)", summary["warm_vs_noop_wasm"], TARGETS["warm_vs_noop_wasm"], ">="))
@@ -569,6 +631,7 @@ def main():
     p(target_line("MCP body path / warm  (j)/(e)", summary["mcp_body_vs_warm"], TARGETS["mcp_body_vs_warm"], ">="))
     p(target_line("MCP header / warm POST  (i)/(q)", summary["mcp_header_vs_warm_post"], TARGETS["mcp_header_vs_warm_post"], ">="))
     p(target_line("MCP body / warm POST  (j)/(q)", summary["mcp_body_vs_warm_post"], TARGETS["mcp_body_vs_warm_post"], ">="))
+    p(target_line("two-hop delegation / warm  (k)/(e)", summary["delegation_vs_warm"], TARGETS["delegation_vs_warm"], ">="))
     print("\n".join(lines), flush=True)
 
     summary.update({

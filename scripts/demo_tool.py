@@ -176,7 +176,7 @@ def describe_jwt(value):
     try:
         payload = value.split(" ", 1)[1].split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        keep = {k: claims[k] for k in ("sub", "aud", "scope", "intent", "task", "tool", "exp") if k in claims}
+        keep = {k: claims[k] for k in ("sub", "act", "aud", "scope", "intent", "task", "tool", "txn", "exp") if k in claims}
         return "\n                 claims " + json.dumps(keep)
     except (IndexError, ValueError):
         return ""
@@ -287,6 +287,20 @@ def mcp_session(url, record_file, script, headers):
             print("  service:   saw nothing: the call never left Envoy")
 
 
+def delegation_keys(plugin_json, url, pki, name):
+    """Fetches the minter's JWKS (over mutual TLS) into PLUGIN_JSON's `delegation.keys`: the
+    filter verifies Txn-Tokens with the minter's published keys."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=f"{pki}/ca.pem")
+    ctx.load_cert_chain(f"{pki}/{name}.pem", f"{pki}/{name}.key")
+    with urllib.request.urlopen(url, timeout=10, context=ctx) as r:
+        jwks = json.loads(r.read())
+    cfg = json.load(open(plugin_json))
+    cfg["delegation"]["keys"] = {"inline": jwks}
+    with open(plugin_json, "w") as f:
+        json.dump(cfg, f)
+
+
 def decisions(log_file):
     for line in open(log_file, encoding="utf-8", errors="replace"):
         i = line.find("mandate.decision ")
@@ -301,7 +315,9 @@ def decisions(log_file):
               f"intent={r.get('intent') or '-':<16} task={(r.get('task') or '-'):<27} {r.get('method') or ''} "
               f"{r.get('authority') or ''}{r.get('path') or ''}"
               + (f" {r['mcp'].get('method')} {r['mcp'].get('tool') or ''}" if isinstance(r.get("mcp"), dict) else "")
-              + (f"  credential jti={cred}" if cred else ""))
+              + (f"  credential jti={cred}" if cred else "")
+              + (("  chain=" + " -> ".join(h.get("principal", "?").rsplit("/", 1)[-1] for h in r["delegation"].get("chain", [])))
+                 if isinstance(r.get("delegation"), dict) else ""))
 
 
 def main():
@@ -316,6 +332,8 @@ def main():
         request(args[0], args[1], args[2], args[3:])
     elif cmd == "post":
         post(args)
+    elif cmd == "delegation-keys":
+        delegation_keys(*args)
     elif cmd == "decisions":
         decisions(args[0])
     elif cmd == "mcp-session":

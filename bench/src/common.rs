@@ -13,6 +13,13 @@ pub const PATH: &str = "/tickets/42";
 pub const INTENT: &str = "ticket.read";
 pub const TASK: &str = "T-bench";
 
+/// (k): the two agents a two-hop delegation chain hands the bench principal's task to
+/// (bench principal → DELEGATE_B → DELEGATE_D; D makes the calls).
+#[allow(dead_code)]
+pub const DELEGATE_B: &str = "spiffe://example.org/agent/bench-b";
+#[allow(dead_code)]
+pub const DELEGATE_D: &str = "spiffe://example.org/agent/bench-d";
+
 /// SVID claims for the bench principal; `jti` makes pool tokens distinct.
 pub fn claims(iat: u64, exp: u64, jti: Option<String>) -> Value {
     let mut c = json!({"sub": PRINCIPAL, "aud": AUD, "iat": iat, "exp": exp});

@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
 mod native {
     use crate::common::{
         claims, mcp_request, minter_config, plugin_config, plugin_config_mcp, AUD, HOST, INTENT,
-        MCP_HOST, MCP_INTENT, MCP_PATH, MCP_TOOL, PATH, POST_HOST, PRINCIPAL, TASK,
+        MCP_HOST, MCP_INTENT, MCP_PATH, MCP_TOOL, PATH, POST_HOST, PRINCIPAL, TASK, DELEGATE_B, DELEGATE_D, TRUST_DOMAIN,
     };
     use anyhow::{Context, Result};
     use clap::Parser;
@@ -90,6 +90,12 @@ mod native {
 
         let (iat, exp) = (now.saturating_sub(5), now + cli.ttl);
         std::fs::write(cli.dir.join("token.jwt"), key.sign(&claims(iat, exp, None)))?;
+        // (k): the delegates' own SVIDs (scripts/bench_run.py has the minter chain them).
+        for (file, sub) in [("svid-b.jwt", DELEGATE_B), ("svid-d.jwt", DELEGATE_D)] {
+            let mut c = claims(iat, exp, None);
+            c["sub"] = json!(sub);
+            std::fs::write(cli.dir.join(file), key.sign(&c))?;
+        }
         let mut pool = std::io::BufWriter::new(std::fs::File::create(cli.dir.join("tokens.txt"))?);
         for i in 0..cli.pool {
             writeln!(
@@ -145,6 +151,8 @@ mod native {
             "token_exp": exp,
             "request": {"host": HOST, "path": PATH, "intent": INTENT, "task": TASK},
             "mcp": mcp,
+            "delegation": {"b": DELEGATE_B, "d": DELEGATE_D, "svid_b": "svid-b.jwt", "svid_d": "svid-d.jwt",
+                           "trust_domain": TRUST_DOMAIN},
         });
         write_json(&cli.dir, "fixture.json", &summary)?;
         println!("{summary}");

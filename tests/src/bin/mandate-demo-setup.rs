@@ -7,7 +7,11 @@
 //!                  (the gateway may mint and read the feed; the orchestrator may create and
 //!                  end tasks; nobody else, not even an agent holding a certificate from the
 //!                  same CA), registered tasks only; state in OUTDIR/minter-state
+//!   plugin-delegation.json  the delegation chapter's filter: the billing API, where the support
+//!                  agent may hand refunds to a billing sub-agent (`delegation.keys` is filled
+//!                  in by scripts/demo from the running minter's JWKS)
 //!   agent.svid     JWT-SVID of spiffe://acme.example/agent/support/a1 (5 minutes)
+//!   billing.svid   JWT-SVID of spiffe://acme.example/agent/billing/b1, the sub-agent
 //!   rogue.svid     the same claims signed by a key the trust domain does not hold
 //!
 //! `mandate-demo-setup intent OUTDIR TASK` writes OUTDIR/intent.jwt: a signed intent token
@@ -24,6 +28,8 @@ use std::path::{Path, PathBuf};
 
 const AUDIENCE: &str = "spiffe://acme.example/gateway";
 const AGENT: &str = "spiffe://acme.example/agent/support/a1";
+const BILLING_AGENT: &str = "spiffe://acme.example/agent/billing/b1";
+const MINTER_ISSUER: &str = "https://minter.acme.example";
 const INTENT_ISSUER: &str = "https://intents.acme.example";
 /// The proxy's identity at the minter (its client certificate's URI SAN).
 pub const GATEWAY_CLIENT: &str = "spiffe://acme.example/gateway/envoy";
@@ -73,10 +79,17 @@ fn setup(out: &Path) -> Result<()> {
     plugin_mcp["policy"] = mcp_policy();
     std::fs::write(out.join("plugin-mcp.json"), plugin_mcp.to_string())?;
 
+    // The delegation chapter: the billing API, Txn-Tokens from the minter.
+    let mut plugin_delegation = plugin.clone();
+    plugin_delegation["policy"] = delegation_policy();
+    plugin_delegation["delegation"] =
+        json!({"issuer": MINTER_ISSUER, "audience": "acme.example", "keys": {"inline": {"keys": []}}, "max_delegations": 2});
+    std::fs::write(out.join("plugin-delegation.json"), plugin_delegation.to_string())?;
+
     let pki: PathBuf = out.join("pki");
     let minter = json!({
         "listen": "127.0.0.1:0",
-        "issuer": "https://minter.acme.example",
+        "issuer": MINTER_ISSUER,
         "state_dir": out.join("minter-state"),
         "workers": 1,
         "log_level": "error",
@@ -84,18 +97,23 @@ fn setup(out: &Path) -> Result<()> {
         "tls": {"cert": pki.join("server.pem"), "key": pki.join("server.key"), "client_ca": pki.join("ca.pem")},
         "client_auth": {"mode": "mtls", "clients": [
             {"client_id": GATEWAY_CLIENT, "roles": ["mint", "feed"]},
-            {"client_id": ORCHESTRATOR_CLIENT, "roles": ["tasks", "revoke"]}
+            {"client_id": ORCHESTRATOR_CLIENT, "roles": ["tasks", "revoke"]},
+            // Agents may ask for Txn-Tokens (delegation evidence), never for a credential.
+            {"client_id": AGENT, "roles": ["txn"]},
+            {"client_id": BILLING_AGENT, "roles": ["txn"]}
         ]},
         // Destinations are the policy's resources (their `audience`, else their name);
         // `support-mcp` is the MCP chapter's support desk (plugin-mcp.json).
-        "audiences": {"acme.example": ["tickets", "ticket-comments", "kb-articles", "customer-db", "support-mcp"]},
+        "audiences": {"acme.example": ["tickets", "ticket-comments", "kb-articles", "customer-db", "support-mcp", "billing-api"]},
         "scopes": {
             "tickets": ["tickets:read", "kb:read"],
             "ticket-comments": ["tickets:read", "kb:read", "tickets:comment"],
             "kb-articles": ["tickets:read", "kb:read"],
             "customer-db": ["customers:read", "customers:write"],
-            "support-mcp": ["tickets:read", "tickets:comment", "refunds:small"]
+            "support-mcp": ["tickets:read", "tickets:comment", "refunds:small"],
+            "billing-api": ["refunds:write"]
         },
+        "txn_tokens": {"max_delegations": 2, "max_ttl_s": 600},
         "require_task": true,
         "tasks": {"require_registered": true, "default_ttl_s": 900, "max_ttl_s": 3600},
         "ttl": {"default_s": 120, "max_s": 300}
@@ -105,7 +123,34 @@ fn setup(out: &Path) -> Result<()> {
     let claims = json!({"sub": AGENT, "aud": AUDIENCE, "iat": now.saturating_sub(5), "exp": now + 300});
     std::fs::write(out.join("agent.svid"), spire.sign(&claims))?;
     std::fs::write(out.join("rogue.svid"), testkit::TestKey::es256("spire-1").sign(&claims))?;
+    let billing = json!({"sub": BILLING_AGENT, "aud": AUDIENCE, "iat": now.saturating_sub(5), "exp": now + 300});
+    std::fs::write(out.join("billing.svid"), spire.sign(&billing))?;
     Ok(())
+}
+
+/// The delegation chapter's policy: the billing API. Support agents may hand `case.refund` work
+/// to billing agents; both may post refunds, only support agents read the ledger.
+fn delegation_policy() -> Value {
+    json!({
+        "tasks": "registered",
+        "classes": [
+            {"name": "support-agent", "principals": ["spiffe://acme.example/agent/support/*"], "intent_required": true},
+            {"name": "billing-agent", "principals": ["spiffe://acme.example/agent/billing/*"], "intent_required": true}
+        ],
+        "resources": [
+            {"name": "billing-refunds", "hosts": ["billing.acme.internal"], "paths": ["/refunds/**"], "methods": ["POST"], "audience": "billing-api"},
+            {"name": "billing-ledger", "hosts": ["billing.acme.internal"], "paths": ["/ledger/**"], "methods": ["GET"], "audience": "billing-api"}
+        ],
+        "intents": [{"name": "case.refund", "scopes": ["refunds:write"], "ttl_s": 120, "operations": [
+            {"resource": "billing-refunds", "methods": ["POST"]},
+            {"resource": "billing-ledger", "methods": ["GET"]}
+        ]}],
+        "rules": [
+            {"id": "agents-refund-cases", "effect": "allow", "classes": ["support-agent", "billing-agent"], "intents": ["case.refund"], "resources": ["billing-refunds"]},
+            {"id": "support-reads-ledger", "effect": "allow", "classes": ["support-agent"], "intents": ["case.refund"], "resources": ["billing-ledger"]}
+        ],
+        "delegation_rules": [{"id": "support-hands-billing", "intents": ["case.refund"], "from": ["support-agent"], "to": ["billing-agent"]}]
+    })
 }
 
 /// The MCP chapter's policy: the support desk's MCP server (tests/mcp/server.py) as resource
