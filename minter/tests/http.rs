@@ -876,7 +876,7 @@ fn requested_token_type_that_cannot_be_issued_is_invalid_request() {
         ("legacy-crm", "urn:ietf:params:oauth:token-type:access_token"),
         ("payments-api", "urn:mandate:token-type:static-secret"),
         ("payments-api", "urn:ietf:params:oauth:token-type:saml2"),
-        ("payments-api", "urn:ietf:params:oauth:token-type:txn_token"),
+        ("payments-api", "urn:ietf:params:oauth:token-type:id_token"),
     ] {
         let (s, v, cache) = ask(aud, rtt);
         assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")), "{aud} {rtt}: {v}");
