@@ -745,6 +745,8 @@ fn example_config_is_valid() {
     let cfg = MinterConfig::load(&path).unwrap();
     assert_eq!(cfg.bundle_urls.len(), 1);
     assert_eq!(cfg.client_auth.mode, mandate_minter::config::ClientAuthMode::Mtls);
+    assert_eq!(cfg.txn_tokens.max_delegations, 2);
+    assert!(cfg.client_auth.clients.iter().any(|c| c.roles.contains(&mandate_minter::config::Role::Txn)));
 }
 
 #[test]
