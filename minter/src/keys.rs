@@ -430,6 +430,23 @@ mod tests {
     }
 
     #[test]
+    fn typed_tokens_verify_with_any_published_key_only() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        ensure_created(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let ks = load(dir.path(), &policy(), &mut HashMap::new(), crate::now()).unwrap_or_else(|e| panic!("{e}"));
+        let tok = ks.sign_typed(&serde_json::json!({"a": 1}), "txntoken+jwt").unwrap_or_else(|e| panic!("{e}"));
+        let (input, sig) = tok.rsplit_once('.').unwrap_or_else(|| panic!("{tok}"));
+        let sig = URL_SAFE_NO_PAD.decode(sig).unwrap_or_else(|e| panic!("{e}"));
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(tok.split('.').next().unwrap_or("")).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(header, serde_json::json!({"alg": "ES256", "typ": "txntoken+jwt", "kid": ks.current_kid}));
+        assert!(ks.verify_es256(&ks.current_kid, input.as_bytes(), &sig));
+        assert!(!ks.verify_es256("other", input.as_bytes(), &sig), "unknown kid");
+        assert!(!ks.verify_es256(&ks.current_kid, b"x.y", &sig), "other input");
+        assert!(!ks.verify_es256(&ks.current_kid, input.as_bytes(), &sig[..63]), "short signature");
+    }
+
+    #[test]
     fn a_key_first_seen_late_is_still_published_for_a_full_period() {
         // Someone installs a key file whose pending key is due now: this process has not
         // published it yet, so it waits one publication period from now.
