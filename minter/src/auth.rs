@@ -30,6 +30,7 @@ impl Roles {
             Role::Revoke => 4,
             Role::Feed => 8,
             Role::Tasks => 16,
+            Role::Txn => 32,
         }
     }
     pub fn all() -> Roles {

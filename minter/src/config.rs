@@ -18,6 +18,8 @@ pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-e
 pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 pub const TOKEN_TYPE_STATIC_SECRET: &str = "urn:mandate:token-type:static-secret";
+/// Transaction Tokens (draft-ietf-oauth-transaction-tokens): the delegation chain (issue 13).
+pub const TOKEN_TYPE_TXN_TOKEN: &str = "urn:ietf:params:oauth:token-type:txn_token";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +74,9 @@ pub struct MinterConfig {
     /// Signing-key publication and rotation.
     #[serde(default)]
     pub keys: KeysConfig,
+    /// Transaction Tokens: delegation chains (`docs/delegation.md`).
+    #[serde(default)]
+    pub txn_tokens: TxnTokensConfig,
 
     /// Parsed and validated `identity`, with bundle URLs split out (filled by `load`/`finish`).
     #[serde(skip)]
@@ -134,10 +139,15 @@ pub enum Role {
     Feed,
     /// `POST /tasks`, `GET /tasks/{id}`.
     Tasks,
+    /// `POST /token` for Transaction Tokens: a root Txn-Token, or a replacement naming the
+    /// next actor (`requested_token_type=urn:ietf:params:oauth:token-type:txn_token`).
+    Txn,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [Role::Mint, Role::MintLegacy, Role::Revoke, Role::Feed, Role::Tasks];
+    pub const ALL: [Role; 6] = [Role::Mint, Role::MintLegacy, Role::Revoke, Role::Feed, Role::Tasks, Role::Txn];
+    /// The names, for error messages.
+    pub const NAMES: &'static str = "mint, mint_legacy, revoke, feed, tasks, txn";
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Mint => "mint",
@@ -145,9 +155,34 @@ impl Role {
             Role::Revoke => "revoke",
             Role::Feed => "feed",
             Role::Tasks => "tasks",
+            Role::Txn => "txn",
         }
     }
 }
+
+/// Transaction Tokens (issue 13): limits of delegation chains.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxnTokensConfig {
+    /// Most `act` levels (delegations) a Txn-Token may carry, 1-8.
+    #[serde(default = "default_max_delegations")]
+    pub max_delegations: usize,
+    /// Longest Txn-Token lifetime, seconds (1-86400).
+    #[serde(default = "default_txn_max_ttl")]
+    pub max_ttl_s: u64,
+    /// `aud` of Txn-Tokens; default: the trust domain of the original principal.
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+impl Default for TxnTokensConfig {
+    fn default() -> Self {
+        TxnTokensConfig { max_delegations: default_max_delegations(), max_ttl_s: default_txn_max_ttl(), audience: None }
+    }
+}
+
+/// Largest accepted `txn_tokens.max_delegations`.
+pub const MAX_DELEGATIONS_LIMIT: usize = 8;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -291,6 +326,12 @@ fn default_reload() -> u64 {
     2
 }
 fn default_jwks_max_age() -> u64 {
+    300
+}
+fn default_max_delegations() -> usize {
+    2
+}
+fn default_txn_max_ttl() -> u64 {
     300
 }
 fn default_keep() -> usize {
@@ -437,7 +478,7 @@ impl MinterConfig {
                 bail!("client ids must be non-empty and unique (`{}`)", c.client_id);
             }
             if c.roles.is_empty() {
-                bail!("client `{}`: `roles` is required (one or more of mint, mint_legacy, revoke, feed, tasks)", c.client_id);
+                bail!("client `{}`: `roles` is required (one or more of {})", c.client_id, Role::NAMES);
             }
             if let Some(auds) = &c.audiences {
                 for a in auds.iter().filter(|a| *a != "*") {
@@ -452,6 +493,16 @@ impl MinterConfig {
         }
         if self.max_body_bytes < 1024 {
             bail!("`max_body_bytes` must be at least 1024");
+        }
+        let t = &self.txn_tokens;
+        if !(1..=MAX_DELEGATIONS_LIMIT).contains(&t.max_delegations) {
+            bail!("`txn_tokens.max_delegations` must be 1-{MAX_DELEGATIONS_LIMIT} (got {})", t.max_delegations);
+        }
+        if !(1..=86_400).contains(&t.max_ttl_s) {
+            bail!("`txn_tokens.max_ttl_s` must be 1-86400 seconds (got {})", t.max_ttl_s);
+        }
+        if let Some(a) = &t.audience {
+            crate::values::audience(a).map_err(|e| anyhow!("`txn_tokens.audience`: {e}"))?;
         }
         let k = &self.keys;
         if k.jwks_max_age_s == 0 || k.jwks_max_age_s > 86_400 {
@@ -481,6 +532,12 @@ impl MinterConfig {
 
     pub fn identity(&self) -> Result<&IdentityConfig> {
         self.identity_parsed.as_ref().ok_or_else(|| anyhow!("configuration not validated"))
+    }
+
+    /// The longest any token the minter signs may live (access tokens or Txn-Tokens), seconds:
+    /// how long a retired key must stay published.
+    pub fn longest_token_s(&self) -> u64 {
+        self.ttl.max_s.max(self.txn_tokens.max_ttl_s)
     }
 
     pub fn is_legacy(&self, audience: &str) -> bool {

@@ -9,7 +9,8 @@ pub struct OAuthError {
     pub status: StatusCode,
     pub error: &'static str,
     pub description: String,
-    /// Extension member `mandate_reason` (task and revocation refusals), read by the plugin.
+    /// Extension member `mandate_reason` (task, revocation and delegation refusals), read by
+    /// the plugin.
     pub mandate_reason: Option<&'static str>,
 }
 
@@ -20,6 +21,10 @@ impl OAuthError {
     /// 400 `invalid_grant` with `mandate_reason` (task / revocation refusals).
     pub fn refused(reason: &'static str, d: impl Into<String>) -> OAuthError {
         OAuthError { mandate_reason: Some(reason), ..Self::new(StatusCode::BAD_REQUEST, "invalid_grant", d) }
+    }
+    /// 400 `invalid_scope` with `mandate_reason` (a delegated scope that would widen).
+    pub fn refused_scope(reason: &'static str, d: impl Into<String>) -> OAuthError {
+        OAuthError { mandate_reason: Some(reason), ..Self::new(StatusCode::BAD_REQUEST, "invalid_scope", d) }
     }
     /// 403 `access_denied`: the client is known but lacks the role (not `/token`).
     pub fn access_denied(d: impl Into<String>) -> OAuthError {

@@ -1,8 +1,9 @@
 //! RFC 8693 token exchange: parameter checks, subject/actor verification,
-//! policy ceilings, and minting.
+//! policy ceilings, and minting. Transaction Tokens (issuing them, and minting an
+//! access token from one) live in `txn`; this module dispatches to it.
 
 use crate::auth::Client;
-use crate::config::{Role, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_STATIC_SECRET};
+use crate::config::{Role, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_STATIC_SECRET, TOKEN_TYPE_TXN_TOKEN};
 use crate::error::OAuthError;
 use crate::server::AppState;
 use crate::store::{IssuedRecord, Kind};
@@ -15,21 +16,25 @@ use serde_json::Value;
 pub const MAX_ACT_DEPTH: usize = 8;
 
 #[derive(Default)]
-struct Params {
-    grant_type: Option<String>,
-    subject_token: Option<String>,
-    subject_token_type: Option<String>,
-    actor_token: Option<String>,
-    actor_token_type: Option<String>,
-    audiences: Vec<String>,
-    resource: bool,
-    scope: Option<String>,
-    requested_token_type: Option<String>,
-    task: Option<String>,
-    intent: Option<String>,
+pub(crate) struct Params {
+    pub grant_type: Option<String>,
+    pub subject_token: Option<String>,
+    pub subject_token_type: Option<String>,
+    pub actor_token: Option<String>,
+    pub actor_token_type: Option<String>,
+    pub audiences: Vec<String>,
+    pub resource: bool,
+    pub scope: Option<String>,
+    pub requested_token_type: Option<String>,
+    pub task: Option<String>,
+    pub intent: Option<String>,
     /// MCP: the tool the credential is for (mandate extension parameter; `tool` claim).
-    tool: Option<String>,
-    requested_ttl: Option<String>,
+    pub tool: Option<String>,
+    pub requested_ttl: Option<String>,
+    /// Txn-Tokens: the SPIFFE ID that may exchange the issued token next (`may_act`).
+    pub delegate: Option<String>,
+    /// Txn-Tokens: JSON object narrowing the context (`resources`, `tools`, `arguments`).
+    pub tctx: Option<String>,
 }
 
 fn set_once(slot: &mut Option<String>, name: &str, value: String) -> Result<(), OAuthError> {
@@ -57,6 +62,8 @@ fn parse_params(body: &[u8]) -> Result<Params, OAuthError> {
             "intent" => set_once(&mut p.intent, &k, v)?,
             "tool" => set_once(&mut p.tool, &k, v)?,
             "requested_ttl" => set_once(&mut p.requested_ttl, &k, v)?,
+            "delegate" => set_once(&mut p.delegate, &k, v)?,
+            "tctx" => set_once(&mut p.tctx, &k, v)?,
             "audience" => p.audiences.push(v),
             "resource" => p.resource = true,
             _ => {} // RFC 6749 §3.2: unrecognized parameters are ignored.
@@ -66,12 +73,12 @@ fn parse_params(body: &[u8]) -> Result<Params, OAuthError> {
 }
 
 /// Values that end up in tokens, logs and the feed: one validation (`values`).
-fn check(r: Result<(), crate::values::Invalid>) -> Result<(), OAuthError> {
+pub(crate) fn check(r: Result<(), crate::values::Invalid>) -> Result<(), OAuthError> {
     r.map_err(|e| OAuthError::invalid_request(e.0))
 }
 
 /// RFC 6749 §3.3 scope tokens, de-duplicated in order.
-fn parse_scope(scope: Option<&str>) -> Result<Vec<String>, OAuthError> {
+pub(crate) fn parse_scope(scope: Option<&str>) -> Result<Vec<String>, OAuthError> {
     let mut out: Vec<String> = Vec::new();
     for tok in scope.unwrap_or("").split(' ').filter(|t| !t.is_empty()) {
         if !tok.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b)) {
@@ -141,18 +148,39 @@ struct Claims<'a> {
     tool: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     act: Option<Value>,
+    /// The transaction (`txn` of the Txn-Token the credential was minted from).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    txn: Option<&'a str>,
     client_id: &'a str,
 }
 
-struct Verified {
-    principal: String,
+pub(crate) struct Verified {
+    pub principal: String,
     /// Trust domain, or the OIDC issuer for principals without one.
-    domain: String,
-    exp: u64,
-    hash: String,
+    pub domain: String,
+    pub exp: u64,
+    pub hash: String,
 }
 
-fn verify(st: &AppState, which: &str, token: &str, now: u64) -> Result<Verified, OAuthError> {
+/// Who an access token is for, once the subject (and actor) verified and every check on
+/// them passed: from a JWT-SVID here, or from a Txn-Token (`txn`).
+pub(crate) struct Subject {
+    pub principal: String,
+    /// Trust domain (or OIDC issuer) whose ceilings apply.
+    pub domain: String,
+    /// The issued token never outlives this (None: no cap).
+    pub exp_cap: Option<u64>,
+    pub act: Option<Value>,
+    pub task: Option<String>,
+    pub intent: Option<String>,
+    /// The registered task's expiry, if any.
+    pub task_expires_at: Option<u64>,
+    pub txn: Option<String>,
+    /// Short hash of the subject token, for logs.
+    pub hash: String,
+}
+
+pub(crate) fn verify(st: &AppState, which: &str, token: &str, now: u64) -> Result<Verified, OAuthError> {
     st.identity
         .verify(token.as_bytes(), now, |id| Verified {
             principal: id.principal.clone(),
@@ -180,11 +208,12 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
         Some(_) => return Err(OAuthError::unsupported_grant_type("only token exchange (RFC 8693) is supported")),
     }
     let subject_token = p.subject_token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| OAuthError::invalid_request("missing `subject_token`"))?;
-    match p.subject_token_type.as_deref() {
-        Some(TOKEN_TYPE_JWT) => {}
+    let subject_is_txn = match p.subject_token_type.as_deref() {
+        Some(TOKEN_TYPE_JWT) => false,
+        Some(TOKEN_TYPE_TXN_TOKEN) => true,
         None => return Err(OAuthError::invalid_request("missing `subject_token_type`")),
-        Some(_) => return Err(OAuthError::invalid_request(format!("`subject_token_type` must be {TOKEN_TYPE_JWT}"))),
-    }
+        Some(_) => return Err(OAuthError::invalid_request(format!("`subject_token_type` must be {TOKEN_TYPE_JWT} or {TOKEN_TYPE_TXN_TOKEN}"))),
+    };
     if p.actor_token.is_some() != p.actor_token_type.is_some() {
         return Err(OAuthError::invalid_request("`actor_token` and `actor_token_type` go together"));
     }
@@ -193,6 +222,13 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
     }
     if p.resource {
         return Err(OAuthError::invalid_target("`resource` is not supported; name the destination with `audience`"));
+    }
+    if p.requested_token_type.as_deref() == Some(TOKEN_TYPE_TXN_TOKEN) {
+        return crate::txn::issue(st, client, &p, subject_token, subject_is_txn, now);
+    }
+    // Never ignored: a caller who believes it narrowed a credential must learn that it did not.
+    if p.delegate.is_some() || p.tctx.is_some() {
+        return Err(OAuthError::invalid_request(format!("`delegate` and `tctx` apply only with `requested_token_type={TOKEN_TYPE_TXN_TOKEN}`")));
     }
     let audience = match p.audiences.as_slice() {
         [a] if !a.is_empty() => a.clone(),
@@ -213,13 +249,16 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
             return Err(OAuthError::invalid_request(format!("this audience is served a static secret: `requested_token_type` must be {TOKEN_TYPE_STATIC_SECRET} or absent")))
         }
         (Some(_), _) => {
-            return Err(OAuthError::invalid_request(format!("`requested_token_type` must be {TOKEN_TYPE_JWT}, {TOKEN_TYPE_ACCESS_TOKEN} or absent")))
+            return Err(OAuthError::invalid_request(format!(
+                "`requested_token_type` must be {TOKEN_TYPE_JWT}, {TOKEN_TYPE_ACCESS_TOKEN}, {TOKEN_TYPE_TXN_TOKEN} or absent"
+            )))
         }
     }
     let scopes = parse_scope(p.scope.as_deref())?;
     if let Some(t) = &p.task {
         check(crate::values::task(t))?;
-    } else if st.config.require_task {
+    } else if st.config.require_task && !subject_is_txn {
+        // A Txn-Token always names its task.
         return Err(OAuthError::invalid_request("missing `task`"));
     }
     if let Some(i) = &p.intent {
@@ -228,14 +267,134 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
     if let Some(t) = &p.tool {
         check(crate::values::tool(t))?;
     }
-    let requested_ttl = match p.requested_ttl.as_deref() {
-        None => None,
-        Some(s) => match s.parse::<u64>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => return Err(OAuthError::invalid_request("`requested_ttl` must be a positive integer (seconds)")),
-        },
+    let requested_ttl = parse_ttl(p.requested_ttl.as_deref())?;
+
+    let subject = if subject_is_txn {
+        crate::txn::subject_for_access_token(st, &p, subject_token, &scopes, now)?
+    } else {
+        plain_subject(st, &p, subject_token, now)?
     };
 
+    // Ceilings: destinations per trust domain, per client, scopes per destination.
+    let allowed = st.allowed_audiences.get(&subject.domain).is_some_and(|set| set.contains(&audience) || set.contains("*"));
+    if !allowed {
+        return Err(OAuthError::invalid_target(format!("audience not allowed for trust domain `{}`", subject.domain)));
+    }
+    if let Some(auds) = &client.audiences {
+        if !auds.iter().any(|a| a == &audience || a == "*") {
+            return Err(OAuthError::unauthorized_client("this client may not obtain tokens for the audience"));
+        }
+    }
+    // An audience without a scope list allows no scope; `["*"]` allows any.
+    let allowed_scopes = st.scopes.get(&audience);
+    if !allowed_scopes.is_some_and(|set| set.contains("*")) {
+        let denied: Vec<&str> =
+            scopes.iter().filter(|s| !allowed_scopes.is_some_and(|set| set.contains(s.as_str()))).map(String::as_str).collect();
+        if !denied.is_empty() {
+            return Err(OAuthError::invalid_scope(format!("scope not allowed for the audience: {}", denied.join(" "))));
+        }
+    }
+
+    let ttl_cfg = &st.config.ttl;
+    let mut ttl = requested_ttl.unwrap_or(ttl_cfg.default_s).min(ttl_cfg.max_s);
+    if let Some(cap) = subject.exp_cap {
+        let left = cap.saturating_sub(now);
+        if left == 0 {
+            return Err(OAuthError::invalid_grant("subject_token expires now"));
+        }
+        ttl = ttl.min(left);
+    }
+    // Never past the task's expiry.
+    if let Some(task_exp) = subject.task_expires_at {
+        let left = task_exp.saturating_sub(now);
+        if left == 0 {
+            return Err(OAuthError::refused("task_expired", "task expired"));
+        }
+        ttl = ttl.min(left);
+    }
+    let exp = now + ttl;
+    let scope_str = scopes.join(" ");
+    let jti = random_id();
+    let Subject { principal, act, task, intent, txn, hash, .. } = subject;
+
+    let body = if legacy {
+        let secrets = st.legacy_secrets();
+        let secret = secrets
+            .secrets
+            .get(&audience)
+            .ok_or_else(|| OAuthError::invalid_target("no credential is configured for this legacy audience"))?;
+        // RFC 6749 §7.1 / RFC 8693 §2.2.1: a static secret is not an OAuth access token, so
+        // `token_type` is `N_A`; where and how to send it are mandate extension members.
+        let mut body = serde_json::json!({
+            "access_token": secret.secret,
+            "issued_token_type": TOKEN_TYPE_STATIC_SECRET,
+            "token_type": "N_A",
+            "expires_in": ttl,
+            "mandate_header": secret.header,
+        });
+        if let (Some(o), Some(scheme)) = (body.as_object_mut(), secret.scheme.as_ref().filter(|s| !s.is_empty())) {
+            o.insert("mandate_scheme".into(), Value::String(scheme.clone()));
+        }
+        body
+    } else {
+        let claims = Claims {
+            iss: &st.config.issuer,
+            sub: &principal,
+            aud: &audience,
+            iat: now,
+            nbf: now,
+            exp,
+            jti: &jti,
+            scope: (!scope_str.is_empty()).then_some(scope_str.as_str()),
+            intent: intent.as_deref(),
+            task: task.as_deref(),
+            tool: p.tool.as_deref(),
+            act,
+            txn: txn.as_deref(),
+            client_id: &client.client_id,
+        };
+        let token = st.current_keys().sign_jwt(&claims).map_err(|_| OAuthError::server_error("signing failed"))?;
+        let mut body = serde_json::json!({
+            "access_token": token,
+            "issued_token_type": TOKEN_TYPE_JWT,
+            "token_type": "Bearer",
+            "expires_in": ttl,
+        });
+        if let Some(o) = body.as_object_mut().filter(|_| !scope_str.is_empty()) {
+            o.insert("scope".into(), Value::String(scope_str.clone()));
+        }
+        body
+    };
+
+    let record = IssuedRecord {
+        jti: jti.clone(),
+        sub: principal.clone(),
+        task,
+        aud: audience.clone(),
+        client_id: client.client_id.clone(),
+        iat: now,
+        exp,
+    };
+    if !st.store.record_issued(record) {
+        return Err(OAuthError::server_error("state store unavailable"));
+    }
+    Ok(Exchanged { body, sub: principal, aud: audience, jti, subject_hash: hash })
+}
+
+/// `requested_ttl`: absent, or a positive number of seconds.
+pub(crate) fn parse_ttl(v: Option<&str>) -> Result<Option<u64>, OAuthError> {
+    match v {
+        None => Ok(None),
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(OAuthError::invalid_request("`requested_ttl` must be a positive integer (seconds)")),
+        },
+    }
+}
+
+/// The subject of an exchange whose subject token is a JWT-SVID (or OIDC token): verified,
+/// with its actor, delegation chain, revocations and task checked.
+fn plain_subject(st: &AppState, p: &Params, subject_token: &str, now: u64) -> Result<Subject, OAuthError> {
     // The minter verifies the subject itself: it is never an open token oracle. Claims are
     // read from a token only after it verified.
     let subject = verify(st, "subject_token", subject_token, now)?;
@@ -284,111 +443,21 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
         None => None,
     };
 
-    // Ceilings: destinations per trust domain, per client, scopes per destination.
-    let allowed = st.allowed_audiences.get(&subject.domain).is_some_and(|set| set.contains(&audience) || set.contains("*"));
-    if !allowed {
-        return Err(OAuthError::invalid_target(format!("audience not allowed for trust domain `{}`", subject.domain)));
-    }
-    if let Some(auds) = &client.audiences {
-        if !auds.iter().any(|a| a == &audience || a == "*") {
-            return Err(OAuthError::unauthorized_client("this client may not obtain tokens for the audience"));
-        }
-    }
-    // An audience without a scope list allows no scope; `["*"]` allows any.
-    let allowed_scopes = st.scopes.get(&audience);
-    if !allowed_scopes.is_some_and(|set| set.contains("*")) {
-        let denied: Vec<&str> =
-            scopes.iter().filter(|s| !allowed_scopes.is_some_and(|set| set.contains(s.as_str()))).map(String::as_str).collect();
-        if !denied.is_empty() {
-            return Err(OAuthError::invalid_scope(format!("scope not allowed for the audience: {}", denied.join(" "))));
-        }
-    }
-
-    let ttl_cfg = &st.config.ttl;
-    let mut ttl = requested_ttl.unwrap_or(ttl_cfg.default_s).min(ttl_cfg.max_s);
-    if ttl_cfg.cap_to_subject_exp {
-        let mut left = subject.exp.saturating_sub(now);
-        if let Some(a) = &actor {
-            left = left.min(a.exp.saturating_sub(now));
-        }
-        if left == 0 {
-            return Err(OAuthError::invalid_grant("subject_token expires now"));
-        }
-        ttl = ttl.min(left);
-    }
-    // Never past the task's expiry.
-    if let Some(task_exp) = task_expires_at {
-        let left = task_exp.saturating_sub(now);
-        if left == 0 {
-            return Err(OAuthError::refused("task_expired", "task expired"));
-        }
-        ttl = ttl.min(left);
-    }
-    let exp = now + ttl;
-    let scope_str = scopes.join(" ");
-    let jti = random_id();
-
-    let body = if legacy {
-        let secrets = st.legacy_secrets();
-        let secret = secrets
-            .secrets
-            .get(&audience)
-            .ok_or_else(|| OAuthError::invalid_target("no credential is configured for this legacy audience"))?;
-        // RFC 6749 §7.1 / RFC 8693 §2.2.1: a static secret is not an OAuth access token, so
-        // `token_type` is `N_A`; where and how to send it are mandate extension members.
-        let mut body = serde_json::json!({
-            "access_token": secret.secret,
-            "issued_token_type": TOKEN_TYPE_STATIC_SECRET,
-            "token_type": "N_A",
-            "expires_in": ttl,
-            "mandate_header": secret.header,
-        });
-        if let (Some(o), Some(scheme)) = (body.as_object_mut(), secret.scheme.as_ref().filter(|s| !s.is_empty())) {
-            o.insert("mandate_scheme".into(), Value::String(scheme.clone()));
-        }
-        body
-    } else {
-        let claims = Claims {
-            iss: &st.config.issuer,
-            sub: &subject.principal,
-            aud: &audience,
-            iat: now,
-            nbf: now,
-            exp,
-            jti: &jti,
-            scope: (!scope_str.is_empty()).then_some(scope_str.as_str()),
-            intent: p.intent.as_deref(),
-            task: p.task.as_deref(),
-            tool: p.tool.as_deref(),
-            act,
-            client_id: &client.client_id,
-        };
-        let token = st.current_keys().sign_jwt(&claims).map_err(|_| OAuthError::server_error("signing failed"))?;
-        let mut body = serde_json::json!({
-            "access_token": token,
-            "issued_token_type": TOKEN_TYPE_JWT,
-            "token_type": "Bearer",
-            "expires_in": ttl,
-        });
-        if let Some(o) = body.as_object_mut().filter(|_| !scope_str.is_empty()) {
-            o.insert("scope".into(), Value::String(scope_str.clone()));
-        }
-        body
-    };
-
-    let record = IssuedRecord {
-        jti: jti.clone(),
-        sub: subject.principal.clone(),
+    let exp_cap = st.config.ttl.cap_to_subject_exp.then(|| match &actor {
+        Some(a) => subject.exp.min(a.exp),
+        None => subject.exp,
+    });
+    Ok(Subject {
+        principal: subject.principal,
+        domain: subject.domain,
+        exp_cap,
+        act,
         task: p.task.clone(),
-        aud: audience.clone(),
-        client_id: client.client_id.clone(),
-        iat: now,
-        exp,
-    };
-    if !st.store.record_issued(record) {
-        return Err(OAuthError::server_error("state store unavailable"));
-    }
-    Ok(Exchanged { body, sub: subject.principal, aud: audience, jti, subject_hash: subject.hash })
+        intent: p.intent.clone(),
+        task_expires_at,
+        txn: None,
+        hash: subject.hash,
+    })
 }
 
 /// 128 random bits, base64url.

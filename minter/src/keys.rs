@@ -61,7 +61,8 @@ pub struct Policy {
     pub keep: usize,
     /// A key is dropped only when its successor's `not_before` is this long past: the
     /// successor may start signing up to one publication period after `not_before` (a key
-    /// first seen late is held back again), the old key's last tokens live `ttl.max_s` after
+    /// first seen late is held back again), the old key's last tokens live `ttl.max_s` (or
+    /// `txn_tokens.max_ttl_s`, whichever is longer) after
     /// that, and resource servers may cache the JWKS one more period.
     pub retire_after_s: u64,
     /// Added to `not_before` by `rotate`: a running minter notices a new key
@@ -76,7 +77,7 @@ impl Policy {
             publish_before_use_s: pbu,
             keep: c.keys.keep.max(MIN_KEYS_KEPT),
             retire_after_s: pbu
-                .saturating_add(c.ttl.max_s)
+                .saturating_add(c.longest_token_s())
                 .saturating_add(c.keys.jwks_max_age_s)
                 .saturating_add(c.reload_check_s.max(1)),
             notice_slack_s: c.reload_check_s.max(1),
@@ -145,6 +146,9 @@ pub struct KeySet {
     pub newest_created: u64,
     /// `{"keys": [...]}`, serialized once.
     pub jwks: String,
+    /// Published P-256 public keys (kid → uncompressed point), for verifying the minter's own
+    /// tokens (Txn-Tokens) with any key still in the JWKS.
+    verify_keys: HashMap<String, Vec<u8>>,
     pub modified: Option<SystemTime>,
 }
 
@@ -284,6 +288,7 @@ impl KeySet {
         let header = serde_json::json!({"alg": signer.alg(), "typ": "JWT", "kid": current_kid});
         let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
         let kids = jwks.iter().filter_map(|k| k.get("kid").and_then(|v| v.as_str()).map(str::to_string)).collect();
+        let verify_keys = jwks.iter().filter_map(p256_point).collect();
         KeySet {
             current_kid,
             signer,
@@ -293,8 +298,32 @@ impl KeySet {
             next_change: None,
             newest_created: 0,
             jwks: serde_json::json!({ "keys": jwks }).to_string(),
+            verify_keys,
             modified,
         }
+    }
+
+    /// A compact JWS over `claims` with the current key and the JOSE `typ` given
+    /// (e.g. `txntoken+jwt`).
+    pub fn sign_typed<T: Serialize>(&self, claims: &T, typ: &str) -> Result<String> {
+        let header = serde_json::json!({"alg": self.signer.alg(), "typ": typ, "kid": self.current_kid});
+        let mut out = URL_SAFE_NO_PAD.encode(header.to_string());
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(serde_json::to_vec(claims)?, &mut out);
+        let sig = self.signer.sign(out.as_bytes())?;
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(&sig, &mut out);
+        Ok(out)
+    }
+
+    /// Whether `signature` (ES256, `r || s`) over `signing_input` verifies with the published
+    /// key `kid`. Unknown kids and non-P-256 keys never verify.
+    pub fn verify_es256(&self, kid: &str, signing_input: &[u8], signature: &[u8]) -> bool {
+        self.verify_keys.get(kid).is_some_and(|point| {
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point)
+                .verify(signing_input, signature)
+                .is_ok()
+        })
     }
 
     /// A compact JWS over `claims` with the current key.
@@ -309,6 +338,21 @@ impl KeySet {
         URL_SAFE_NO_PAD.encode_string(&sig, &mut out);
         Ok(out)
     }
+}
+
+/// (kid, uncompressed point) of a published P-256 JWK.
+fn p256_point(jwk: &serde_json::Value) -> Option<(String, Vec<u8>)> {
+    let s = |k: &str| jwk.get(k).and_then(|v| v.as_str());
+    if s("kty") != Some("EC") || s("crv") != Some("P-256") {
+        return None;
+    }
+    let x = URL_SAFE_NO_PAD.decode(s("x")?).ok().filter(|x| x.len() == 32)?;
+    let y = URL_SAFE_NO_PAD.decode(s("y")?).ok().filter(|y| y.len() == 32)?;
+    let mut point = Vec::with_capacity(65);
+    point.push(4);
+    point.extend_from_slice(&x);
+    point.extend_from_slice(&y);
+    Some((s("kid")?.to_string(), point))
 }
 
 static SIGN_RNG: std::sync::LazyLock<ring::rand::SystemRandom> = std::sync::LazyLock::new(ring::rand::SystemRandom::new);
@@ -383,6 +427,23 @@ mod tests {
         assert_eq!(ks.next_change, Some(t0 + 302));
         let later = load(dir.path(), &p, &mut seen, t0 + 302).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(later.current_kid, r.kid);
+    }
+
+    #[test]
+    fn typed_tokens_verify_with_any_published_key_only() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        ensure_created(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let ks = load(dir.path(), &policy(), &mut HashMap::new(), crate::now()).unwrap_or_else(|e| panic!("{e}"));
+        let tok = ks.sign_typed(&serde_json::json!({"a": 1}), "txntoken+jwt").unwrap_or_else(|e| panic!("{e}"));
+        let (input, sig) = tok.rsplit_once('.').unwrap_or_else(|| panic!("{tok}"));
+        let sig = URL_SAFE_NO_PAD.decode(sig).unwrap_or_else(|e| panic!("{e}"));
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(tok.split('.').next().unwrap_or("")).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(header, serde_json::json!({"alg": "ES256", "typ": "txntoken+jwt", "kid": ks.current_kid}));
+        assert!(ks.verify_es256(&ks.current_kid, input.as_bytes(), &sig));
+        assert!(!ks.verify_es256("other", input.as_bytes(), &sig), "unknown kid");
+        assert!(!ks.verify_es256(&ks.current_kid, b"x.y", &sig), "other input");
+        assert!(!ks.verify_es256(&ks.current_kid, input.as_bytes(), &sig[..63]), "short signature");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod server;
 pub mod store;
 pub mod tasks;
 pub mod tls;
+pub mod txn;
 pub mod values;
 pub mod verify;
 

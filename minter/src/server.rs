@@ -53,7 +53,7 @@ impl AppState {
         let mut keys_seen = HashMap::new();
         let keyset = keys::load(&config.state_dir, &key_policy, &mut keys_seen, crate::now())?;
         let jwks_cache_control = HeaderValue::from_str(&format!("public, max-age={}", config.keys.jwks_max_age_s))?;
-        let store = Store::open(&config.state_dir, config.ttl.max_s)?;
+        let store = Store::open(&config.state_dir, config.longest_token_s())?;
         let legacy = match &config.legacy {
             Some(l) => {
                 let f = legacy::load(&l.secrets_file)?;

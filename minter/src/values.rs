@@ -1,6 +1,7 @@
 //! One validation for every value the minter signs, stores or publishes.
 //!
-//! `/token` (audience, task, intent), `POST /tasks` (subjects, intents,
+//! `/token` (audience, task, intent, tool; for Transaction Tokens also SPIFFE
+//! IDs, resource names and JSON pointers), `POST /tasks` (subjects, intents,
 //! label), `POST /tasks/{id}/end` and `POST /revoke` (task, jti, subject) all
 //! check their values here, so nothing reaches a token, the database or the
 //! revocation feed that another endpoint would refuse. The limits keep every
@@ -81,6 +82,39 @@ pub fn subject(v: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A SPIFFE ID (a `subject` that must be one): `delegate`, `sub`, `act.sub`, `may_act.sub`.
+pub fn spiffe_id(v: &str) -> Result<(), Invalid> {
+    if !v.starts_with("spiffe://") || subject(v).is_err() {
+        return Err(Invalid("expected a SPIFFE ID (spiffe://trust-domain/path)".into()));
+    }
+    Ok(())
+}
+
+/// Most bytes of a resource name (as policies spell them: `[a-z0-9._-]`).
+pub const MAX_RESOURCE: usize = 128;
+
+/// A policy resource name (`tctx.resources`): 1-128 of `[a-z0-9._-]`.
+pub fn resource_name(v: &str) -> Result<(), Invalid> {
+    if v.is_empty() || v.len() > MAX_RESOURCE || !v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)) {
+        return Err(Invalid(format!("resource names must be 1-{MAX_RESOURCE} characters of [a-z0-9._-]")));
+    }
+    Ok(())
+}
+
+/// Most bytes of a JSON pointer (`tctx.arguments[].pointer`).
+pub const MAX_POINTER: usize = 256;
+
+/// An RFC 6901 JSON pointer into a tool call's arguments: `/`-prefixed, `~` only as `~0` or
+/// `~1`, 1-256 bytes, no control characters.
+pub fn json_pointer(v: &str) -> Result<(), Invalid> {
+    let b = v.as_bytes();
+    let escapes_ok = b.iter().enumerate().all(|(i, c)| *c != b'~' || matches!(b.get(i + 1), Some(b'0' | b'1')));
+    if !v.starts_with('/') || v.len() > MAX_POINTER || v.chars().any(char::is_control) || !escapes_ok {
+        return Err(Invalid(format!("a pointer must be an RFC 6901 JSON pointer starting with `/`, at most {MAX_POINTER} bytes")));
+    }
+    Ok(())
+}
+
 pub fn jti(v: &str) -> Result<(), Invalid> {
     if v.is_empty() || v.len() > MAX_JTI || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         return Err(Invalid(format!("`jti` must be 1-{MAX_JTI} base64url characters")));
@@ -153,6 +187,22 @@ mod tests {
         }
         assert!(jti(&"a".repeat(MAX_JTI + 1)).is_err());
         assert!(jti(&"a".repeat(2048)).is_err());
+    }
+
+    #[test]
+    fn spiffe_ids_resource_names_and_pointers() {
+        assert!(spiffe_id("spiffe://example.org/agent/b").is_ok());
+        for bad in ["", "bob", "https://x/y", "spiffe://example.org/../b", "spiffe://example.org/b\n", "spiffe://Example.org/b"] {
+            assert!(spiffe_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(resource_name("billing-api.v2_x").is_ok());
+        for bad in ["", "Billing", "a b", "a/b", "é", &"a".repeat(MAX_RESOURCE + 1)] {
+            assert!(resource_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(json_pointer("/a/b~0c/~1").is_ok());
+        for bad in ["", "a", "/a~", "/a~x", "/a\n", "/a\u{7f}", &format!("/{}", "a".repeat(MAX_POINTER))] {
+            assert!(json_pointer(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

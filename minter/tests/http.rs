@@ -745,6 +745,8 @@ fn example_config_is_valid() {
     let cfg = MinterConfig::load(&path).unwrap();
     assert_eq!(cfg.bundle_urls.len(), 1);
     assert_eq!(cfg.client_auth.mode, mandate_minter::config::ClientAuthMode::Mtls);
+    assert_eq!(cfg.txn_tokens.max_delegations, 2);
+    assert!(cfg.client_auth.clients.iter().any(|c| c.roles.contains(&mandate_minter::config::Role::Txn)));
 }
 
 #[test]
@@ -876,7 +878,7 @@ fn requested_token_type_that_cannot_be_issued_is_invalid_request() {
         ("legacy-crm", "urn:ietf:params:oauth:token-type:access_token"),
         ("payments-api", "urn:mandate:token-type:static-secret"),
         ("payments-api", "urn:ietf:params:oauth:token-type:saml2"),
-        ("payments-api", "urn:ietf:params:oauth:token-type:txn_token"),
+        ("payments-api", "urn:ietf:params:oauth:token-type:id_token"),
     ] {
         let (s, v, cache) = ask(aud, rtt);
         assert_eq!((s, v["error"].as_str()), (400, Some("invalid_request")), "{aud} {rtt}: {v}");
