@@ -247,6 +247,26 @@ impl Verifier {
         self.cache.as_ref().map_or(0, LruCache::len)
     }
 
+    /// Tolerated clock skew, seconds.
+    pub fn skew(&self) -> u64 {
+        self.skew
+    }
+
+    /// Longest token accepted, bytes.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// Checks a parsed token's signature with `key`: the host's crypto when it can, else the
+    /// pure-Rust verifier. For other token kinds verified against these bundles (Txn-Tokens).
+    pub(crate) fn check_signature(&self, parsed: &jws::Parsed<'_>, key: &TrustedKey, now: u64) -> Result<(), Reason> {
+        match self.host.as_ref().and_then(|h| host_signature_check(h, parsed, key)) {
+            Some(true) => Ok(()),
+            Some(false) => Err(Reason::SignatureInvalid),
+            None => verify_signature(parsed, key, now, self.skew),
+        }
+    }
+
     /// Drops every cached verification (e.g. on reconfiguration).
     pub fn clear_cache(&mut self) {
         if let Some(c) = self.cache.as_mut() {
