@@ -1197,7 +1197,7 @@ impl Policy {
                 RuleTrace { id: r.id.clone(), effect: r.effect, dry_run: r.dry_run, matched: why_not.is_none(), why_not }
             })
             .collect();
-        Explanation { decision, rules }
+        Explanation { decision, rules, delegation: None }
     }
 }
 
@@ -1229,6 +1229,9 @@ pub struct RuleTrace {
 pub struct Explanation {
     pub decision: PolicyDecision,
     pub rules: Vec<RuleTrace>,
+    /// A delegated request: each edge and each principal's judgement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<crate::delegation::judge::Judgement>,
 }
 
 #[cfg(test)]
