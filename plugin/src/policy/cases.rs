@@ -108,17 +108,19 @@ impl CaseDelegation {
     pub fn token(&self, policy: &Policy, r: &CaseRequest, iat: u64, exp: u64) -> Result<TxnToken, Reason> {
         let intent = self.intent.clone().or_else(|| r.intent.clone()).unwrap_or_default();
         let task = self.task.clone().or_else(|| r.task.clone()).unwrap_or_else(|| "case-task".into());
-        let mut tctx = serde_json::json!({"task": task, "intent": intent});
+        let mut tctx = serde_json::Map::new();
+        tctx.insert("task".into(), task.into());
+        tctx.insert("intent".into(), intent.clone().into());
         if let Some(v) = &self.resources {
-            tctx["resources"] = serde_json::json!(v);
+            tctx.insert("resources".into(), serde_json::json!(v));
         }
         if let Some(v) = &self.tools {
-            tctx["tools"] = serde_json::json!(v);
+            tctx.insert("tools".into(), serde_json::json!(v));
         }
         if let Some(v) = &self.arguments {
-            tctx["arguments"] = v.clone();
+            tctx.insert("arguments".into(), v.clone());
         }
-        let ctx = serde_json::from_value(tctx).ok().and_then(|raw| TxnContext::from_raw(raw).ok()).ok_or(Reason::DelegationTokenInvalid)?;
+        let ctx = serde_json::from_value(serde_json::Value::Object(tctx)).ok().and_then(|raw| TxnContext::from_raw(raw).ok()).ok_or(Reason::DelegationTokenInvalid)?;
         let scope = self.scope.clone().unwrap_or_else(|| policy.intent_index(&intent).and_then(|i| policy.intents.get(i)).map(|i| i.scopes.clone()).unwrap_or_default());
         if self.chain.is_empty() {
             return Err(Reason::DelegationTokenInvalid);
