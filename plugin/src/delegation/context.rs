@@ -139,7 +139,7 @@ impl TxnContext {
     /// The argument constraints for a `tools/call` of this call's tool.
     pub fn check_arguments(&self, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
         let Some(tool) = call.tool() else { return ArgOutcome::Pass(Vec::new()) };
-        let applicable = self.arguments.iter().filter(|a| a.tool.as_deref().is_none_or(|t| t == tool)).map(|a| &a.constraint);
-        check_constraints(applicable, call, ctx)
+        let mut applicable = self.arguments.iter().filter(|a| a.tool.as_deref().is_none_or(|t| t == tool)).map(|a| &a.constraint);
+        check_constraints(&mut applicable, call, ctx)
     }
 }

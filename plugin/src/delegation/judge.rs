@@ -70,6 +70,7 @@ pub struct Judgement {
 
 /// Steps 5 (edges), 6 (intersection) and 7 (within the token) for the operation in `input`
 /// (the caller's, judged as `caller`). The first failure in that order is the one reported.
+#[inline(never)]
 pub fn judge(policy: &Policy, t: &TxnToken, input: &PolicyInput<'_>, caller: &PolicyDecision) -> Judgement {
     let mut j = Judgement::default();
     let intent = t.ctx.intent.as_str();

@@ -169,7 +169,9 @@ impl TxnToken {
 
     /// Parses the claims JSON of a token (shape checks only).
     pub(crate) fn parse(claims_json: &[u8]) -> Result<(RawTimes, TxnToken), &'static str> {
-        let c: RawClaims = serde_json::from_slice(claims_json).map_err(|_| "claims")?;
+        // The tree reader the configuration uses (duplicate keys refused too): no text
+        // deserializer instantiated for these types, which keeps the module small.
+        let c: RawClaims = crate::config::from_json(claims_json, "").map_err(|_| "claims")?;
         let times = RawTimes { iss: c.iss.clone(), aud: c.aud.clone(), iat: c.iat, exp: c.exp, nbf: c.nbf };
         Ok((times, TxnToken::from_claims(c)?))
     }

@@ -69,6 +69,7 @@ impl DelegationVerifier {
 
     /// Verifies a Txn-Token at `now`. `classify` names each chain principal's workload class
     /// (for the record; computed once per verification).
+    #[inline(never)]
     pub fn verify(&mut self, ids: &Verifier, token: &[u8], now: u64, classify: &dyn Fn(&str) -> Option<String>) -> Result<Rc<TxnToken>, Invalid> {
         if token.is_empty() || token.len() > ids.max_token_bytes() {
             return Err("size");

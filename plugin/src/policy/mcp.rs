@@ -562,12 +562,12 @@ impl McpOp {
 
     /// Checks every argument constraint against the call.
     pub fn check_arguments(&self, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
-        check_constraints(self.arguments.iter(), call, ctx)
+        check_constraints(&mut self.arguments.iter(), call, ctx)
     }
 }
 
 /// Checks argument constraints against a call (an intent operation's, or a Txn-Token's).
-pub fn check_constraints<'c>(constraints: impl Iterator<Item = &'c ArgConstraint>, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
+pub fn check_constraints<'c>(constraints: &mut dyn Iterator<Item = &'c ArgConstraint>, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
     let mut checked = Vec::new();
     let mut need_body = false;
     let mut ok = true;

@@ -815,6 +815,8 @@ impl Policy {
     }
 
     /// Judges one request. Every path that is not an explicit allow denies.
+    // Called for the caller and for every principal of a delegation chain: one copy.
+    #[inline(never)]
     pub fn evaluate(&self, input: &PolicyInput<'_>) -> PolicyDecision {
         let mut d = PolicyDecision::with(Effect::Allow, Reason::Allowed);
         d.valid_until = u64::MAX;
