@@ -262,11 +262,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
 /// that small deserializer takes far less code than serde_json's text deserializer (or
 /// serde_path_to_error around it) instantiated for every config type.
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], prefix: &str) -> Result<T, ConfigError> {
-    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| json_error(raw, prefix, &e))?;
-    // The tree keeps the last of repeated keys; the text deserializer refused them.
-    if let (field, true) = scan(raw, true) {
-        return Err(ConfigError::new(prefixed(prefix, field), "duplicate field"));
-    }
+    let value = json_tree(raw, prefix)?;
     let failed = std::cell::RefCell::new(None);
     let root = tree::At { parent: None, seg: tree::Seg::Root(prefix) };
     T::deserialize(tree::Node { v: &value, at: &root, failed: &failed }).map_err(|e| {
@@ -276,6 +272,18 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], prefix: &str
         };
         ConfigError::new(field, e.to_string())
     })
+}
+
+/// The JSON text as a tree, refusing a key repeated in an object. Not generic: one copy
+/// whatever `from_json` reads.
+#[inline(never)]
+fn json_tree(raw: &[u8], prefix: &str) -> Result<serde_json::Value, ConfigError> {
+    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| json_error(raw, prefix, &e))?;
+    // The tree keeps the last of repeated keys; the text deserializer refused them.
+    if let (field, true) = scan(raw, true) {
+        return Err(ConfigError::new(prefixed(prefix, field), "duplicate field"));
+    }
+    Ok(value)
 }
 
 /// A deserializer over a parsed JSON tree that knows where it is, so the first failing value
