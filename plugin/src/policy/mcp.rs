@@ -567,7 +567,7 @@ impl McpOp {
 }
 
 /// Checks argument constraints against a call (an intent operation's, or a Txn-Token's).
-pub fn check_constraints<'c>(constraints: &mut dyn Iterator<Item = &'c ArgConstraint>, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
+pub fn check_constraints(constraints: &mut dyn Iterator<Item = &ArgConstraint>, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
     let mut checked = Vec::new();
     let mut need_body = false;
     let mut ok = true;
