@@ -27,7 +27,7 @@ pub enum PolicyCommand {
         #[arg(long)]
         policy: PathBuf,
         /// A request as in case files: principal, intent, task, signed_intent, method, authority,
-        /// path, time, environment, standing_secret, token_lifetime_s, minter.
+        /// path, time, environment, standing_secret, token_lifetime_s, minter, mcp, delegation.
         #[arg(long)]
         request: PathBuf,
         /// Print JSON instead of text.
@@ -136,8 +136,16 @@ fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
     let raw = std::fs::read(request).with_context(|| format!("reading {}", request.display()))?;
     let req: CaseRequest = serde_json::from_slice(&raw).context("parsing the request")?;
     let mut signed = None;
-    let explanation = cases::with_input(&policy, &req, &mut signed, |input| policy.explain(input))
-        .map_err(anyhow::Error::msg)?;
+    let explanation = cases::with_input(&policy, &req, &mut signed, |input, txn| {
+        let mut e = policy.explain(input);
+        if let Some(t) = txn {
+            let (d, j) = cases::apply_delegation(&policy, t, input, e.decision.clone());
+            e.decision = d;
+            e.delegation = Some(j);
+        }
+        e
+    })
+    .map_err(anyhow::Error::msg)?;
     let explanation = match explanation {
         Ok(e) => e,
         Err(reason) => {
@@ -190,6 +198,42 @@ fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
             "  would need:  an intent with scope(s) {}",
             d.needed_scopes.join(" ")
         );
+    }
+    if let Some(j) = &explanation.delegation {
+        println!("delegation chain (original principal first):");
+        for p in &j.principals {
+            println!(
+                "  {} [{}]: {:?} ({}){}",
+                p.principal,
+                p.class.as_deref().unwrap_or("no class"),
+                p.effect,
+                p.reason.code(),
+                p.rule
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(" rule {r}"))
+            );
+        }
+        for e in &j.edges {
+            println!(
+                "  edge {} -> {}: {}",
+                e.from,
+                e.to,
+                e.rule
+                    .as_deref()
+                    .map_or("NOT ALLOWED (no delegation rule)".to_string(), |r| format!(
+                        "delegation rule {r}"
+                    ))
+            );
+        }
+        if let Some((reason, f)) = &j.failure {
+            println!(
+                "  refused: {} at {} ({}{})",
+                reason.code(),
+                f.principal,
+                f.reason.code(),
+                f.exceeded.map_or(String::new(), |w| format!(", beyond the token: {w}"))
+            );
+        }
     }
     println!("rules:");
     for r in &explanation.rules {

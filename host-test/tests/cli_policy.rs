@@ -81,3 +81,30 @@ fn explain_shows_decision_and_each_rule() {
         "{out}"
     );
 }
+
+#[test]
+fn explain_shows_a_delegation_chain_and_the_principal_that_failed() {
+    let (code, out) = mandate(&[
+        "policy",
+        "explain",
+        "--policy",
+        "../../../policies/delegation.policy.json",
+        "--request",
+        "explain-delegated.json",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("decision: Deny (delegation_not_allowed)"), "{out}");
+    assert!(out.contains("delegation chain (original principal first):"), "{out}");
+    assert!(
+        out.contains("spiffe://acme.example/agent/triage/t1 [triage]: Allow"),
+        "{out}"
+    );
+    assert!(
+        out.contains("edge spiffe://acme.example/agent/billing/b1 -> spiffe://acme.example/contractor/x1: delegation rule billing-hands-contractor"),
+        "{out}"
+    );
+    assert!(
+        out.contains("refused: delegation_not_allowed at spiffe://acme.example/contractor/x1 (denied_by_rule)"),
+        "{out}"
+    );
+}

@@ -121,7 +121,7 @@ fn one_record(rig: &mut Rig, f: impl FnOnce(&mut Rig) -> StreamId) -> Value {
     assert!(is_hex(rec["decision_id"].as_str().unwrap(), 24), "{rec}");
     assert_eq!(rec["plugin_version"], json!(mandate_plugin::VERSION));
     assert!(is_hex(rec["policy_hash"].as_str().unwrap(), 12), "{rec}");
-    assert_eq!(rec["delegation"], json!([]));
+    assert_eq!(rec["delegation"], json!(null), "no Txn-Token, no chain");
     rec
 }
 
@@ -155,7 +155,7 @@ fn allow_record_carries_the_whole_decision() {
     let want = json!({
         "ts_ms": T0 * 1000 + 7, "effect": "allow", "reason": "allowed", "dry_run": false, "rule_id": "agents",
         "identity": AGENT, "trust_domain": TD, "class": "agent", "token_hash": token_hash,
-        "intent": "ticket.read", "task": "T-42", "intent_signed": false, "delegation": [],
+        "intent": "ticket.read", "task": "T-42", "intent_signed": false, "delegation": null,
         "method": "GET", "authority": "tickets.internal", "path": "/tickets/1",
         "resource": "tickets", "sensitivity": "internal", "environment": null,
         "scopes": ["tickets:read", "tickets:list"], "ttl_s": 120,

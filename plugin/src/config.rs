@@ -43,6 +43,9 @@ pub struct Config {
     pub minter: Option<crate::mint::MinterConfig>,
     #[serde(default)]
     pub records: RecordsConfig,
+    /// Delegation (issue 13): Transaction Tokens from the minter, verified and enforced.
+    #[serde(default)]
+    pub delegation: Option<crate::delegation::DelegationConfig>,
 }
 
 /// Where decision records go. At least one delivery must stay on: every decision is recorded.
@@ -259,11 +262,7 @@ pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
 /// that small deserializer takes far less code than serde_json's text deserializer (or
 /// serde_path_to_error around it) instantiated for every config type.
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], prefix: &str) -> Result<T, ConfigError> {
-    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| json_error(raw, prefix, &e))?;
-    // The tree keeps the last of repeated keys; the text deserializer refused them.
-    if let (field, true) = scan(raw, true) {
-        return Err(ConfigError::new(prefixed(prefix, field), "duplicate field"));
-    }
+    let value = json_tree(raw, prefix)?;
     let failed = std::cell::RefCell::new(None);
     let root = tree::At { parent: None, seg: tree::Seg::Root(prefix) };
     T::deserialize(tree::Node { v: &value, at: &root, failed: &failed }).map_err(|e| {
@@ -273,6 +272,18 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], prefix: &str
         };
         ConfigError::new(field, e.to_string())
     })
+}
+
+/// The JSON text as a tree, refusing a key repeated in an object. Not generic: one copy
+/// whatever `from_json` reads.
+#[inline(never)]
+fn json_tree(raw: &[u8], prefix: &str) -> Result<serde_json::Value, ConfigError> {
+    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| json_error(raw, prefix, &e))?;
+    // The tree keeps the last of repeated keys; the text deserializer refused them.
+    if let (field, true) = scan(raw, true) {
+        return Err(ConfigError::new(prefixed(prefix, field), "duplicate field"));
+    }
+    Ok(value)
 }
 
 /// A deserializer over a parsed JSON tree that knows where it is, so the first failing value
@@ -765,11 +776,56 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    if let Some(dl) = &c.delegation {
+        validate_delegation(c, dl)?;
+    }
     if let Some(p) = &c.policy {
         crate::policy::Policy::compile(p, "policy")?;
         crate::policy::intent::IntentVerifier::new(&p.intent_issuers, id.clock_skew_s, "policy.intent_issuers")?;
+        if let (Some(pm), Some(dl)) = (p.max_delegations, &c.delegation) {
+            if pm > dl.max_delegations {
+                return Err(ConfigError::new("policy.max_delegations", format!("must be at most delegation.max_delegations ({})", dl.max_delegations)));
+            }
+        }
+        if c.delegation.is_none() {
+            if let Some(i) = p.resources.iter().position(|r| r.txn_token == crate::policy::TxnTokenMode::Forward) {
+                return Err(ConfigError::new(format!("policy.resources[{i}].txn_token"), "`forward` needs the `delegation` section (only a verified token is ever forwarded)"));
+            }
+        }
     }
     Ok(())
+}
+
+fn validate_delegation(c: &Config, dl: &crate::delegation::DelegationConfig) -> Result<(), ConfigError> {
+    check_header_name("delegation.header", &dl.header)?;
+    if dl.header.starts_with(crate::headers::RESERVED_PREFIX) {
+        return Err(ConfigError::new("delegation.header", "must not be in the x-mandate- namespace"));
+    }
+    let taken = [
+        Some(c.identity.header.as_str()),
+        c.identity.upstream_header.as_deref(),
+        Some(c.upstream.decision_id_header.as_str()),
+        c.minter.as_ref().map(|m| m.header.as_str()),
+        Some(crate::policy::intent::INTENT_HEADER),
+        Some(crate::policy::intent::TASK_HEADER),
+        Some(crate::policy::intent::INTENT_TOKEN_HEADER),
+    ];
+    if taken.iter().flatten().any(|h| *h == dl.header) || dl.header.starts_with(':') {
+        return Err(ConfigError::new("delegation.header", format!("`{}` is already used by the filter", dl.header)));
+    }
+    if dl.issuer.is_empty() {
+        return Err(ConfigError::new("delegation.issuer", "must not be empty"));
+    }
+    if dl.audience.is_empty() {
+        return Err(ConfigError::new("delegation.audience", "must not be empty (the trust domain the minter issues Txn-Tokens for)"));
+    }
+    if dl.max_delegations > crate::delegation::MAX_DELEGATIONS_CAP {
+        return Err(ConfigError::new("delegation.max_delegations", format!("must be at most {}", crate::delegation::MAX_DELEGATIONS_CAP)));
+    }
+    if dl.cache_size > 1_000_000 {
+        return Err(ConfigError::new("delegation.cache_size", "must be at most 1000000"));
+    }
+    validate_source("delegation.keys", &dl.keys)
 }
 
 fn validate_source(field: &str, s: &BundleSourceConfig) -> Result<(), ConfigError> {

@@ -6,8 +6,9 @@
 
 use crate::config::{Config, ConfigError};
 use crate::decision::{DecisionIds, Effect, LocalReply};
+use crate::delegation::{self, DelegationInfo, DelegationVerifier, TxnToken};
 use crate::headers::{Duplicate, Headers};
-use crate::identity::{Identity, Verifier};
+use crate::identity::{short_hash, token_digest, Identity, Verifier};
 use crate::mint::{self, Credential, CredentialCache, MintError, MintRequest, RevocationFeed};
 use crate::record::CredentialInfo;
 use crate::policy::intent::{self, IntentVerifier};
@@ -91,6 +92,8 @@ struct JudgeInputs {
     /// MCP: the headers (checked against the body when it is read).
     mcp: Option<mcp::headers::McpHeaders>,
     max_body_bytes: usize,
+    /// Delegation: the verified Txn-Token (chain checked).
+    txn: Option<Rc<TxnToken>>,
 }
 
 enum Judgement {
@@ -152,6 +155,11 @@ fn metadata_url(resource: &str) -> Option<String> {
 pub struct MintPlan {
     /// Credential cache key: requests sharing it share one exchange (single flight).
     pub key: [u8; 16],
+    /// The minted token's expected `sub`: the caller, or the Txn-Token's original principal.
+    pub subject: String,
+    /// Delegated requests: the expected `act.sub` (the caller) and `txn`.
+    pub actor: Option<String>,
+    pub txn: Option<String>,
     pub request: MintRequest,
     pub edits: HeaderEdits,
     pub cluster: String,
@@ -221,6 +229,8 @@ pub struct Decision {
     pub mcp_id: Option<serde_json::Value>,
     /// The body was not JSON (error code -32700).
     pub mcp_not_json: bool,
+    /// Delegated requests: the chain (and where it was refused).
+    pub delegation: Option<Rc<DelegationInfo>>,
 }
 
 impl Decision {
@@ -270,6 +280,15 @@ struct Judged {
     /// header phase is cached like any judgement (its inputs are all in the key); the body
     /// never is.
     body: Option<Rc<JudgeInputs>>,
+    /// Delegation: the verified Txn-Token, what the record says, and the refusal of steps 5
+    /// to 7 (reported after the revocation checks, step 4, which run on every request).
+    txn: Option<Rc<TxnToken>>,
+    delegation: Option<Rc<DelegationInfo>>,
+    delegation_failure: Option<Reason>,
+    /// The grants within the token need the MCP body.
+    delegation_needs_body: bool,
+    /// The matched resource takes the verified Txn-Token upstream.
+    forward_txn: bool,
 }
 
 /// Longest decision-cache key kept (serial, flags and the six fields as sent): with the path
@@ -313,9 +332,17 @@ impl<'h> Sent<'h> {
 
     /// The decision-cache key: the verified token's serial and every field, length-prefixed;
     /// then, if any, every `mcp-*` header in order (an MCP call decided from its headers).
-    fn key_into(&self, buf: &mut Vec<u8>, serial: u64, standing_secret: bool, h: &Headers) {
+    fn key_into(&self, buf: &mut Vec<u8>, serial: u64, txn: Option<u64>, standing_secret: bool, h: &Headers) {
         buf.clear();
         buf.extend_from_slice(&serial.to_le_bytes());
+        // A delegated request: the verified Txn-Token's serial (another chain, another key).
+        match txn {
+            Some(t) => {
+                buf.push(1);
+                buf.extend_from_slice(&t.to_le_bytes());
+            }
+            None => buf.push(0),
+        }
         buf.push(u8::from(standing_secret));
         let put = |buf: &mut Vec<u8>, v: &[u8]| {
             buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
@@ -362,6 +389,10 @@ pub struct Engine {
     has_mcp: bool,
     /// Some MCP resource publishes RFC 9728 metadata.
     mcp_metadata: bool,
+    /// Delegation: the Txn-Token verifier (its keys live in the identity bundle store).
+    delegation: Option<DelegationVerifier>,
+    /// The effective `max_delegations` (the policy's when lower than the configuration's).
+    delegation_cap: u32,
 }
 
 /// Inputs gathered by the shell for one request.
@@ -376,7 +407,11 @@ type Step<T> = Result<T, Reason>;
 impl Engine {
     /// `host_environment` is the environment read from the host (node metadata), if configured.
     pub fn new(config: Config, id_seed: u64, host_environment: Option<String>) -> Result<Engine, ConfigError> {
-        let identity = Verifier::new(&config.identity).map_err(|e| ConfigError::new("identity", e))?;
+        let mut identity = Verifier::new(&config.identity).map_err(|e| ConfigError::new("identity", e))?;
+        let delegation = match &config.delegation {
+            Some(dc) => Some(DelegationVerifier::new(dc, &mut identity.bundles).map_err(|e| ConfigError::new("delegation.keys", e))?),
+            None => None,
+        };
         let (policy, intents) = match &config.policy {
             Some(p) => (
                 Some(Policy::compile(p, "policy")?),
@@ -394,7 +429,13 @@ impl Engine {
         let credentials = config.minter.as_ref().map_or(CredentialCache::new(0, 0), |m| CredentialCache::new(m.cache_size, m.refresh_margin_s));
         let has_mcp = policy.as_ref().is_some_and(|p| p.resources.iter().any(|r| r.mcp.is_some()));
         let mcp_metadata = policy.as_ref().is_some_and(|p| p.resources.iter().any(|r| r.mcp.as_ref().is_some_and(|m| m.metadata.is_some())));
+        let delegation_cap = config
+            .delegation
+            .as_ref()
+            .map_or(0, |dc| policy.as_ref().and_then(|p| p.max_delegations).map_or(dc.max_delegations, |pm| pm.min(dc.max_delegations)));
         Ok(Engine {
+            delegation,
+            delegation_cap,
             has_mcp,
             mcp_metadata,
             credentials,
@@ -463,6 +504,10 @@ impl Engine {
         d.identity_cache_hit = self.identity.stats.cache_hits > hits_before;
         d.identity = Some(identity.clone());
 
+        // 1b. Delegation: a Txn-Token verified (cached by its bytes) and its chain checked
+        // against the caller, before anything is judged.
+        let txn = self.delegation_stage(h, &identity, req.now, d).inspect_err(|_| self.mark_mcp_target(h, d))?;
+
         // 2 and 3. The operation (for an MCP resource: the call), the declared intent and the
         // policy's judgement of them, reused when this verified token sent exactly these bytes
         // before (MCP calls: only when decided from the headers, which are part of the key).
@@ -470,7 +515,7 @@ impl Engine {
         let standing_secret = self.standing_secret_presented(h);
         let mut cacheable = self.decisions.is_some() && sent.unambiguous();
         if cacheable {
-            sent.key_into(&mut self.key_buf, identity.serial, standing_secret, h);
+            sent.key_into(&mut self.key_buf, identity.serial, txn.as_ref().map(|t| t.serial), standing_secret, h);
             // Bounded entries: a caller with a valid token cannot grow the cache by sending long
             // paths (the entry keeps the key and up to two forms of the path). Longer requests
             // are judged every time.
@@ -490,7 +535,7 @@ impl Engine {
             }
             None => {
                 self.stats.decision_cache_misses += 1;
-                let judged = match self.judge(h, &identity, standing_secret, req.now, d)? {
+                let judged = match self.judge(h, &identity, txn, standing_secret, req.now, d)? {
                     Judgement::Done(judged) => judged,
                     Judgement::NeedBody(pair) => {
                         let (inputs, mut judged) = *pair;
@@ -518,6 +563,33 @@ impl Engine {
         Ok(Verdict::NeedBody(Box::new(BodyPlan { inputs, identity, tool, header: Some(Box::new(header)), max_body_bytes })))
     }
 
+    /// Delegation steps 1 and 2: the Txn-Token (if the request carries one) verified, and its
+    /// chain checked against the caller. `None` for a request that carries none.
+    fn delegation_stage(&mut self, h: &Headers, identity: &Identity, now: u64, d: &mut Decision) -> Step<Option<Rc<TxnToken>>> {
+        let Some(dv) = self.delegation.as_mut() else { return Ok(None) };
+        let raw = match h.single(&dv.header) {
+            Ok(None) => return Ok(None),
+            Ok(Some(v)) => v.trim_ascii(),
+            Err(_) => {
+                // Two tokens: ambiguous, refused rather than one picked.
+                d.delegation = Some(Rc::new(DelegationInfo { invalid: Some("repeated"), ..DelegationInfo::default() }));
+                return Err(Reason::DelegationTokenInvalid);
+            }
+        };
+        let policy = self.policy.as_ref();
+        let classify = |p: &str| policy.and_then(|pl| pl.class_name(p)).map(str::to_string);
+        let t = match dv.verify(&self.identity, raw, now, &classify) {
+            Ok(t) => t,
+            Err(word) => {
+                d.delegation = Some(Rc::new(DelegationInfo { token_hash: short_hash(&token_digest(raw)), invalid: Some(word), ..DelegationInfo::default() }));
+                return Err(Reason::DelegationTokenInvalid);
+            }
+        };
+        d.delegation = Some(t.info.clone());
+        delegation::judge::check_chain(&t, &identity.principal, self.delegation_cap)?;
+        Ok(Some(t))
+    }
+
     /// After the judgement: revocations, the effect, the edits, the credential.
     #[allow(clippy::too_many_arguments)]
     fn conclude(
@@ -541,7 +613,23 @@ impl Engine {
         if judged.mcp.is_some() {
             d.mcp = judged.mcp.clone();
         }
+        if judged.delegation.is_some() {
+            d.delegation = judged.delegation.clone();
+        }
         // Revocations apply to cached decisions too: checked on every request.
+        if let Some(t) = &judged.txn {
+            // 4. The task, for the subject and every delegate; then every principal.
+            if t.chain.iter().any(|p| self.feed.revoked.task_revoked(&t.ctx.task, p)) {
+                return Err(Reason::TaskRevoked);
+            }
+            if t.chain.iter().any(|p| self.feed.revoked.subject_revoked(p)) {
+                return Err(Reason::SubjectRevoked);
+            }
+            // 5 to 7: the edges, the intersection, the grants within the token.
+            if let Some(r) = judged.delegation_failure {
+                return Err(r);
+            }
+        }
         if d.task.as_deref().is_some_and(|t| self.feed.revoked.task_revoked(t, &identity.principal)) {
             return Err(Reason::TaskRevoked);
         }
@@ -562,7 +650,7 @@ impl Engine {
                 if h.reserved_name_unreadable() {
                     return Err(Reason::InternalError);
                 }
-                let mut e = self.upstream_edits(h, &d.id, identity);
+                let mut e = self.upstream_edits(h, &d.id, identity, judged.forward_txn);
                 if let Some(target) = &judged.rewrite {
                     e.set.push((":path".to_string(), target.clone()));
                 }
@@ -593,8 +681,15 @@ impl Engine {
             inject(&mut edits, &cred, d, h);
             return Ok(Verdict::Forward(edits));
         }
+        // A delegated request: the Txn-Token is the subject, the caller's SVID the actor.
+        let (subject_token, subject_token_type, actor_token) = match &judged.txn {
+            Some(t) => (t.raw.clone(), delegation::TXN_TOKEN_TYPE, Some(token.to_vec())),
+            None => (token.to_vec(), mint::JWT_TOKEN_TYPE, None),
+        };
         let request = MintRequest {
-            subject_token: token.to_vec(),
+            subject_token,
+            subject_token_type,
+            actor_token,
             audience: audience.to_string(),
             scopes: decision.scopes.clone(),
             ttl_s: decision.ttl_s,
@@ -605,6 +700,9 @@ impl Engine {
         self.stats.credential_cache_misses += 1;
         Ok(Verdict::Mint(Box::new(MintPlan {
             key,
+            subject: judged.txn.as_ref().map_or_else(|| identity.principal.clone(), |t| t.sub.clone()),
+            actor: judged.txn.as_ref().map(|_| identity.principal.clone()),
+            txn: judged.txn.as_ref().map(|t| t.txn.clone()),
             request,
             edits,
             cluster: m.cluster.clone(),
@@ -618,7 +716,7 @@ impl Engine {
     /// request path. Fills `d` as it goes, so a refusal is recorded with what was known.
     /// A POST to an MCP resource is judged from its headers when they say enough, else the
     /// judgement waits for the body.
-    fn judge(&mut self, h: &Headers, identity: &Identity, standing_secret: bool, now: u64, d: &mut Decision) -> Step<Judgement> {
+    fn judge(&mut self, h: &Headers, identity: &Identity, txn: Option<Rc<TxnToken>>, standing_secret: bool, now: u64, d: &mut Decision) -> Step<Judgement> {
         let method = pseudo(h, ":method").ok_or(Reason::MethodInvalid)?;
         // Methods are case-sensitive tokens; `delete` must not slip past a `DELETE` rule.
         if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -648,7 +746,7 @@ impl Engine {
         if self.policy.is_none() {
             return Err(Reason::NoRuleMatched);
         }
-        let signed = match intent_token {
+        let mut signed = match intent_token {
             Some(t) => {
                 let s = self.intents.verify(t, &identity.principal, now)?;
                 // A task named in the token binds the request to it.
@@ -668,6 +766,15 @@ impl Engine {
         if task.is_none() {
             task = signed.as_ref().and_then(|s| s.task.clone());
         }
+        if let Some(t) = &txn {
+            // 3. The context: the token's intent, and its task (declared or taken from it).
+            delegation::judge::check_context(t, intent_name.as_deref(), task.as_deref())?;
+            task = Some(t.ctx.task.clone());
+            // The minter vouched for the intent and task when it issued the token.
+            if signed.is_none() {
+                signed = Some(t.vouched_intent());
+            }
+        }
         let rewrite = self.config.upstream.rewrite_path.then(|| path.target().into_bytes()).filter(|t| t.as_slice() != raw_path);
         let intent = intent_name.as_deref().map(Rc::from).or(d.intent.take());
         let mut inputs = JudgeInputs {
@@ -681,6 +788,7 @@ impl Engine {
             standing_secret,
             mcp: None,
             max_body_bytes: 0,
+            txn,
         };
         let Some(target) = mcp_res else { return Ok(Judgement::Done(self.evaluate(&inputs, None, identity, now))) };
         // An MCP call: the headers, then (if they do not say enough) the body.
@@ -703,8 +811,8 @@ impl Engine {
         if unknown {
             judged.mcp = Some(Rc::new(McpInfo { method: header_method.clone(), path: Some("header"), ..(*target).clone() }));
         }
-        let body_needed = judged.policy.needs_body || unknown || body_mode == BodyMode::Always;
-        if !body_needed || judged.policy.effect == Effect::Deny {
+        let body_needed = judged.policy.needs_body || judged.delegation_needs_body || unknown || body_mode == BodyMode::Always;
+        if !body_needed || judged.policy.effect == Effect::Deny || judged.delegation_failure.is_some() {
             // Decided by the headers (an allow only with `when_needed`), or refused by them.
             return Ok(Judgement::Done(judged));
         }
@@ -745,13 +853,37 @@ impl Engine {
             minter: self.config.minter.is_some(),
             mcp: call,
         };
-        let (decision, ttl) = match &self.policy {
+        let (mut decision, ttl) = match &self.policy {
             Some(policy) => (policy.evaluate(&input), policy.cache.ttl_s),
             None => (PolicyDecision::with(Effect::Deny, Reason::NoRuleMatched), 0),
         };
+        // Delegation, steps 5 to 7: the edges, every principal of the chain, the token's grants.
+        let (mut delegation, mut delegation_failure, mut delegation_needs_body, mut forward_txn) = (None, None, false, false);
+        if let (Some(t), Some(policy)) = (&inp.txn, &self.policy) {
+            let j = delegation::judge::judge(policy, t, &input, &decision);
+            delegation_needs_body = j.needs_body;
+            delegation = Some(t.info.clone());
+            if let Some((reason, failed)) = j.failure {
+                delegation_failure = Some(reason);
+                delegation = Some(Rc::new(DelegationInfo { failed: Some(failed), ..(*t.info).clone() }));
+            } else if let Some(failed) = j.dry_run {
+                if decision.effect == Effect::Allow {
+                    decision.effect = Effect::DryRunDeny;
+                    decision.reason = Reason::DelegationNotAllowed;
+                    decision.dry_run_reason = Some(Reason::DelegationNotAllowed);
+                }
+                delegation = Some(Rc::new(DelegationInfo { failed: Some(failed), ..(*t.info).clone() }));
+            }
+            forward_txn = decision
+                .resource
+                .as_deref()
+                .and_then(|name| policy.resources.iter().find(|r| r.name == name))
+                .is_some_and(|r| r.txn_token == crate::policy::TxnTokenMode::Forward);
+        }
         let decision = Rc::new(decision);
         let ttl_end = now.saturating_add(ttl);
-        let expires_at = [ttl_end, identity.exp, decision.valid_until, inp.signed.as_ref().map_or(u64::MAX, |s| s.exp)]
+        let txn_exp = inp.txn.as_ref().map_or(u64::MAX, |t| t.exp);
+        let expires_at = [ttl_end, identity.exp, decision.valid_until, inp.signed.as_ref().map_or(u64::MAX, |s| s.exp), txn_exp]
             .into_iter()
             .min()
             .unwrap_or(now);
@@ -764,6 +896,7 @@ impl Engine {
                 inp.task.as_deref(),
                 inp.intent.as_deref(),
                 tool,
+                inp.txn.as_ref().map(|t| &t.digest),
             )),
             _ => None,
         };
@@ -792,6 +925,11 @@ impl Engine {
             expires_at,
             mcp,
             body: None,
+            txn: inp.txn.clone(),
+            delegation,
+            delegation_failure,
+            delegation_needs_body,
+            forward_txn,
         }
     }
 
@@ -847,6 +985,12 @@ impl Engine {
             d.mcp = Some(Rc::new(McpInfo { credential_scope: scope, ..m.clone() }));
         }
         d.policy = Some(judged.policy.clone());
+        if judged.delegation.is_some() {
+            d.delegation = judged.delegation.clone();
+        }
+        if let Some(r) = judged.delegation_failure {
+            return Err(r);
+        }
         if judged.policy.effect == Effect::Deny {
             return Err(judged.policy.reason);
         }
@@ -942,10 +1086,19 @@ impl Engine {
         let Some(m) = &self.config.minter else {
             return (self.deny_mint(d), Some(MintError::Dispatch("no minter configured".into())));
         };
-        let subject = d.identity.as_ref().map_or("", |i| i.principal.as_str()).to_string();
         let request = &plan.request;
-        let parsed = answer.and_then(|(status, body)| mint::parse_response(m, status, body, now, &subject, request.task.as_deref(), &request.audience, request.tool.as_deref()));
+        let expected = mint::Expected { subject: &plan.subject, actor: plan.actor.as_deref(), txn: plan.txn.as_deref() };
+        let parsed = answer.and_then(|(status, body)| mint::parse_response(m, status, body, now, expected, request.task.as_deref(), &request.audience, request.tool.as_deref()));
         let revoked = &self.feed.revoked;
+        // Delegated: every principal of the chain, re-checked as for the subject.
+        let chain: &[delegation::ChainEntry] = d.delegation.as_deref().map_or(&[], |i| i.chain.as_slice());
+        let task = request.task.as_deref();
+        if parsed.is_ok() && chain.iter().any(|c| task.is_some_and(|t| revoked.task_revoked(t, &c.principal))) {
+            return (self.deny_with(d, Reason::TaskRevoked), None);
+        }
+        if parsed.is_ok() && chain.iter().any(|c| revoked.subject_revoked(&c.principal)) {
+            return (self.deny_with(d, Reason::SubjectRevoked), None);
+        }
         match parsed {
             // A revocation may have arrived while the exchange was in flight: re-check.
             Ok(cred) if cred.task.as_deref().is_some_and(|t| revoked.task_revoked(t, &cred.subject)) => (self.deny_with(d, Reason::TaskRevoked), None),
@@ -1078,7 +1231,7 @@ impl Engine {
         Outcome { decision: d, verdict }
     }
 
-    fn upstream_edits(&self, headers: &Headers, id: &str, identity: &Identity) -> HeaderEdits {
+    fn upstream_edits(&self, headers: &Headers, id: &str, identity: &Identity, forward_txn: bool) -> HeaderEdits {
         let mut remove = headers.reserved_names();
         let mut set = Vec::with_capacity(3);
         let decision_header = &self.config.upstream.decision_id_header;
@@ -1098,6 +1251,12 @@ impl Engine {
         // The intent token is a credential too: it never reaches the service.
         if headers.contains(intent::INTENT_TOKEN_HEADER) {
             remove.push(intent::INTENT_TOKEN_HEADER.to_string());
+        }
+        // The Txn-Token goes upstream only verified, and only to a resource that takes it;
+        // without delegation configured it is never verified, so never forwarded.
+        let txn_header = self.delegation.as_ref().map_or(delegation::DEFAULT_HEADER, |v| v.header.as_str());
+        if !forward_txn && headers.contains(txn_header) {
+            remove.push(txn_header.to_string());
         }
         HeaderEdits { remove, set }
     }
@@ -1466,12 +1625,12 @@ mod tests {
         let h = Headers::new(get(&[("x-agent-intent", "ab"), ("x-agent-task", "c")], &b));
         let h2 = Headers::new(get(&[("x-agent-intent", "a"), ("x-agent-task", "bc")], &b));
         let (mut k1, mut k2) = (Vec::new(), Vec::new());
-        Sent::read(&h, false).key_into(&mut k1, 7, false, &h);
-        Sent::read(&h2, false).key_into(&mut k2, 7, false, &h2);
+        Sent::read(&h, false).key_into(&mut k1, 7, None, false, &h);
+        Sent::read(&h2, false).key_into(&mut k2, 7, None, false, &h2);
         assert_ne!(k1, k2);
-        Sent::read(&h, false).key_into(&mut k2, 8, false, &h);
+        Sent::read(&h, false).key_into(&mut k2, 8, None, false, &h);
         assert_ne!(k1, k2, "another verified token, another key");
-        Sent::read(&h, false).key_into(&mut k2, 7, true, &h);
+        Sent::read(&h, false).key_into(&mut k2, 7, None, true, &h);
         assert_ne!(k1, k2, "a standing secret changes the key");
     }
 

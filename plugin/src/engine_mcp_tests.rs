@@ -277,9 +277,9 @@ fn credential_is_scoped_to_the_tool() {
     let answer = json!({"access_token": token, "issued_token_type": mint::JWT_TOKEN_TYPE, "token_type": "Bearer", "expires_in": 100}).to_string();
     assert!(matches!(e.finish_mint(&plan, Ok((200, answer.as_bytes())), NOW, &mut d).0, Verdict::Forward(_)));
     // The credential key includes the tool: the same caller, intent and task, another tool.
-    let a = mint::credential_key(SUB, "support-mcp", &[], None, Some("support.read"), Some("get_ticket"));
-    let b = mint::credential_key(SUB, "support-mcp", &[], None, Some("support.read"), Some("refund"));
-    let c = mint::credential_key(SUB, "support-mcp", &[], None, Some("support.read"), None);
+    let a = mint::credential_key(SUB, "support-mcp", &[], None, Some("support.read"), Some("get_ticket"), None);
+    let b = mint::credential_key(SUB, "support-mcp", &[], None, Some("support.read"), Some("refund"), None);
+    let c = mint::credential_key(SUB, "support-mcp", &[], None, Some("support.read"), None, None);
     assert!(a != b && a != c && b != c);
 }
 

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod decision;
+pub mod delegation;
 pub mod engine;
 pub mod headers;
 pub mod identity;

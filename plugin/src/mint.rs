@@ -147,7 +147,12 @@ impl std::fmt::Display for Credential {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MintRequest {
+    /// The caller's SVID, or for a delegated request the Txn-Token.
     pub subject_token: Vec<u8>,
+    /// `JWT_TOKEN_TYPE`, or `TXN_TOKEN_TYPE` for a delegated request.
+    pub subject_token_type: &'static str,
+    /// Delegated requests: the caller's SVID as received (type jwt).
+    pub actor_token: Option<Vec<u8>>,
     pub audience: String,
     pub scopes: Vec<String>,
     pub ttl_s: Option<u64>,
@@ -163,7 +168,11 @@ impl MintRequest {
         let mut f = form_urlencoded::Serializer::new(String::new());
         f.append_pair("grant_type", GRANT_TYPE);
         f.append_pair("subject_token", &String::from_utf8_lossy(&self.subject_token));
-        f.append_pair("subject_token_type", JWT_TOKEN_TYPE);
+        f.append_pair("subject_token_type", self.subject_token_type);
+        if let Some(a) = &self.actor_token {
+            f.append_pair("actor_token", &String::from_utf8_lossy(a));
+            f.append_pair("actor_token_type", JWT_TOKEN_TYPE);
+        }
         f.append_pair("audience", &self.audience);
         if !self.scopes.is_empty() {
             f.append_pair("scope", &self.scopes.join(" "));
@@ -185,12 +194,14 @@ impl MintRequest {
 
     /// Cache key of this exchange's credential.
     pub fn cache_key(&self, subject: &str) -> [u8; 16] {
-        credential_key(subject, &self.audience, &self.scopes, self.task.as_deref(), self.intent.as_deref(), self.tool.as_deref())
+        let txn = self.actor_token.as_ref().map(|_| crate::identity::token_digest(&self.subject_token));
+        credential_key(subject, &self.audience, &self.scopes, self.task.as_deref(), self.intent.as_deref(), self.tool.as_deref(), txn.as_ref())
     }
 }
 
-/// Credential cache key: (subject, audience, scopes, task, intent, tool). Delegation chains join later.
-pub fn credential_key(subject: &str, audience: &str, scopes: &[String], task: Option<&str>, intent: Option<&str>, tool: Option<&str>) -> [u8; 16] {
+/// Credential cache key: (subject, audience, scopes, task, intent, tool, and for a delegated
+/// request the Txn-Token's digest: different chains never share a credential).
+pub fn credential_key(subject: &str, audience: &str, scopes: &[String], task: Option<&str>, intent: Option<&str>, tool: Option<&str>, txn: Option<&[u8; 16]>) -> [u8; 16] {
     let mut h = Sha256::new();
     let mut part = |p: &str| {
         h.update((p.len() as u32).to_le_bytes());
@@ -208,6 +219,10 @@ pub fn credential_key(subject: &str, audience: &str, scopes: &[String], task: Op
     if let Some(t) = tool {
         part("tool");
         part(t);
+    }
+    if let Some(d) = txn {
+        h.update(b"txn");
+        h.update(d);
     }
     let full: [u8; 32] = h.finalize().into();
     let mut out = [0u8; 16];
@@ -266,6 +281,25 @@ struct JwtPeek {
     task: Option<String>,
     #[serde(default)]
     tool: Option<String>,
+    #[serde(default)]
+    act: Option<ActPeek>,
+    #[serde(default)]
+    txn: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ActPeek {
+    sub: Option<String>,
+}
+
+/// What a minted token must say, beyond its audience, task and tool.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// `sub`: the caller, or for a delegated request the original principal.
+    pub subject: &'a str,
+    /// Delegated requests: `act.sub` (the caller) and `txn` (the Txn-Token's).
+    pub actor: Option<&'a str>,
+    pub txn: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -313,7 +347,8 @@ pub fn refusal(status: u16, body: &[u8]) -> Option<crate::reason::Reason> {
 
 /// Checks that a minted JWT is the one asked for: `aud` names the audience, `sub` is the
 /// verified caller, `task` is the requested task (both absent or equal).
-fn check_minted(peek: Option<&JwtPeek>, audience: &str, subject: &str, task: Option<&str>, tool: Option<&str>) -> Result<(), MintError> {
+fn check_minted(peek: Option<&JwtPeek>, audience: &str, expected: Expected<'_>, task: Option<&str>, tool: Option<&str>) -> Result<(), MintError> {
+    let subject = expected.subject;
     let p = peek.ok_or(MintError::Mismatch("the minted token's claims are unreadable"))?;
     if !p.aud.as_ref().is_some_and(|a| a.names(audience)) {
         return Err(MintError::Mismatch("the minted token is for another audience"));
@@ -326,6 +361,14 @@ fn check_minted(peek: Option<&JwtPeek>, audience: &str, subject: &str, task: Opt
     }
     if p.tool.as_deref() != tool {
         return Err(MintError::Mismatch("the minted token is for another tool"));
+    }
+    if let Some(actor) = expected.actor {
+        if p.act.as_ref().and_then(|a| a.sub.as_deref()) != Some(actor) {
+            return Err(MintError::Mismatch("the minted token names another current actor"));
+        }
+        if p.txn.as_deref() != expected.txn {
+            return Err(MintError::Mismatch("the minted token is for another transaction"));
+        }
     }
     Ok(())
 }
@@ -341,11 +384,12 @@ pub fn parse_response(
     status: u16,
     body: &[u8],
     now: u64,
-    subject: &str,
+    expected: Expected<'_>,
     task: Option<&str>,
     audience: &str,
     tool: Option<&str>,
 ) -> Result<Credential, MintError> {
+    let subject = expected.subject;
     if status != 200 {
         return Err(refusal(status, body).map_or(MintError::Status(status), MintError::Refused));
     }
@@ -384,7 +428,7 @@ pub fn parse_response(
         .nth(1)
         .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
         .and_then(|b| serde_json::from_slice::<JwtPeek>(&b).ok());
-    check_minted(peek.as_ref(), audience, subject, task, tool)?;
+    check_minted(peek.as_ref(), audience, expected, task, tool)?;
     let jti = peek.as_ref().and_then(|p| p.jti.clone());
     if let Some(e) = peek.and_then(|p| p.exp) {
         exp = exp.min(e);

@@ -75,6 +75,23 @@ pub enum Reason {
     /// 413: the body is over the resource's `max_body_bytes`.
     McpBodyTooLarge,
 
+    // --- delegation (issue 13) ---
+    /// 401: the Txn-Token failed verification (signature, typ, iss, aud, time, claim shapes),
+    /// or the header was sent twice.
+    DelegationTokenInvalid,
+    /// 403: a chain edge no `delegation_rules` entry allows, or a principal of the chain that
+    /// the policy would not allow the operation (the intersection).
+    DelegationNotAllowed,
+    /// 403: more delegations than `max_delegations`.
+    DelegationChainTooDeep,
+    /// 403: the token's current actor is not the caller.
+    DelegationActorMismatch,
+    /// 403: the request goes beyond the token (intent, task, resource, tool, arguments, scope,
+    /// or the receiving workload).
+    DelegationScopeExceeded,
+    /// 403: a principal appears twice in the chain.
+    DelegationLoop,
+
     // --- availability (503) ---
     CredentialUnavailable,
     NotConfigured,
@@ -144,6 +161,12 @@ impl Reason {
         Reason::McpBatchRefused,
         Reason::McpHeaderMismatch,
         Reason::McpBodyTooLarge,
+        Reason::DelegationTokenInvalid,
+        Reason::DelegationNotAllowed,
+        Reason::DelegationChainTooDeep,
+        Reason::DelegationActorMismatch,
+        Reason::DelegationScopeExceeded,
+        Reason::DelegationLoop,
         Reason::CredentialUnavailable,
         Reason::NotConfigured,
         Reason::InternalError,
@@ -201,6 +224,12 @@ impl Reason {
             Reason::McpBatchRefused => "mcp_batch_refused",
             Reason::McpHeaderMismatch => "mcp_header_mismatch",
             Reason::McpBodyTooLarge => "mcp_body_too_large",
+            Reason::DelegationTokenInvalid => "delegation_token_invalid",
+            Reason::DelegationNotAllowed => "delegation_not_allowed",
+            Reason::DelegationChainTooDeep => "delegation_chain_too_deep",
+            Reason::DelegationActorMismatch => "delegation_actor_mismatch",
+            Reason::DelegationScopeExceeded => "delegation_scope_exceeded",
+            Reason::DelegationLoop => "delegation_loop",
             Reason::CredentialUnavailable => "credential_unavailable",
             Reason::NotConfigured => "not_configured",
             Reason::InternalError => "internal_error",
@@ -219,13 +248,15 @@ impl Reason {
             TokenMissing | TokenMalformed | AlgNotAllowed | TypNotAllowed | CritNotAllowed
             | KidMissing | KidUnknown | SignatureInvalid | TokenExpired | TokenNotYetValid
             | IssuedInFuture | AudienceMismatch | AudienceMissing | ExpMissing | SubjectMissing | SpiffeIdInvalid
-            | TrustDomainUnknown | IssuerUnknown | BundleUnavailable => Family::Identity,
+            | TrustDomainUnknown | IssuerUnknown | BundleUnavailable | DelegationTokenInvalid => Family::Identity,
             IntentMalformed | TaskMalformed | PathAmbiguous | AuthorityInvalid | MethodInvalid | McpMalformed | McpBatchRefused
             | McpHeaderMismatch | McpBodyTooLarge => Family::BadRequest,
             IntentRequired | TaskRequired | UnclassifiedPrincipal | IntentUnknown | IntentMismatch | IntentTokenRequired
             | IntentTokenInvalid | SensitivityExceeded | TokenLifetimeExceeded
             | StandingSecretPresented | DeniedByRule | NoRuleMatched | TaskRevoked | SubjectRevoked
-            | TaskUnregistered | TaskExpired | NoResourceMatched | ToolNotAllowed | ArgumentNotAllowed => Family::Policy,
+            | TaskUnregistered | TaskExpired | NoResourceMatched | ToolNotAllowed | ArgumentNotAllowed
+            | DelegationNotAllowed | DelegationChainTooDeep | DelegationActorMismatch | DelegationScopeExceeded
+            | DelegationLoop => Family::Policy,
             CredentialUnavailable | NotConfigured | InternalError | RevocationsStale => Family::Unavailable,
         }
     }
@@ -295,6 +326,12 @@ impl Reason {
             McpBatchRefused => "JSON-RPC batches are not accepted",
             McpHeaderMismatch => "the MCP headers do not match the request body",
             McpBodyTooLarge => "the MCP request body is too large",
+            DelegationTokenInvalid => "the transaction token is invalid",
+            DelegationNotAllowed => "the delegation chain is not allowed this operation",
+            DelegationChainTooDeep => "the delegation chain is too deep",
+            DelegationActorMismatch => "the transaction token was issued to another actor",
+            DelegationScopeExceeded => "the request goes beyond what the transaction token grants",
+            DelegationLoop => "the delegation chain contains a loop",
             NoResourceMatched => "the destination matches no resource, so no credential can be issued for it",
             CredentialUnavailable => "a credential for the destination could not be obtained",
             NotConfigured => "the filter is not configured",
@@ -339,6 +376,10 @@ mod tests {
         assert_eq!(Reason::McpHeaderMismatch.http_status(), 400);
         assert_eq!(Reason::ToolNotAllowed.http_status(), 403);
         assert_eq!(Reason::ArgumentNotAllowed.http_status(), 403);
+        assert_eq!(Reason::DelegationTokenInvalid.http_status(), 401);
+        for code in ["delegation_not_allowed", "delegation_chain_too_deep", "delegation_actor_mismatch", "delegation_scope_exceeded", "delegation_loop"] {
+            assert_eq!(Reason::from_code(code).map(Reason::http_status), Some(403), "{code}");
+        }
         for code in ["revocations_stale", "task_unregistered", "task_expired", "tool_not_allowed", "argument_not_allowed", "mcp_malformed", "mcp_batch_refused", "mcp_header_mismatch", "mcp_body_too_large"] {
             assert!(Reason::from_code(code).is_some(), "{code}");
         }

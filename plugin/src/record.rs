@@ -59,7 +59,8 @@ pub struct DecisionRecord<'a> {
     pub intent: Option<&'a str>,
     pub task: Option<&'a str>,
     pub intent_signed: bool,
-    pub delegation: &'a [String],
+    /// Delegated requests: the chain, original principal first (`null` otherwise).
+    pub delegation: Option<&'a crate::delegation::DelegationInfo>,
     pub method: Option<&'a str>,
     pub authority: Option<&'a str>,
     pub path: Option<&'a str>,
@@ -105,7 +106,7 @@ impl<'a> DecisionRecord<'a> {
             intent: d.intent.as_deref(),
             task: d.task.as_deref(),
             intent_signed: d.intent_signed,
-            delegation: EMPTY,
+            delegation: d.delegation.as_deref(),
             method: d.method.as_deref(),
             authority: d.authority.as_deref(),
             path: d.path.as_deref(),

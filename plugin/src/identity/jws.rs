@@ -75,18 +75,29 @@ pub enum Kind {
     /// `application/intent+jwt` and any letter case are the same media type). An SVID, whose
     /// `typ` is absent or `JWT`, is refused here.
     Intent,
+    /// A Transaction Token (issue 13): `typ` must be `txntoken+jwt` (same media-type rules as
+    /// intent tokens). An SVID or an intent token is refused here, and a Txn-Token is refused
+    /// as either of them.
+    TxnToken,
 }
 
 /// The media type of signed intent tokens (JOSE `typ`).
 pub const INTENT_TYP: &str = "intent+jwt";
+/// The media type of Transaction Tokens (JOSE `typ`).
+pub const TXN_TYP: &str = "txntoken+jwt";
+
+fn media_type_is(typ: Option<&str>, want: &str) -> bool {
+    typ.is_some_and(|t| {
+        let t = t.get(..12).filter(|p| p.eq_ignore_ascii_case("application/")).map_or(t, |_| t.get(12..).unwrap_or(""));
+        t.eq_ignore_ascii_case(want)
+    })
+}
 
 fn typ_ok(kind: Kind, typ: Option<&str>) -> bool {
     match kind {
         Kind::Svid => matches!(typ, None | Some("JWT" | "JOSE")),
-        Kind::Intent => typ.is_some_and(|t| {
-            let t = t.get(..12).filter(|p| p.eq_ignore_ascii_case("application/")).map_or(t, |_| t.get(12..).unwrap_or(""));
-            t.eq_ignore_ascii_case(INTENT_TYP)
-        }),
+        Kind::Intent => media_type_is(typ, INTENT_TYP),
+        Kind::TxnToken => media_type_is(typ, TXN_TYP),
     }
 }
 

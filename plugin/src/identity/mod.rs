@@ -198,11 +198,7 @@ impl Verifier {
             return Err(Reason::AudienceMismatch);
         }
 
-        match self.host.as_ref().and_then(|h| host_signature_check(h, &parsed, key)) {
-            Some(true) => {}
-            Some(false) => return Err(Reason::SignatureInvalid),
-            None => verify_signature(&parsed, key, now, self.skew)?,
-        }
+        self.check_signature(&parsed, key, now)?;
 
         let identity = Rc::new(Identity {
             kind,
@@ -247,6 +243,27 @@ impl Verifier {
         self.cache.as_ref().map_or(0, LruCache::len)
     }
 
+    /// Tolerated clock skew, seconds.
+    pub fn skew(&self) -> u64 {
+        self.skew
+    }
+
+    /// Longest token accepted, bytes.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// Checks a parsed token's signature with `key`: the host's crypto when it can, else the
+    /// pure-Rust verifier. For other token kinds verified against these bundles (Txn-Tokens).
+    #[inline(never)]
+    pub(crate) fn check_signature(&self, parsed: &jws::Parsed<'_>, key: &TrustedKey, now: u64) -> Result<(), Reason> {
+        match self.host.as_ref().and_then(|h| host_signature_check(h, parsed, key)) {
+            Some(true) => Ok(()),
+            Some(false) => Err(Reason::SignatureInvalid),
+            None => verify_signature(parsed, key, now, self.skew),
+        }
+    }
+
     /// Drops every cached verification (e.g. on reconfiguration).
     pub fn clear_cache(&mut self) {
         if let Some(c) = self.cache.as_mut() {
@@ -281,6 +298,7 @@ fn host_signature_check(host: &HostVerify, parsed: &jws::Parsed<'_>, key: &Trust
     Some(host_crypto::answer_is_valid(&answer))
 }
 
+#[inline(never)]
 pub(crate) fn verify_signature(parsed: &jws::Parsed<'_>, key: &TrustedKey, now: u64, skew: u64) -> Result<(), Reason> {
     let options = || VerificationOptions {
         required_key_id: Some(parsed.kid.clone()),

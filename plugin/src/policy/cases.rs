@@ -6,6 +6,9 @@
 use super::path::{normalize, normalize_authority};
 use super::mcp::McpCall;
 use super::{Policy, PolicyConfig, PolicyDecision, PolicyInput, SignedIntent};
+use crate::delegation::context::TxnContext;
+use crate::delegation::judge::{self, Judgement};
+use crate::delegation::TxnToken;
 use crate::config::ConfigError;
 use crate::reason::Reason;
 use serde::{Deserialize, Serialize};
@@ -68,6 +71,62 @@ pub struct CaseRequest {
     /// An MCP call (the request is then a POST with this JSON-RPC message as its body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp: Option<CaseMcp>,
+    /// A delegated request: the Txn-Token the caller presents, described (taken as verified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<CaseDelegation>,
+}
+
+/// A verified Txn-Token in a case: its chain and its grants.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseDelegation {
+    /// Original principal first, current actor last (normally the request's `principal`).
+    pub chain: Vec<String>,
+    /// `tctx.intent` (default: the request's intent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+    /// `tctx.task` (default: the request's task, else `case-task`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The token's `scope` (default: the intent's scopes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<String>>,
+    /// `tctx.arguments`, as in the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub may_act: Option<String>,
+}
+
+impl CaseDelegation {
+    /// The token as the filter would hold it once verified (`tctx` read by the same strict
+    /// reader: `Err` is `delegation_token_invalid`).
+    pub fn token(&self, policy: &Policy, r: &CaseRequest, iat: u64, exp: u64) -> Result<TxnToken, Reason> {
+        let intent = self.intent.clone().or_else(|| r.intent.clone()).unwrap_or_default();
+        let task = self.task.clone().or_else(|| r.task.clone()).unwrap_or_else(|| "case-task".into());
+        let mut tctx = serde_json::Map::new();
+        tctx.insert("task".into(), task.into());
+        tctx.insert("intent".into(), intent.clone().into());
+        if let Some(v) = &self.resources {
+            tctx.insert("resources".into(), serde_json::json!(v));
+        }
+        if let Some(v) = &self.tools {
+            tctx.insert("tools".into(), serde_json::json!(v));
+        }
+        if let Some(v) = &self.arguments {
+            tctx.insert("arguments".into(), v.clone());
+        }
+        let ctx = serde_json::from_value(serde_json::Value::Object(tctx)).ok().and_then(|raw| TxnContext::from_raw(raw).ok()).ok_or(Reason::DelegationTokenInvalid)?;
+        let scope = self.scope.clone().unwrap_or_else(|| policy.intent_index(&intent).and_then(|i| policy.intents.get(i)).map(|i| i.scopes.clone()).unwrap_or_default());
+        if self.chain.is_empty() {
+            return Err(Reason::DelegationTokenInvalid);
+        }
+        Ok(TxnToken::described(self.chain.clone(), ctx, scope, self.may_act.clone(), iat, exp))
+    }
 }
 
 /// An MCP call in a case: the JSON-RPC message is built from it, and (unless `headers` is
@@ -197,7 +256,7 @@ pub fn with_input<T>(
     policy: &Policy,
     r: &CaseRequest,
     signed: &mut Option<SignedIntent>,
-    f: impl FnOnce(&PolicyInput<'_>) -> T,
+    f: impl FnOnce(&PolicyInput<'_>, Option<&TxnToken>) -> T,
 ) -> Result<Result<T, Reason>, String> {
     let now = parse_time(&r.time).ok_or_else(|| format!("bad time `{}`", r.time))?;
     let call = match r.mcp.as_ref().map(CaseMcp::call) {
@@ -237,13 +296,32 @@ pub fn with_input<T>(
             return Ok(Err(Reason::IntentTokenInvalid));
         }
     }
-    let task = r.task.clone().or_else(|| signed.as_ref().and_then(|s| s.task.clone()));
+    let mut task = r.task.clone().or_else(|| signed.as_ref().and_then(|s| s.task.clone()));
     // The policy's configured environment applies unless the case names one (as node metadata would).
     let environment = r.environment.clone().or_else(|| policy.environment.clone());
     let intent = r.intent.clone().or_else(|| match signed.as_ref().map(|s| s.intents.as_slice()) {
         Some([only]) => Some(only.clone()),
         _ => None,
     });
+    // Delegation: the filter's steps 2 and 3 (the chain, the context), as live traffic.
+    let txn = match &r.delegation {
+        None => None,
+        Some(cd) => {
+            let t = match cd.token(policy, r, iat.unwrap_or(now), exp) {
+                Ok(t) => t,
+                Err(reason) => return Ok(Err(reason)),
+            };
+            let cap = policy.max_delegations.unwrap_or(crate::delegation::DEFAULT_MAX_DELEGATIONS);
+            if let Err(reason) = judge::check_chain(&t, &r.principal, cap).and_then(|()| judge::check_context(&t, intent.as_deref(), task.as_deref())) {
+                return Ok(Err(reason));
+            }
+            task = Some(t.ctx.task.clone());
+            if signed.is_none() {
+                *signed = Some(t.vouched_intent());
+            }
+            Some(t)
+        }
+    };
     let input = PolicyInput {
         principal: &r.principal,
         iat,
@@ -260,12 +338,37 @@ pub fn with_input<T>(
         minter: r.minter.unwrap_or(false),
         mcp: call.as_ref(),
     };
-    Ok(Ok(f(&input)))
+    Ok(Ok(f(&input, txn.as_ref())))
+}
+
+/// Delegation steps 5 to 7 over the caller's decision: a refusal denies with its reason (the
+/// refused principal's own rule as the rule); in dry run, a refused principal makes the
+/// decision a dry-run denial.
+pub fn apply_delegation(policy: &Policy, t: &TxnToken, input: &PolicyInput<'_>, mut d: PolicyDecision) -> (PolicyDecision, Judgement) {
+    let j = judge::judge(policy, t, input, &d);
+    if let Some((reason, failed)) = &j.failure {
+        d.effect = crate::decision::Effect::Deny;
+        d.reason = *reason;
+        d.rule_id = failed.rule.clone();
+        d.scopes.clear();
+        d.ttl_s = None;
+    } else if j.dry_run.is_some() && d.effect == crate::decision::Effect::Allow {
+        d.effect = crate::decision::Effect::DryRunDeny;
+        d.reason = Reason::DelegationNotAllowed;
+        d.dry_run_reason = Some(Reason::DelegationNotAllowed);
+    }
+    (d, j)
 }
 
 fn judge_request(policy: &Policy, r: &CaseRequest) -> Result<Result<PolicyDecision, Reason>, String> {
     let mut signed = None;
-    with_input(policy, r, &mut signed, |input| policy.evaluate(input))
+    with_input(policy, r, &mut signed, |input, txn| {
+        let d = policy.evaluate(input);
+        match txn {
+            Some(t) => apply_delegation(policy, t, input, d).0,
+            None => d,
+        }
+    })
 }
 
 /// Loads a policy file: either a bare policy object or a plugin configuration with `policy`.

@@ -16,11 +16,11 @@ pub const TASK_HEADER: &str = "x-agent-task";
 pub const INTENT_TOKEN_HEADER: &str = "x-agent-intent-token";
 const MAX_INTENT_TOKEN: usize = 8192;
 
-fn valid_intent(v: &[u8]) -> bool {
+pub(crate) fn valid_intent(v: &[u8]) -> bool {
     (1..=128).contains(&v.len()) && v.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b))
 }
 
-fn valid_task(v: &[u8]) -> bool {
+pub(crate) fn valid_task(v: &[u8]) -> bool {
     (1..=128).contains(&v.len()) && v.iter().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b))
 }
 

@@ -67,6 +67,33 @@ pub fn lint(p: &Policy) -> Vec<Finding> {
         }
     }
 
+    // Delegation.
+    for res in p.resources.iter().filter(|r| r.txn_token == super::TxnTokenMode::Forward && r.workload.is_none()) {
+        out.push(warn(
+            format!("resource `{}`", res.name),
+            "forwards the Txn-Token without `workload`: a token meant for another delegate (may_act) is forwarded too".into(),
+        ));
+    }
+    for dr in &p.delegation_rules {
+        for &i in &dr.intents {
+            for &c in &dr.to {
+                let granted = p.rules.iter().any(|r| {
+                    r.effect == RuleEffect::Allow && (r.intents.is_empty() || r.intents.contains(&i)) && (r.classes.is_empty() || r.classes.contains(&c))
+                });
+                if !granted {
+                    let (intent, class) = (p.intents.get(i).map_or("?", |x| x.name.as_str()), p.classes.get(c).map_or("?", |x| x.name.as_str()));
+                    out.push(warn(
+                        format!("delegation rule `{}`", dr.id),
+                        format!("no allow rule grants intent `{intent}` to class `{class}`: the intersection refuses every chain through this edge"),
+                    ));
+                }
+            }
+        }
+    }
+    if p.max_delegations == Some(0) && !p.delegation_rules.is_empty() {
+        out.push(warn("policy".into(), "max_delegations is 0: only root Txn-Tokens are accepted and no delegation rule ever applies".into()));
+    }
+
     if p.tasks == super::TaskMode::Declared {
         out.push(warn(
             "policy".into(),

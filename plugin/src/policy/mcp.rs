@@ -562,26 +562,31 @@ impl McpOp {
 
     /// Checks every argument constraint against the call.
     pub fn check_arguments(&self, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
-        let mut checked = Vec::with_capacity(self.arguments.len());
-        let mut need_body = false;
-        let mut ok = true;
-        for c in &self.arguments {
-            match check_one(c, call, ctx) {
-                One::Ok(v) => checked.push(ArgCheck::new(c, true, v)),
-                One::Fail(v) => {
-                    ok = false;
-                    checked.push(ArgCheck::new(c, false, v));
-                }
-                One::NeedBody => need_body = true,
+        check_constraints(&mut self.arguments.iter(), call, ctx)
+    }
+}
+
+/// Checks argument constraints against a call (an intent operation's, or a Txn-Token's).
+pub fn check_constraints(constraints: &mut dyn Iterator<Item = &ArgConstraint>, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
+    let mut checked = Vec::new();
+    let mut need_body = false;
+    let mut ok = true;
+    for c in constraints {
+        match check_one(c, call, ctx) {
+            One::Ok(v) => checked.push(ArgCheck::new(c, true, v)),
+            One::Fail(v) => {
+                ok = false;
+                checked.push(ArgCheck::new(c, false, v));
             }
+            One::NeedBody => need_body = true,
         }
-        if !ok {
-            ArgOutcome::Fail(checked)
-        } else if need_body {
-            ArgOutcome::NeedBody
-        } else {
-            ArgOutcome::Pass(checked)
-        }
+    }
+    if !ok {
+        ArgOutcome::Fail(checked)
+    } else if need_body {
+        ArgOutcome::NeedBody
+    } else {
+        ArgOutcome::Pass(checked)
     }
 }
 

@@ -89,6 +89,38 @@ pub struct PolicyConfig {
     /// a verified signed intent token carries them) or `declared` (any `x-agent-task` value).
     #[serde(default)]
     pub tasks: TaskMode,
+    /// Delegation (issue 13): which (delegator class → delegate class) edges a chain may have,
+    /// per intent.
+    #[serde(default)]
+    pub delegation_rules: Vec<DelegationRuleConfig>,
+    /// At most this many delegations in a chain (at most the configuration's
+    /// `delegation.max_delegations`, which applies when this is absent).
+    #[serde(default)]
+    pub max_delegations: Option<u32>,
+}
+
+/// One allowed delegation edge: a principal of a `from` class may hand work on one of the
+/// `intents` to a principal of a `to` class.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationRuleConfig {
+    pub id: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub intents: Vec<String>,
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+}
+
+/// What happens to a verified `txn-token` header at a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnTokenMode {
+    /// Removed before the request goes upstream (default).
+    #[default]
+    Strip,
+    /// Sent upstream (verified, unchanged): the service is a delegate that exchanges it.
+    Forward,
 }
 
 /// How far the filter trusts a task id.
@@ -165,6 +197,13 @@ pub struct ResourceConfig {
     /// The resource is an MCP server (may be `{}`; see [`mcp::McpConfig`]).
     #[serde(default)]
     pub mcp: Option<serde_json::Value>,
+    /// Delegation: whether a verified `txn-token` header goes upstream (`forward`) or not.
+    #[serde(default)]
+    pub txn_token: TxnTokenMode,
+    /// Delegation, `forward` resources: the SPIFFE ID of the workload serving this resource; a
+    /// forwarded token must name it in `may_act` (a token meant for another delegate is refused).
+    #[serde(default)]
+    pub workload: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -292,6 +331,17 @@ pub struct Resource {
     pub legacy: bool,
     pub audience: String,
     pub mcp: Option<McpResource>,
+    pub txn_token: TxnTokenMode,
+    pub workload: Option<String>,
+}
+
+/// A compiled delegation rule.
+#[derive(Debug, Clone)]
+pub struct DelegationRule {
+    pub id: String,
+    pub intents: Vec<usize>,
+    pub from: Vec<usize>,
+    pub to: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -340,6 +390,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     pub cache: DecisionCacheConfig,
     pub tasks: TaskMode,
+    pub delegation_rules: Vec<DelegationRule>,
+    pub max_delegations: Option<u32>,
 }
 
 /// Verified claims of a signed intent token.
@@ -555,7 +607,16 @@ impl Policy {
                 }
                 None => None,
             };
+            if let Some(w) = &r.workload {
+                if r.txn_token != TxnTokenMode::Forward {
+                    return Err(ConfigError::new(format!("{field}.workload"), "applies only to resources with \"txn_token\": \"forward\""));
+                }
+                crate::identity::spiffe_id::SpiffeId::parse(w)
+                    .map_err(|e| ConfigError::new(format!("{field}.workload"), format!("`{w}` is not a valid SPIFFE ID ({e:?})")))?;
+            }
             resources.push(Resource {
+                txn_token: r.txn_token,
+                workload: r.workload.clone(),
                 name: r.name.clone(),
                 hosts,
                 paths,
@@ -668,7 +729,36 @@ impl Policy {
             });
         }
 
+        let mut delegation_rules = Vec::new();
+        for (i, r) in c.delegation_rules.iter().enumerate() {
+            let field = f(&format!("delegation_rules[{i}]"));
+            if r.id.is_empty() {
+                return Err(ConfigError::new(format!("{field}.id"), "must not be empty"));
+            }
+            if c.delegation_rules.iter().filter(|x| x.id == r.id).count() > 1 {
+                return Err(ConfigError::new(format!("{field}.id"), format!("delegation rule id `{}` is used twice", r.id)));
+            }
+            for (name, list) in [("intents", &r.intents), ("from", &r.from), ("to", &r.to)] {
+                if list.is_empty() {
+                    return Err(ConfigError::new(format!("{field}.{name}"), "at least one name is required (a delegation rule is never a wildcard)"));
+                }
+            }
+            delegation_rules.push(DelegationRule {
+                id: r.id.clone(),
+                intents: index_of(&format!("{field}.intents"), "intent", &intent_names, &r.intents)?,
+                from: index_of(&format!("{field}.from"), "class", &class_names, &r.from)?,
+                to: index_of(&format!("{field}.to"), "class", &class_names, &r.to)?,
+            });
+        }
+        if let Some(m) = c.max_delegations {
+            if m > crate::delegation::MAX_DELEGATIONS_CAP {
+                return Err(ConfigError::new(f("max_delegations"), format!("must be at most {}", crate::delegation::MAX_DELEGATIONS_CAP)));
+            }
+        }
+
         Ok(Policy {
+            delegation_rules,
+            max_delegations: c.max_delegations,
             levels,
             environment: c.environment.clone(),
             dry_run: c.dry_run,
@@ -707,11 +797,26 @@ impl Policy {
         })
     }
 
+    /// The delegation rule allowing `from` to hand work on `intent` to `to`, if any. A
+    /// principal matching no class can be on no edge.
+    pub fn delegation_rule(&self, intent: &str, from: &str, to: &str) -> Option<&DelegationRule> {
+        let i = self.intent_index(intent)?;
+        let (fc, tc) = (self.class_of(from)?, self.class_of(to)?);
+        self.delegation_rules.iter().find(|r| r.intents.contains(&i) && r.from.contains(&fc) && r.to.contains(&tc))
+    }
+
+    /// The class name of a principal, if it matches one.
+    pub fn class_name(&self, principal: &str) -> Option<&str> {
+        self.class_of(principal).and_then(|i| self.classes.get(i)).map(|c| c.name.as_str())
+    }
+
     pub fn intent_index(&self, name: &str) -> Option<usize> {
         self.intents.iter().position(|i| i.name == name)
     }
 
     /// Judges one request. Every path that is not an explicit allow denies.
+    // Called for the caller and for every principal of a delegation chain: one copy.
+    #[inline(never)]
     pub fn evaluate(&self, input: &PolicyInput<'_>) -> PolicyDecision {
         let mut d = PolicyDecision::with(Effect::Allow, Reason::Allowed);
         d.valid_until = u64::MAX;
@@ -1094,7 +1199,7 @@ impl Policy {
                 RuleTrace { id: r.id.clone(), effect: r.effect, dry_run: r.dry_run, matched: why_not.is_none(), why_not }
             })
             .collect();
-        Explanation { decision, rules }
+        Explanation { decision, rules, delegation: None }
     }
 }
 
@@ -1126,6 +1231,9 @@ pub struct RuleTrace {
 pub struct Explanation {
     pub decision: PolicyDecision,
     pub rules: Vec<RuleTrace>,
+    /// A delegated request: each edge and each principal's judgement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<crate::delegation::judge::Judgement>,
 }
 
 #[cfg(test)]
