@@ -294,8 +294,8 @@ fn string_list(v: &Value, ok: impl Fn(&str) -> bool) -> Result<Vec<String>, ()> 
     Ok(out)
 }
 
-/// One `arguments` constraint: `{"tool"?, "pointer", "max"?, "min"?, "equals"?}` with at least
-/// one of `max`, `min`, `equals`; `min` ≤ `max`.
+/// One `arguments` constraint: `{"tool"?, "pointer", "max"?, "min"?, "equals"?}`: either
+/// `equals` or at least one of `max`, `min` (`min` ≤ `max`).
 fn argument(v: &Value) -> Result<Value, &'static str> {
     const SHAPE: &str = "each `tctx.arguments` entry must be {\"tool\"?, \"pointer\", \"max\"?, \"min\"?, \"equals\"?} with at least one condition";
     let o = v.as_object().ok_or(SHAPE)?;
@@ -324,6 +324,10 @@ fn argument(v: &Value) -> Result<Value, &'static str> {
     }
     if !o.contains_key("pointer") || conditions == 0 {
         return Err(SHAPE);
+    }
+    // The proxies read an entry as either an equality or a range, never both (the profile).
+    if o.contains_key("equals") && (o.contains_key("min") || o.contains_key("max")) {
+        return Err("a `tctx.arguments` entry is either `equals` or a `min`/`max` range, not both");
     }
     if let (Some(min), Some(max)) = (o.get("min").and_then(Value::as_f64), o.get("max").and_then(Value::as_f64)) {
         if min > max {
@@ -791,6 +795,8 @@ mod tests {
     #[test]
     fn tctx_parameter_holds_only_narrowing_members() {
         assert!(tctx_param(r#"{"tools":["a"],"resources":[],"arguments":[{"pointer":"/x","equals":"y"}]}"#).is_ok());
+        // Both an equality and a range: the proxies would refuse the token, so it is never issued.
+        assert!(tctx_param(r#"{"arguments":[{"pointer":"/x","equals":5,"max":10}]}"#).is_err());
         for bad in [r#"{"task":"t"}"#, r#"{"intent":"i"}"#, r#"{"other":1}"#, r#"[1]"#, "not json", r#"{"tools":"a"}"#] {
             assert!(tctx_param(bad).is_err(), "{bad}");
         }

@@ -333,11 +333,21 @@ pub fn refusal(status: u16, body: &[u8]) -> Option<crate::reason::Reason> {
         return None;
     }
     let e: ErrorAnswer = serde_json::from_slice(body).ok()?;
-    if e.error.as_deref() != Some("invalid_grant") {
-        return None;
+    let reason = e.mandate_reason.as_deref()?;
+    // A widened scope is `invalid_scope` (RFC 6749); every other refusal is `invalid_grant`.
+    match (e.error.as_deref(), reason) {
+        (Some("invalid_grant"), _) | (Some("invalid_scope"), "delegation_scope_exceeded") => {}
+        _ => return None,
     }
-    match e.mandate_reason.as_deref()? {
+    match reason {
         "task_ended" => Some(Reason::TaskRevoked),
+        // The minter's view of a delegation chain (the Txn-Token revoked since the proxy
+        // verified it, or a chain the minter refuses): the caller hears it as the proxy's own.
+        "delegation_token_invalid" => Some(Reason::DelegationTokenInvalid),
+        "delegation_actor_mismatch" => Some(Reason::DelegationActorMismatch),
+        "delegation_loop" => Some(Reason::DelegationLoop),
+        "delegation_chain_too_deep" => Some(Reason::DelegationChainTooDeep),
+        "delegation_scope_exceeded" => Some(Reason::DelegationScopeExceeded),
         "subject_revoked" | "actor_revoked" => Some(Reason::SubjectRevoked),
         "task_unknown" | "task_not_bound" | "intent_not_in_task" => Some(Reason::TaskUnregistered),
         "task_expired" => Some(Reason::TaskExpired),
@@ -841,7 +851,12 @@ mod tests {
     fn minter_error_body_cannot_turn_an_outage_into_a_refusal_or_back() {
         let ended = json!({"error": "invalid_grant", "mandate_reason": "task_ended"}).to_string();
         assert_eq!(refusal(400, ended.as_bytes()), Some(Reason::TaskRevoked));
+        let widened = json!({"error": "invalid_scope", "mandate_reason": "delegation_scope_exceeded"}).to_string();
+        assert_eq!(refusal(400, widened.as_bytes()), Some(Reason::DelegationScopeExceeded));
+        let lifted = json!({"error": "invalid_grant", "mandate_reason": "delegation_token_invalid"}).to_string();
+        assert_eq!(refusal(400, lifted.as_bytes()), Some(Reason::DelegationTokenInvalid));
         for (status, body) in [
+            (400, json!({"error": "invalid_scope", "mandate_reason": "task_ended"}).to_string()),
             (401, ended.clone()),
             (500, ended.clone()),
             (400, json!({"error": "invalid_client", "mandate_reason": "task_ended"}).to_string()),
