@@ -701,7 +701,7 @@ impl Engine {
         Ok(Verdict::Mint(Box::new(MintPlan {
             key,
             subject: judged.txn.as_ref().map_or_else(|| identity.principal.clone(), |t| t.sub.clone()),
-            actor: judged.txn.as_ref().map(|_| identity.principal.clone()),
+            actor: judged.txn.as_ref().filter(|t| t.depth() > 0).map(|_| identity.principal.clone()),
             txn: judged.txn.as_ref().map(|t| t.txn.clone()),
             request,
             edits,

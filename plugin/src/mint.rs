@@ -297,7 +297,8 @@ struct ActPeek {
 pub struct Expected<'a> {
     /// `sub`: the caller, or for a delegated request the original principal.
     pub subject: &'a str,
-    /// Delegated requests: `act.sub` (the caller) and `txn` (the Txn-Token's).
+    /// Delegated requests: `act.sub` (the caller; `None` for a root Txn-Token, whose
+    /// credential names no actor) and `txn` (the Txn-Token's).
     pub actor: Option<&'a str>,
     pub txn: Option<&'a str>,
 }
@@ -372,13 +373,16 @@ fn check_minted(peek: Option<&JwtPeek>, audience: &str, expected: Expected<'_>, 
     if p.tool.as_deref() != tool {
         return Err(MintError::Mismatch("the minted token is for another tool"));
     }
-    if let Some(actor) = expected.actor {
-        if p.act.as_ref().and_then(|a| a.sub.as_deref()) != Some(actor) {
+    match (expected.actor, expected.txn) {
+        (Some(actor), _) if p.act.as_ref().and_then(|a| a.sub.as_deref()) != Some(actor) => {
             return Err(MintError::Mismatch("the minted token names another current actor"));
         }
-        if p.txn.as_deref() != expected.txn {
-            return Err(MintError::Mismatch("the minted token is for another transaction"));
-        }
+        // A root Txn-Token (no delegation yet): the credential names no actor either.
+        (None, Some(_)) if p.act.is_some() => return Err(MintError::Mismatch("the minted token names an actor the chain does not have")),
+        _ => {}
+    }
+    if expected.txn.is_some() && p.txn.as_deref() != expected.txn {
+        return Err(MintError::Mismatch("the minted token is for another transaction"));
     }
     Ok(())
 }

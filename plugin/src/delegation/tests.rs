@@ -704,6 +704,21 @@ fn minted_credential_must_name_the_original_principal_and_the_caller_as_actor() 
         let (v, _) = e.finish_mint(&plan, Ok((200, &answer)), NOW, &mut d);
         assert_eq!(matches!(v, Verdict::Forward(_)), ok, "{what}: {:?}", d.reason());
     }
+    // A root token (no delegation yet), used by its own subject: the credential names A and
+    // no actor, and still the token's transaction.
+    let root = txn(&k, &[A]);
+    for (what, answer, ok) in [
+        ("right", minted(A, None, "tx0AAAAAAAAAAAAAAAAAAA"), true),
+        ("an actor appears", minted(A, Some(B), "tx0AAAAAAAAAAAAAAAAAAA"), false),
+        ("another transaction", minted(A, None, "other"), false),
+    ] {
+        let mut e = engine_from(&cfg(&k, true, |_| {}));
+        let out = run(&mut e, &request(&k, A, Some(&root), &[]));
+        let Verdict::Mint(plan) = out.verdict else { panic!("{:?}", out.decision.reason()) };
+        let mut d = out.decision;
+        let (v, _) = e.finish_mint(&plan, Ok((200, &answer)), NOW, &mut d);
+        assert_eq!(matches!(v, Verdict::Forward(_)), ok, "root, {what}: {:?}", d.reason());
+    }
 }
 
 // ------------------------------------------------------------------ configuration
