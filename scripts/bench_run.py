@@ -76,6 +76,7 @@ LABELS = {
     # Diagnostic: (e) and (f) with another build of the filter (--alt-wasm), in the same run.
     "E": "mandate warm, alt build",
     "F": "mandate cold, alt build",
+    "J": "MCP body path, alt build",
 }
 BASELINES = ["a", "b", "c", "d"]
 TARGETS = {
@@ -365,13 +366,13 @@ def main():
     envoy_cpu = 0 if a.pin else None
     wrk_cpu = 1 if a.pin else None
     configs = [k for k in a.configs if k in LABELS]
-    needs_minter = any(k in "efgijkqxrEF" for k in configs)
+    needs_minter = any(k in "efgijkqxrEFJ" for k in configs)
     mcp = fx.get("mcp")
-    if any(k in "ijpq" for k in configs) and not mcp:
+    if any(k in "ijpqJ" for k in configs) and not mcp:
         raise RuntimeError("configurations (i) and (j) need a filter with MCP support: bench-fixture could not "
                            "write plugin-mcp-*.json (see its message above); run without i and j (--configs)")
-    if ("E" in configs or "F" in configs) and not a.alt_wasm:
-        raise RuntimeError("configurations (E) and (F) need --alt-wasm")
+    if any(k in "EFJ" for k in configs) and not a.alt_wasm:
+        raise RuntimeError("configurations (E), (F) and (J) need --alt-wasm")
     if "h" in configs and not a.probe_wasm:
         raise RuntimeError("configuration (h) needs --probe-wasm")
 
@@ -428,6 +429,7 @@ def main():
         "m": (wasm_filter("calls", a.calls_wasm, ""), "") if "m" in configs else None,
         "E": (wasm_filter("mandate", a.alt_wasm, warm_cfg), minter_cluster),
         "F": (wasm_filter("mandate", a.alt_wasm, warm_cfg), minter_cluster),
+        "J": (wasm_filter("mandate", a.alt_wasm, mcp_body_cfg) + buffer_filter, minter_cluster),
         "h": (wasm_filter("probe", a.probe_wasm, (a.fixture / "spki.hex").read_text().strip()), "") if "h" in configs else None,
     }
     base = (os.getpid() % 10000) * 10 + 20000
@@ -460,7 +462,7 @@ def main():
     if mcp:
         mcp_headers = {"x-agent-intent": mcp["intent"], "x-agent-task": mcp["task"], **{k: v for k, v in mcp["headers"]}}
         mcp_body = (a.fixture / mcp["body_file"]).read_bytes()
-    for k in "ijpq":
+    for k in "ijpqJ":
         if k in envs:
             envs[k].update({"BENCH_HOST": mcp["plain_host"] if k == "q" else mcp["host"], "BENCH_PATH": mcp["path"], "BENCH_METHOD": "POST",
                             "BENCH_BODY_FILE": str(a.fixture / mcp["body_file"]),
@@ -474,7 +476,7 @@ def main():
         try:
             if k == "k":
                 h.update({"authorization": f"Bearer {chain_svid}", "txn-token": chain_token})
-            if k in "ijpq":
+            if k in "ijpqJ":
                 h = {"Host": mcp["plain_host"] if k == "q" else mcp["host"], "authorization": f"Bearer {token}", **mcp_headers}
                 status, headers, body = request_once(envoys[k].port, h, mcp["path"], "POST", mcp_body)
             else:
