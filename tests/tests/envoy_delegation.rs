@@ -14,12 +14,12 @@
 
 use std::time::Duration;
 
-use mandate_e2e::{prerequisites, testkit, unix_now, wait_until, yaml_quote, Envoy, HttpResponse, MockServer, SvidIssuer, TlsClient, Vars};
+use mandate_e2e::{prerequisites, testkit, unix_now, wait_until, Envoy, HttpResponse, MockServer, SvidIssuer, TlsClient, Vars};
 use mandate_minter::config::MinterConfig;
 use serde_json::{json, Value};
 
 mod orders_story;
-use orders_story::{gen_test_certs, jwt_claims, minter_tls_cluster_yaml, MINTER_AUDIENCE, MINTER_ISSUER};
+use orders_story::{form, gen_test_certs, jwt_authn_listener_yaml, jwt_claims, minter_tls_cluster_yaml, Jwks, MINTER_AUDIENCE, MINTER_ISSUER};
 
 const GATEWAY: &str = "spiffe://example.org/proxy/envoy-1";
 const ORCHESTRATOR: &str = "spiffe://example.org/orchestrator";
@@ -35,25 +35,6 @@ const SCOPE: &str = "payments:write";
 const TXN_TOKEN: &str = "urn:ietf:params:oauth:token-type:txn_token";
 const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const POLL_MS: u64 = 300;
-
-fn form(pairs: &[(&str, &str)]) -> String {
-    let mut s = String::new();
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if i > 0 {
-            s.push('&');
-        }
-        s.push_str(k);
-        s.push('=');
-        for b in v.bytes() {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                s.push(b as char);
-            } else {
-                s.push_str(&format!("%{b:02X}"));
-            }
-        }
-    }
-    s
-}
 
 fn body(r: &HttpResponse) -> Value {
     r.json().unwrap_or(Value::Null)
@@ -117,54 +98,6 @@ fn plugin_config(issuer: &SvidIssuer, minter_jwks: &Value, max_delegations: u64)
         "minter": {"cluster": "minter", "authority": "localhost", "timeout_ms": 2000,
                    "revocations": {"interval_ms": POLL_MS}}
     })
-}
-
-/// Listener `rs`: Envoy's stock jwt_authn for the payments audience in front of C.
-fn payments_listener_yaml(minter_jwks: &str) -> String {
-    format!(
-        r#"- name: rs
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-  filter_chains:
-  - filters:
-    - name: envoy.filters.network.http_connection_manager
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-        stat_prefix: rs
-        codec_type: AUTO
-        route_config:
-          name: rs
-          virtual_hosts:
-          - name: rs
-            domains: ["*"]
-            routes:
-            - match: {{ prefix: "/" }}
-              route: {{ cluster: payments, timeout: 5s }}
-        http_filters:
-        - name: envoy.filters.http.jwt_authn
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
-            providers:
-              minter:
-                issuer: {issuer}
-                audiences: [{aud}]
-                forward: true
-                claim_to_headers:
-                - {{ header_name: x-verified-sub, claim_name: sub }}
-                - {{ header_name: x-verified-txn, claim_name: txn }}
-                local_jwks:
-                  inline_string: {jwks}
-            rules:
-            - match: {{ prefix: "/" }}
-              requires: {{ provider_name: minter }}
-        - name: envoy.filters.http.router
-          typed_config:
-            "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-"#,
-        issuer = yaml_quote(MINTER_ISSUER),
-        aud = yaml_quote(PAYMENTS_AUD),
-        jwks = yaml_quote(minter_jwks),
-    )
 }
 
 struct Rig {
@@ -242,7 +175,9 @@ impl Rig {
         // is only known once it runs, so the `upstream` cluster points at a fixed free port.
         let rs_port = free_port();
         let c_cluster = mandate_e2e::loopback_cluster_yaml("payments", c_service.port(), Duration::from_secs(5));
-        let rs = payments_listener_yaml(&jwks_doc).replace("port_value: 0", &format!("port_value: {rs_port}"));
+        // Envoy's stock jwt_authn for the payments audience in front of C.
+        let rs = jwt_authn_listener_yaml(rs_port, Jwks::Inline(&jwks_doc), Some("payments"), PAYMENTS_AUD,
+                                         &[("x-verified-sub", "sub"), ("x-verified-txn", "txn")]);
         let front_of_c = start(rs_port, Vars::new().listener_yaml(&rs).cluster_yaml(&c_cluster), proxy_max_delegations);
         Rig { issuer, _dir: dir, minter, mport, orchestrator, front_of_b, front_of_c, b_service, c_service, pki }
     }

@@ -31,25 +31,6 @@ const POLL_MS: u64 = 500;
 const GATEWAY: &str = "spiffe://example.org/proxy/envoy-1";
 const ORCHESTRATOR: &str = "spiffe://example.org/orchestrator";
 
-fn form(pairs: &[(&str, &str)]) -> String {
-    let mut s = String::new();
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if i > 0 {
-            s.push('&');
-        }
-        s.push_str(k);
-        s.push('=');
-        for b in v.bytes() {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                s.push(b as char);
-            } else {
-                s.push_str(&format!("%{b:02X}"));
-            }
-        }
-    }
-    s
-}
-
 fn json_body(resp: &HttpResponse) -> Value {
     resp.json().unwrap_or(Value::Null)
 }

@@ -173,6 +173,12 @@ pub enum Jwks<'a> {
 /// echo to show; `claim_to_headers` (`x-verified-sub`, `x-verified-task`) proves which claims
 /// jwt_authn verified.
 pub fn resource_listener_yaml(port: u16, jwks: Jwks<'_>, upstream: Option<&str>) -> String {
+    jwt_authn_listener_yaml(port, jwks, upstream, RESOURCE_AUDIENCE, &[("x-verified-sub", "sub"), ("x-verified-task", "task")])
+}
+
+/// [`resource_listener_yaml`] for another `audience`, with `claims` copied into request headers
+/// (`(header, claim)`) for the upstream to show.
+pub fn jwt_authn_listener_yaml(port: u16, jwks: Jwks<'_>, upstream: Option<&str>, audience: &str, claims: &[(&str, &str)]) -> String {
     let jwks = match jwks {
         Jwks::Inline(doc) => format!("local_jwks:\n                  inline_string: {}", yaml_quote(doc)),
         Jwks::Remote { uri, cluster, cache_s } => format!(
@@ -213,9 +219,7 @@ pub fn resource_listener_yaml(port: u16, jwks: Jwks<'_>, upstream: Option<&str>)
                 audiences: [{aud}]
                 forward: true
                 claim_to_headers:
-                - {{ header_name: x-verified-sub, claim_name: sub }}
-                - {{ header_name: x-verified-task, claim_name: task }}
-                {jwks}
+{claims}                {jwks}
             rules:
             - match: {{ prefix: "/" }}
               requires: {{ provider_name: minter }}
@@ -224,6 +228,27 @@ pub fn resource_listener_yaml(port: u16, jwks: Jwks<'_>, upstream: Option<&str>)
             "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 "#,
         issuer = yaml_quote(MINTER_ISSUER),
-        aud = yaml_quote(RESOURCE_AUDIENCE),
+        aud = yaml_quote(audience),
+        claims = claims.iter().map(|(h, c)| format!("                - {{ header_name: {h}, claim_name: {c} }}\n")).collect::<String>(),
     )
+}
+
+/// An `application/x-www-form-urlencoded` body (RFC 3986 unreserved characters kept).
+pub fn form(pairs: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            s.push('&');
+        }
+        s.push_str(k);
+        s.push('=');
+        for b in v.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                s.push(b as char);
+            } else {
+                s.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    s
 }
