@@ -585,6 +585,12 @@ impl Engine {
                 return Err(Reason::DelegationTokenInvalid);
             }
         };
+        // A Txn-Token the minter revoked by its `jti` (the feed): refused on every request, the
+        // verification cache, cached decisions and cached credentials notwithstanding.
+        if self.feed.revoked.jti_revoked(&t.jti) {
+            d.delegation = Some(Rc::new(DelegationInfo { invalid: Some("revoked"), ..(*t.info).clone() }));
+            return Err(Reason::DelegationTokenInvalid);
+        }
         d.delegation = Some(t.info.clone());
         delegation::judge::check_chain(&t, &identity.principal, self.delegation_cap)?;
         Ok(Some(t))

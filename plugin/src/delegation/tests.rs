@@ -483,6 +483,25 @@ fn revoked_middle_principal_refuses_the_chain() {
     assert_eq!(refused(&run(&mut e, &request(&k, C, Some(&t), &[]))), (403, Reason::SubjectRevoked));
 }
 
+#[test]
+fn revoked_txn_token_jti_still_served_from_the_credential_cache() {
+    // The minter revokes a leaked Txn-Token by its `jti`: the feed says so, and the filter must
+    // stop honouring the token at once, not keep serving the credential it cached for it.
+    let k = keys();
+    let mut e = engine_from(&cfg(&k, true, |_| {}));
+    let t = txn(&k, &[A, B]);
+    let out = run(&mut e, &request(&k, B, Some(&t), &[]));
+    let Verdict::Mint(plan) = out.verdict else { panic!("{:?}", out.decision.reason()) };
+    let mut d = out.decision;
+    let (v, _) = e.finish_mint(&plan, Ok((200, &minted(A, Some(B), "tx0AAAAAAAAAAAAAAAAAAA"))), NOW, &mut d);
+    assert!(matches!(v, Verdict::Forward(_)), "{:?}", d.reason());
+    assert!(run(&mut e, &request(&k, B, Some(&t), &[])).decision.credential_cache_hit, "warm");
+    revoke(&mut e, json!([{"seq": 1, "kind": "jti", "value": "j0AAAAAAAAAAAAAAAAAAAA", "at": NOW}]));
+    let out = run(&mut e, &request(&k, B, Some(&t), &[]));
+    assert_eq!(refused(&out), (401, Reason::DelegationTokenInvalid), "a revoked Txn-Token is refused, cached credential or not");
+    assert_eq!(invalid_word(&out), Some("revoked"));
+}
+
 // ------------------------------------------------------------------ steps 5 and 6
 
 #[test]
