@@ -550,6 +550,42 @@ fn intersection_b_allowed_but_a_not_is_refused_naming_a() {
 }
 
 #[test]
+fn self_minted_root_txn_token_stands_in_for_an_orchestrator_signed_intent() {
+    // `case.secret` needs an intent token from the policy's intent issuer (the orchestrator).
+    // An agent with role `txn` gets a root Txn-Token for it from the minter on its own (the
+    // minter checks the task's registration, not any intent token), and presents that instead.
+    let k = keys();
+    let ik = TestKey::es256("intent-k");
+    let mut e = engine_from(&cfg(&k, false, |c| {
+        let p = &mut c["policy"];
+        p["intents"].as_array_mut().unwrap().push(json!({"name": "case.secret", "scopes": ["cases:write"], "require_signed": true,
+            "operations": [{"resource": "cases", "methods": ["GET"]}]}));
+        p["intent_issuers"] = json!([{"issuer": "https://intent", "jwks": plain_jwks(&[&ik]), "audiences": [AUD]}]);
+        p["delegation_rules"][0]["intents"] = json!(["case.resolve", "case.secret"]);
+    }));
+    let secret = |c: &mut Value| c["tctx"]["intent"] = json!("case.secret");
+    let hdr = [("x-agent-intent", "case.secret")];
+    assert_eq!(refused(&run(&mut e, &request(&k, A, None, &hdr))), (403, Reason::IntentTokenRequired), "no intent token");
+    let mut root = claims(&[A]);
+    secret(&mut root);
+    let root = sign_txn(&k.minter, &root);
+    let out = run(&mut e, &request(&k, A, Some(&root), &hdr));
+    assert_eq!(refused(&out), (403, Reason::DelegationNotAllowed), "a self-minted root token signs nothing");
+    assert_eq!(out.decision.delegation.unwrap().failed.clone().unwrap().reason, Reason::IntentTokenRequired);
+    let mut hop = claims(&[A, B]);
+    secret(&mut hop);
+    let hop = sign_txn(&k.minter, &hop);
+    let out = run(&mut e, &request(&k, B, Some(&hop), &hdr));
+    assert_eq!(refused(&out), (403, Reason::DelegationNotAllowed), "nor does a delegated one");
+    assert_eq!(out.decision.delegation.unwrap().failed.clone().unwrap().reason, Reason::IntentTokenRequired);
+    // The caller's own intent token from the orchestrator is what the intent asks for; with it,
+    // the hop is judged for every principal as usual.
+    let it = ik.sign_intent(&json!({"iss": "https://intent", "sub": B, "aud": AUD, "exp": NOW + 60, "intents": ["case.secret"], "task": "T-1"}));
+    let out = run(&mut e, &request(&k, B, Some(&hop), &[("x-agent-intent", "case.secret"), ("x-agent-intent-token", &it)]));
+    assert_eq!(out.decision.effect(), Effect::Allow, "{:?} {:?}", out.decision.reason(), out.decision.delegation);
+}
+
+#[test]
 fn dry_run_policy_records_a_refused_principal_and_forwards_without_a_credential() {
     let k = keys();
     let mut e = engine_from(&cfg(&k, true, |c| c["policy"]["dry_run"] = json!(true)));

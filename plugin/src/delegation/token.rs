@@ -164,7 +164,7 @@ impl TxnToken {
     /// The intent and task the minter vouched for when it issued the token (it checked the
     /// task's registration for the subject), as a signed intent.
     pub fn vouched_intent(&self) -> SignedIntent {
-        SignedIntent { intents: vec![self.ctx.intent.clone()], task: Some(self.ctx.task.clone()), exp: self.exp }
+        SignedIntent { intents: vec![self.ctx.intent.clone()], task: Some(self.ctx.task.clone()), exp: self.exp, from_txn_token: true }
     }
 
     /// Parses the claims JSON of a token (shape checks only).
