@@ -1260,9 +1260,14 @@ impl Engine {
         }
         // The Txn-Token goes upstream only verified, and only to a resource that takes it;
         // without delegation configured it is never verified, so never forwarded.
+        // With another header configured, the standard `txn-token` is never verified either:
+        // always removed.
         let txn_header = self.delegation.as_ref().map_or(delegation::DEFAULT_HEADER, |v| v.header.as_str());
         if !forward_txn && headers.contains(txn_header) {
             remove.push(txn_header.to_string());
+        }
+        if txn_header != delegation::DEFAULT_HEADER && headers.contains(delegation::DEFAULT_HEADER) {
+            remove.push(delegation::DEFAULT_HEADER.to_string());
         }
         HeaderEdits { remove, set }
     }

@@ -653,6 +653,20 @@ fn txn_token_header_is_stripped_when_delegation_is_not_configured() {
     assert!(edits.remove.contains(&"txn-token".to_string()), "never forwarded unverified");
 }
 
+#[test]
+fn forged_txn_token_in_the_standard_header_slips_past_a_custom_header_name() {
+    // The filter reads Txn-Tokens from `x-txn`; a caller sends a forged one in the standard
+    // `txn-token` header, which the filter never verifies: it must not reach the service.
+    let k = keys();
+    let mut e = engine_from(&cfg(&k, false, |c| c["delegation"]["header"] = json!("x-txn")));
+    let edits = forwarded(run(&mut e, &request(&k, A, Some("forged.by.caller"), &[])));
+    assert!(edits.remove.contains(&"txn-token".to_string()), "never forwarded unverified: {edits:?}");
+    // The configured header carries the real one, verified, and is stripped too.
+    let t = txn(&k, &[A, B]);
+    let edits = forwarded(run(&mut e, &request(&k, B, None, &[("x-txn", &t)])));
+    assert!(edits.remove.contains(&"x-txn".to_string()), "{edits:?}");
+}
+
 fn mcp_call(k: &Keys, caller: &str, t: &str, tool: &str, amount: &str) -> Headers {
     request(k, caller, Some(t), &[
         (":method", "POST"),
