@@ -667,6 +667,41 @@ fn forged_txn_token_in_the_standard_header_slips_past_a_custom_header_name() {
     assert!(edits.remove.contains(&"x-txn".to_string()), "{edits:?}");
 }
 
+#[test]
+fn null_members_are_not_read_as_absent_constraints() {
+    // The profile has no `null`: the minter never issues one and refuses one. A token whose
+    // `tctx.tools` is `null` must not be read as "no tool constraint" (nor `resources`,
+    // `may_act`, `act`, or an argument's `tool`/`min`/`max`/`equals` as absent).
+    let k = keys();
+    let ctx = |extra: Value| {
+        let mut t = json!({"task": "T-1", "intent": "case.resolve"});
+        for (n, v) in extra.as_object().unwrap() {
+            t[n] = v.clone();
+        }
+        json!({"tctx": t})
+    };
+    for (what, edit) in [
+        ("tools null", ctx(json!({"tools": null}))),
+        ("resources null", ctx(json!({"resources": null}))),
+        ("arguments null", ctx(json!({"arguments": null}))),
+        ("argument tool null", ctx(json!({"arguments": [{"pointer": "/a", "max": 1, "tool": null}]}))),
+        ("argument min null", ctx(json!({"arguments": [{"pointer": "/a", "max": 1, "min": null}]}))),
+        ("may_act null", json!({"may_act": null})),
+        ("nbf null", json!({"nbf": null})),
+    ] {
+        let mut c = claims(&[A, B]);
+        for (name, v) in edit.as_object().unwrap() {
+            c[name] = v.clone();
+        }
+        let mut e = engine(&k);
+        let out = run(&mut e, &request(&k, B, Some(&sign_txn(&k.minter, &c)), &[]));
+        assert_eq!(refused(&out), (401, Reason::DelegationTokenInvalid), "{what}");
+    }
+    let mut c = claims(&[A]);
+    c["act"] = Value::Null;
+    assert_invalid(&k, &sign_txn(&k.minter, &c), A, "claims");
+}
+
 fn mcp_call(k: &Keys, caller: &str, t: &str, tool: &str, amount: &str) -> Headers {
     request(k, caller, Some(t), &[
         (":method", "POST"),
@@ -832,3 +867,4 @@ fn invalid_delegation_config_is_refused_naming_the_field() {
     c.as_object_mut().unwrap().remove("delegation");
     assert_eq!(config::parse(c.to_string().as_bytes()).unwrap_err().field, "policy.resources[0].txn_token");
 }
+

@@ -16,7 +16,7 @@ pub(crate) struct RawClaims {
     pub aud: String,
     pub iat: u64,
     pub exp: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     pub nbf: Option<u64>,
     jti: String,
     txn: String,
@@ -24,9 +24,9 @@ pub(crate) struct RawClaims {
     scope: String,
     req_wl: String,
     tctx: RawContext,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     act: Option<RawAct>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     may_act: Option<RawMayAct>,
 }
 
