@@ -585,6 +585,12 @@ impl Engine {
                 return Err(Reason::DelegationTokenInvalid);
             }
         };
+        // A Txn-Token the minter revoked by its `jti` (the feed): refused on every request, the
+        // verification cache, cached decisions and cached credentials notwithstanding.
+        if self.feed.revoked.jti_revoked(&t.jti) {
+            d.delegation = Some(Rc::new(DelegationInfo { invalid: Some("revoked"), ..(*t.info).clone() }));
+            return Err(Reason::DelegationTokenInvalid);
+        }
         d.delegation = Some(t.info.clone());
         delegation::judge::check_chain(&t, &identity.principal, self.delegation_cap)?;
         Ok(Some(t))
@@ -1254,9 +1260,14 @@ impl Engine {
         }
         // The Txn-Token goes upstream only verified, and only to a resource that takes it;
         // without delegation configured it is never verified, so never forwarded.
+        // With another header configured, the standard `txn-token` is never verified either:
+        // always removed.
         let txn_header = self.delegation.as_ref().map_or(delegation::DEFAULT_HEADER, |v| v.header.as_str());
         if !forward_txn && headers.contains(txn_header) {
             remove.push(txn_header.to_string());
+        }
+        if txn_header != delegation::DEFAULT_HEADER && headers.contains(delegation::DEFAULT_HEADER) {
+            remove.push(delegation::DEFAULT_HEADER.to_string());
         }
         HeaderEdits { remove, set }
     }

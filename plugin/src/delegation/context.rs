@@ -17,25 +17,25 @@ pub const MAX_ARGUMENTS: usize = 32;
 pub(crate) struct RawContext {
     task: String,
     intent: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     resources: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     tools: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     arguments: Option<Vec<RawArgument>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawArgument {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     tool: Option<String>,
     pointer: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     max: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     min: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     equals: Option<Value>,
 }
 

@@ -87,8 +87,11 @@ pub fn judge(policy: &Policy, t: &TxnToken, input: &PolicyInput<'_>, caller: &Po
 
     // 6. The intersection: each principal with its own class. Principals other than the caller
     // hold no token here: the Txn-Token's lifetime stands for theirs, and the intent and task
-    // the minter vouched for stand for a signed intent.
-    let vouched = t.vouched_intent();
+    // the minter vouched for stand for a signed intent. That vouches for the task only: an
+    // intent that must be signed (`require_signed`) is signed for the chain when the caller
+    // brought an intent token from an intent issuer for it, never by the Txn-Token alone.
+    let mut vouched = t.vouched_intent();
+    vouched.from_txn_token = !input.signed_intent.is_some_and(|s| s.by_issuer());
     let last = t.chain.len().saturating_sub(1);
     for (i, p) in t.chain.iter().enumerate() {
         let owned;

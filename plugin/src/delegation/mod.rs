@@ -35,6 +35,17 @@ pub const DEFAULT_MAX_DELEGATIONS: u32 = 2;
 /// Highest `max_delegations` accepted in configuration or policy.
 pub const MAX_DELEGATIONS_CAP: u32 = 8;
 
+/// An optional member that, when present, must have its type: the profile has no `null`, and a
+/// `null` grant (`"tools": null`) is malformed, never read as the member being absent (no
+/// constraint). Use with `#[serde(default, deserialize_with = "non_null")]`.
+pub(crate) fn non_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
 fn default_header() -> String {
     DEFAULT_HEADER.into()
 }

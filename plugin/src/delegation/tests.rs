@@ -483,6 +483,25 @@ fn revoked_middle_principal_refuses_the_chain() {
     assert_eq!(refused(&run(&mut e, &request(&k, C, Some(&t), &[]))), (403, Reason::SubjectRevoked));
 }
 
+#[test]
+fn revoked_txn_token_jti_still_served_from_the_credential_cache() {
+    // The minter revokes a leaked Txn-Token by its `jti`: the feed says so, and the filter must
+    // stop honouring the token at once, not keep serving the credential it cached for it.
+    let k = keys();
+    let mut e = engine_from(&cfg(&k, true, |_| {}));
+    let t = txn(&k, &[A, B]);
+    let out = run(&mut e, &request(&k, B, Some(&t), &[]));
+    let Verdict::Mint(plan) = out.verdict else { panic!("{:?}", out.decision.reason()) };
+    let mut d = out.decision;
+    let (v, _) = e.finish_mint(&plan, Ok((200, &minted(A, Some(B), "tx0AAAAAAAAAAAAAAAAAAA"))), NOW, &mut d);
+    assert!(matches!(v, Verdict::Forward(_)), "{:?}", d.reason());
+    assert!(run(&mut e, &request(&k, B, Some(&t), &[])).decision.credential_cache_hit, "warm");
+    revoke(&mut e, json!([{"seq": 1, "kind": "jti", "value": "j0AAAAAAAAAAAAAAAAAAAA", "at": NOW}]));
+    let out = run(&mut e, &request(&k, B, Some(&t), &[]));
+    assert_eq!(refused(&out), (401, Reason::DelegationTokenInvalid), "a revoked Txn-Token is refused, cached credential or not");
+    assert_eq!(invalid_word(&out), Some("revoked"));
+}
+
 // ------------------------------------------------------------------ steps 5 and 6
 
 #[test]
@@ -528,6 +547,42 @@ fn intersection_b_allowed_but_a_not_is_refused_naming_a() {
     assert_eq!(refused(&out), (403, Reason::DelegationNotAllowed));
     let f = out.decision.delegation.unwrap().failed.clone().unwrap();
     assert_eq!((f.principal.as_str(), f.reason), (UNTRUSTED, Reason::DeniedByRule));
+}
+
+#[test]
+fn self_minted_root_txn_token_stands_in_for_an_orchestrator_signed_intent() {
+    // `case.secret` needs an intent token from the policy's intent issuer (the orchestrator).
+    // An agent with role `txn` gets a root Txn-Token for it from the minter on its own (the
+    // minter checks the task's registration, not any intent token), and presents that instead.
+    let k = keys();
+    let ik = TestKey::es256("intent-k");
+    let mut e = engine_from(&cfg(&k, false, |c| {
+        let p = &mut c["policy"];
+        p["intents"].as_array_mut().unwrap().push(json!({"name": "case.secret", "scopes": ["cases:write"], "require_signed": true,
+            "operations": [{"resource": "cases", "methods": ["GET"]}]}));
+        p["intent_issuers"] = json!([{"issuer": "https://intent", "jwks": plain_jwks(&[&ik]), "audiences": [AUD]}]);
+        p["delegation_rules"][0]["intents"] = json!(["case.resolve", "case.secret"]);
+    }));
+    let secret = |c: &mut Value| c["tctx"]["intent"] = json!("case.secret");
+    let hdr = [("x-agent-intent", "case.secret")];
+    assert_eq!(refused(&run(&mut e, &request(&k, A, None, &hdr))), (403, Reason::IntentTokenRequired), "no intent token");
+    let mut root = claims(&[A]);
+    secret(&mut root);
+    let root = sign_txn(&k.minter, &root);
+    let out = run(&mut e, &request(&k, A, Some(&root), &hdr));
+    assert_eq!(refused(&out), (403, Reason::DelegationNotAllowed), "a self-minted root token signs nothing");
+    assert_eq!(out.decision.delegation.unwrap().failed.clone().unwrap().reason, Reason::IntentTokenRequired);
+    let mut hop = claims(&[A, B]);
+    secret(&mut hop);
+    let hop = sign_txn(&k.minter, &hop);
+    let out = run(&mut e, &request(&k, B, Some(&hop), &hdr));
+    assert_eq!(refused(&out), (403, Reason::DelegationNotAllowed), "nor does a delegated one");
+    assert_eq!(out.decision.delegation.unwrap().failed.clone().unwrap().reason, Reason::IntentTokenRequired);
+    // The caller's own intent token from the orchestrator is what the intent asks for; with it,
+    // the hop is judged for every principal as usual.
+    let it = ik.sign_intent(&json!({"iss": "https://intent", "sub": B, "aud": AUD, "exp": NOW + 60, "intents": ["case.secret"], "task": "T-1"}));
+    let out = run(&mut e, &request(&k, B, Some(&hop), &[("x-agent-intent", "case.secret"), ("x-agent-intent-token", &it)]));
+    assert_eq!(out.decision.effect(), Effect::Allow, "{:?} {:?}", out.decision.reason(), out.decision.delegation);
 }
 
 #[test]
@@ -596,6 +651,55 @@ fn txn_token_header_is_stripped_when_delegation_is_not_configured() {
     }));
     let edits = forwarded(run(&mut e, &request(&k, A, Some("anything"), &[])));
     assert!(edits.remove.contains(&"txn-token".to_string()), "never forwarded unverified");
+}
+
+#[test]
+fn forged_txn_token_in_the_standard_header_slips_past_a_custom_header_name() {
+    // The filter reads Txn-Tokens from `x-txn`; a caller sends a forged one in the standard
+    // `txn-token` header, which the filter never verifies: it must not reach the service.
+    let k = keys();
+    let mut e = engine_from(&cfg(&k, false, |c| c["delegation"]["header"] = json!("x-txn")));
+    let edits = forwarded(run(&mut e, &request(&k, A, Some("forged.by.caller"), &[])));
+    assert!(edits.remove.contains(&"txn-token".to_string()), "never forwarded unverified: {edits:?}");
+    // The configured header carries the real one, verified, and is stripped too.
+    let t = txn(&k, &[A, B]);
+    let edits = forwarded(run(&mut e, &request(&k, B, None, &[("x-txn", &t)])));
+    assert!(edits.remove.contains(&"x-txn".to_string()), "{edits:?}");
+}
+
+#[test]
+fn null_members_are_not_read_as_absent_constraints() {
+    // The profile has no `null`: the minter never issues one and refuses one. A token whose
+    // `tctx.tools` is `null` must not be read as "no tool constraint" (nor `resources`,
+    // `may_act`, `act`, or an argument's `tool`/`min`/`max`/`equals` as absent).
+    let k = keys();
+    let ctx = |extra: Value| {
+        let mut t = json!({"task": "T-1", "intent": "case.resolve"});
+        for (n, v) in extra.as_object().unwrap() {
+            t[n] = v.clone();
+        }
+        json!({"tctx": t})
+    };
+    for (what, edit) in [
+        ("tools null", ctx(json!({"tools": null}))),
+        ("resources null", ctx(json!({"resources": null}))),
+        ("arguments null", ctx(json!({"arguments": null}))),
+        ("argument tool null", ctx(json!({"arguments": [{"pointer": "/a", "max": 1, "tool": null}]}))),
+        ("argument min null", ctx(json!({"arguments": [{"pointer": "/a", "max": 1, "min": null}]}))),
+        ("may_act null", json!({"may_act": null})),
+        ("nbf null", json!({"nbf": null})),
+    ] {
+        let mut c = claims(&[A, B]);
+        for (name, v) in edit.as_object().unwrap() {
+            c[name] = v.clone();
+        }
+        let mut e = engine(&k);
+        let out = run(&mut e, &request(&k, B, Some(&sign_txn(&k.minter, &c)), &[]));
+        assert_eq!(refused(&out), (401, Reason::DelegationTokenInvalid), "{what}");
+    }
+    let mut c = claims(&[A]);
+    c["act"] = Value::Null;
+    assert_invalid(&k, &sign_txn(&k.minter, &c), A, "claims");
 }
 
 fn mcp_call(k: &Keys, caller: &str, t: &str, tool: &str, amount: &str) -> Headers {
@@ -763,3 +867,4 @@ fn invalid_delegation_config_is_refused_naming_the_field() {
     c.as_object_mut().unwrap().remove("delegation");
     assert_eq!(config::parse(c.to_string().as_bytes()).unwrap_err().field, "policy.resources[0].txn_token");
 }
+

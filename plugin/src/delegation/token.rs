@@ -16,7 +16,7 @@ pub(crate) struct RawClaims {
     pub aud: String,
     pub iat: u64,
     pub exp: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     pub nbf: Option<u64>,
     jti: String,
     txn: String,
@@ -24,9 +24,9 @@ pub(crate) struct RawClaims {
     scope: String,
     req_wl: String,
     tctx: RawContext,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     act: Option<RawAct>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::non_null")]
     may_act: Option<RawMayAct>,
 }
 
@@ -164,7 +164,7 @@ impl TxnToken {
     /// The intent and task the minter vouched for when it issued the token (it checked the
     /// task's registration for the subject), as a signed intent.
     pub fn vouched_intent(&self) -> SignedIntent {
-        SignedIntent { intents: vec![self.ctx.intent.clone()], task: Some(self.ctx.task.clone()), exp: self.exp }
+        SignedIntent { intents: vec![self.ctx.intent.clone()], task: Some(self.ctx.task.clone()), exp: self.exp, from_txn_token: true }
     }
 
     /// Parses the claims JSON of a token (shape checks only).

@@ -289,7 +289,7 @@ pub fn with_input<T>(
             (Some(iat), iat + r.token_lifetime_s.unwrap_or(300))
         }
     };
-    *signed = r.signed_intent.as_ref().map(|s| SignedIntent { intents: s.intents.clone(), task: s.task.clone(), exp: now + 300 });
+    *signed = r.signed_intent.as_ref().map(|s| SignedIntent { intents: s.intents.clone(), task: s.task.clone(), exp: now + 300, from_txn_token: false });
     // As live traffic: a task in the signed token binds the request to it.
     if let (Some(st), Some(ht)) = (signed.as_ref().and_then(|s| s.task.as_deref()), r.task.as_deref()) {
         if st != ht {

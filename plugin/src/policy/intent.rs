@@ -127,7 +127,7 @@ impl IntentVerifier {
         if claims.task.as_deref().is_some_and(|t| !valid_task(t.as_bytes())) {
             return Err(bad);
         }
-        Ok(SignedIntent { intents: claims.intents, task: claims.task, exp })
+        Ok(SignedIntent { intents: claims.intents, task: claims.task, exp, from_txn_token: false })
     }
 }
 

@@ -400,6 +400,17 @@ pub struct SignedIntent {
     pub intents: Vec<String>,
     pub task: Option<String>,
     pub exp: u64,
+    /// Stands in for a signed intent: the intent and task a Txn-Token carries (the minter
+    /// checked the task's registration when it issued the token, no intent issuer signed
+    /// anything). It vouches for the task, never satisfies `require_signed`.
+    pub from_txn_token: bool,
+}
+
+impl SignedIntent {
+    /// Signed by one of the policy's intent issuers (not merely carried by a Txn-Token).
+    pub fn by_issuer(&self) -> bool {
+        !self.from_txn_token
+    }
 }
 
 /// Everything the policy judges, already verified and normalised.
@@ -944,12 +955,12 @@ impl Policy {
             return deny(Reason::SensitivityExceeded);
         }
         let needs_signed = intent.is_some_and(|i| i.require_signed) || self.signed_above.is_some_and(|lvl| sensitivity > lvl);
-        if needs_signed && input.signed_intent.is_none() {
+        if needs_signed && !input.signed_intent.is_some_and(SignedIntent::by_issuer) {
             return deny(Reason::IntentTokenRequired);
         }
         if let Some(intent) = intent.filter(|i| i.require_task) {
             // With a signed intent the task must be bound in the token, not just claimed in a header.
-            let bound = if intent.require_signed { input.signed_intent.and_then(|s| s.task.as_deref()) } else { input.task };
+            let bound = if intent.require_signed { input.signed_intent.filter(|s| s.by_issuer()).and_then(|s| s.task.as_deref()) } else { input.task };
             if bound.is_none() {
                 return deny(Reason::TaskRequired);
             }

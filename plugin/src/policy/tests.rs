@@ -99,17 +99,17 @@ fn signed_intent_required_above_confidential() {
     let p = policy(base());
     let i = input(AGENT, Some("customer.lookup"), "GET", "crm.internal", "/customers/7");
     assert_eq!(p.evaluate(&i).reason, Reason::IntentTokenRequired);
-    let signed = SignedIntent { intents: vec!["customer.lookup".into()], task: Some("T-1".into()), exp: WED_1000 + 60 };
+    let signed = SignedIntent { intents: vec!["customer.lookup".into()], task: Some("T-1".into()), exp: WED_1000 + 60, from_txn_token: false };
     let d = p.evaluate(&PolicyInput { signed_intent: Some(&signed), ..i.clone() });
     assert_eq!(d.effect, Effect::Allow, "{d:?}");
-    let other = SignedIntent { intents: vec!["ticket.read".into()], task: None, exp: WED_1000 + 60 };
+    let other = SignedIntent { intents: vec!["ticket.read".into()], task: None, exp: WED_1000 + 60, from_txn_token: false };
     assert_eq!(p.evaluate(&PolicyInput { signed_intent: Some(&other), ..i }).reason, Reason::IntentTokenInvalid);
 }
 
 #[test]
 fn time_window_and_its_boundary() {
     let p = policy(base());
-    let signed = SignedIntent { intents: vec!["customer.lookup".into()], task: None, exp: u64::MAX };
+    let signed = SignedIntent { intents: vec!["customer.lookup".into()], task: None, exp: u64::MAX, from_txn_token: false };
     let at = |now| PolicyInput { now, signed_intent: Some(&signed), ..input(AGENT, Some("customer.lookup"), "GET", "crm.internal", "/customers/7") };
     let wed_1959 = 1_795_564_800 + 20 * 3600 - 1;
     let d = p.evaluate(&at(wed_1959));
@@ -266,7 +266,7 @@ fn signed_token_listing_several_intents_needs_a_declared_one() {
     v["classes"][1]["max_sensitivity"] = json!("restricted");
     v["rules"].as_array_mut().unwrap().push(json!({"id": "batch-anything", "effect": "allow", "classes": ["batch"]}));
     let p = policy(v);
-    let signed = SignedIntent { intents: vec!["ticket.read".into(), "ticket.comment".into()], task: None, exp: WED_1000 + 60 };
+    let signed = SignedIntent { intents: vec!["ticket.read".into(), "ticket.comment".into()], task: None, exp: WED_1000 + 60, from_txn_token: false };
     let mut i = input("spiffe://example.org/batch/nightly", None, "GET", "crm.internal", "/customers/1");
     i.signed_intent = Some(&signed);
     assert_eq!(p.evaluate(&i).reason, Reason::IntentRequired);
@@ -278,8 +278,8 @@ fn require_task_binds_the_task_to_the_signed_token() {
     v["intents"][2]["require_signed"] = json!(true);
     v["intents"][2]["require_task"] = json!(true);
     let p = policy(v);
-    let no_task = SignedIntent { intents: vec!["customer.lookup".into()], task: None, exp: WED_1000 + 60 };
-    let with_task = SignedIntent { intents: vec!["customer.lookup".into()], task: Some("CASE-7".into()), exp: WED_1000 + 60 };
+    let no_task = SignedIntent { intents: vec!["customer.lookup".into()], task: None, exp: WED_1000 + 60, from_txn_token: false };
+    let with_task = SignedIntent { intents: vec!["customer.lookup".into()], task: Some("CASE-7".into()), exp: WED_1000 + 60, from_txn_token: false };
     let base_in = input(AGENT, Some("customer.lookup"), "GET", "crm.internal", "/customers/7");
     let claimed_only = PolicyInput { signed_intent: Some(&no_task), task: Some("CASE-7"), ..base_in.clone() };
     assert_eq!(p.evaluate(&claimed_only).reason, Reason::TaskRequired, "a header task is not bound");
@@ -328,7 +328,7 @@ fn declared_task_without_minter_is_unregistered() {
 #[test]
 fn task_from_a_verified_signed_intent_is_registered_without_a_minter() {
     let p = registered();
-    let signed = SignedIntent { intents: vec!["ticket.read".into()], task: Some("CASE-7".into()), exp: WED_1000 + 60 };
+    let signed = SignedIntent { intents: vec!["ticket.read".into()], task: Some("CASE-7".into()), exp: WED_1000 + 60, from_txn_token: false };
     let base_in = input(AGENT, Some("ticket.read"), "GET", "tickets.internal", "/tickets/1");
     let bound = PolicyInput { signed_intent: Some(&signed), task: Some("CASE-7"), ..base_in.clone() };
     assert_eq!(p.evaluate(&bound).effect, Effect::Allow);
