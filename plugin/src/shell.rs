@@ -773,8 +773,12 @@ impl Root {
     }
 
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let raw = match host::buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size) {
-            Ok(bytes) => bytes.unwrap_or_default(),
+        // A configuration the host announced but will not hand over is an error, never the
+        // (empty) default configuration.
+        let read = host::buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size)
+            .and_then(|b| b.or_else(|| (plugin_configuration_size == 0).then(Vec::new)).ok_or(Status::NotFound));
+        let raw = match read {
+            Ok(bytes) => bytes,
             Err(status) => {
                 log(LogLevel::Error, &format!("cannot read plugin configuration: {status:?}"));
                 return false;

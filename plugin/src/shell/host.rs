@@ -218,10 +218,15 @@ pub fn set_buffer(kind: BufferType, start: usize, size: usize, value: &[u8]) -> 
     Status::result(unsafe { proxy_set_buffer_bytes(kind as u32, start, size, value.as_ptr(), value.len()) })
 }
 
-/// A whole header map, serialized in the ABI's pair layout.
+/// A whole header map, serialized in the ABI's pair layout (`None`: empty). A map the host
+/// says it does not have (`NotFound`) is an error, not an empty map.
 pub fn header_pairs(map: MapType) -> Result<Option<Vec<u8>>, Status> {
-    // SAFETY: the out-pointers reference live locals inside `fetch`.
-    fetch(|data, size| unsafe { proxy_get_header_map_pairs(map as u32, data, size) })
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the out-pointers reference live locals.
+    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    // SAFETY: on Ok the host filled the out-pointers with memory it allocated from us.
+    Status::result(status).map(|()| unsafe { owned(data, size) })
 }
 
 /// One header's value (`None`: absent).
