@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use wasmtime::{Config, Engine, ExternType, Linker, Module, WasmBacktraceDetails};
 
-use crate::abi::{LogLevel, MetricType};
+use crate::abi::{LogLevel, MetricType, Status};
 use crate::vm::{Vm, VmState};
 
 /// One log line from a VM: `proxy_log`, or a line the module wrote to
@@ -117,6 +117,19 @@ pub(crate) struct Shared {
     pub unimplemented_calls: Vec<String>,
     pub next_vm: u32,
     pub local_replies_through_filter: bool,
+    /// Injected hostcall failures by import name (see [`Host::fail_call`]).
+    pub faults: BTreeMap<String, Fault>,
+    /// Injected failures that fired, in order.
+    pub faults_fired: Vec<(String, Status)>,
+}
+
+/// An injected hostcall failure: the call answers `status` without doing anything, after
+/// `skip` calls that go through, for `times` calls (`None`: until cleared).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fault {
+    pub status: Status,
+    pub skip: u32,
+    pub times: Option<u32>,
 }
 
 impl Shared {
@@ -138,6 +151,8 @@ impl Shared {
             unimplemented_calls: Vec::new(),
             next_vm: 1,
             local_replies_through_filter: true,
+            faults: BTreeMap::new(),
+            faults_fired: Vec::new(),
         }
     }
 
@@ -292,6 +307,38 @@ impl Host {
     /// Unimplemented hostcalls the module actually called, in order.
     pub fn unimplemented_calls(&self) -> Vec<String> {
         self.lock().unimplemented_calls.clone()
+    }
+
+    // ---- fault injection ----
+
+    /// Makes the host answer every later call of the hostcall `name` (for example
+    /// `"proxy_http_call"`) with `status`, without doing anything, until
+    /// [`Host::clear_faults`]. Applies to every VM of this host. Models a host that refuses
+    /// a call (Envoy answers BadArgument when a header map is gone, for example).
+    pub fn fail_call(&self, name: &str, status: Status) {
+        self.fail_calls(name, status, 0, None);
+    }
+
+    /// Like [`Host::fail_call`], but only the `nth` call from now (1-based) fails; the others
+    /// go through.
+    pub fn fail_nth_call(&self, name: &str, nth: u32, status: Status) {
+        self.fail_calls(name, status, nth.saturating_sub(1), Some(1));
+    }
+
+    /// The general form: after `skip` calls that go through, `times` calls (`None`: all) of
+    /// `name` answer `status`.
+    pub fn fail_calls(&self, name: &str, status: Status, skip: u32, times: Option<u32>) {
+        self.lock().faults.insert(name.to_string(), Fault { status, skip, times });
+    }
+
+    /// Removes every injected failure.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// The injected failures that fired so far (hostcall, status), in order.
+    pub fn faults_fired(&self) -> Vec<(String, Status)> {
+        self.lock().faults_fired.clone()
     }
 
     // ---- clock ----

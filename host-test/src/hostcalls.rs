@@ -28,61 +28,77 @@ pub(crate) fn define(
     linker: &mut Linker<VmState>,
     implemented: &mut Implemented,
 ) -> anyhow::Result<()> {
+    // Each hostcall first consults the injected faults (`Host::fail_call`).
     macro_rules! def {
-        ($name:literal, $f:expr) => {{
+        ($name:literal, $f:ident ($($a:ident: $t:ty),*)) => {{
             linker
-                .func_wrap("env", $name, $f)
+                .func_wrap("env", $name, |c: C<'_> $(, $a: $t)*| {
+                    if let Some(status) = injected_fault(&c, $name) {
+                        return Ok(status);
+                    }
+                    $f(c $(, $a)*)
+                })
                 .map_err(anyhow::Error::from)?;
             implemented.insert(("env".to_string(), $name.to_string()));
         }};
     }
-    def!("proxy_log", proxy_log);
-    def!("proxy_get_log_level", proxy_get_log_level);
-    def!(
-        "proxy_get_current_time_nanoseconds",
-        proxy_get_current_time_nanoseconds
-    );
-    def!(
-        "proxy_set_tick_period_milliseconds",
-        proxy_set_tick_period_milliseconds
-    );
-    def!("proxy_get_buffer_bytes", proxy_get_buffer_bytes);
-    def!("proxy_set_buffer_bytes", proxy_set_buffer_bytes);
-    def!("proxy_get_buffer_status", proxy_get_buffer_status);
-    def!("proxy_get_header_map_pairs", proxy_get_header_map_pairs);
-    def!("proxy_set_header_map_pairs", proxy_set_header_map_pairs);
-    def!("proxy_get_header_map_size", proxy_get_header_map_size);
-    def!("proxy_get_header_map_value", proxy_get_header_map_value);
-    def!(
-        "proxy_replace_header_map_value",
-        proxy_replace_header_map_value
-    );
-    def!(
-        "proxy_remove_header_map_value",
-        proxy_remove_header_map_value
-    );
-    def!("proxy_add_header_map_value", proxy_add_header_map_value);
-    def!("proxy_get_property", proxy_get_property);
-    def!("proxy_set_property", proxy_set_property);
-    def!("proxy_get_shared_data", proxy_get_shared_data);
-    def!("proxy_set_shared_data", proxy_set_shared_data);
-    def!("proxy_register_shared_queue", proxy_register_shared_queue);
-    def!("proxy_resolve_shared_queue", proxy_resolve_shared_queue);
-    def!("proxy_dequeue_shared_queue", proxy_dequeue_shared_queue);
-    def!("proxy_enqueue_shared_queue", proxy_enqueue_shared_queue);
-    def!("proxy_continue_stream", proxy_continue_stream);
-    def!("proxy_close_stream", proxy_close_stream);
-    def!("proxy_send_local_response", proxy_send_local_response);
-    def!("proxy_http_call", proxy_http_call);
-    def!("proxy_set_effective_context", proxy_set_effective_context);
-    def!("proxy_done", proxy_done);
-    def!("proxy_get_status", proxy_get_status);
-    def!("proxy_define_metric", proxy_define_metric);
-    def!("proxy_increment_metric", proxy_increment_metric);
-    def!("proxy_record_metric", proxy_record_metric);
-    def!("proxy_get_metric", proxy_get_metric);
-    def!("proxy_call_foreign_function", proxy_call_foreign_function);
+    def!("proxy_log", proxy_log(a0: i32, a1: i32, a2: i32));
+    def!("proxy_get_log_level", proxy_get_log_level(a0: i32));
+    def!("proxy_get_current_time_nanoseconds", proxy_get_current_time_nanoseconds(a0: i32));
+    def!("proxy_set_tick_period_milliseconds", proxy_set_tick_period_milliseconds(a0: i32));
+    def!("proxy_get_buffer_bytes", proxy_get_buffer_bytes(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32));
+    def!("proxy_set_buffer_bytes", proxy_set_buffer_bytes(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32));
+    def!("proxy_get_buffer_status", proxy_get_buffer_status(a0: i32, a1: i32, a2: i32));
+    def!("proxy_get_header_map_pairs", proxy_get_header_map_pairs(a0: i32, a1: i32, a2: i32));
+    def!("proxy_set_header_map_pairs", proxy_set_header_map_pairs(a0: i32, a1: i32, a2: i32));
+    def!("proxy_get_header_map_size", proxy_get_header_map_size(a0: i32, a1: i32));
+    def!("proxy_get_header_map_value", proxy_get_header_map_value(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32));
+    def!("proxy_replace_header_map_value", proxy_replace_header_map_value(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32));
+    def!("proxy_remove_header_map_value", proxy_remove_header_map_value(a0: i32, a1: i32, a2: i32));
+    def!("proxy_add_header_map_value", proxy_add_header_map_value(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32));
+    def!("proxy_get_property", proxy_get_property(a0: i32, a1: i32, a2: i32, a3: i32));
+    def!("proxy_set_property", proxy_set_property(a0: i32, a1: i32, a2: i32, a3: i32));
+    def!("proxy_get_shared_data", proxy_get_shared_data(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32));
+    def!("proxy_set_shared_data", proxy_set_shared_data(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32));
+    def!("proxy_register_shared_queue", proxy_register_shared_queue(a0: i32, a1: i32, a2: i32));
+    def!("proxy_resolve_shared_queue", proxy_resolve_shared_queue(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32));
+    def!("proxy_dequeue_shared_queue", proxy_dequeue_shared_queue(a0: i32, a1: i32, a2: i32));
+    def!("proxy_enqueue_shared_queue", proxy_enqueue_shared_queue(a0: i32, a1: i32, a2: i32));
+    def!("proxy_continue_stream", proxy_continue_stream(a0: i32));
+    def!("proxy_close_stream", proxy_close_stream(a0: i32));
+    def!("proxy_send_local_response", proxy_send_local_response(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32, a5: i32, a6: i32, a7: i32));
+    def!("proxy_http_call", proxy_http_call(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32, a5: i32, a6: i32, a7: i32, a8: i32, a9: i32));
+    def!("proxy_set_effective_context", proxy_set_effective_context(a0: i32));
+    def!("proxy_done", proxy_done());
+    def!("proxy_get_status", proxy_get_status(a0: i32, a1: i32, a2: i32));
+    def!("proxy_define_metric", proxy_define_metric(a0: i32, a1: i32, a2: i32, a3: i32));
+    def!("proxy_increment_metric", proxy_increment_metric(a0: i32, a1: i64));
+    def!("proxy_record_metric", proxy_record_metric(a0: i32, a1: i64));
+    def!("proxy_get_metric", proxy_get_metric(a0: i32, a1: i32));
+    def!("proxy_call_foreign_function", proxy_call_foreign_function(a0: i32, a1: i32, a2: i32, a3: i32, a4: i32, a5: i32));
     Ok(())
+}
+
+/// An injected failure for this call of `name` (see [`crate::Host::fail_call`]), counted.
+fn injected_fault(c: &C<'_>, name: &str) -> Option<i32> {
+    let status = {
+        let st: &VmState = c.data();
+        let mut shared = st.lock();
+        let fault = shared.faults.get_mut(name)?;
+        if fault.skip > 0 {
+            fault.skip -= 1;
+            return None;
+        }
+        match &mut fault.times {
+            Some(0) => return None,
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        let status = fault.status;
+        shared.faults_fired.push((name.to_string(), status));
+        status
+    };
+    Some(status.code())
 }
 
 // ---- logging and time ----

@@ -6,6 +6,9 @@
 //! * [`Vm`]: one instance (one Envoy worker) with its root context; drive
 //!   HTTP streams through it and answer the filter's HTTP calls.
 //! * [`run_request`]: one request from a JSON [`RequestSpec`] to an [`Outcome`].
+//! * Fault injection: [`Host::fail_call`] makes the host answer a hostcall with an error
+//!   status (every call, or only the nth: [`Host::fail_nth_call`]) to test that a module
+//!   survives a host that refuses it.
 //!
 //! Every import the module declares that this host does not implement is
 //! linked to a function that fails with `unimplemented hostcall: <name>`;

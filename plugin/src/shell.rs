@@ -17,27 +17,23 @@ use crate::identity::jwks::MAX_BUNDLE_BYTES;
 use crate::mint::{MintError, MAX_FEED_BYTES, MAX_RESPONSE_BYTES};
 use crate::reason::Reason;
 use crate::record::{DecisionRecord, FILTER_STATE_KEY, LOG_PREFIX};
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status, StreamType};
+use host::{Action, BufferType, LogLevel, MapType, MetricType, Status, StreamType};
 use sha2::{Digest, Sha256};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::new()) });
-}}
+mod abi;
+mod host;
 
 fn log(level: LogLevel, message: &str) {
     // Logging must never take the filter down: ignore the status.
-    let _ = hostcalls::log(level, message);
+    let _ = host::log(level, message.as_bytes());
 }
 
 fn now_nanos() -> Option<u64> {
-    hostcalls::get_current_time().ok()?.duration_since(UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64)
+    host::now_nanos()
 }
 
 fn random_seed() -> u64 {
@@ -52,25 +48,6 @@ fn random_seed() -> u64 {
 
 // ------------------------------------------------------------------ metrics
 
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_log(level: LogLevel, message_data: *const u8, message_size: usize) -> Status;
-    fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> Status;
-    fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
-    fn proxy_continue_stream(stream_type: StreamType) -> Status;
-    fn proxy_set_effective_context(context_id: u32) -> Status;
-    fn proxy_get_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize) -> Status;
-    fn proxy_replace_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> Status;
-    fn proxy_remove_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize) -> Status;
-    fn proxy_set_buffer_bytes(buffer_type: BufferType, start: usize, size: usize, buffer_data: *const u8, buffer_size: usize) -> Status;
-    fn proxy_get_buffer_bytes(buffer_type: BufferType, start: usize, max_size: usize, return_buffer_data: *mut *mut u8, return_buffer_size: *mut usize) -> Status;
-    fn proxy_define_metric(metric_type: MetricType, name_data: *const u8, name_size: usize, return_id: *mut u32) -> Status;
-    fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
-    fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
-    fn proxy_get_shared_data(key_data: *const u8, key_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize, return_cas: *mut u32) -> Status;
-    fn proxy_set_shared_data(key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize, cas: u32) -> Status;
-}
-
 // ------------------------------------------------------------------ per-VM names
 
 /// Shared-data key of the VM counter: each VM takes the next number once.
@@ -80,23 +57,6 @@ thread_local! {
     /// This VM's number, for the lifetime of the VM (the module's memory): a new root context
     /// after a configuration push keeps it.
     static VM_INDEX: Cell<Option<u32>> = const { Cell::new(None) };
-}
-
-/// Reads a shared-data value and its CAS token (`None` value: absent). Never panics.
-fn shared_get(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    let mut cas: u32 = 0;
-    // SAFETY: the host fills the out-pointers; `data` was allocated through this module's
-    // `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `size`), so we own it from here.
-    let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
-    match status {
-        Status::Ok if data.is_null() || size == 0 => Ok((None, cas)),
-        // SAFETY: see above.
-        Status::Ok => Ok((Some(unsafe { Vec::from_raw_parts(data, size, size) }), cas)),
-        Status::NotFound => Ok((None, 0)),
-        other => Err(other),
-    }
 }
 
 /// This VM's number among the plugin's VMs: a counter in shared data (which every VM of the
@@ -109,18 +69,16 @@ fn vm_index() -> u32 {
     }
     let mut taken = None;
     for _ in 0..32 {
-        let Ok((value, cas)) = shared_get(VM_SEQ_KEY) else { break };
+        let Ok((value, cas)) = host::shared_get(VM_SEQ_KEY) else { break };
         let current = value.and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok()).map_or(0, u32::from_le_bytes);
         let next = current.wrapping_add(1).to_le_bytes();
-        // SAFETY: both pointers reference live buffers for the duration of the call.
-        let status = unsafe { proxy_set_shared_data(VM_SEQ_KEY.as_ptr(), VM_SEQ_KEY.len(), next.as_ptr(), next.len(), cas) };
-        match status {
-            Status::Ok => {
+        match host::shared_set(VM_SEQ_KEY, &next, cas) {
+            Ok(()) => {
                 taken = Some(current);
                 break;
             }
-            Status::CasMismatch => continue,
-            _ => break,
+            Err(Status::CasMismatch) => continue,
+            Err(_) => break,
         }
     }
     let index = taken.unwrap_or_else(|| {
@@ -170,8 +128,7 @@ enum Cache {
 const DEGRADED_SLOT: usize = 6;
 
 fn increment(id: u32, n: i64) {
-    // SAFETY: plain value call.
-    let _ = unsafe { proxy_increment_metric(id, n) };
+    let _ = host::increment_metric(id, n);
 }
 
 impl Metrics {
@@ -253,10 +210,7 @@ impl Metrics {
         if let Some(id) = self.ids.get(name) {
             return *id;
         }
-        let mut id = 0u32;
-        // SAFETY: pointers reference live buffers for the duration of the call.
-        let status = unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) };
-        let id = (status == Status::Ok).then_some(id);
+        let id = host::define_metric(kind, name).ok();
         self.ids.insert(name.to_string(), id);
         id
     }
@@ -274,8 +228,7 @@ impl Metrics {
 
     fn record(&mut self, kind: MetricType, name: &str, value: u64) {
         if let Some(id) = self.id(kind, name) {
-            // SAFETY: plain value call.
-            let _ = unsafe { proxy_record_metric(id, value) };
+            let _ = host::record_metric(id, value);
         }
     }
 }
@@ -285,20 +238,11 @@ const LINES_LIMIT: usize = 32 * 1024;
 
 /// The request headers in one host call, indexed in place (see [`Headers::from_map`]).
 fn request_headers() -> Option<Headers> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the host fills both out-pointers; it allocated `data` through this module's
-    // `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `size`), so we own it from here.
-    let status = unsafe { proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) };
-    if status != Status::Ok {
-        return None;
+    match host::header_pairs(MapType::HttpRequestHeaders) {
+        Ok(Some(buf)) if !buf.is_empty() => Headers::from_map(buf).ok(),
+        Ok(_) => Some(Headers::default()),
+        Err(_) => None,
     }
-    if data.is_null() || size == 0 {
-        return Some(Headers::default());
-    }
-    // SAFETY: see above.
-    let buf = unsafe { Vec::from_raw_parts(data, size, size) };
-    Headers::from_map(buf).ok()
 }
 
 /// The buffered request body (at most `max` bytes) in one host call; `None` on a host error.
@@ -312,18 +256,7 @@ fn buffer(kind: BufferType, size: usize, max: usize) -> Option<Vec<u8>> {
     if size == 0 {
         return Some(Vec::new());
     }
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut len: usize = 0;
-    // SAFETY: the host fills both out-pointers; it allocated `data` through this module's
-    // `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `len`), so we own it from here.
-    let status = unsafe { proxy_get_buffer_bytes(kind, 0, size.min(max.saturating_add(1)), &mut data, &mut len) };
-    match status {
-        Status::Ok if data.is_null() || len == 0 => Some(Vec::new()),
-        // SAFETY: see above.
-        Status::Ok => Some(unsafe { Vec::from_raw_parts(data, len, len) }),
-        Status::NotFound => Some(Vec::new()),
-        _ => None,
-    }
+    host::buffer(kind, 0, size.min(max.saturating_add(1))).ok().map(Option::unwrap_or_default)
 }
 
 /// A response header's value by the raw host call (`None`: absent or a host error).
@@ -333,15 +266,7 @@ fn response_header(name: &str) -> Option<Vec<u8>> {
 
 /// A header's value in a map by the raw host call (`None`: absent or a host error).
 fn header_value(map: MapType, name: &str) -> Option<Vec<u8>> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut len: usize = 0;
-    // SAFETY: as in `request_headers`: the host allocated `data` through this module.
-    let status = unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut len) };
-    if status != Status::Ok || data.is_null() {
-        return None;
-    }
-    // SAFETY: see above.
-    Some(unsafe { Vec::from_raw_parts(data, len, len) })
+    host::header_value(map, name).ok().flatten()
 }
 
 /// Sets (`Some`) or removes a response header; false on a host error.
@@ -349,43 +274,35 @@ fn set_response_header(name: &str, value: Option<&[u8]>) -> bool {
     set_header(MapType::HttpResponseHeaders, name, value)
 }
 
-/// Sets (`Some`, replacing) or removes a header by the raw host call: unlike the SDK wrapper,
-/// a bad status (e.g. the map is gone) is a `false`, never a panic.
+/// Sets (`Some`, replacing) or removes a header: a bad status (e.g. the map is gone) is a
+/// `false`.
 fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> bool {
-    // SAFETY: the pointers reference live buffers for the duration of the call.
-    let status = unsafe {
-        match value {
-            Some(v) => proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len()),
-            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
-        }
-    };
-    status == Status::Ok
+    host::set_header(map, name, value).is_ok()
 }
 
-/// Dispatches an HTTP callout. The SDK wrapper must be used: it registers the token with the
-/// SDK's dispatcher, which routes the answer (and panics on an unregistered token). It panics
-/// only on a status other than Ok, BadArgument and InternalFailure, which Envoy does not return
-/// for `proxy_http_call`.
+/// Dispatches an HTTP callout; its answer comes to the context running now (see
+/// [`abi::register_callout`]). Any refusal is an `Err` (Envoy: BadArgument for an unknown
+/// cluster), never a panic.
 fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<u32, Status> {
-    hostcalls::dispatch_http_call(cluster, headers.to_vec(), (!body.is_empty()).then_some(body), Vec::new(), timeout)
+    let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let token = host::http_call(cluster, &serialize_pairs(headers), body, timeout_ms)?;
+    abi::register_callout(token);
+    Ok(token)
 }
 
-/// Resumes the current request (raw host call; never panics).
+/// Resumes the current request; false when the host refuses.
 fn resume_request() -> bool {
-    // SAFETY: plain value call.
-    unsafe { proxy_continue_stream(StreamType::HttpRequest) == Status::Ok }
+    host::continue_stream(StreamType::HttpRequest).is_ok()
 }
 
-/// Switches the effective context (raw host call; false when that stream is gone).
+/// Switches the effective context; false when the host refuses (e.g. that stream is gone).
 fn set_effective_context(id: u32) -> bool {
-    // SAFETY: plain value call.
-    unsafe { proxy_set_effective_context(id) == Status::Ok }
+    host::set_effective_context(id).is_ok()
 }
 
 /// Replaces the whole buffered response body; false on a host error.
 fn replace_response_body(size: usize, body: &[u8]) -> bool {
-    // SAFETY: the pointer references a live buffer for the duration of the call.
-    unsafe { proxy_set_buffer_bytes(BufferType::HttpResponseBody, 0, size, body.as_ptr(), body.len()) == Status::Ok }
+    host::set_buffer(BufferType::HttpResponseBody, 0, size, body).is_ok()
 }
 
 /// Metric name part of an MCP method: known methods only (a caller cannot create metrics).
@@ -415,15 +332,13 @@ fn mcp_metric_method(method: Option<&str>) -> &'static str {
 
 /// Writes record lines to the proxy's log (bytes: no UTF-8 re-check, no copy).
 fn log_record_line(line: &[u8]) {
-    // SAFETY: the pointer references a live buffer for the duration of the call.
-    let _ = unsafe { proxy_log(LogLevel::Info, line.as_ptr(), line.len()) };
+    let _ = host::log(LogLevel::Info, line);
 }
 
-/// Sets the record as filter state (Envoy: `wasm.mandate.decision`, for access logs).
-fn set_record_state(json: &[u8]) {
-    let path = FILTER_STATE_KEY.as_bytes();
-    // SAFETY: both pointers reference live buffers for the duration of the call.
-    let _ = unsafe { proxy_set_property(path.as_ptr(), path.len(), json.as_ptr(), json.len()) };
+/// Sets the record as filter state (Envoy: `wasm.mandate.decision`, for access logs); false
+/// when the host refuses.
+fn set_record_state(json: &[u8]) -> bool {
+    host::set_property(FILTER_STATE_KEY.as_bytes(), json).is_ok()
 }
 
 // ------------------------------------------------------------------ shared state
@@ -475,19 +390,67 @@ struct Shared {
 
 type SharedRef = Rc<RefCell<Shared>>;
 
+/// Every request that reaches the filter gets exactly one decision record: one log line (or
+/// one line of a batched log call), and for a stream that can still be addressed the same
+/// record as its filter state, under the decision id its reply carries. The shell's paths
+/// end in [`Shared::conclude`] (the stream is answered or goes on), in [`Shared::record`] with
+/// `set_filter_state: false` (the stream is gone or the host will not switch to it), or in
+/// [`fail_closed`] (nothing to decide with).
 impl Shared {
-    /// Records a decision: metrics, the log line, and (for the current stream) filter state.
-    fn record(&mut self, d: &Decision, started_ns: u64, set_filter_state: bool) {
+    /// Renders the record of `d` into `self.line` (`LOG_PREFIX` then the JSON).
+    fn render(&mut self, d: &Decision, started_ns: u64) {
         let now = now_nanos().unwrap_or(started_ns);
-        let (to_log, to_state) = self
-            .engine
-            .as_ref()
-            .map_or((true, true), |e| (e.config().records.log, e.config().records.filter_state));
         let env = self.engine.as_ref().and_then(Engine::environment);
         let rec = DecisionRecord::new(d, env, &self.policy_hash, now / 1_000_000, now.saturating_sub(started_ns) / 1000);
         self.line.clear();
         self.line.extend_from_slice(LOG_PREFIX.as_bytes());
         rec.write_json(&mut self.line);
+    }
+
+    /// The rendered record's JSON.
+    fn json(&self) -> &[u8] {
+        self.line.get(LOG_PREFIX.len()..).unwrap_or_default()
+    }
+
+    /// Whether records go to the log and to filter state.
+    fn outputs(&self) -> (bool, bool) {
+        self.engine.as_ref().map_or((true, true), |e| (e.config().records.log, e.config().records.filter_state))
+    }
+
+    /// Records a decision: metrics, the log line, and (for the current stream) filter state.
+    fn record(&mut self, d: &Decision, started_ns: u64, set_filter_state: bool) {
+        self.render(d, started_ns);
+        self.emit(d, set_filter_state, set_filter_state);
+    }
+
+    /// Ends the current (addressable) stream's decision and records it once. A request that
+    /// goes on (`Continue`) first gets its record attached as filter state and, with `resume`,
+    /// is resumed; if the host refuses either, it is denied instead (`internal_error`, same
+    /// decision id) and that denial is the record.
+    fn conclude(&mut self, d: &mut Decision, started_ns: u64, action: Action, resume: bool) -> Action {
+        self.render(d, started_ns);
+        if action == Action::Continue {
+            let (_, to_state) = self.outputs();
+            let attached = !to_state || set_record_state(self.json());
+            if attached && (!resume || resume_request()) {
+                self.emit(d, true, false);
+                return Action::Continue;
+            }
+            log(LogLevel::Warn, "mandate: the proxy refused to attach the decision or resume the request; denied");
+            let action = deny(self.engine.as_ref(), d, Reason::InternalError);
+            self.render(d, started_ns);
+            self.emit(d, true, true);
+            return action;
+        }
+        self.emit(d, true, true);
+        action
+    }
+
+    /// Counts and writes the rendered record. `addressable`: the stream can still be reached
+    /// (otherwise the log line is written even when records go to filter state only);
+    /// `set_state`: attach it as the stream's filter state now.
+    fn emit(&mut self, d: &Decision, addressable: bool, set_state: bool) {
+        let (to_log, to_state) = self.outputs();
         self.metrics.decision(d.effect(), d.reason());
         if let Some(m) = d.mcp.as_deref() {
             self.metrics.mcp(mcp_metric_method(m.method.as_deref()), d.effect() == Effect::Allow);
@@ -510,7 +473,7 @@ impl Shared {
             self.metrics.slot(DEGRADED_SLOT);
         }
         // A stream without filter state (its client left) still gets its log line.
-        if to_log || !set_filter_state {
+        if to_log || !addressable {
             if self.metrics.batched {
                 self.lines.extend_from_slice(&self.line);
                 self.lines.push(b'\n');
@@ -521,8 +484,8 @@ impl Shared {
                 log_record_line(&self.line);
             }
         }
-        if set_filter_state && to_state {
-            set_record_state(self.line.get(LOG_PREFIX.len()..).unwrap_or_default());
+        if addressable && set_state && to_state {
+            let _ = set_record_state(self.json());
         }
     }
 }
@@ -554,32 +517,54 @@ impl Shared {
 
 // ------------------------------------------------------------------ verdicts
 
-fn apply(verdict: &Verdict) -> Action {
+/// Applies a verdict to the current stream. A header edit the host refuses turns it into a
+/// denial of the same decision (`internal_error`): the caller records `d` once, either way.
+fn apply(engine: &Engine, verdict: &Verdict, d: &mut Decision) -> Action {
     match verdict {
         Verdict::Forward(edits) => {
-            for name in &edits.remove {
-                if !set_header(MapType::HttpRequestHeaders, name, None) {
-                    return fail_closed(Reason::InternalError);
-                }
+            let removed = edits.remove.iter().all(|name| set_header(MapType::HttpRequestHeaders, name, None));
+            let set = removed && edits.set.iter().all(|(name, value)| set_header(MapType::HttpRequestHeaders, name, Some(value)));
+            if set {
+                return Action::Continue;
             }
-            for (name, value) in &edits.set {
-                if !set_header(MapType::HttpRequestHeaders, name, Some(value)) {
-                    return fail_closed(Reason::InternalError);
-                }
-            }
-            Action::Continue
+            log(LogLevel::Warn, "mandate: the proxy refused a request header edit; denied");
+            deny(Some(engine), d, Reason::InternalError)
         }
         Verdict::Reply(reply) => {
             send_reply(reply);
             Action::Pause
         }
         // Never reached: mint and body verdicts are resolved before they are applied.
-        Verdict::Mint(_) | Verdict::NeedBody(_) => fail_closed(Reason::InternalError),
+        Verdict::Mint(_) | Verdict::NeedBody(_) => deny(Some(engine), d, Reason::InternalError),
     }
 }
 
-/// Denies when the filter itself cannot decide (host failure). The request still gets its
-/// decision record, in the log: every request that reaches the filter is on the record.
+/// Turns `d` into a denial for `reason` and answers the current stream with it (the engine's
+/// reply: JSON-RPC for an MCP call).
+fn deny(engine: Option<&Engine>, d: &mut Decision, reason: Reason) -> Action {
+    match engine.map(|e| e.refuse_body(d, reason)) {
+        Some(Verdict::Reply(reply)) => send_reply(&reply),
+        _ => {
+            d.effect = Some(Effect::Deny);
+            d.reason = Some(reason);
+            send_reply(&LocalReply::deny(reason, &d.id, "x-mandate-decision-id"));
+        }
+    }
+    Action::Pause
+}
+
+/// A stream that cannot be answered (the host will not switch to it) does not go on: if its
+/// decision would have let it, it is on the record as refused (`internal_error`).
+fn unreachable_refused(d: &mut Decision) {
+    if d.effect() != Effect::Deny {
+        d.effect = Some(Effect::Deny);
+        d.reason = Some(Reason::InternalError);
+    }
+}
+
+/// Denies when the filter itself cannot decide (host failure, no context, not configured).
+/// The request still gets its one decision record: in the log and as filter state, under the
+/// id its reply carries.
 fn fail_closed(reason: Reason) -> Action {
     let d = Decision {
         id: DecisionIds::new(random_seed()).next_id(),
@@ -588,44 +573,18 @@ fn fail_closed(reason: Reason) -> Action {
         ..Decision::default()
     };
     let now_ms = now_nanos().unwrap_or(0) / 1_000_000;
-    log(LogLevel::Info, &format!("{LOG_PREFIX}{}", DecisionRecord::new(&d, None, "", now_ms, 0).to_json()));
+    let json = DecisionRecord::new(&d, None, "", now_ms, 0).to_json();
+    log(LogLevel::Info, &format!("{LOG_PREFIX}{json}"));
+    let _ = set_record_state(json.as_bytes());
     send_reply(&LocalReply::deny(reason, &d.id, "x-mandate-decision-id"));
     Action::Pause
 }
 
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_send_local_response(
-        status_code: u32,
-        status_code_details_data: *const u8,
-        status_code_details_size: usize,
-        body_data: *const u8,
-        body_size: usize,
-        headers_data: *const u8,
-        headers_size: usize,
-        grpc_status: i32,
-    ) -> Status;
-}
-
-/// Sends a local reply. Unlike the SDK wrapper this never panics on an
-/// unexpected status: it logs and leaves the stream paused (denied).
+/// Sends a local reply. A refusal is logged and leaves the stream paused (denied: nothing
+/// goes upstream).
 fn send_reply(reply: &LocalReply) {
     let headers = serialize_pairs(&reply.headers);
-    let details = b"mandate_denied";
-    // SAFETY: all pointers reference live buffers for the duration of the call.
-    let status = unsafe {
-        proxy_send_local_response(
-            u32::from(reply.status),
-            details.as_ptr(),
-            details.len(),
-            reply.body.as_ptr(),
-            reply.body.len(),
-            headers.as_ptr(),
-            headers.len(),
-            -1,
-        )
-    };
-    if status != Status::Ok {
+    if let Err(status) = host::send_local_response(u32::from(reply.status), b"mandate_denied", reply.body.as_bytes(), &headers) {
         log(LogLevel::Error, &format!("mandate: local reply failed: {status:?}"));
     }
 }
@@ -745,7 +704,7 @@ fn log_fetch(report: &FetchReport, metrics: &mut Metrics) {
     }
 }
 
-impl Context for Root {
+impl Root {
     fn on_done(&mut self) -> bool {
         // The plugin is stopping: nothing buffered may be lost, and no tick will come for
         // records of streams that finish later, so those go out at once.
@@ -808,14 +767,18 @@ impl Context for Root {
     }
 }
 
-impl RootContext for Root {
+impl Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
         true
     }
 
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let raw = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size) {
-            Ok(bytes) => bytes.unwrap_or_default(),
+        // A configuration the host announced but will not hand over is an error, never the
+        // (empty) default configuration.
+        let read = host::buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size)
+            .and_then(|b| b.or_else(|| (plugin_configuration_size == 0).then(Vec::new)).ok_or(Status::NotFound));
+        let raw = match read {
+            Ok(bytes) => bytes,
             Err(status) => {
                 log(LogLevel::Error, &format!("cannot read plugin configuration: {status:?}"));
                 return false;
@@ -832,7 +795,7 @@ impl RootContext for Root {
             .policy
             .as_ref()
             .and_then(|p| p.environment_from_node_metadata.as_deref())
-            .and_then(|key| hostcalls::get_property(vec!["node", "metadata", key]).ok().flatten())
+            .and_then(|key| host::property(&["node", "metadata", key]).ok().flatten())
             .and_then(|v| String::from_utf8(v).ok());
         self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let background = config.identity.trust_domains.iter().any(|t| t.bundle.cluster.is_some())
@@ -856,7 +819,7 @@ impl RootContext for Root {
             }
         };
         // Signature arithmetic by the proxy's own crypto when it proves itself; else pure Rust.
-        let host_verify = |args: &[u8]| hostcalls::call_foreign_function("verify_signature", Some(args)).ok().flatten();
+        let host_verify = |args: &[u8]| host::call_foreign_function("verify_signature", args).ok().flatten();
         if crate::identity::host_crypto::self_test(&host_verify) {
             engine.identity.set_host_verify(Some(Rc::new(host_verify)));
             log(LogLevel::Info, "mandate: ES256/RS* signatures checked by the host's crypto (self-test passed)");
@@ -891,7 +854,7 @@ impl RootContext for Root {
         if background || tick_ms.is_some() {
             // Ticks drive bundle refresh, revocation polls and flushes; the first round goes out now.
             let period = Duration::from_millis(tick_ms.unwrap_or(1000).min(1000));
-            if hostcalls::set_tick_period(period).is_err() {
+            if host::set_tick_period_ms(u32::try_from(period.as_millis()).unwrap_or(1000)).is_err() {
                 log(LogLevel::Warn, "cannot set tick period; bundles and revocations will not refresh, records are not batched");
                 if let Ok(mut shared) = self.shared.try_borrow_mut() {
                     shared.metrics.batched = false;
@@ -910,12 +873,8 @@ impl RootContext for Root {
         self.background();
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body_pending: false, filtering: None, refusal_written: false, sse: false, response_body_seen: 0 }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+    fn create_http_context(&self, context_id: u32) -> Http {
+        Http { id: context_id, shared: self.shared.clone(), started_ns: 0, body_pending: false, filtering: None, refusal_written: false, sse: false, response_body_seen: 0 }
     }
 }
 
@@ -939,10 +898,12 @@ struct Http {
     sse: bool,
 }
 
-impl Context for Http {
-    fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+impl Http {
+    /// The answer to this stream's exchange. `addressable`: the host switched to this stream
+    /// (when it refused, the stream cannot be answered, only recorded).
+    fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize, addressable: bool) {
         let answer = callout_answer(num_headers, body_size, MAX_RESPONSE_BYTES);
-        self.complete_flight(answer);
+        self.complete_flight(answer, addressable);
     }
 }
 
@@ -1004,30 +965,33 @@ impl Http {
                         let (verdict, _) = engine.finish_mint(&plan, Err(MintError::Dispatch(format!("{status:?}"))), now, &mut d);
                         shared.metrics.inc("mandate.minter.failures");
                         log(LogLevel::Warn, &format!("mandate: cannot call minter cluster `{}`: {status:?}", plan.cluster));
-                        let action = apply(&verdict);
-                        shared.record(&d, self.started_ns, true);
-                        action
+                        let action = apply(engine, &verdict, &mut d);
+                        shared.conclude(&mut d, self.started_ns, action, false)
                     }
                 }
             }
             verdict => {
-                let action = apply(&verdict);
+                let mut decision = decision;
+                let action = apply(engine, &verdict, &mut decision);
                 if action == Action::Continue {
                     if let Some(plan) = body {
                         // The headers go on; the body is judged at its end (and recorded then).
                         shared.bodies.insert(self.id, BodyWait { plan, decision, started_ns: self.started_ns });
                         return action;
                     }
+                }
+                let action = shared.conclude(&mut decision, self.started_ns, action, false);
+                if action == Action::Continue {
                     shared.note_filter(self.id, &decision);
                 }
-                shared.record(&decision, self.started_ns, true);
                 action
             }
         }
     }
 
-    /// Completes this context's exchange for itself and every waiter on it.
-    fn complete_flight(&mut self, answer: Result<(u16, Vec<u8>), MintError>) {
+    /// Completes this context's exchange for itself and every waiter on it: each gets its
+    /// one record. `addressable`: the host switched to this (the leader's) stream.
+    fn complete_flight(&mut self, answer: Result<(u16, Vec<u8>), MintError>, addressable: bool) {
         let now_ns = now_nanos().unwrap_or(0);
         let Ok(mut shared) = self.shared.try_borrow_mut() else { return };
         let shared = &mut *shared;
@@ -1038,10 +1002,13 @@ impl Http {
         let mut reported = false;
         for member in std::iter::once(flight.leader).chain(flight.waiters) {
             let Some(mut p) = shared.pending.remove(&member) else { continue };
-            if member != self.id && !set_effective_context(member) {
-                continue; // that stream is gone
-            }
-            let Some(engine) = shared.engine.as_mut() else { break };
+            let addressable = if member == self.id { addressable } else { set_effective_context(member) };
+            let Some(engine) = shared.engine.as_mut() else {
+                p.decision.effect = Some(Effect::Deny);
+                p.decision.reason = Some(Reason::NotConfigured);
+                shared.record(&p.decision, p.started_ns, false);
+                continue;
+            };
             let (verdict, failure) = engine.finish_mint(&p.plan, answer.as_ref().map(|(s, b)| (*s, b.as_slice())).map_err(Clone::clone), now_ns / 1_000_000_000, &mut p.decision);
             // Every member shares the answer: count and log its failure once. The minter's
             // error body stays here; it never reaches the caller.
@@ -1056,23 +1023,35 @@ impl Http {
                     log(LogLevel::Warn, &format!("mandate: credential exchange failed: {e}"));
                 }
             }
-            let action = apply(&verdict);
+            if !addressable {
+                // The host will not let this stream be answered (gone, or refused): it cannot
+                // go on; it is on the record (log only).
+                unreachable_refused(&mut p.decision);
+                shared.record(&p.decision, p.started_ns, false);
+                continue;
+            }
+            let action = apply(engine, &verdict, &mut p.decision);
             if action == Action::Continue {
-                let _ = resume_request();
                 if let Some(plan) = p.body {
-                    // The headers went on with the credential; the body is judged at its end.
-                    shared.bodies.insert(member, BodyWait { plan, decision: p.decision, started_ns: p.started_ns });
+                    if resume_request() {
+                        // The headers went on with the credential; the body is judged at its end.
+                        shared.bodies.insert(member, BodyWait { plan, decision: p.decision, started_ns: p.started_ns });
+                        continue;
+                    }
+                    let action = deny(Some(engine), &mut p.decision, Reason::InternalError);
+                    shared.conclude(&mut p.decision, p.started_ns, action, false);
                     continue;
                 }
+            }
+            if shared.conclude(&mut p.decision, p.started_ns, action, true) == Action::Continue {
                 shared.note_filter(member, &p.decision);
             }
-            shared.record(&p.decision, p.started_ns, true);
         }
         let _ = set_effective_context(self.id);
     }
 }
 
-impl HttpContext for Http {
+impl Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.started_ns = now_nanos().unwrap_or(0);
         let Some(headers) = request_headers() else { return fail_closed(Reason::InternalError) };
@@ -1127,7 +1106,10 @@ impl HttpContext for Http {
         let Some(BodyWait { plan, decision: mut d, started_ns }) = shared.bodies.remove(&self.id) else { return Action::Continue };
         self.body_pending = false;
         let now = now_nanos().unwrap_or(started_ns) / 1_000_000_000;
-        let Some(engine) = shared.engine.as_mut() else { return fail_closed(Reason::NotConfigured) };
+        let Some(engine) = shared.engine.as_mut() else {
+            let action = deny(None, &mut d, Reason::NotConfigured);
+            return shared.conclude(&mut d, started_ns, action, false);
+        };
         let verdict = if body_size > max {
             engine.body_too_large(&mut d)
         } else {
@@ -1138,11 +1120,11 @@ impl HttpContext for Http {
         };
         // Allowed: the body follows the headers. Refused: a local reply (the proxy resets the
         // upstream stream, which never got a complete call).
-        let action = apply(&verdict);
+        let action = apply(engine, &verdict, &mut d);
+        let action = shared.conclude(&mut d, started_ns, action, false);
         if action == Action::Continue {
             shared.note_filter(self.id, &d);
         }
-        shared.record(&d, started_ns, true);
         action
     }
 
@@ -1160,11 +1142,8 @@ impl HttpContext for Http {
             return if shared.pending.contains_key(&self.id) { Action::Pause } else { Action::Continue };
         };
         self.body_pending = false;
-        let Some(engine) = shared.engine.as_ref() else { return fail_closed(Reason::NotConfigured) };
-        let verdict = engine.refuse_body(&mut d, Reason::McpMalformed);
-        let action = apply(&verdict);
-        shared.record(&d, started_ns, true);
-        action
+        let action = deny(shared.engine.as_ref(), &mut d, Reason::McpMalformed);
+        shared.conclude(&mut d, started_ns, action, false)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -1273,13 +1252,23 @@ impl HttpContext for Http {
         let Some(flight) = shared.flights.remove(&key) else { return };
         for w in flight.waiters {
             let Some(mut wp) = shared.pending.remove(&w) else { continue };
-            if !set_effective_context(w) {
-                continue;
+            let addressable = set_effective_context(w);
+            match shared.engine.as_mut() {
+                Some(engine) => {
+                    let (verdict, _) = engine.finish_mint(&wp.plan, Err(MintError::NoResponse), 0, &mut wp.decision);
+                    if addressable {
+                        let action = apply(engine, &verdict, &mut wp.decision);
+                        shared.conclude(&mut wp.decision, wp.started_ns, action, false);
+                        continue;
+                    }
+                }
+                None => {
+                    wp.decision.effect = Some(Effect::Deny);
+                    wp.decision.reason = Some(Reason::NotConfigured);
+                }
             }
-            let Some(engine) = shared.engine.as_mut() else { break };
-            let (verdict, _) = engine.finish_mint(&wp.plan, Err(MintError::NoResponse), 0, &mut wp.decision);
-            let _ = apply(&verdict);
-            shared.record(&wp.decision, wp.started_ns, true);
+            unreachable_refused(&mut wp.decision);
+            shared.record(&wp.decision, wp.started_ns, false);
         }
         let _ = set_effective_context(self.id);
     }
