@@ -21,8 +21,8 @@
 //! misbehaving ones. The minter's own drills (slow clients, disk full) are in `minter_faults.rs`.
 //! Summary table: `docs/reliability.md`, "Fault drills in real Envoy".
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -670,15 +670,18 @@ fn misbehaving_minter_answers_fail_closed() {
     drill.assert_one_log_record_each();
 }
 
-/// The real minter process is killed (SIGKILL) while Envoy runs: a new exchange is refused 503
-/// `credential_unavailable` at once; a credential cached before stays usable (until
-/// `max_stale_s`, the revocation-feed bound; see `revocation_feed_down_past_max_stale_s`).
+/// The real minter process is killed (SIGKILL) in the middle of an exchange (it was stopped
+/// with the request read, unanswered): that request is refused 503 `credential_unavailable`
+/// when the connection dies, not at the timeout. After that every new exchange is refused at
+/// once (connection refused); a credential cached before stays usable (until `max_stale_s`,
+/// the revocation-feed bound; see `revocation_feed_down_past_max_stale_s`).
 #[test]
 fn minter_killed() {
     if !prerequisites("minter_killed") || !minter_prerequisite("minter_killed") {
         return;
     }
-    const TIMEOUT_MS: u64 = 1000;
+    const TIMEOUT_MS: u64 = 3000;
+    let timeout = Duration::from_millis(TIMEOUT_MS);
     let issuer = SvidIssuer::new();
     let mut minter = MinterProcess::start(&issuer);
     let port = minter.port;
@@ -689,13 +692,32 @@ fn minter_killed() {
     let minted = drill.service.requests().pop().and_then(|r| r.header("authorization")).expect("credential");
     assert_eq!(jwt_claims(minted.strip_prefix("Bearer ").expect("bearer"))["iss"], MINTER_ISSUER, "minted by the real minter");
 
-    minter.kill();
+    // Killed mid-exchange.
+    minter.signal(libc::SIGSTOP);
+    let (o, answered_at, killed_at) = std::thread::scope(|s| {
+        let drill = &drill;
+        let h = s.spawn(move || (drill.order("in-flight"), Instant::now()));
+        std::thread::sleep(Duration::from_millis(300));
+        let killed_at = Instant::now();
+        minter.kill();
+        let (o, answered_at) = h.join().expect("request thread");
+        (o, answered_at, killed_at)
+    });
+    drill.assert_refused("minter killed mid-exchange", &o, 503, "credential_unavailable");
+    let after_kill = answered_at.checked_duration_since(killed_at).expect("answered before the minter was killed");
+    assert!(o.took < timeout, "answered after {:?}: by the {timeout:?} timeout, not when the minter died", o.took);
+    eprintln!("minter killed mid-exchange: 503 credential_unavailable {after_kill:?} after the kill");
+    let (line, _) = wait_until(Duration::from_secs(5), || drill.envoy.log_lines_containing("credential exchange failed").into_iter().next());
+    let line = line.expect("the failure is logged");
+    assert!(!line.contains("HTTP 504"), "the exchange ended by timeout: {line}");
+
+    // Dead: refused at once.
     let o = drill.order("after-kill");
     drill.assert_refused("minter killed", &o, 503, "credential_unavailable");
-    assert!(o.took < Duration::from_millis(TIMEOUT_MS) + MARGIN, "answered after {:?}", o.took);
+    assert!(o.took < timeout, "answered after {:?}", o.took);
     eprintln!("minter killed: {} credential_unavailable in {:?}", o.resp.status, o.took);
-    // Envoy answers the exchange itself (connection refused): the filter saw that 503.
-    drill.envoy.wait_for_log("credential exchange failed: minter answered HTTP 503", Duration::from_secs(5)).expect("the failure is logged");
+    let failures = drill.envoy.log_lines_containing("credential exchange failed");
+    eprintln!("  exchange failures: {:?}", failures.iter().map(|l| l.split("mandate: ").last().unwrap_or(l)).collect::<Vec<_>>());
     // The cached credential of a running task is still used (documented: until max_stale_s).
     drill.assert_served("cached credential", &drill.order("live"), "live");
     drill.assert_one_log_record_each();
@@ -703,14 +725,15 @@ fn minter_killed() {
 
 /// The real minter is frozen (SIGSTOP): connections are accepted, nothing is answered. Three
 /// requests for one task (one exchange, two waiting on it) are all refused 503
-/// `credential_unavailable` once `timeout_ms` passes, well before any hang; after SIGCONT the
-/// minter serves again.
+/// `credential_unavailable` once `timeout_ms` passes, well before any hang, and the other routes
+/// are served meanwhile. Then the first of three callers hangs up: the two waiting on its
+/// exchange are refused at once. After SIGCONT the minter serves again.
 #[test]
 fn minter_frozen_past_the_timeout() {
     if !prerequisites("minter_frozen_past_the_timeout") || !minter_prerequisite("minter_frozen_past_the_timeout") {
         return;
     }
-    const TIMEOUT_MS: u64 = 1000;
+    const TIMEOUT_MS: u64 = 2000;
     let issuer = SvidIssuer::new();
     let minter = MinterProcess::start(&issuer);
     let port = minter.port;
@@ -719,20 +742,27 @@ fn minter_frozen_past_the_timeout() {
     drill.assert_served("control", &drill.order("live"), "live");
 
     minter.signal(libc::SIGSTOP);
-    let outcomes: Vec<Outcome> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..3)
+    let (outcomes, others_served_at) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3u64)
             .map(|i| {
                 let drill = &drill;
                 s.spawn(move || {
                     std::thread::sleep(Duration::from_millis(20 * i));
-                    drill.order("frozen")
+                    let o = drill.order("frozen");
+                    (o, Instant::now())
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("request thread")).collect()
+        // While those wait on the frozen minter, the other routes are served.
+        std::thread::sleep(Duration::from_millis(200));
+        drill.assert_other_routes_serve("minter frozen (meanwhile)");
+        let others_served_at = Instant::now();
+        let outcomes: Vec<(Outcome, Instant)> = handles.into_iter().map(|h| h.join().expect("request thread")).collect();
+        (outcomes, others_served_at)
     });
-    minter.signal(libc::SIGCONT);
-    let thawed_at = Instant::now();
+    let first_answer = outcomes.iter().map(|(_, at)| *at).min().expect("answers");
+    assert!(others_served_at < first_answer, "the other routes were served only after the frozen exchange ended");
+    let outcomes: Vec<Outcome> = outcomes.into_iter().map(|(o, _)| o).collect();
     let timeout = Duration::from_millis(TIMEOUT_MS);
     let mut ids = Vec::new();
     for (i, o) in outcomes.iter().enumerate() {
@@ -750,6 +780,41 @@ fn minter_frozen_past_the_timeout() {
     drill.envoy.wait_for_log("credential exchange failed: minter answered HTTP 504", Duration::from_secs(5)).expect("the timeout is logged");
     assert_eq!(drill.envoy.log_lines_containing("credential exchange failed").len(), 1, "one exchange, its failure logged once");
 
+    // The first caller hangs up while two others wait on its exchange (Envoy cancels the
+    // exchange with the caller's stream): the two are refused then, not left hanging.
+    let request = format!(
+        "GET /orders/42 HTTP/1.1\r\nhost: drill\r\nauthorization: Bearer {}\r\nx-agent-intent: {INTENT}\r\nx-agent-task: leader-leaves\r\n\r\n",
+        drill.svid
+    );
+    let mut leader = TcpStream::connect(("127.0.0.1", port_of(&drill.envoy, "mandate"))).expect("connect");
+    leader.write_all(request.as_bytes()).expect("send the leader's request");
+    std::thread::sleep(Duration::from_millis(100));
+    let (waiters, left_at) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let drill = &drill;
+                s.spawn(move || (drill.order("leader-leaves"), Instant::now()))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let left_at = Instant::now();
+        drop(leader);
+        let waiters: Vec<(Outcome, Instant)> = handles.into_iter().map(|h| h.join().expect("request thread")).collect();
+        (waiters, left_at)
+    });
+    for (i, (o, at)) in waiters.iter().enumerate() {
+        drill.assert_refused(&format!("minter frozen, the leader's caller left (waiter {i})"), o, 503, "credential_unavailable");
+        let after = at.checked_duration_since(left_at).unwrap_or_else(|| panic!("waiter {i} answered before the leader left"));
+        assert!(o.took < timeout, "waiter {i} answered after {:?}, by the timeout", o.took);
+        eprintln!("minter frozen, leader left: waiter {i} refused {after:?} after");
+    }
+    // The leader has its record too (in the log: its caller is gone).
+    let leader_records = || drill.envoy.log().lines().filter(|l| l.contains("mandate.decision") && l.contains("\"task\":\"leader-leaves\"")).count();
+    let (three, _) = wait_until(Duration::from_secs(5), || (leader_records() >= 3).then_some(()));
+    assert!(three.is_some() && leader_records() == 3, "records for the leader and its two waiters: {}", leader_records());
+
+    minter.signal(libc::SIGCONT);
+    let thawed_at = Instant::now();
     let (served, took) = wait_until(Duration::from_secs(10), || {
         let o = drill.order("thawed");
         (o.resp.status == 200).then_some(o)
