@@ -874,11 +874,12 @@ fn unknown_minter_cluster() {
         return;
     }
     let issuer = SvidIssuer::new();
-    let config = plugin_config(&issuer, minter_section("no_such_cluster", 1000));
+    const TIMEOUT_MS: u64 = 3000;
+    let config = plugin_config(&issuer, minter_section("no_such_cluster", TIMEOUT_MS));
     let drill = Drill::start(issuer, MockServer::echo().expect("service"), Boot::Template { config, extra: Box::new(|v| v) });
     let o = drill.order("unknown-cluster");
     drill.assert_refused("unknown minter cluster", &o, 503, "credential_unavailable");
-    assert!(o.took < Duration::from_millis(1000), "answered after {:?}", o.took);
+    assert!(o.took < Duration::from_millis(TIMEOUT_MS), "answered after {:?} (timeout {TIMEOUT_MS} ms)", o.took);
     let line = drill.envoy.wait_for_log("cannot call minter cluster `no_such_cluster`", Duration::from_secs(5)).expect("the dispatch failure is logged");
     eprintln!("unknown cluster: 503 credential_unavailable in {:?}; {line}", o.took);
     drill.assert_one_log_record_each();
