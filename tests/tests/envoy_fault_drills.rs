@@ -221,11 +221,7 @@ impl Drill {
 
     /// GET /orders/42 for `task` on listener `mandate`, as the agent.
     fn order(&self, task: &str) -> Outcome {
-        self.order_as(&self.svid, task)
-    }
-
-    fn order_as(&self, svid: &str, task: &str) -> Outcome {
-        let bearer = format!("Bearer {svid}");
+        let bearer = format!("Bearer {}", self.svid);
         self.get("/orders/42", &[("authorization", &bearer), ("x-agent-intent", INTENT), ("x-agent-task", task)])
     }
 
@@ -822,6 +818,61 @@ fn minter_frozen_past_the_timeout() {
     let served = served.expect("the minter did not recover within 10 s of SIGCONT");
     drill.assert_served("after SIGCONT", &served, "thawed");
     eprintln!("minter thawed: served again {:?} after SIGCONT ({took:?} of retries)", thawed_at.elapsed());
+    drill.assert_one_log_record_each();
+}
+
+/// A minter that sends its answer's headers and the first bytes of its body, then nothing (the
+/// connection stays open). Every exchange and feed poll gets that.
+fn stalling_minter() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                // Read the request's head; then answer in part, and hold the connection until the
+                // peer gives up on it.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match std::io::Read::read(&mut stream, &mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let partial = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4096\r\n\r\n{\"access_token\":\"eyJ";
+                if stream.write_all(partial.as_bytes()).is_err() {
+                    return;
+                }
+                while matches!(std::io::Read::read(&mut stream, &mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    port
+}
+
+/// The minter starts answering, then stalls mid-body: refused 503 `credential_unavailable` when
+/// `timeout_ms` passes (the answer never completes), not hung.
+#[test]
+fn minter_stalls_mid_answer() {
+    if !prerequisites("minter_stalls_mid_answer") {
+        return;
+    }
+    const TIMEOUT_MS: u64 = 1000;
+    let timeout = Duration::from_millis(TIMEOUT_MS);
+    let issuer = SvidIssuer::new();
+    let port = stalling_minter();
+    let config = plugin_config(&issuer, minter_section("minter", TIMEOUT_MS));
+    let drill = Drill::start(issuer, MockServer::echo().expect("service"), Boot::Template { config, extra: Box::new(move |v| v.cluster("minter", port)) });
+    let o = drill.order("stalled");
+    drill.assert_refused("minter stalls mid-answer", &o, 503, "credential_unavailable");
+    assert!(o.took < timeout + MARGIN, "answered after {:?} (timeout {timeout:?})", o.took);
+    assert!(o.took + Duration::from_millis(50) >= timeout, "answered after {:?}, before the timeout: not the stall", o.took);
+    let (line, _) = wait_until(Duration::from_secs(5), || drill.envoy.log_lines_containing("credential exchange failed").into_iter().next());
+    let line = line.expect("the failure is logged");
+    // Envoy resets the exchange whose answer had begun: the filter sees no answer at all.
+    assert!(line.contains("no response"), "{line}");
+    eprintln!("minter stalls mid-answer: 503 credential_unavailable after {:?}; {}", o.took, line.split("mandate: ").last().unwrap_or(&line));
     drill.assert_one_log_record_each();
 }
 
