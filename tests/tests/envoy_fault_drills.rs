@@ -1,12 +1,13 @@
 //! Fault drills in a real Envoy (issue 14, item 4): what the caller, the service and the rest of
-//! Envoy see when the filter's dependencies fail. Every drill asserts the same four things:
+//! Envoy see when the filter's dependencies fail. Every drill asserts the same five things:
 //!
 //! 1. the caller gets the documented status and `reason`, and a decision id (header = body);
 //! 2. the service behind the credential step receives nothing;
 //! 3. Envoy keeps serving other routes: listener `other` (the same filter, in the same VM, with a
 //!    policy that needs no credential) and listener `plain` (no filter at all);
 //! 4. the filter recorded one decision for the refusal: one access-log entry carrying the record
-//!    (filter state), and one `mandate.decision` log line with its id.
+//!    (filter state), and one `mandate.decision` log line with its id;
+//! 5. the wasm VM never failed (no trap) — Envoy logs any VM failure as `Wasm VM failed`.
 //!
 //! ```text
 //! agent ──SVID──▶ listener `mandate` (plugin + minter) ──minted──▶ service (echo)
@@ -246,7 +247,7 @@ impl Drill {
         assert_eq!(claims["sub"], self.subject(), "{what}: {claims}");
     }
 
-    /// The four promises of a drill (module docs) for one refused request; returns its
+    /// Promises 1 to 4 of a drill (module docs) for one refused request; returns its
     /// decision id.
     fn assert_refused(&self, fault: &str, o: &Outcome, status: u16, reason: &str) -> String {
         let body = o.resp.json().unwrap_or(Value::Null);
@@ -297,8 +298,8 @@ impl Drill {
     }
 
     /// Each refusal has exactly one `mandate.decision` log line (lines are batched: waits for
-    /// the flush). Call at the end of a drill.
-    fn assert_one_log_record_each(&self) {
+    /// the flush), and the VM never trapped. Call at the end of a drill.
+    fn finish(&self) {
         let ids = self.refusals.lock().expect("refusals").clone();
         assert!(!ids.is_empty(), "no refusal was checked");
         let lines_with = |id: &str| {
@@ -312,9 +313,16 @@ impl Drill {
         for id in &ids {
             assert_eq!(lines_with(id), 1, "decision {id} logged more than once");
         }
-        for l in self.envoy.log().lines().filter(|l| l.contains("mandate: ") && (l.contains("[warning]") || l.contains("[error]"))) {
+        let log = self.envoy.log();
+        for l in log.lines().filter(|l| l.contains("mandate: ") && (l.contains("[warning]") || l.contains("[error]"))) {
             eprintln!("  filter warning: {}", l.split("mandate: ").last().unwrap_or(l));
         }
+        // No trap: the VM never failed at run time (only a refused configuration may fail it).
+        let failed: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("Uncaught") || (l.contains("Wasm VM failed") && !l.contains("Failed to configure")))
+            .collect();
+        assert!(failed.is_empty(), "the wasm VM failed: {failed:?}");
     }
 }
 
@@ -663,7 +671,7 @@ fn misbehaving_minter_answers_fail_closed() {
         (n >= rows.len() as i64).then_some(n)
     });
     assert_eq!(failures, Some(rows.len() as i64), "mandate.minter.failures");
-    drill.assert_one_log_record_each();
+    drill.finish();
 }
 
 /// The real minter process is killed (SIGKILL) in the middle of an exchange (it was stopped
@@ -716,7 +724,7 @@ fn minter_killed() {
     eprintln!("  exchange failures: {:?}", failures.iter().map(|l| l.split("mandate: ").last().unwrap_or(l)).collect::<Vec<_>>());
     // The cached credential of a running task is still used (documented: until max_stale_s).
     drill.assert_served("cached credential", &drill.order("live"), "live");
-    drill.assert_one_log_record_each();
+    drill.finish();
 }
 
 /// The real minter is frozen (SIGSTOP): connections are accepted, nothing is answered. Three
@@ -818,7 +826,7 @@ fn minter_frozen_past_the_timeout() {
     let served = served.expect("the minter did not recover within 10 s of SIGCONT");
     drill.assert_served("after SIGCONT", &served, "thawed");
     eprintln!("minter thawed: served again {:?} after SIGCONT ({took:?} of retries)", thawed_at.elapsed());
-    drill.assert_one_log_record_each();
+    drill.finish();
 }
 
 /// A minter that sends its answer's headers and the first bytes of its body, then nothing (the
@@ -873,7 +881,7 @@ fn minter_stalls_mid_answer() {
     // Envoy resets the exchange whose answer had begun: the filter sees no answer at all.
     assert!(line.contains("no response"), "{line}");
     eprintln!("minter stalls mid-answer: 503 credential_unavailable after {:?}; {}", o.took, line.split("mandate: ").last().unwrap_or(&line));
-    drill.assert_one_log_record_each();
+    drill.finish();
 }
 
 /// The minter's cluster has no healthy endpoint: its only host is marked unhealthy (with a panic
@@ -913,7 +921,7 @@ fn minter_cluster_without_a_healthy_endpoint() {
         assert!(o.took < Duration::from_millis(TIMEOUT_MS), "{fault}: answered after {:?}", o.took);
         assert_eq!(fake.token_calls(), 0, "{fault}: the minter behind the cluster was called");
         eprintln!("{fault}: 503 credential_unavailable in {:?}", o.took);
-        drill.assert_one_log_record_each();
+        drill.finish();
     }
 }
 
@@ -933,7 +941,7 @@ fn unknown_minter_cluster() {
     assert!(o.took < Duration::from_millis(TIMEOUT_MS), "answered after {:?} (timeout {TIMEOUT_MS} ms)", o.took);
     let line = drill.envoy.wait_for_log("cannot call minter cluster `no_such_cluster`", Duration::from_secs(5)).expect("the dispatch failure is logged");
     eprintln!("unknown cluster: 503 credential_unavailable in {:?}; {line}", o.took);
-    drill.assert_one_log_record_each();
+    drill.finish();
 }
 
 /// The trust bundle's endpoint refuses connections from the start: the domain's tokens are
@@ -975,7 +983,7 @@ fn bundle_endpoint_down_then_back() {
     drill.assert_served("bundle endpoint back", &served, "bundle-back");
     assert!(bundles.request_count() >= 1);
     eprintln!("bundle endpoint back: served after {:?}", back_at.elapsed());
-    drill.assert_one_log_record_each();
+    drill.finish();
 }
 
 /// The revocation feed fails (503) while the minter still mints: a cached credential serves
@@ -1031,7 +1039,7 @@ fn revocation_feed_down_past_max_stale_s() {
     let served = served.expect("not served within 10 s of the feed coming back");
     drill.assert_served("feed back", &served, "after-feed-back");
     eprintln!("feed back: served after {:?}", up_at.elapsed());
-    drill.assert_one_log_record_each();
+    drill.finish();
 }
 
 /// Envoy bootstrap whose listener `mandate` comes from a watched LDS file.
@@ -1154,5 +1162,5 @@ fn invalid_config_update_keeps_the_old_policy() {
     let id = drill.assert_refused("valid update", &denied, 403, "denied_by_rule");
     assert_ne!(record_of(&drill, &id)["policy_hash"], v1_hash.as_str());
     eprintln!("valid update taken after {took:?}");
-    drill.assert_one_log_record_each();
+    drill.finish();
 }
