@@ -403,15 +403,11 @@ fn percent_decode(s: &str) -> String {
 
 impl FakeMinter {
     fn start(subject: String) -> FakeMinter {
-        FakeMinter::start_on(TcpListener::bind("127.0.0.1:0").expect("bind"), subject)
-    }
-
-    fn start_on(listener: TcpListener, subject: String) -> FakeMinter {
         let answer = Arc::new(Mutex::new(Answer::Good));
         let feed_up = Arc::new(AtomicBool::new(true));
         let (a, f) = (answer.clone(), feed_up.clone());
         let padding = "x".repeat(10 << 20);
-        let server = MockServer::start_on(listener, move |req: &SeenRequest| {
+        let server = MockServer::start(move |req: &SeenRequest| {
             if req.path.starts_with("/revocations") {
                 return if f.load(Ordering::SeqCst) {
                     Reply::json(200, &json!({"epoch": "fake", "cursor": 0, "revocations": [], "more": false}))
