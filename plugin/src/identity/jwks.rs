@@ -6,12 +6,6 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-#[cfg(feature = "es384")]
-use jwt_simple::prelude::ES384PublicKey;
-use jwt_simple::prelude::{
-    ES256PublicKey, PS256PublicKey, PS384PublicKey, PS512PublicKey, RS256PublicKey,
-    RS384PublicKey, RS512PublicKey,
-};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -53,31 +47,22 @@ impl Alg {
     }
 }
 
-/// A public key ready to verify tokens.
+/// A public key ready to verify tokens: the module's own (pure-Rust, RustCrypto) verifiers,
+/// the fallback when the host's crypto is not there.
 #[derive(Clone)]
 pub enum VerifyingKey {
-    P256(ES256PublicKey),
+    P256(p256::ecdsa::VerifyingKey),
     /// P-384 (SPIRE's `jwt_key_type: ec-p384`): checked by the host's crypto. The pure-Rust
     /// verifier costs ~100 KB of wasm and is built only with the `es384` feature.
     P384(P384Key),
-    Rsa(Box<RsaKeys>),
+    Rsa(Box<rsa::RsaPublicKey>),
 }
 
 /// A P-384 key. Its DER form (in [`TrustedKey::spki`]) is what the host verifies with.
 #[derive(Clone)]
 pub struct P384Key {
     #[cfg(feature = "es384")]
-    pub rust: ES384PublicKey,
-}
-
-#[derive(Clone)]
-pub struct RsaKeys {
-    pub rs256: RS256PublicKey,
-    pub rs384: RS384PublicKey,
-    pub rs512: RS512PublicKey,
-    pub ps256: PS256PublicKey,
-    pub ps384: PS384PublicKey,
-    pub ps512: PS512PublicKey,
+    pub rust: p384::ecdsa::VerifyingKey,
 }
 
 #[derive(Clone)]
@@ -307,11 +292,12 @@ fn decode_key(jwk: &RawJwk) -> Result<Option<VerifyingKey>, String> {
             sec1.extend_from_slice(&x);
             sec1.extend_from_slice(&y);
             if crv == 256 {
-                return Ok(Some(VerifyingKey::P256(ES256PublicKey::from_bytes(&sec1).map_err(|_| "not a P-256 point".to_string())?)));
+                let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| "not a P-256 point".to_string())?;
+                return Ok(Some(VerifyingKey::P256(key)));
             }
             #[cfg(feature = "es384")]
             return Ok(Some(VerifyingKey::P384(P384Key {
-                rust: ES384PublicKey::from_bytes(&sec1).map_err(|_| "not a P-384 point".to_string())?,
+                rust: p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| "not a P-384 point".to_string())?,
             })));
             // Without the pure-Rust verifier the point is not checked here: the host's crypto
             // refuses a key that is not on the curve, so its tokens are refused, never accepted.
@@ -329,15 +315,9 @@ fn decode_key(jwk: &RawJwk) -> Result<Option<VerifyingKey>, String> {
             if bits < MIN_RSA_BITS {
                 return Err(format!("RSA modulus of {bits} bits is below {MIN_RSA_BITS}"));
             }
-            let bad = |_| "invalid RSA components".to_string();
-            Ok(Some(VerifyingKey::Rsa(Box::new(RsaKeys {
-                rs256: RS256PublicKey::from_components(&n, &e).map_err(bad)?,
-                rs384: RS384PublicKey::from_components(&n, &e).map_err(bad)?,
-                rs512: RS512PublicKey::from_components(&n, &e).map_err(bad)?,
-                ps256: PS256PublicKey::from_components(&n, &e).map_err(bad)?,
-                ps384: PS384PublicKey::from_components(&n, &e).map_err(bad)?,
-                ps512: PS512PublicKey::from_components(&n, &e).map_err(bad)?,
-            }))))
+            let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(&n), rsa::BigUint::from_bytes_be(&e))
+                .map_err(|_| "invalid RSA components".to_string())?;
+            Ok(Some(VerifyingKey::Rsa(Box::new(key))))
         }
         // Symmetric (`oct`) keys have no place in a trust bundle; OKP (EdDSA) is not allowed by the spec.
         "oct" => Err("symmetric key in a trust bundle".into()),

@@ -18,9 +18,6 @@ use crate::config::IdentityConfig;
 use crate::reason::Reason;
 use bundles::{BundleStore, SourceId};
 use jwks::{Alg, TrustedKey, VerifyingKey};
-#[cfg(feature = "es384")]
-use jwt_simple::prelude::ECDSAP384PublicKeyLike;
-use jwt_simple::prelude::{Duration, ECDSAP256PublicKeyLike, NoCustomClaims, RSAPublicKeyLike, VerificationOptions};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use spiffe_id::SpiffeId;
@@ -198,7 +195,7 @@ impl Verifier {
             return Err(Reason::AudienceMismatch);
         }
 
-        self.check_signature(&parsed, key, now)?;
+        self.check_signature(&parsed, key)?;
 
         let identity = Rc::new(Identity {
             kind,
@@ -256,11 +253,11 @@ impl Verifier {
     /// Checks a parsed token's signature with `key`: the host's crypto when it can, else the
     /// pure-Rust verifier. For other token kinds verified against these bundles (Txn-Tokens).
     #[inline(never)]
-    pub(crate) fn check_signature(&self, parsed: &jws::Parsed<'_>, key: &TrustedKey, now: u64) -> Result<(), Reason> {
+    pub(crate) fn check_signature(&self, parsed: &jws::Parsed<'_>, key: &TrustedKey) -> Result<(), Reason> {
         match self.host.as_ref().and_then(|h| host_signature_check(h, parsed, key)) {
             Some(true) => Ok(()),
             Some(false) => Err(Reason::SignatureInvalid),
-            None => verify_signature(parsed, key, now, self.skew),
+            None => verify_signature(parsed, key),
         }
     }
 
@@ -303,38 +300,51 @@ fn host_signature_check(host: &HostVerify, parsed: &jws::Parsed<'_>, key: &Trust
     Some(host_crypto::answer_is_valid(&answer))
 }
 
+/// The module's own signature check (pure Rust): the signature over the JWS signing input,
+/// nothing else. Every claim (time, audience, subject, type) is checked by the caller, as on the
+/// host's path.
 #[inline(never)]
-pub(crate) fn verify_signature(parsed: &jws::Parsed<'_>, key: &TrustedKey, now: u64, skew: u64) -> Result<(), Reason> {
-    let options = || VerificationOptions {
-        required_key_id: Some(parsed.kid.clone()),
-        // Our own check already limited `typ` to JWT/JOSE; the library only knows JWT.
-        required_signature_type: parsed.typ.clone(),
-        accept_future: true,
-        time_tolerance: Some(Duration::from_secs(skew)),
-        artificial_time: Some(Duration::from_secs(now)),
-        max_token_length: None,
-        ..Default::default()
-    };
-    let token = parsed.token;
-    let result = match (&key.key, parsed.alg) {
-        (VerifyingKey::P256(k), Alg::ES256) => k.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+pub(crate) fn verify_signature(parsed: &jws::Parsed<'_>, key: &TrustedKey) -> Result<(), Reason> {
+    let bad = Reason::SignatureInvalid;
+    let (input, sig_b64) = parsed.token.rsplit_once('.').ok_or(bad)?;
+    let sig = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, sig_b64).map_err(|_| bad)?;
+    let input = input.as_bytes();
+    let ok = match (&key.key, parsed.alg) {
+        (VerifyingKey::P256(k), Alg::ES256) => {
+            use p256::ecdsa::signature::Verifier as _;
+            p256::ecdsa::Signature::from_slice(&sig).is_ok_and(|s| k.verify(input, &s).is_ok())
+        }
         #[cfg(feature = "es384")]
-        (VerifyingKey::P384(k), Alg::ES384) => k.rust.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
-        // No pure-Rust P-384 in this build: only the host's crypto can check it (fail closed).
-        #[cfg(not(feature = "es384"))]
-        (VerifyingKey::P384(_), Alg::ES384) => return Err(Reason::SignatureInvalid),
-        (VerifyingKey::Rsa(k), alg) => match alg {
-            Alg::RS256 => k.rs256.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
-            Alg::RS384 => k.rs384.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
-            Alg::RS512 => k.rs512.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
-            Alg::PS256 => k.ps256.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
-            Alg::PS384 => k.ps384.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
-            Alg::PS512 => k.ps512.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
-            _ => return Err(Reason::SignatureInvalid),
-        },
-        _ => return Err(Reason::SignatureInvalid),
+        (VerifyingKey::P384(k), Alg::ES384) => {
+            use p384::ecdsa::signature::Verifier as _;
+            p384::ecdsa::Signature::from_slice(&sig).is_ok_and(|s| k.rust.verify(input, &s).is_ok())
+        }
+        (VerifyingKey::Rsa(k), alg) => rsa_signature_ok(k, alg, input, &sig),
+        // No pure-Rust P-384 in this build (only the host's crypto checks it), and a key never
+        // checks another family's algorithm: fail closed.
+        _ => false,
     };
-    result.map_err(|_| Reason::SignatureInvalid)
+    if ok {
+        Ok(())
+    } else {
+        Err(bad)
+    }
+}
+
+/// RS* (PKCS #1 v1.5) and PS* (PSS, salt as long as the hash, RFC 7518 §3.5).
+fn rsa_signature_ok(k: &rsa::RsaPublicKey, alg: Alg, input: &[u8], sig: &[u8]) -> bool {
+    use rsa::{Pkcs1v15Sign, Pss};
+    use sha2::{Digest as _, Sha256, Sha384, Sha512};
+    let verdict = match alg {
+        Alg::RS256 => k.verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(input), sig),
+        Alg::RS384 => k.verify(Pkcs1v15Sign::new::<Sha384>(), &Sha384::digest(input), sig),
+        Alg::RS512 => k.verify(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(input), sig),
+        Alg::PS256 => k.verify(Pss::new::<Sha256>(), &Sha256::digest(input), sig),
+        Alg::PS384 => k.verify(Pss::new::<Sha384>(), &Sha384::digest(input), sig),
+        Alg::PS512 => k.verify(Pss::new::<Sha512>(), &Sha512::digest(input), sig),
+        _ => return false,
+    };
+    verdict.is_ok()
 }
 
 /// Checks an OIDC → SPIFFE template at configuration time.

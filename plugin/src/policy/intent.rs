@@ -119,7 +119,7 @@ impl IntentVerifier {
         if !c.aud.as_ref().is_some_and(|a| a.contains_any(&issuer.audiences)) {
             return Err(bad);
         }
-        crate::identity::verify_signature(&parsed, key, now, self.skew).map_err(|_| bad)?;
+        crate::identity::verify_signature(&parsed, key).map_err(|_| bad)?;
         let claims: IntentClaims = serde_json::from_slice(&parsed.claims_json).map_err(|_| bad)?;
         if claims.intents.is_empty() || !claims.intents.iter().all(|i| valid_intent(i.as_bytes())) {
             return Err(bad);
