@@ -162,6 +162,9 @@ enum Anchor {
     Deny,
 }
 
+/// A generated case before it is pushed: name, bytes (a token part or a header value), class, anchor.
+type RawCase = (&'static str, Vec<u8>, Option<Class>, Option<Anchor>);
+
 struct Case {
     family: &'static str,
     name: String,
@@ -559,15 +562,15 @@ impl Gen {
         let sub = "spiffe://example.org/huge";
         let exp = self.now + 300;
         let cases: Vec<(&str, String, Option<Class>, Option<Anchor>)> = vec![
-            ("exp-2^53-1", format!(r#""exp":9007199254740991"#), None, Some(Anchor::Accept)),
-            ("exp-2^53+1", format!(r#""exp":9007199254740993"#), Some(Class::IntegerNumericDate), None),
-            ("exp-2^63", format!(r#""exp":9223372036854775808"#), Some(Class::IntegerNumericDate), None),
-            ("exp-2^64-1", format!(r#""exp":18446744073709551615"#), None, Some(Anchor::Deny)),
-            ("exp-2^64", format!(r#""exp":18446744073709551616"#), None, Some(Anchor::Deny)),
-            ("exp-30-digits", format!(r#""exp":123456789012345678901234567890"#), None, Some(Anchor::Deny)),
-            ("exp-1e300", format!(r#""exp":1e300"#), None, Some(Anchor::Deny)),
-            ("exp-1e400", format!(r#""exp":1e400"#), None, Some(Anchor::Deny)),
-            ("exp-tiny", format!(r#""exp":1e-300"#), None, Some(Anchor::Deny)),
+            ("exp-2^53-1", r#""exp":9007199254740991"#.to_string(), None, Some(Anchor::Accept)),
+            ("exp-2^53+1", r#""exp":9007199254740993"#.to_string(), Some(Class::IntegerNumericDate), None),
+            ("exp-2^63", r#""exp":9223372036854775808"#.to_string(), Some(Class::IntegerNumericDate), None),
+            ("exp-2^64-1", r#""exp":18446744073709551615"#.to_string(), None, Some(Anchor::Deny)),
+            ("exp-2^64", r#""exp":18446744073709551616"#.to_string(), None, Some(Anchor::Deny)),
+            ("exp-30-digits", r#""exp":123456789012345678901234567890"#.to_string(), None, Some(Anchor::Deny)),
+            ("exp-1e300", r#""exp":1e300"#.to_string(), None, Some(Anchor::Deny)),
+            ("exp-1e400", r#""exp":1e400"#.to_string(), None, Some(Anchor::Deny)),
+            ("exp-tiny", r#""exp":1e-300"#.to_string(), None, Some(Anchor::Deny)),
             ("nbf-2^64-1", format!(r#""exp":{exp},"nbf":18446744073709551615"#), None, Some(Anchor::Deny)),
             ("nbf-1e300", format!(r#""exp":{exp},"nbf":1e300"#), None, Some(Anchor::Deny)),
             ("iat-2^64-1", format!(r#""exp":{exp},"iat":18446744073709551615"#), None, Some(Anchor::Deny)),
@@ -927,7 +930,7 @@ impl Gen {
         let exp = self.now + 300;
         let base = format!(r#""sub":"{sub}","aud":"{AUD}","exp":{exp}"#);
         let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
-        let bodies: Vec<(&str, Vec<u8>, Option<Class>, Option<Anchor>)> = vec![
+        let bodies: Vec<RawCase> = vec![
             ("not-json", b"sub=spiffe".to_vec(), None, Some(Anchor::Deny)),
             ("array", format!("[{{{base}}}]").into_bytes(), None, Some(Anchor::Deny)),
             ("array-of-fields", format!(r#"["{sub}","https://issuer.test","{AUD}",{exp},{},{},"jti-1"]"#, exp - 400, exp - 400).into_bytes(), None, Some(Anchor::Deny)),
@@ -1045,7 +1048,7 @@ impl Gen {
     fn framing(&mut self) {
         let f = "framing";
         let t = self.token(&self.k1, &self.claims("spiffe://example.org/framing"));
-        let variants: Vec<(&str, Vec<u8>, Option<Class>, Option<Anchor>)> = vec![
+        let variants: Vec<RawCase> = vec![
             ("scheme-lowercase", format!("bearer {t}").into_bytes(), Some(Class::SchemeCaseInsensitive), None),
             ("scheme-uppercase", format!("BEARER {t}").into_bytes(), Some(Class::SchemeCaseInsensitive), None),
             ("scheme-tab", format!("Bearer\t{t}").into_bytes(), None, Some(Anchor::Deny)),
@@ -1098,7 +1101,7 @@ impl Gen {
             let bytes = base.as_bytes();
             let op = self.rng.below(12);
             let (kind, m): (&str, String) = match op {
-                0 | 1 | 2 => {
+                0..=2 => {
                     // Flip one bit of a decoded segment and re-encode it.
                     let seg = self.rng.below(3);
                     let mut parts: Vec<String> = base.split('.').map(str::to_string).collect();
