@@ -1127,15 +1127,14 @@ impl Gen {
                     ("char-substitution", String::from_utf8(v).unwrap())
                 }
                 5 => {
-                    // The last character of the signature: often only its unused low bits change.
+                    // The last character of the signature. Its 4 low bits are unused (a 64- or
+                    // 256-byte signature is 2 bits short of a whole character): flipping only
+                    // those keeps the bytes (non-canonical encoding), flipping bit 4 or 5 does not.
                     let mut v = bytes.to_vec();
                     let last = v.len() - 1;
                     let idx = ALPHABET.iter().position(|c| *c == v[last]).unwrap();
-                    let mask = [0b11, 0b1111, 0b11111][self.rng.below(3)];
-                    v[last] = ALPHABET[(idx & !mask) | self.rng.below(mask + 1)];
-                    if v[last] == bytes[last] {
-                        v[last] = ALPHABET[idx ^ 1];
-                    }
+                    let flip = if self.rng.below(3) == 0 { 16 << self.rng.below(2) } else { 1 + self.rng.below(15) };
+                    v[last] = ALPHABET[idx ^ flip];
                     ("signature-last-char", String::from_utf8(v).unwrap())
                 }
                 6 => {
