@@ -1528,6 +1528,8 @@ fn corpus_verdicts_agree_with_stock_jwt_authn_except_named_classes() {
         report += &format!("{:<56} {:>6}\n", c.name(), per_class.get(&c).copied().unwrap_or(0));
     }
     report += &format!("\nmandate more lenient than jwt_authn: {lenient} case(s)\n");
+    let anchors = |a: Anchor| cases.iter().filter(|c| c.anchor == Some(a)).count();
+    report += &format!("anchors: {} must be accepted by both, {} denied by both\n", anchors(Anchor::Accept), anchors(Anchor::Deny));
     report += &format!(
         "timing: Envoy ready {:?}, corpus generated {:?}, {} requests sent {:?} ({} + {} connections), total {:?}\n",
         started, generated - started, 2 * cases.len(), sent - generated, mandate.connections, jwt.connections, t0.elapsed()
