@@ -109,6 +109,11 @@ fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
 /// number within a double's range, at most [`MAX_JSON_DEPTH`] levels. Members mandate never
 /// reads are checked too: the token may be forwarded, and its next reader may read them.
 pub fn strict_json(json: &[u8]) -> bool {
+    // The top level is an object: serde's derived structs would also take an array, field by
+    // field in declaration order (`["ES256","k1"]` as a header).
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return false;
+    }
     let mut de = serde_json::Deserializer::from_slice(json);
     de::DeserializeSeed::deserialize(Strict(1), &mut de).is_ok() && de.end().is_ok()
 }
@@ -142,13 +147,7 @@ impl<'de> Deserialize<'de> for MemberName<'de> {
 impl<'de> de::DeserializeSeed<'de> for Strict {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        // The top level is an object: serde's derived structs would also take an array, field
-        // by field in declaration order (`["ES256","k1"]` as a header).
-        if self.0 == 1 {
-            d.deserialize_map(self)
-        } else {
-            d.deserialize_any(self)
-        }
+        d.deserialize_any(self)
     }
 }
 
