@@ -64,6 +64,23 @@ pub fn verify_signature(req: &[u8]) -> Option<Vec<u8>> {
             },
         ));
     }
+    if let Ok(vk) = p384::ecdsa::VerifyingKey::from_public_key_der(key) {
+        if hash != b"sha384" {
+            return Some(result(false, "unsupported hash for P-384"));
+        }
+        let ok = p384::ecdsa::Signature::from_der(sig).is_ok_and(|s| {
+            use p384::ecdsa::signature::Verifier as _;
+            vk.verify(text, &s).is_ok()
+        });
+        return Some(result(
+            ok,
+            if ok {
+                ""
+            } else {
+                "Failed to verify digest. Error code: 0"
+            },
+        ));
+    }
     let pk = match rsa::RsaPublicKey::from_public_key_der(key) {
         Ok(pk) => pk,
         Err(_) => return Some(result(false, "Failed to initialize digest verify.")),

@@ -412,3 +412,39 @@ fn mixed_run_has_exactly_one_record_per_request() {
     }
     assert!(rig.vm.broken().is_none());
 }
+
+/// ES384 (SPIRE's `ec-p384`) in the default build: the host's `verify_signature` checks it. A
+/// host that refuses the call leaves no P-384 verifier in the module: refused, never accepted.
+#[test]
+fn es384_svid_is_checked_by_the_host_and_refused_without_it() {
+    let p384 = TestKey::es384("svid-p384");
+    for refused in [None, Some(Status::NotFound), Some(Status::Unimplemented)] {
+        let Some(host) = common::host("es384_host_crypto") else { return };
+        host.add_upstream(MINTER);
+        if let Some(status) = refused {
+            host.fail_call("proxy_call_foreign_function", status);
+        }
+        let es256 = TestKey::es256("svid-k1");
+        let intent_key = TestKey::es256("intent-k1");
+        let mut cfg = common::config(&es256, &intent_key, minter());
+        cfg["identity"]["trust_domains"][0]["bundle"]["inline"] = spiffe_bundle(&[&es256, &p384], None);
+        let vm = host.new_vm(b"", cfg.to_string().as_bytes()).expect("configuration accepted");
+        let mut rig = Rig { host, vm, key: es256, intent_key };
+        let svid = p384.sign(&svid_claims(AGENT, AUD, T0, T0 + 3600));
+        let req = Req::get("tickets.internal", "/tickets/1").intent("ticket.read").bearer(&svid);
+        match refused {
+            None => {
+                let s = rig.send_minted(&req, "jti-p384");
+                rig.forwarded(s);
+            }
+            Some(status) => {
+                let s = rig.send(&req);
+                denied_once(&mut rig, s, 401, "signature_invalid", true);
+                // ES256 still has the filter's own verifier.
+                rig.host.fail_call("proxy_call_foreign_function", status);
+                let s = rig.send_minted(&rig.tickets(), "jti-p256");
+                rig.forwarded(s);
+            }
+        }
+    }
+}

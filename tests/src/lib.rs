@@ -884,7 +884,15 @@ impl MockServer {
     where
         F: Fn(&SeenRequest) -> Reply + Send + Sync + 'static,
     {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        MockServer::start_on(std::net::TcpListener::bind("127.0.0.1:0")?, handler)
+    }
+
+    /// Like [`MockServer::start`] on a listening socket the caller made (say, one whose port
+    /// was refusing connections until now, to play a server that comes back).
+    pub fn start_on<F>(std_listener: std::net::TcpListener, handler: F) -> Result<MockServer>
+    where
+        F: Fn(&SeenRequest) -> Reply + Send + Sync + 'static,
+    {
         std_listener.set_nonblocking(true)?;
         let port = std_listener.local_addr()?.port();
         let seen: Arc<Mutex<Vec<SeenRequest>>> = Arc::new(Mutex::new(Vec::new()));

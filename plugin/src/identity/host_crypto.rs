@@ -61,23 +61,37 @@ fn der_uint(out: &mut Vec<u8>, v: &[u8]) {
     der(out, 0x02, &body);
 }
 
-/// SubjectPublicKeyInfo for a P-256 point (`x`, `y` 32 bytes each).
-pub fn spki_p256(x: &[u8], y: &[u8]) -> Vec<u8> {
-    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING (0x04 || x || y) }
-    const ALG: [u8; 21] = [
-        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
-        0x3d, 0x03, 0x01, 0x07,
-    ];
-    let mut bits = Vec::with_capacity(66);
+/// SubjectPublicKeyInfo for an EC point: `SEQUENCE { SEQUENCE { id-ecPublicKey, curve },
+/// BIT STRING (0x04 || x || y) }`, `alg` being the encoded inner SEQUENCE.
+fn spki_ec(alg: &[u8], x: &[u8], y: &[u8]) -> Vec<u8> {
+    let mut bits = Vec::with_capacity(2 + x.len() + y.len());
     bits.push(0);
     bits.push(0x04);
     bits.extend_from_slice(x);
     bits.extend_from_slice(y);
-    let mut body = ALG.to_vec();
+    let mut body = alg.to_vec();
     der(&mut body, 0x03, &bits);
     let mut out = Vec::with_capacity(body.len() + 4);
     der(&mut out, 0x30, &body);
     out
+}
+
+/// SubjectPublicKeyInfo for a P-256 point (`x`, `y` 32 bytes each).
+pub fn spki_p256(x: &[u8], y: &[u8]) -> Vec<u8> {
+    // { id-ecPublicKey 1.2.840.10045.2.1, prime256v1 1.2.840.10045.3.1.7 }
+    const ALG: [u8; 21] = [
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+        0x3d, 0x03, 0x01, 0x07,
+    ];
+    spki_ec(&ALG, x, y)
+}
+
+/// SubjectPublicKeyInfo for a P-384 point (`x`, `y` 48 bytes each).
+pub fn spki_p384(x: &[u8], y: &[u8]) -> Vec<u8> {
+    // { id-ecPublicKey 1.2.840.10045.2.1, secp384r1 1.3.132.0.34 }
+    const ALG: [u8; 18] =
+        [0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+    spki_ec(&ALG, x, y)
 }
 
 /// SubjectPublicKeyInfo for an RSA key (`n`, `e` big-endian).
@@ -99,13 +113,14 @@ pub fn spki_rsa(n: &[u8], e: &[u8]) -> Vec<u8> {
     out
 }
 
-/// JWS `r || s` (64 bytes for ES256) as a DER ECDSA-Sig-Value; `None` for any other length.
-pub fn ecdsa_sig_der(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() != 64 {
+/// JWS `r || s` (64 bytes for ES256, 96 for ES384) as a DER ECDSA-Sig-Value; `None` when
+/// the length is not `2 * scalar_len`.
+pub fn ecdsa_sig_der(raw: &[u8], scalar_len: usize) -> Option<Vec<u8>> {
+    if raw.len() != 2 * scalar_len {
         return None;
     }
-    let (r, s) = raw.split_at(32);
-    let mut ints = Vec::with_capacity(72);
+    let (r, s) = raw.split_at(scalar_len);
+    let mut ints = Vec::with_capacity(2 * scalar_len + 8);
     der_uint(&mut ints, r);
     der_uint(&mut ints, s);
     let mut out = Vec::with_capacity(ints.len() + 2);
@@ -123,12 +138,12 @@ const SELF_TEST_SIG: [u8; 64] = [0x53, 0x43, 0x51, 0x38, 0x77, 0xfe, 0x97, 0xcc,
 /// one bit flipped: a host that says yes to everything (or cannot answer) is never trusted.
 pub fn self_test(host: &dyn Fn(&[u8]) -> Option<Vec<u8>>) -> bool {
     let spki = spki_p256(&SELF_TEST_X, &SELF_TEST_Y);
-    let Some(good) = ecdsa_sig_der(&SELF_TEST_SIG) else { return false };
+    let Some(good) = ecdsa_sig_der(&SELF_TEST_SIG, 32) else { return false };
     let mut flipped = SELF_TEST_SIG;
     if let Some(b) = flipped.get_mut(40) {
         *b ^= 0x01;
     }
-    let Some(bad) = ecdsa_sig_der(&flipped) else { return false };
+    let Some(bad) = ecdsa_sig_der(&flipped, 32) else { return false };
     let accepts = host(&request("sha256", &spki, &good, SELF_TEST_MESSAGE)).is_some_and(|a| answer_is_valid(&a));
     let refuses = host(&request("sha256", &spki, &bad, SELF_TEST_MESSAGE)).is_some_and(|a| !answer_is_valid(&a));
     accepts && refuses
@@ -168,14 +183,15 @@ pub(crate) mod tests {
         use p256::ecdsa::signature::Verifier as _;
         let k = TestKey::es256("k");
         let sig = k.signature("ES256", b"hello");
-        let der = ecdsa_sig_der(&sig).unwrap();
+        let der = ecdsa_sig_der(&sig, 32).unwrap();
         let parsed = p256::ecdsa::Signature::from_der(&der).unwrap();
         let jwk = k.jwk();
         let spki = spki_p256(&b64d(&jwk["x"]), &b64d(&jwk["y"]));
         let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&spki).unwrap();
         assert!(vk.verify(b"hello", &parsed).is_ok());
-        assert!(ecdsa_sig_der(&sig[..63]).is_none(), "truncated signature");
-        assert!(ecdsa_sig_der(&[0u8; 65]).is_none(), "overlong signature");
+        assert!(ecdsa_sig_der(&sig[..63], 32).is_none(), "truncated signature");
+        assert!(ecdsa_sig_der(&[0u8; 65], 32).is_none(), "overlong signature");
+        assert!(ecdsa_sig_der(&sig, 48).is_none(), "an ES256 signature is not an ES384 one");
     }
 
     /// A stand-in for Envoy's `verify_signature`: decodes the request and verifies natively.
@@ -200,7 +216,10 @@ pub(crate) mod tests {
         }
         let [hash, spki, sig, text] = fields.as_slice() else { return None };
         let ok = if let Ok(vk) = p256::ecdsa::VerifyingKey::from_public_key_der(spki) {
-            p256::ecdsa::Signature::from_der(sig).is_ok_and(|s| vk.verify(text, &s).is_ok())
+            hash == b"sha256" && p256::ecdsa::Signature::from_der(sig).is_ok_and(|s| vk.verify(text, &s).is_ok())
+        } else if let Ok(vk) = p384::ecdsa::VerifyingKey::from_public_key_der(spki) {
+            use p384::ecdsa::signature::Verifier as _;
+            hash == b"sha384" && p384::ecdsa::Signature::from_der(sig).is_ok_and(|s| vk.verify(text, &s).is_ok())
         } else {
             use rsa::signature::Verifier as _;
             let pk = rsa::RsaPublicKey::from_public_key_der(spki).ok()?;

@@ -57,10 +57,17 @@ impl Alg {
 #[derive(Clone)]
 pub enum VerifyingKey {
     P256(ES256PublicKey),
-    /// P-384 costs ~100 KB of wasm: built only with the `es384` feature.
-    #[cfg(feature = "es384")]
-    P384(ES384PublicKey),
+    /// P-384 (SPIRE's `jwt_key_type: ec-p384`): checked by the host's crypto. The pure-Rust
+    /// verifier costs ~100 KB of wasm and is built only with the `es384` feature.
+    P384(P384Key),
     Rsa(Box<RsaKeys>),
+}
+
+/// A P-384 key. Its DER form (in [`TrustedKey::spki`]) is what the host verifies with.
+#[derive(Clone)]
+pub struct P384Key {
+    #[cfg(feature = "es384")]
+    pub rust: ES384PublicKey,
 }
 
 #[derive(Clone)]
@@ -88,13 +95,10 @@ impl TrustedKey {
         if self.alg.is_some_and(|pinned| pinned != alg) {
             return false;
         }
-        #[cfg(feature = "es384")]
-        if matches!((&self.key, alg), (VerifyingKey::P384(_), Alg::ES384)) {
-            return true;
-        }
         matches!(
             (&self.key, alg),
             (VerifyingKey::P256(_), Alg::ES256)
+                | (VerifyingKey::P384(_), Alg::ES384)
                 | (
                     VerifyingKey::Rsa(_),
                     Alg::RS256 | Alg::RS384 | Alg::RS512 | Alg::PS256 | Alg::PS384 | Alg::PS512
@@ -107,7 +111,6 @@ impl std::fmt::Debug for TrustedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.key {
             VerifyingKey::P256(_) => "P-256",
-            #[cfg(feature = "es384")]
             VerifyingKey::P384(_) => "P-384",
             VerifyingKey::Rsa(_) => "RSA",
         };
@@ -256,13 +259,12 @@ pub fn parse_bundle(raw: &[u8]) -> Result<Bundle, BundleError> {
 }
 
 fn spki_of(jwk: &RawJwk, key: &VerifyingKey) -> Option<Vec<u8>> {
-    use super::host_crypto::{spki_p256, spki_rsa};
+    use super::host_crypto::{spki_p256, spki_p384, spki_rsa};
     let d = |v: &Option<String>| v.as_deref().and_then(|s| URL_SAFE_NO_PAD.decode(s).ok());
     match key {
         VerifyingKey::P256(_) => Some(spki_p256(&d(&jwk.x)?, &d(&jwk.y)?)),
+        VerifyingKey::P384(_) => Some(spki_p384(&d(&jwk.x)?, &d(&jwk.y)?)),
         VerifyingKey::Rsa(_) => Some(spki_rsa(&d(&jwk.n)?, &d(&jwk.e)?)),
-        #[allow(unreachable_patterns)]
-        _ => None,
     }
 }
 
@@ -308,10 +310,13 @@ fn decode_key(jwk: &RawJwk) -> Result<Option<VerifyingKey>, String> {
                 return Ok(Some(VerifyingKey::P256(ES256PublicKey::from_bytes(&sec1).map_err(|_| "not a P-256 point".to_string())?)));
             }
             #[cfg(feature = "es384")]
-            return Ok(Some(VerifyingKey::P384(ES384PublicKey::from_bytes(&sec1).map_err(|_| "not a P-384 point".to_string())?)));
-            // Without the `es384` feature a P-384 key is skipped: its tokens are refused, never accepted.
+            return Ok(Some(VerifyingKey::P384(P384Key {
+                rust: ES384PublicKey::from_bytes(&sec1).map_err(|_| "not a P-384 point".to_string())?,
+            })));
+            // Without the pure-Rust verifier the point is not checked here: the host's crypto
+            // refuses a key that is not on the curve, so its tokens are refused, never accepted.
             #[cfg(not(feature = "es384"))]
-            Ok(None)
+            Ok(Some(VerifyingKey::P384(P384Key {})))
         }
         "RSA" => {
             let n = b64("n", jwk.n.as_deref())?;

@@ -277,6 +277,7 @@ fn host_signature_check(host: &HostVerify, parsed: &jws::Parsed<'_>, key: &Trust
     let spki = key.spki.as_deref()?;
     let hash = match (&key.key, parsed.alg) {
         (VerifyingKey::P256(_), Alg::ES256) => "sha256",
+        (VerifyingKey::P384(_), Alg::ES384) => "sha384",
         (VerifyingKey::Rsa(_), Alg::RS256) => "sha256",
         (VerifyingKey::Rsa(_), Alg::RS384) => "sha384",
         (VerifyingKey::Rsa(_), Alg::RS512) => "sha512",
@@ -286,13 +287,17 @@ fn host_signature_check(host: &HostVerify, parsed: &jws::Parsed<'_>, key: &Trust
     let (signing_input, sig_b64) = parsed.token.rsplit_once('.')?;
     let raw = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, sig_b64).ok();
     let Some(raw) = raw else { return Some(false) };
-    let signature = if parsed.alg == Alg::ES256 {
-        match host_crypto::ecdsa_sig_der(&raw) {
+    let scalar_len = match parsed.alg {
+        Alg::ES256 => Some(32),
+        Alg::ES384 => Some(48),
+        _ => None,
+    };
+    let signature = match scalar_len {
+        Some(n) => match host_crypto::ecdsa_sig_der(&raw, n) {
             Some(d) => d,
             None => return Some(false),
-        }
-    } else {
-        raw
+        },
+        None => raw,
     };
     let answer = host(&host_crypto::request(hash, spki, &signature, signing_input.as_bytes()))?;
     Some(host_crypto::answer_is_valid(&answer))
@@ -314,7 +319,10 @@ pub(crate) fn verify_signature(parsed: &jws::Parsed<'_>, key: &TrustedKey, now: 
     let result = match (&key.key, parsed.alg) {
         (VerifyingKey::P256(k), Alg::ES256) => k.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
         #[cfg(feature = "es384")]
-        (VerifyingKey::P384(k), Alg::ES384) => k.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+        (VerifyingKey::P384(k), Alg::ES384) => k.rust.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
+        // No pure-Rust P-384 in this build: only the host's crypto can check it (fail closed).
+        #[cfg(not(feature = "es384"))]
+        (VerifyingKey::P384(_), Alg::ES384) => return Err(Reason::SignatureInvalid),
         (VerifyingKey::Rsa(k), alg) => match alg {
             Alg::RS256 => k.rs256.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),
             Alg::RS384 => k.rs384.verify_token::<NoCustomClaims>(token, Some(options())).map(drop),

@@ -4,6 +4,8 @@
 use super::*;
 use crate::config::{self, IdentityConfig};
 use crate::testkit::{b64, plain_jwks, spiffe_bundle, svid_claims, TestKey};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use serde_json::{json, Value};
 
 const NOW: u64 = 1_800_000_000;
@@ -998,4 +1000,78 @@ fn host_crypto_path_agrees_with_pure_rust() {
 #[test]
 fn host_crypto_that_says_yes_to_everything_is_caught_by_the_self_test() {
     assert!(!super::host_crypto::self_test(&|_| Some(vec![0x08, 0x01])));
+}
+
+// ---------- ES384 (SPIRE's ec-p384) through the host's crypto ----------
+
+/// A verifier whose host crypto is `fake_envoy`, counting the calls and the hashes asked for.
+fn host_verifier(keys: &[&TestKey]) -> (Verifier, Rc<std::cell::RefCell<Vec<String>>>) {
+    use super::host_crypto::tests::fake_envoy;
+    let cfg = identity_config(json!({"audiences": [AUD], "cache_size": 0,
+        "trust_domains": [{"name": "example.org", "bundle": {"inline": spiffe_bundle(keys, None)}}]}));
+    let mut v = Verifier::new(&cfg).unwrap();
+    let hashes = Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = hashes.clone();
+    v.set_host_verify(Some(Rc::new(move |req: &[u8]| {
+        // Field 1 of VerifySignatureArguments: the hash name.
+        let len = usize::from(req[1]);
+        seen.borrow_mut().push(String::from_utf8_lossy(&req[2..2 + len]).into_owned());
+        fake_envoy(req)
+    })));
+    (v, hashes)
+}
+
+#[test]
+fn es384_svid_is_checked_by_the_host_with_sha384() {
+    let p384 = TestKey::es384("p384");
+    let (mut v, hashes) = host_verifier(&[&p384]);
+    let good = p384.sign(&good_claims());
+    assert!(v.verify(good.as_bytes(), NOW).is_ok(), "ES384 from a P-384 bundle key");
+    assert_eq!(hashes.borrow().as_slice(), ["sha384"], "the host checked it, with SHA-384");
+    let forged = TestKey::es384("p384").sign(&good_claims());
+    assert_eq!(v.verify(forged.as_bytes(), NOW).err(), Some(Reason::SignatureInvalid), "another P-384 key, same kid");
+}
+
+#[test]
+fn es384_signature_of_the_wrong_length_is_refused_not_padded() {
+    let p384 = TestKey::es384("p384");
+    let (mut v, _) = host_verifier(&[&p384]);
+    let good = p384.sign(&good_claims());
+    let (input, sig) = good.rsplit_once('.').unwrap();
+    let raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    // An ES256-sized (64-byte) signature under an ES384 header, and a truncated one.
+    for cut in [&raw[..64], &raw[..95]] {
+        let t = format!("{input}.{}", URL_SAFE_NO_PAD.encode(cut));
+        assert_eq!(v.verify(t.as_bytes(), NOW).err(), Some(Reason::SignatureInvalid));
+    }
+}
+
+#[test]
+fn p384_key_cannot_verify_an_es256_header_nor_p256_an_es384_one() {
+    let p384 = TestKey::es384("k384");
+    let p256 = TestKey::es256("k256");
+    let (mut v, hashes) = host_verifier(&[&p384, &p256]);
+    let claims = good_claims();
+    // Alg swap: the P-384 key's kid with an ES256 header (signed by the P-256 key), and back.
+    let swapped_down = p256.sign_with_header("ES256", &header("ES256", "k384"), &claims);
+    let swapped_up = p384.sign_with_header("ES384", &header("ES384", "k256"), &claims);
+    for t in [swapped_down, swapped_up] {
+        let r = v.verify(t.as_bytes(), NOW);
+        assert!(r.is_err(), "alg/key mismatch accepted");
+    }
+    assert!(hashes.borrow().is_empty(), "refused before any signature check");
+    // Each key still verifies its own algorithm.
+    assert!(v.verify(p384.sign(&claims).as_bytes(), NOW).is_ok());
+    assert!(v.verify(p256.sign(&claims).as_bytes(), NOW).is_ok());
+}
+
+#[test]
+fn p384_spki_is_what_a_der_parser_reads() {
+    use p384::pkcs8::DecodePublicKey;
+    let k = TestKey::es384("k");
+    let jwk = k.jwk();
+    let d = |v: &serde_json::Value| URL_SAFE_NO_PAD.decode(v.as_str().unwrap()).unwrap();
+    let spki = super::host_crypto::spki_p384(&d(&jwk["x"]), &d(&jwk["y"]));
+    let parsed = p384::PublicKey::from_public_key_der(&spki).unwrap();
+    assert_eq!(parsed.to_sec1_bytes().len(), 97);
 }
