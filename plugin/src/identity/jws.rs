@@ -7,10 +7,19 @@ use super::jwks::Alg;
 use crate::reason::Reason;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use std::borrow::Cow;
 
 /// Largest JOSE header accepted (bytes, encoded).
 pub const MAX_HEADER_B64: usize = 2048;
+/// Deepest nesting of arrays and objects accepted in a JOSE header or claims set (the top-level
+/// object counts as 1). Envoy's `jwt_authn` stops at 100; a delegation chain needs about 10.
+pub const MAX_JSON_DEPTH: u32 = 64;
+/// Largest NumericDate accepted (`exp`, `nbf`, `iat`): 2^53 - 1, the largest integer every JSON
+/// parser reads exactly (I-JSON, RFC 7493 §2.2). Beyond it a double-based reader (Envoy's
+/// `jwt_authn`, JavaScript) sees another number, or none.
+pub const MAX_NUMERIC_DATE: u64 = (1 << 53) - 1;
 
 #[derive(Debug, Clone)]
 pub struct Parsed<'t> {
@@ -24,12 +33,19 @@ pub struct Parsed<'t> {
     pub claims_json: Vec<u8>,
 }
 
+/// Registered header parameters and claims, when present, must have their registered type:
+/// `null` is malformed, never read as the member being absent (`"nbf": null` is not "no nbf",
+/// `"crit": null` is a `crit`).
 #[derive(Deserialize)]
 struct RawHeader {
+    #[serde(default, deserialize_with = "present")]
     alg: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     kid: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     typ: Option<String>,
     // Any `crit` at all is refused; its value is irrelevant.
+    #[serde(default, deserialize_with = "present")]
     crit: Option<serde_json::Value>,
     // `jku`, `x5u`, `jwk`, `x5c` are never read: keys come only from configured bundles.
 }
@@ -50,18 +66,141 @@ impl Audience {
     }
 }
 
-/// The registered claims mandate reads. Known fields appearing twice make
-/// the JSON invalid (serde refuses duplicate fields), so a token cannot say
-/// one `sub` to us and another to a laxer parser.
+/// The registered claims mandate reads. A member name appearing twice anywhere makes the token
+/// malformed ([`strict_json`]), so a token cannot say one `sub` to us and another to a parser
+/// that keeps the other duplicate. `null` is not absent; NumericDates are integers up to
+/// [`MAX_NUMERIC_DATE`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Claims {
+    #[serde(default, deserialize_with = "present")]
     pub sub: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub iss: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub aud: Option<Audience>,
+    #[serde(default, deserialize_with = "numeric_date")]
     pub exp: Option<u64>,
+    #[serde(default, deserialize_with = "numeric_date")]
     pub nbf: Option<u64>,
+    #[serde(default, deserialize_with = "numeric_date")]
     pub iat: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
     pub jti: Option<String>,
+}
+
+/// A member that is present has its type (`null` is an error, not `None`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// An integer NumericDate in `0..=MAX_NUMERIC_DATE` (no fraction, exponent or `null`).
+fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = u64::deserialize(d)?;
+    if v > MAX_NUMERIC_DATE {
+        return Err(de::Error::custom("NumericDate beyond 2^53 - 1"));
+    }
+    Ok(Some(v))
+}
+
+/// True when `json` is one RFC 8259 JSON object that every conforming parser reads the same way,
+/// as RFC 7515 §5.2 and RFC 7519 §7.2 want of a JOSE header and a claims set: no member name
+/// twice in any object at any depth (RFC 7515 §4, RFC 7519 §4: else parsers disagree on which
+/// one counts), every string valid Unicode (no invalid UTF-8, no lone surrogate escape), every
+/// number within a double's range, at most [`MAX_JSON_DEPTH`] levels. Members mandate never
+/// reads are checked too: the token may be forwarded, and its next reader may read them.
+pub fn strict_json(json: &[u8]) -> bool {
+    // The top level is an object: serde's derived structs would also take an array, field by
+    // field in declaration order (`["ES256","k1"]` as a header).
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return false;
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    de::DeserializeSeed::deserialize(Strict(1), &mut de).is_ok() && de.end().is_ok()
+}
+
+/// Checks one value at depth `.0` (see [`strict_json`]).
+#[derive(Clone, Copy)]
+struct Strict(u32);
+
+/// An object member name, borrowed from the input when it has no escapes.
+struct MemberName<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for MemberName<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MemberName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MemberName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MemberName(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> de::DeserializeSeed<'de> for Strict {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.deeper()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.deeper()?;
+        let mut names: Vec<Cow<'de, str>> = Vec::new();
+        while let Some(MemberName(name)) = map.next_key()? {
+            map.next_value_seed(inner)?;
+            names.push(name);
+        }
+        names.sort_unstable();
+        if names.windows(2).any(|w| w.first() == w.get(1)) {
+            return Err(de::Error::custom("duplicate member name"));
+        }
+        Ok(())
+    }
+}
+
+impl Strict {
+    fn deeper<E: de::Error>(self) -> Result<Strict, E> {
+        if self.0 > MAX_JSON_DEPTH {
+            return Err(E::custom("nested too deeply"));
+        }
+        Ok(Strict(self.0 + 1))
+    }
 }
 
 /// The kind of token a verifier expects, told apart by the JOSE `typ` header, so that a token
@@ -122,6 +261,9 @@ pub fn parse_as(token: &[u8], max_len: usize, kind: Kind) -> Result<Parsed<'_>, 
         return Err(Reason::TokenMalformed);
     }
     let header_json = URL_SAFE_NO_PAD.decode(h64).map_err(|_| Reason::TokenMalformed)?;
+    if !strict_json(&header_json) {
+        return Err(Reason::TokenMalformed);
+    }
     let header: RawHeader = serde_json::from_slice(&header_json).map_err(|_| Reason::TokenMalformed)?;
 
     let alg = header.alg.as_deref().and_then(Alg::parse).ok_or(Reason::AlgNotAllowed)?;
@@ -143,6 +285,9 @@ pub fn parse_as(token: &[u8], max_len: usize, kind: Kind) -> Result<Parsed<'_>, 
         return Err(Reason::TokenMalformed);
     }
     let claims_json = URL_SAFE_NO_PAD.decode(c64).map_err(|_| Reason::TokenMalformed)?;
+    if !strict_json(&claims_json) {
+        return Err(Reason::TokenMalformed);
+    }
     let claims: Claims = serde_json::from_slice(&claims_json).map_err(|_| Reason::TokenMalformed)?;
     Ok(Parsed { token, alg, kid, typ: header.typ, claims, claims_json })
 }

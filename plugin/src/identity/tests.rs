@@ -377,6 +377,134 @@ fn duplicate_sub_claim() {
     expect(&mut fx.verifier, &t, Reason::TokenMalformed);
 }
 
+// ---------- parser differentials (found by tests/tests/envoy_differential.rs) ----------
+
+/// Signs `claims` (raw JSON) with the standard header.
+fn raw_claims(fx: &Fx, claims: &str) -> String {
+    fx.key.sign_raw("ES256", &header("ES256", "k1").to_string(), claims)
+}
+
+fn base_members() -> String {
+    format!(r#""sub":"{SUB}","aud":"{AUD}","exp":{}"#, NOW + 60)
+}
+
+#[test]
+fn duplicate_unread_claim_smuggled_past_a_last_wins_parser() {
+    // mandate never reads `role` or `act`, but the token may travel on (forward_token) to a
+    // service whose parser keeps the other duplicate: refuse it, at any depth, as jwt_authn does.
+    let mut fx = fixture();
+    let base = base_members();
+    for extra in [
+        r#""role":"user","role":"admin""#,
+        r#""act":{"sub":"spiffe://example.org/a","sub":"spiffe://example.org/admin"}"#,
+        r#""x":[{"y":{"z":1,"z":2}}]"#,
+        r#""role":"admin","role":"user""#,
+    ] {
+        let t = raw_claims(&fx, &format!("{{{base},{extra}}}"));
+        expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    }
+    // The same names in different objects are not duplicates.
+    let t = raw_claims(&fx, &format!(r#"{{{base},"a":{{"sub":"x"}},"b":[{{"sub":"y"}},{{"sub":"z"}}]}}"#));
+    assert!(verify(&mut fx.verifier, &t).is_ok());
+}
+
+#[test]
+fn header_or_claims_as_a_json_array_read_as_struct_fields() {
+    // serde's derived structs also accept an array, field by field in declaration order: a header
+    // `["ES256","k1"]` or a claims array [sub, iss, aud, exp, nbf, iat, jti] must not verify.
+    let mut fx = fixture();
+    let t = fx.key.sign_raw("ES256", r#"["ES256","k1"]"#, &good_claims().to_string());
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    let t = fx.key.sign_raw("ES256", r#"["ES256","k1","JWT",null]"#, &good_claims().to_string());
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    let claims = format!(r#"["{SUB}","https://issuer.test","{AUD}",{},{},{},"jti-1"]"#, NOW + 60, NOW - 10, NOW - 10);
+    let t = raw_claims(&fx, &claims);
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn duplicate_unread_header_parameter() {
+    let mut fx = fixture();
+    let t = fx.key.sign_raw("ES256", r#"{"alg":"ES256","kid":"k1","x5t":"a","x5t":"b"}"#, &good_claims().to_string());
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn invalid_utf8_or_lone_surrogate_in_an_unread_claim() {
+    // RFC 8259 §8.1: JSON is UTF-8; an unpaired surrogate escape is no Unicode text either.
+    // A parser that skips unread members unchecked accepted what a strict one refuses.
+    let mut fx = fixture();
+    let base = base_members();
+    let latin1 = [format!("{{{base},\"x\":\"").as_bytes(), b"\xe9\"}"].concat();
+    let input = format!("{}.{}", b64(header("ES256", "k1").to_string().as_bytes()), b64(&latin1));
+    let t = format!("{input}.{}", b64(&fx.key.signature("ES256", input.as_bytes())));
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    let t = raw_claims(&fx, &format!(r#"{{{base},"x":"\ud800"}}"#));
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    let t = fx.key.sign_raw("ES256", r#"{"alg":"ES256","kid":"k1","x":"\udc00"}"#, &good_claims().to_string());
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    // A proper pair is fine.
+    let t = raw_claims(&fx, &format!(r#"{{{base},"x":"\ud83d\ude00"}}"#));
+    assert!(verify(&mut fx.verifier, &t).is_ok());
+}
+
+#[test]
+fn json_nesting_bomb_below_the_size_limit() {
+    // 1000 levels fit in a few KB: deeper than any parser downstream should be asked to go.
+    let mut fx = fixture();
+    let base = base_members();
+    let nested = |levels: usize| format!("{{{base},\"x\":{}1{}}}", "[".repeat(levels), "]".repeat(levels));
+    for levels in [64, 99, 1000] {
+        let t = raw_claims(&fx, &nested(levels));
+        expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    }
+    // The claims object plus 63 levels: the most accepted.
+    let t = raw_claims(&fx, &nested(63));
+    assert!(verify(&mut fx.verifier, &t).is_ok());
+}
+
+#[test]
+fn out_of_range_number_in_an_unread_claim() {
+    let mut fx = fixture();
+    let t = raw_claims(&fx, &format!(r#"{{{},"big":1e400}}"#, base_members()));
+    expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+}
+
+#[test]
+fn null_registered_claim_read_as_absent() {
+    // `"nbf": null` is not "no nbf": a null registered member is malformed, never skipped.
+    let mut fx = fixture();
+    for member in ["nbf", "iat", "iss", "jti", "sub", "aud", "exp"] {
+        let mut c = good_claims();
+        c[member] = Value::Null;
+        let t = fx.key.sign(&c);
+        expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    }
+    for (param, want) in [("typ", Reason::TokenMalformed), ("kid", Reason::TokenMalformed), ("alg", Reason::TokenMalformed), ("crit", Reason::CritNotAllowed)] {
+        let mut h = header("ES256", "k1");
+        h[param] = Value::Null;
+        let t = fx.key.sign_with_header("ES256", &h, &good_claims());
+        expect(&mut fx.verifier, &t, want);
+    }
+}
+
+#[test]
+fn numeric_date_beyond_exact_double_range() {
+    // 2^64 - 1 is an exact u64 but a double-based parser reads 2^64 (Envoy's jwt_authn refuses
+    // it, JavaScript rounds it): NumericDates stop at 2^53 - 1, where all parsers agree.
+    let mut fx = fixture();
+    for exp in ["18446744073709551615", "9223372036854775808", "9007199254740993", "9007199254740992"] {
+        let t = raw_claims(&fx, &format!(r#"{{"sub":"{SUB}","aud":"{AUD}","exp":{exp}}}"#));
+        expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    }
+    let t = raw_claims(&fx, &format!(r#"{{"sub":"{SUB}","aud":"{AUD}","exp":{}}}"#, jws::MAX_NUMERIC_DATE));
+    assert!(verify(&mut fx.verifier, &t).is_ok());
+    for fraction in [format!("{}.5", NOW + 60), format!("{}e0", NOW + 60), format!("{}.0", NOW + 60)] {
+        let t = raw_claims(&fx, &format!(r#"{{"sub":"{SUB}","aud":"{AUD}","exp":{fraction}}}"#));
+        expect(&mut fx.verifier, &t, Reason::TokenMalformed);
+    }
+}
+
 #[test]
 fn claims_not_an_object() {
     let mut fx = fixture();
