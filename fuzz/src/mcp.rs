@@ -6,7 +6,7 @@ use mandate_plugin::reason::Reason;
 use serde_json::Value;
 
 fn allowed(name: &str) -> bool {
-    name.len() % 2 == 0
+    name.len().is_multiple_of(2)
 }
 
 fn tools_of(v: &Value) -> Vec<String> {

@@ -9,7 +9,7 @@ impl Rng {
         Rng(seed | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -22,7 +22,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
@@ -49,7 +49,7 @@ pub fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
             }
             1 => {
                 if let Some(b) = out.get_mut(at) {
-                    *b = rng.next() as u8;
+                    *b = rng.next_u64() as u8;
                 }
             }
             2 => {
@@ -83,7 +83,7 @@ pub fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
             7 => out.truncate(at),
             _ => {
                 // A byte from the printable range where parsers branch most.
-                out.insert(at, b' ' + (rng.next() % 95) as u8);
+                out.insert(at, b' ' + (rng.next_u64() % 95) as u8);
             }
         }
     }

@@ -56,7 +56,7 @@ fn main() {
         for (name, data) in &seeds {
             run(format!("seed {name}"), data);
         }
-        let mut rng = Rng::new(0x6d61_6e64_6174_65 ^ t.name.len() as u64);
+        let mut rng = Rng::new(0x006d_616e_6461_7465 ^ t.name.len() as u64);
         let n = if seeds.is_empty() { 0 } else { t.smoke_mutations * scale };
         for i in 0..n {
             let a = seeds.get(rng.below(seeds.len())).map(|(_, d)| d.as_slice()).unwrap_or_default();

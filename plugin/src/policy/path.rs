@@ -335,7 +335,6 @@ mod tests {
         assert_eq!(n("/a;v=1/b"), Ok("/a;v=1/b".into()));
     }
 
-    #[test]
     // Found by fuzzing (fuzz target `path`): the port was split off at the last `:` only, so a
     // second port, or any byte at all in the name, stayed in the "host" the policy matched.
     #[test]
