@@ -91,6 +91,20 @@ write("headers", [
     b"x-agent-intent: A B\nx-agent-intent: b\n",
 ])
 
+def intent(sel, principal, claims, edits=b""):
+    return bytes([sel]) + principal.encode() + b"\0" + json.dumps(claims).encode() + b"\0" + edits
+ic = {"iss": "https://intents.example", "sub": "spiffe://example.org/agent/a", "aud": "gw", "exp": NOW + 300, "iat": NOW - 10, "intents": ["ticket.read"], "task": "tsk_1"}
+write("intent_token", [
+    intent(0, ic["sub"], ic),
+    intent(0, ic["sub"], dict(ic, aud=["x", "gw"], intents=["a", "b.c"])),
+    intent(1, ic["sub"], ic),
+    intent(0, "spiffe://example.org/agent/b", ic),
+    intent(0, ic["sub"], dict(ic, intents=[]), b"\x05\x00\x00\x01"),
+    intent(0, ic["sub"], dict(ic, task="bad task")),
+    intent(0, ic["sub"], dict(ic, exp=NOW - 100)),
+    intent(0, ic["sub"], ic, b"\x30\x00\x03\x07"),
+])
+
 # config and policy: from the shipped policies and their cases.
 configs, policy_seeds = [], []
 for pf in sorted(glob.glob(os.path.join(ROOT, "..", "policies", "*.policy.json"))):

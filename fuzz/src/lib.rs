@@ -15,6 +15,7 @@ pub mod config;
 pub mod feed;
 pub mod headers;
 pub mod input;
+pub mod intent;
 pub mod jwt;
 pub mod mcp;
 pub mod minter;
@@ -38,6 +39,7 @@ pub const TARGETS: &[Target] = &[
     Target { name: "spiffe_id", check: spiffe::spiffe_id, smoke_mutations: 4000 },
     Target { name: "path", check: path::path, smoke_mutations: 4000 },
     Target { name: "headers", check: headers::headers, smoke_mutations: 3000 },
+    Target { name: "intent_token", check: intent::intent_token, smoke_mutations: 400 },
     Target { name: "config", check: config::config, smoke_mutations: 400 },
     Target { name: "policy", check: config::policy, smoke_mutations: 2000 },
     Target { name: "bundle", check: bundle::bundle, smoke_mutations: 2000 },
