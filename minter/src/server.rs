@@ -350,7 +350,7 @@ async fn end_task(State(st): St, Extension(peer): Extension<Peer>, headers: Head
 }
 
 /// The fields of a `/revoke` body (JSON object of strings, or a form).
-fn revoke_fields(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, OAuthError> {
+pub fn revoke_fields(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, OAuthError> {
     if content_type_is(headers, "application/json") {
         let m = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
             .map_err(|_| OAuthError::invalid_request("malformed JSON body"))?;
@@ -372,7 +372,7 @@ fn revoke_fields(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String
 
 /// Validates a `/revoke` request: exactly one of `task`, `jti`, `subject`,
 /// except that `task` may come with a `subject` that scopes it.
-fn revoke_request(st: &AppState, fields: &[(String, String)]) -> Result<RevokeRequest, OAuthError> {
+pub fn revoke_request(st: &AppState, fields: &[(String, String)]) -> Result<RevokeRequest, OAuthError> {
     let mut task = None;
     let mut jti = None;
     let mut subject = None;

@@ -175,26 +175,32 @@ fn check_utf8_run(run: &mut Vec<u8>) -> Result<(), PathError> {
 }
 
 /// Lowercases the authority and strips the port (IPv6 literals keep their brackets).
+///
+/// Only a host the policy can name comes out: a registered name of letters, digits, `-`, `.`,
+/// `_` and `~` (trailing dots dropped), or a bracketed IPv6 literal; then at most a port of
+/// digits. Anything else (a second port, a `:` or `%` in the name, bytes after the literal's
+/// `]`) is refused rather than judged as a host some backend would read differently.
+/// Normalising a normalised authority changes nothing.
 pub fn normalize_authority(raw: &[u8]) -> Option<String> {
     let s = std::str::from_utf8(raw).ok()?;
-    if s.is_empty() || s.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'@' || b == b'/') {
-        return None;
-    }
-    let host = if let Some(rest) = s.strip_prefix('[') {
-        let end = rest.find(']')?;
-        rest.get(..end).map(|h| format!("[{h}]"))?
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h.to_string(),
-            Some(_) => return None,
-            None => s.to_string(),
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (literal, after) = rest.split_once(']')?;
+        if literal.is_empty() || !literal.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return None;
         }
+        let port = if after.is_empty() { after } else { after.strip_prefix(':')? };
+        (format!("[{literal}]"), port)
+    } else {
+        let (name, port) = s.rsplit_once(':').unwrap_or((s, ""));
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
+            return None;
+        }
+        (name.trim_end_matches('.').to_string(), port)
     };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    if host.is_empty() {
+    if host.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(host)
+    Some(host.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -327,6 +333,37 @@ mod tests {
         assert_eq!(n("/public/..;/admin"), Err(PathError::DotSegmentParameter));
         assert_eq!(n("/public/.;x/admin"), Err(PathError::DotSegmentParameter));
         assert_eq!(n("/a;v=1/b"), Ok("/a;v=1/b".into()));
+    }
+
+    // Found by fuzzing (fuzz target `path`): the port was split off at the last `:` only, so a
+    // second port, or any byte at all in the name, stayed in the "host" the policy matched.
+    #[test]
+    fn authority_with_a_second_port_is_refused() {
+        assert_eq!(normalize_authority(b"Example.ORG:8443:8443"), None);
+        assert_eq!(normalize_authority(b"a6:b:"), None);
+        assert_eq!(normalize_authority(b"::"), None);
+    }
+    #[test]
+    fn authority_with_bytes_outside_a_host_name_is_refused() {
+        assert_eq!(normalize_authority(b"Ex%amp,e.ORG:8443"), None);
+        assert_eq!(normalize_authority(b"evil.com;.acme.internal"), None);
+        assert_eq!(normalize_authority(b"a\\b"), None);
+        assert_eq!(normalize_authority(b"A[::1]:80"), None);
+    }
+    #[test]
+    fn authority_ipv6_literal_with_trailing_bytes_is_refused() {
+        assert_eq!(normalize_authority(b"[::1]evil.example"), None);
+        assert_eq!(normalize_authority(b"[::1]:80:80"), None);
+        assert_eq!(normalize_authority(b"[fe80::1"), None);
+        assert_eq!(normalize_authority(b"[evil.example]:80"), None);
+        assert_eq!(normalize_authority(b"[FE80::1]:8443").as_deref(), Some("[fe80::1]"));
+    }
+    #[test]
+    fn authority_normalisation_is_idempotent() {
+        for a in ["API.Example.com:8443", "api.example.com.", "[::1]:80", "host:", "x_y.internal"] {
+            let once = normalize_authority(a.as_bytes()).unwrap();
+            assert_eq!(normalize_authority(once.as_bytes()).as_deref(), Some(once.as_str()), "{a}");
+        }
     }
 
     #[test]

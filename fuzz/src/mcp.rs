@@ -1,0 +1,62 @@
+//! MCP JSON-RPC bodies, and the `tools/list` answers the filter rewrites.
+
+use mandate_plugin::mcp::jsonrpc::{parse, strict_value};
+use mandate_plugin::mcp::{error_body, filter_tools_list, filter_tools_list_sse};
+use mandate_plugin::reason::Reason;
+use serde_json::Value;
+
+fn allowed(name: &str) -> bool {
+    name.len().is_multiple_of(2)
+}
+
+fn tools_of(v: &Value) -> Vec<String> {
+    v.pointer("/result/tools")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|t| t.get("name").and_then(Value::as_str).map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+/// Any bytes as a request body: an accepted message is a JSON-RPC 2.0 request with a method
+/// and object params (the same text read strictly); as an answer to `tools/list`, what the
+/// filter passes on is JSON naming only allowed tools.
+pub fn mcp_jsonrpc(data: &[u8]) {
+    match parse(data) {
+        Ok(m) => {
+            let v = strict_value(data).unwrap_or_else(|e| panic!("accepted a body the strict reader refuses: {e}"));
+            assert_eq!(v.get("jsonrpc").and_then(Value::as_str), Some("2.0"), "accepted without jsonrpc 2.0");
+            assert_eq!(v.get("method").and_then(Value::as_str), Some(m.method.as_str()), "method is not the body's");
+            assert!(!m.method.is_empty(), "accepted an empty method");
+            match v.get("params") {
+                None => {}
+                Some(p) => assert!(p.is_object(), "accepted non-object params"),
+            }
+            assert_eq!(m.id, v.get("id").cloned(), "id is not the body's");
+            if let Some(args) = &m.arguments {
+                assert_eq!(v.pointer("/params/arguments").and_then(Value::as_object), Some(args), "arguments are not the body's");
+            }
+            if let Some(n) = &m.name {
+                assert_eq!(v.pointer("/params/name").and_then(Value::as_str), Some(n.as_str()), "name is not the body's");
+            }
+            let e = error_body(Reason::ToolNotAllowed, false, m.id.as_ref(), "d-1");
+            assert!(serde_json::from_str::<Value>(&e).is_ok(), "error body is not JSON");
+        }
+        Err(e) => {
+            let body = error_body(e.reason, e.not_json, e.id.as_ref(), "d-1");
+            assert!(serde_json::from_str::<Value>(&body).is_ok(), "error body is not JSON");
+        }
+    }
+    if let Ok(out) = filter_tools_list(data, allowed) {
+        let v: Value = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("filtered tools/list is not JSON: {e}"));
+        assert!(tools_of(&v).iter().all(|t| allowed(t)), "a refused tool passed the filter");
+    }
+    if let Ok(out) = filter_tools_list_sse(data, allowed) {
+        let text = String::from_utf8(out).unwrap_or_else(|e| panic!("filtered SSE is not UTF-8: {e}"));
+        for line in text.lines() {
+            if let Some(d) = line.strip_prefix("data:") {
+                if let Ok(v) = serde_json::from_str::<Value>(d.trim_start()) {
+                    assert!(tools_of(&v).iter().all(|t| allowed(t)), "a refused tool passed the SSE filter");
+                }
+            }
+        }
+    }
+}
