@@ -81,11 +81,15 @@ impl Drop for Slot {
 impl Conns {
     pub fn new(config: &crate::config::MinterConfig) -> Conns {
         let l = &config.limits;
+        Conns::with(l.max_connections, Duration::from_millis(l.header_read_timeout_ms), Duration::from_millis(l.body_read_timeout_ms), config.max_body_bytes)
+    }
+
+    pub fn with(max: usize, header_read_timeout: Duration, body_read_timeout: Duration, max_body_bytes: usize) -> Conns {
         Conns {
-            max: l.max_connections,
-            header_read_timeout: Duration::from_millis(l.header_read_timeout_ms),
-            body_read_timeout: Duration::from_millis(l.body_read_timeout_ms),
-            max_body_bytes: config.max_body_bytes,
+            max,
+            header_read_timeout,
+            body_read_timeout,
+            max_body_bytes,
             inner: Mutex::new(Inner::default()),
             accepted: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
@@ -178,5 +182,40 @@ pub fn release_freed_memory() {
     // thread-safe (it takes each arena's lock).
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn conns(max: usize) -> Arc<Conns> {
+        Arc::new(Conns::with(max, Duration::from_secs(1), Duration::from_secs(1), 1024))
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_oldest_pending_connection_makes_room_and_started_ones_never_do() {
+        let c = conns(3);
+        let a = c.admit().unwrap();
+        let b = c.admit().unwrap();
+        let d = c.admit().unwrap();
+        b.started();
+        // Full: the oldest pending one (a) is evicted for the new one.
+        let e = c.admit().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), a.evicted()).await.unwrap();
+        assert_eq!(c.open(), 3);
+        // Its slot was given away: dropping it frees nothing more.
+        drop(a);
+        assert_eq!(c.open(), 3);
+        d.started();
+        e.started();
+        // Every open connection has started: the new one is refused.
+        assert!(c.admit().is_none());
+        let j = c.to_json();
+        assert_eq!((j["open"].as_u64(), j["evicted"].as_u64(), j["refused"].as_u64(), j["accepted"].as_u64()), (Some(3), Some(1), Some(1), Some(4)));
+        drop(b);
+        assert_eq!(c.open(), 2);
+        assert!(c.admit().is_some());
     }
 }

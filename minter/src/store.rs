@@ -890,6 +890,39 @@ mod tests {
         assert!(entry <= 2600, "{entry}");
     }
 
+    fn record(i: usize) -> IssuedRecord {
+        IssuedRecord { jti: format!("jti-{i:06}"), sub: "spiffe://example.org/a".into(), task: Some("T".into()), aud: "aud".into(), client_id: "c".into(), iat: 1, exp: u64::MAX / 4 }
+    }
+
+    #[test]
+    fn a_full_store_acknowledges_nothing_and_works_again_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 300, Some(1)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut acked = Vec::new();
+        let err = rt.block_on(async {
+            for i in 0..10_000 {
+                match store.record_issued(record(i)).await {
+                    Ok(()) => acked.push(format!("jti-{i:06}")),
+                    Err(e) => return Some(e),
+                }
+            }
+            None
+        });
+        assert_eq!(err, Some(StoreError::Full));
+        assert_eq!(StoreError::Full.reason(), "store_full");
+        let recorded = issued_jtis(dir.path()).unwrap();
+        assert_eq!(recorded.len(), acked.len(), "only what was acknowledged is recorded");
+        assert!(acked.iter().all(|j| recorded.contains(j)));
+        store.set_max_pages(SQLITE_MAX_PAGES).unwrap();
+        rt.block_on(store.record_issued(record(999_999))).unwrap();
+        assert!(issued_exists(dir.path(), "jti-999999").unwrap());
+        // The journal mode is persistent: WAL for every later connection too.
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+
     #[test]
     fn feed_page_never_exceeds_the_budget_and_always_advances() {
         let dir = tempfile::tempdir().unwrap();
