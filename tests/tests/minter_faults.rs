@@ -179,20 +179,22 @@ fn assert_store_full(r: &HttpResponse, what: &str) {
     assert_eq!(r.header("retry-after"), Some("1"), "{what}");
 }
 
-/// Raises this process's open-files limit (inherited by the minter it starts) to `want`, or
-/// as far as the hard limit allows: the number it got.
+/// Raises this process's open-files limit (inherited by the minter it starts) to `want`: past
+/// the hard limit too when allowed (root), else up to it. The limit it got.
 fn raise_nofile(want: u64) -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit with a valid, owned struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
+            return 0;
         }
         if lim.rlim_cur < want {
-            lim.rlim_cur = want.min(lim.rlim_max);
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max.max(want) };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                lim.rlim_cur = want.min(lim.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
             }
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         }
     }
     lim.rlim_cur
