@@ -611,8 +611,38 @@ impl Drop for Store {
     }
 }
 
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Checkpoints the WAL on its own connection until `stop` disconnects. A checkpoint fsyncs
+/// the database; run by the writer (SQLite's auto-checkpoint, every 1000 pages) it would
+/// stall every exchange waiting for a commit behind it.
+fn checkpoint_loop(path: std::path::PathBuf, stop: mpsc::Receiver<()>) {
+    let Ok(conn) = Connection::open(&path) else { return };
+    let _ = conn.busy_timeout(Duration::from_secs(5));
+    loop {
+        let last = matches!(stop.recv_timeout(CHECKPOINT_EVERY), Err(mpsc::RecvTimeoutError::Disconnected));
+        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if last {
+            return;
+        }
+    }
+}
+
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<View>>, token_max_s: u64) {
-    // Not niced: every exchange waits for this thread's commit.
+    // Not niced: every exchange waits for this thread's commit. Checkpoints run on their
+    // own thread (`checkpoint_loop`), off the commit path.
+    let checkpointer = conn.path().map(std::path::PathBuf::from).and_then(|path| {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let _ = conn.pragma_update(None, "wal_autocheckpoint", 0);
+        match std::thread::Builder::new().name("minter-sqlite-ckpt".into()).spawn(move || checkpoint_loop(path, stopped)) {
+            Ok(h) => Some((stop, h)),
+            Err(_) => {
+                let _ = conn.pragma_update(None, "wal_autocheckpoint", 1000);
+                None
+            }
+        }
+    });
     let mut last_purge = 0u64;
     let mut failing = false;
     loop {
@@ -644,6 +674,10 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<V
             continue;
         }
         process(&mut conn, batch, &view, now, token_max_s, &mut failing);
+    }
+    if let Some((stop, h)) = checkpointer {
+        drop(stop);
+        let _ = h.join();
     }
 }
 
