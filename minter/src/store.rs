@@ -10,7 +10,8 @@
 //! ordered after every record queued before them), and the in-memory view that
 //! the hot path checks is updated only after the commit. A failed commit (the
 //! disk is full, an I/O error) fails every command of its batch: nothing of it
-//! is acknowledged, and the callers answer 503.
+//! is acknowledged, and the callers answer 503. A second thread checkpoints the WAL (its
+//! fsync stays off the commit path).
 //! Startup loads every revocation and registered task back into memory: a
 //! restart loses nothing. Each open picks a new random feed `epoch`, so a
 //! restored database (or any restart) makes every proxy start over from a
