@@ -77,6 +77,12 @@ pub struct MinterConfig {
     /// Transaction Tokens: delegation chains (`docs/delegation.md`).
     #[serde(default)]
     pub txn_tokens: TxnTokensConfig,
+    /// Connection limits and read timeouts (slow clients).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// SQLite store knobs (fault drills).
+    #[serde(default)]
+    pub store: StoreConfig,
 
     /// Parsed and validated `identity`, with bundle URLs split out (filled by `load`/`finish`).
     #[serde(skip)]
@@ -180,6 +186,49 @@ impl Default for TxnTokensConfig {
         TxnTokensConfig { max_delegations: default_max_delegations(), max_ttl_s: default_txn_max_ttl(), audience: None }
     }
 }
+
+/// Connection limits and read timeouts: what a slow or idle client may hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most connections open at once (TLS handshakes included). At the cap, a new connection
+    /// closes the oldest one that has not yet sent a complete request head; when every open
+    /// connection has, the new one is closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time to receive a request head (and, with TLS, the handshake), milliseconds. It also
+    /// closes a keep-alive connection idle for this long between requests.
+    #[serde(default = "default_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Time to receive a request's whole body once its head is in, milliseconds. Past it:
+    /// 408 and the connection is closed.
+    #[serde(default = "default_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_read_timeout_ms(),
+            body_read_timeout_ms: default_read_timeout_ms(),
+        }
+    }
+}
+
+/// SQLite store knobs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Fault drills only: caps the database at this many pages (`PRAGMA max_page_count`, 4 KiB
+    /// pages) to play a full disk. Never set in production.
+    #[serde(default)]
+    pub max_pages: Option<u64>,
+}
+
+/// Bounds of `limits.*`.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+pub const READ_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
 
 /// Largest accepted `txn_tokens.max_delegations`.
 pub const MAX_DELEGATIONS_LIMIT: usize = 8;
@@ -333,6 +382,12 @@ fn default_max_delegations() -> usize {
 }
 fn default_txn_max_ttl() -> u64 {
     300
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_read_timeout_ms() -> u64 {
+    10_000
 }
 fn default_keep() -> usize {
     crate::keys::MIN_KEYS_KEPT
@@ -493,6 +548,18 @@ impl MinterConfig {
         }
         if self.max_body_bytes < 1024 {
             bail!("`max_body_bytes` must be at least 1024");
+        }
+        let l = &self.limits;
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&l.max_connections) {
+            bail!("`limits.max_connections` must be 1-{MAX_CONNECTIONS_LIMIT} (got {})", l.max_connections);
+        }
+        for (name, v) in [("header_read_timeout_ms", l.header_read_timeout_ms), ("body_read_timeout_ms", l.body_read_timeout_ms)] {
+            if !READ_TIMEOUT_MS_RANGE.contains(&v) {
+                bail!("`limits.{name}` must be {}-{} milliseconds (got {v})", READ_TIMEOUT_MS_RANGE.start(), READ_TIMEOUT_MS_RANGE.end());
+            }
+        }
+        if self.store.max_pages == Some(0) || self.store.max_pages.is_some_and(|p| p > crate::store::SQLITE_MAX_PAGES) {
+            bail!("`store.max_pages` must be 1-{}", crate::store::SQLITE_MAX_PAGES);
         }
         let t = &self.txn_tokens;
         if !(1..=MAX_DELEGATIONS_LIMIT).contains(&t.max_delegations) {

@@ -59,6 +59,19 @@ impl OAuthError {
     pub fn server_error(d: impl Into<String>) -> OAuthError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", d)
     }
+    /// 503 `temporarily_unavailable` with `mandate_reason` (the store could not record what
+    /// the answer would acknowledge: `store_full`, `store_unavailable`). Nothing was issued or
+    /// recorded; the client may retry.
+    pub fn unavailable(reason: &'static str, d: impl Into<String>) -> OAuthError {
+        OAuthError { mandate_reason: Some(reason), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", d) }
+    }
+    /// 503 for a store failure.
+    pub fn store(e: &crate::store::StoreError, what: &str) -> OAuthError {
+        Self::unavailable(e.reason(), format!("{what}: {}", match e {
+            crate::store::StoreError::Full => "the store is full",
+            crate::store::StoreError::Failed(_) => "the store failed",
+        }))
+    }
     /// `invalid_request` with another 4xx status (405, 413, 415, ...): the request itself is wrong.
     pub fn invalid_request_status(status: StatusCode, d: impl Into<String>) -> OAuthError {
         Self::new(status, "invalid_request", d)
@@ -77,6 +90,9 @@ impl IntoResponse for OAuthError {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"mandate-minter\""));
         }

@@ -198,6 +198,9 @@ pub struct Exchanged {
     pub aud: String,
     pub jti: String,
     pub subject_hash: String,
+    /// The issued token's record: the caller answers `body` only once it is committed
+    /// (`Store::record_issued`).
+    pub record: IssuedRecord,
 }
 
 pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result<Exchanged, OAuthError> {
@@ -375,10 +378,7 @@ pub fn exchange(st: &AppState, client: &Client, body: &[u8], now: u64) -> Result
         iat: now,
         exp,
     };
-    if !st.store.record_issued(record) {
-        return Err(OAuthError::server_error("state store unavailable"));
-    }
-    Ok(Exchanged { body, sub: principal, aud: audience, jti, subject_hash: hash })
+    Ok(Exchanged { body, sub: principal, aud: audience, jti, subject_hash: hash, record })
 }
 
 /// `requested_ttl`: absent, or a positive number of seconds.

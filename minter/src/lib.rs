@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod conns;
 pub mod error;
 pub mod exchange;
 pub mod keys;
@@ -31,6 +32,33 @@ pub mod verify;
 pub use server::{prepare, spawn, Handle, Prepared};
 
 use config::LogLevel;
+
+/// Serves `config` (with an optional listen override) until SIGTERM or Ctrl-C, as the
+/// `mandate-minter` binary does: prints `{"listening": ADDR, "tls": BOOL}` on stdout once bound.
+pub fn run(config: config::MinterConfig, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
+    let prepared = server::prepare_on(config, listen)?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", serde_json::json!({"listening": prepared.local_addr().to_string(), "tls": prepared.is_tls()}))?;
+        out.flush()?;
+    }
+    rt.block_on(prepared.serve(async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }))
+}
 
 /// Unix time, seconds.
 pub fn now() -> u64 {

@@ -3,7 +3,6 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mandate_minter::config::MinterConfig;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -68,26 +67,5 @@ fn main() -> Result<()> {
 }
 
 fn serve(cli: &Cli) -> Result<()> {
-    let config = load(cli)?;
-    let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
-    let prepared = mandate_minter::server::prepare_on(config, cli.listen)?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", serde_json::json!({"listening": prepared.local_addr().to_string(), "tls": prepared.is_tls()}))?;
-        out.flush()?;
-    }
-    rt.block_on(prepared.serve(async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }))
+    mandate_minter::run(load(cli)?, cli.listen)
 }

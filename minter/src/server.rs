@@ -2,6 +2,7 @@
 
 use crate::auth::{Client, ClientAuth, Peer};
 use crate::config::{MinterConfig, Role};
+use crate::conns::{Conns, Slot};
 use crate::error::OAuthError;
 use crate::keys::{self, KeySet};
 use crate::legacy::{self, SecretFile};
@@ -41,6 +42,8 @@ pub struct AppState {
     legacy: RwLock<Arc<SecretFile>>,
     /// `public, max-age=<keys.jwks_max_age_s>`.
     jwks_cache_control: HeaderValue,
+    /// Open connections, the cap and the read timeouts.
+    pub conns: Arc<Conns>,
 }
 
 impl AppState {
@@ -53,7 +56,7 @@ impl AppState {
         let mut keys_seen = HashMap::new();
         let keyset = keys::load(&config.state_dir, &key_policy, &mut keys_seen, crate::now())?;
         let jwks_cache_control = HeaderValue::from_str(&format!("public, max-age={}", config.keys.jwks_max_age_s))?;
-        let store = Store::open(&config.state_dir, config.longest_token_s())?;
+        let store = Store::open(&config.state_dir, config.longest_token_s(), config.store.max_pages)?;
         let legacy = match &config.legacy {
             Some(l) => {
                 let f = legacy::load(&l.secrets_file)?;
@@ -83,6 +86,7 @@ impl AppState {
             keys_seen: Mutex::new(keys_seen),
             legacy: RwLock::new(Arc::new(legacy)),
             jwks_cache_control,
+            conns: Arc::new(Conns::new(&config)),
             config,
         })
     }
@@ -238,6 +242,12 @@ async fn token(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderM
     }
     match crate::exchange::exchange(&st, &client, &body, crate::now()) {
         Ok(x) => {
+            // The token leaves only once its record is committed: a token the store could
+            // not record is never handed out.
+            if let Err(e) = st.store.record_issued(x.record).await {
+                st.log.error(serde_json::json!({"msg": "exchange refused: the issued token could not be recorded", "client_id": client.client_id, "reason": e.reason(), "jti": x.jti}));
+                return OAuthError::store(&e, "the token could not be recorded").into_response();
+            }
             st.log.debug(serde_json::json!({"msg": "issued", "client_id": client.client_id, "sub": x.sub, "aud": x.aud, "jti": x.jti, "subject_token": x.subject_hash}));
             json_response(StatusCode::OK, x.body.to_string(), "no-store")
         }
@@ -253,7 +263,7 @@ async fn token(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderM
     }
 }
 
-fn outcome_response(st: &AppState, client: &Client, outcome: Result<crate::store::RevokeOutcome>) -> Response {
+fn outcome_response(st: &AppState, client: &Client, outcome: Result<crate::store::RevokeOutcome, crate::store::StoreError>) -> Response {
     match outcome {
         Ok(outcome) => {
             let r = &outcome.revocation;
@@ -264,8 +274,9 @@ fn outcome_response(st: &AppState, client: &Client, outcome: Result<crate::store
             }
         }
         Err(e) => {
-            st.log.error(serde_json::json!({"msg": "revocation failed", "error": e.to_string()}));
-            OAuthError::server_error("revocation could not be recorded").into_response()
+            // Never acknowledged unless durable: 503, and the caller retries.
+            st.log.error(serde_json::json!({"msg": "revocation failed", "reason": e.reason(), "error": e.to_string()}));
+            OAuthError::store(&e, "the revocation could not be recorded").into_response()
         }
     }
 }
@@ -311,8 +322,8 @@ async fn create_task(State(st): St, Extension(peer): Extension<Peer>, headers: H
             json_response(StatusCode::CREATED, body.to_string(), "no-store")
         }
         Err(e) => {
-            st.log.error(serde_json::json!({"msg": "task creation failed", "error": e.to_string()}));
-            OAuthError::server_error("task could not be recorded").into_response()
+            st.log.error(serde_json::json!({"msg": "task creation failed", "reason": e.reason(), "error": e.to_string()}));
+            OAuthError::store(&e, "the task could not be recorded").into_response()
         }
     }
 }
@@ -458,7 +469,7 @@ async fn jwks(State(st): St) -> Response {
 }
 
 async fn healthz(State(st): St) -> Response {
-    let body = serde_json::json!({"status": "ok", "kid": st.current_keys().current_kid, "revocations": st.store.revocation_count()});
+    let body = serde_json::json!({"status": "ok", "kid": st.current_keys().current_kid, "revocations": st.store.revocation_count(), "connections": st.conns.to_json()});
     json_response(StatusCode::OK, body.to_string(), "no-store")
 }
 
@@ -492,9 +503,23 @@ pub fn prepare_on(mut config: MinterConfig, listen: Option<SocketAddr>) -> Resul
     let fetchers = config.bundle_urls.iter().map(crate::verify::BundleFetcher::new).collect::<Result<Vec<_>>>()?;
     let state = Arc::new(AppState::new(config)?);
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    widen_backlog(&listener, state.config.limits.max_connections);
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     Ok(Prepared { state, fetchers, listener, tls, addr })
+}
+
+/// The standard library listens with a backlog of 128: a burst of connections (a proxy's pool
+/// filling up, a flood) overflows it, and each dropped SYN costs its client a whole
+/// retransmission timeout (1 s). Listening again on the bound socket raises it (the kernel
+/// caps it at `net.core.somaxconn`).
+fn widen_backlog(listener: &std::net::TcpListener, max_connections: usize) {
+    use std::os::fd::AsRawFd as _;
+    let backlog = libc::c_int::try_from(max_connections.clamp(128, 65_535)).unwrap_or(128);
+    // SAFETY: listen(2) on a socket this function borrows; it only changes the queue length.
+    unsafe {
+        libc::listen(listener.as_raw_fd(), backlog);
+    }
 }
 
 impl Prepared {
@@ -522,6 +547,18 @@ impl Prepared {
                 }
             });
         }
+        {
+            // After a flood of connections, hand the memory they freed back to the OS.
+            let conns = state.conns.clone();
+            background.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if conns.should_trim() {
+                        let _ = tokio::task::spawn_blocking(crate::conns::release_freed_memory).await;
+                    }
+                }
+            });
+        }
         for fetcher in fetchers {
             background.spawn(crate::verify::fetch_loop(state.identity.clone(), fetcher, state.log));
         }
@@ -533,8 +570,13 @@ impl Prepared {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        // Past the cap with no pending connection to evict: closed at once.
+                        let Some(slot) = state.conns.admit() else {
+                            drop(stream);
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
-                        conns.spawn(connection(stream, peer, app.clone(), tls.clone()));
+                        conns.spawn(connection(stream, peer, app.clone(), tls.clone(), slot, state.conns.clone()));
                     }
                     Err(e) => {
                         state.log.error(serde_json::json!({"msg": "accept failed", "error": e.to_string()}));
@@ -557,38 +599,84 @@ impl Prepared {
     }
 }
 
-async fn connection(stream: tokio::net::TcpStream, addr: SocketAddr, app: Router, tls: Option<tokio_rustls::TlsAcceptor>) {
-    match tls {
-        None => serve_io(TokioIo::new(stream), Peer { addr, cert_identity: None }, app).await,
-        Some(acceptor) => {
-            let Ok(Ok(tls_stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await else {
-                return;
-            };
-            let cert_identity = tls_stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|c| crate::tls::cert_identity(c.as_ref()))
-                .map(Arc::from);
-            serve_io(TokioIo::new(tls_stream), Peer { addr, cert_identity }, app).await
+async fn connection(stream: tokio::net::TcpStream, addr: SocketAddr, app: Router, tls: Option<tokio_rustls::TlsAcceptor>, slot: Slot, conns: Arc<Conns>) {
+    let slot = Arc::new(slot);
+    let serve = async {
+        match tls {
+            None => serve_io(TokioIo::new(stream), Peer { addr, cert_identity: None }, app, slot.clone(), conns).await,
+            Some(acceptor) => {
+                // The handshake counts as reading the first request head.
+                let Ok(Ok(tls_stream)) = tokio::time::timeout(conns.header_read_timeout, acceptor.accept(stream)).await else {
+                    return;
+                };
+                let cert_identity = tls_stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|c| crate::tls::cert_identity(c.as_ref()))
+                    .map(Arc::from);
+                serve_io(TokioIo::new(tls_stream), Peer { addr, cert_identity }, app, slot.clone(), conns).await
+            }
         }
+    };
+    // Dropping the connection's future closes the socket.
+    tokio::select! {
+        _ = serve => {}
+        _ = slot.evicted() => {}
     }
 }
 
-async fn serve_io<I>(io: TokioIo<I>, peer: Peer, app: Router)
+async fn serve_io<I>(io: TokioIo<I>, peer: Peer, app: Router, slot: Arc<Slot>, conns: Arc<Conns>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(peer.clone());
-        app.clone().call(req)
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let body_conns = conns.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        if !started.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            slot.started();
+        }
+        let mut app = app.clone();
+        let peer = peer.clone();
+        let conns = body_conns.clone();
+        async move {
+            let (mut parts, body) = req.into_parts();
+            parts.extensions.insert(peer);
+            let body = match read_body(body, &conns).await {
+                Ok(b) => b,
+                Err(resp) => return Ok(resp),
+            };
+            app.call(hyper::Request::from_parts(parts, axum::body::Body::from(body))).await
+        }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(conns.header_read_timeout)
         .serve_connection(io, service)
         .await;
+    if served.is_err_and(|e| e.is_timeout()) {
+        conns.header_timed_out();
+    }
+}
+
+/// The whole request body, within `limits.body_read_timeout_ms` and `max_body_bytes`; else
+/// the error answer (408 or 413), after which the connection is closed.
+async fn read_body(body: hyper::body::Incoming, conns: &Conns) -> Result<Bytes, Response> {
+    use http_body_util::BodyExt as _;
+    let limited = http_body_util::Limited::new(body, conns.max_body_bytes);
+    let err = match tokio::time::timeout(conns.body_read_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => return Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => OAuthError::invalid_request_status(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+        Ok(Err(_)) => OAuthError::invalid_request("the request body could not be read"),
+        Err(_) => {
+            conns.body_timed_out();
+            OAuthError::invalid_request_status(StatusCode::REQUEST_TIMEOUT, "request body not received in time")
+        }
+    };
+    let mut resp = err.into_response();
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Err(resp)
 }
 
 /// A minter running on its own thread and Tokio runtime.

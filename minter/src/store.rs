@@ -1,11 +1,17 @@
 //! Durable state in SQLite (WAL): registered tasks and revocations (committed
 //! with `synchronous=FULL`) and the record of issued tokens (`NORMAL`).
 //!
-//! One dedicated writer thread owns the connection. Issued-token records are
-//! write-behind: the hot path only queues them, and the writer commits them in
-//! batches. Revocations go through the same queue (so they are ordered after
-//! every record queued before them) but the caller waits for the commit, and
-//! the in-memory view that the hot path checks is updated only after it.
+//! One dedicated writer thread owns the connection and group-commits: each
+//! transaction takes everything queued while the previous one committed.
+//! Every caller waits for the commit of its own command: an issued token is
+//! answered only once its record is committed (a token that could not be
+//! recorded is never handed out), and a revocation or a task is acknowledged
+//! only once it is durable. Revocations go through the same queue (so they are
+//! ordered after every record queued before them), and the in-memory view that
+//! the hot path checks is updated only after the commit. A failed commit (the
+//! disk is full, an I/O error) fails every command of its batch: nothing of it
+//! is acknowledged, and the callers answer 503. A second thread checkpoints the WAL (its
+//! fsync stays off the commit path).
 //! Startup loads every revocation and registered task back into memory: a
 //! restart loses nothing. Each open picks a new random feed `epoch`, so a
 //! restored database (or any restart) makes every proxy start over from a
@@ -23,8 +29,8 @@ use std::time::Duration;
 
 pub const DB_FILE: &str = "minter.sqlite3";
 const BATCH_MAX: usize = 4096;
-/// How long issued-token records may wait for company before a commit.
-const WRITE_BEHIND: Duration = Duration::from_millis(10);
+/// SQLite's own default (and largest) `max_page_count`.
+pub const SQLITE_MAX_PAGES: u64 = 4_294_967_294;
 /// Issued-token records are kept this long past their expiry.
 const ISSUED_RETENTION_S: u64 = 3600;
 /// Registered tasks are kept (and answered by `GET /tasks/{id}`) this long past their expiry.
@@ -179,14 +185,53 @@ pub struct RevokeOutcome {
     pub jtis: Vec<String>,
 }
 
-type Reply = tokio::sync::oneshot::Sender<Result<RevokeOutcome, String>>;
-type TaskReply = tokio::sync::oneshot::Sender<Result<(), String>>;
+/// Why the store could not record something. Nothing of the failed batch was committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database cannot grow: the disk (or `store.max_pages`) is full.
+    Full,
+    /// Any other storage failure (I/O error, the writer stopped).
+    Failed(String),
+}
+
+impl StoreError {
+    /// The stable reason code answered with the 503 (`mandate_reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::Full => "store_full",
+            StoreError::Failed(_) => "store_unavailable",
+        }
+    }
+
+    fn from_sqlite(e: &rusqlite::Error) -> StoreError {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full,
+            _ => StoreError::Failed(e.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Full => f.write_str("the database is full"),
+            StoreError::Failed(e) => write!(f, "storage error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+type Reply = tokio::sync::oneshot::Sender<Result<RevokeOutcome, StoreError>>;
+type Ack = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
 enum Cmd {
-    Issued(IssuedRecord),
+    Issued { rec: IssuedRecord, reply: Ack },
     Revoke { req: RevokeRequest, at: u64, client_id: String, reply: Reply },
-    CreateTask { task: Task, reply: TaskReply },
+    CreateTask { task: Task, reply: Ack },
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// `PRAGMA max_page_count` (fault drills: a full disk, then space again).
+    MaxPages { pages: u64, reply: Ack },
 }
 
 #[derive(Default)]
@@ -252,10 +297,22 @@ pub struct Store {
     epoch: String,
 }
 
-fn open_db(path: &Path) -> Result<Connection> {
+fn open_db(path: &Path, max_pages: Option<u64>) -> Result<Connection> {
     let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Durability. WAL: a commit appends to the log, and readers (a restarted minter, the
+    // tests) never see half a transaction. `synchronous` is set per commit by `process`:
+    // FULL (the WAL is fsynced before the commit returns) for revocations and tasks, which
+    // must survive power loss once acknowledged; NORMAL for batches of issued-token records
+    // only, which are in the WAL (the OS page cache) when the commit returns, so they
+    // survive a crash or kill -9 of the minter, the promise made for them, without an fsync
+    // per batch; a power loss can roll back the last such batches (their tokens live at
+    // most `ttl.max_s`, and a task's revocation matches them by their `task` claim).
+    // Both are set here so that the schema and the migration are committed FULL.
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        anyhow::bail!("{}: journal_mode is {mode}, not wal", path.display());
+    }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS issued (
@@ -280,6 +337,10 @@ fn open_db(path: &Path) -> Result<Connection> {
             client_id TEXT NOT NULL);",
     )?;
     migrate_revocations(&mut conn)?;
+    // After the schema: a cap below the current size means "no growth from here".
+    if let Some(pages) = max_pages {
+        conn.pragma_update(None, "max_page_count", pages)?;
+    }
     Ok(conn)
 }
 
@@ -360,9 +421,10 @@ impl Store {
     /// Opens (creating or migrating) the database in `state_dir`.
     /// `token_max_s` (`ttl.max_s`) bounds how long a task's credentials can
     /// outlive the task: a task entry's `until` is the task's expiry plus it.
-    pub fn open(state_dir: &Path, token_max_s: u64) -> Result<Store> {
+    /// `max_pages`: `store.max_pages` (fault drills only), a cap on the database's size.
+    pub fn open(state_dir: &Path, token_max_s: u64, max_pages: Option<u64>) -> Result<Store> {
         std::fs::create_dir_all(state_dir)?;
-        let conn = open_db(&state_dir.join(DB_FILE))?;
+        let conn = open_db(&state_dir.join(DB_FILE), max_pages)?;
         let mut view = View::default();
         {
             let mut stmt = conn.prepare("SELECT seq, kind, value, subject, at, until FROM revocations ORDER BY seq")?;
@@ -433,29 +495,42 @@ impl Store {
         self.view.read().ok()?.registered.get(id).cloned()
     }
 
-    /// Records a new task durably, then makes it visible.
-    pub async fn create_task(&self, task: Task) -> Result<()> {
+    /// Sends a command and waits for the writer's answer.
+    async fn ask<T>(&self, cmd: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, StoreError>>) -> Cmd) -> Result<T, StoreError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        if !self.send(Cmd::CreateTask { task, reply }) {
-            return Err(anyhow!("store closed"));
+        if !self.send(cmd(reply)) {
+            return Err(StoreError::Failed("store closed".into()));
         }
-        rx.await.map_err(|_| anyhow!("store writer stopped"))?.map_err(|e| anyhow!(e))
+        rx.await.map_err(|_| StoreError::Failed("store writer stopped".into()))?
     }
 
-    /// Queues an issued-token record (write-behind). False if the store is closed.
-    pub fn record_issued(&self, rec: IssuedRecord) -> bool {
-        self.send(Cmd::Issued(rec))
+    /// Records a new task durably (FULL), then makes it visible.
+    pub async fn create_task(&self, task: Task) -> Result<(), StoreError> {
+        self.ask(|reply| Cmd::CreateTask { task, reply }).await
     }
 
-    /// Records a revocation durably, then makes it visible to the hot path.
+    /// Records an issued token and waits for the commit: the token may be handed out only
+    /// after this returns `Ok`.
+    pub async fn record_issued(&self, rec: IssuedRecord) -> Result<(), StoreError> {
+        self.ask(|reply| Cmd::Issued { rec, reply }).await
+    }
+
+    /// Records a revocation durably (FULL), then makes it visible to the hot path.
     /// A registered task revoked without a subject is ended (its state becomes `ended`).
-    pub async fn revoke(&self, req: RevokeRequest, client_id: &str) -> Result<RevokeOutcome> {
+    pub async fn revoke(&self, req: RevokeRequest, client_id: &str) -> Result<RevokeOutcome, StoreError> {
+        let client_id = client_id.to_string();
+        self.ask(|reply| Cmd::Revoke { req, at: crate::now(), client_id, reply }).await
+    }
+
+    /// Sets `PRAGMA max_page_count` on the writer's connection (fault drills: the disk fills,
+    /// then space returns). SQLite never sets it below the database's current size. Blocking:
+    /// not from inside an async task.
+    pub fn set_max_pages(&self, pages: u64) -> Result<(), StoreError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let cmd = Cmd::Revoke { req, at: crate::now(), client_id: client_id.to_string(), reply };
-        if !self.send(cmd) {
-            return Err(anyhow!("store closed"));
+        if !self.send(Cmd::MaxPages { pages, reply }) {
+            return Err(StoreError::Failed("store closed".into()));
         }
-        rx.await.map_err(|_| anyhow!("store writer stopped"))?.map_err(|e| anyhow!(e))
+        rx.blocking_recv().map_err(|_| StoreError::Failed("store writer stopped".into()))?
     }
 
     /// Waits until everything queued so far is committed.
@@ -537,20 +612,47 @@ impl Drop for Store {
     }
 }
 
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Checkpoints the WAL on its own connection until `stop` disconnects. A checkpoint fsyncs
+/// the database; run by the writer (SQLite's auto-checkpoint, every 1000 pages) it would
+/// stall every exchange waiting for a commit behind it.
+fn checkpoint_loop(path: std::path::PathBuf, stop: mpsc::Receiver<()>) {
+    let Ok(conn) = Connection::open(&path) else { return };
+    let _ = conn.busy_timeout(Duration::from_secs(5));
+    loop {
+        let last = matches!(stop.recv_timeout(CHECKPOINT_EVERY), Err(mpsc::RecvTimeoutError::Disconnected));
+        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if last {
+            return;
+        }
+    }
+}
+
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<View>>, token_max_s: u64) {
-    lower_priority();
+    // Not niced: every exchange waits for this thread's commit. Checkpoints run on their
+    // own thread (`checkpoint_loop`), off the commit path.
+    let checkpointer = conn.path().map(std::path::PathBuf::from).and_then(|path| {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let _ = conn.pragma_update(None, "wal_autocheckpoint", 0);
+        match std::thread::Builder::new().name("minter-sqlite-ckpt".into()).spawn(move || checkpoint_loop(path, stopped)) {
+            Ok(h) => Some((stop, h)),
+            Err(_) => {
+                let _ = conn.pragma_update(None, "wal_autocheckpoint", 1000);
+                None
+            }
+        }
+    });
     let mut last_purge = 0u64;
+    let mut failing = false;
     loop {
         let first = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(c) => Some(c),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        // Issued-token records can wait a few milliseconds to share a commit;
-        // a revocation or a flush is committed at once.
-        if matches!(first, Some(Cmd::Issued(_))) {
-            std::thread::sleep(WRITE_BEHIND);
-        }
+        // Group commit: whatever queued up during the previous commit shares this one.
         let mut batch: Vec<Cmd> = first.into_iter().collect();
         while batch.len() < BATCH_MAX {
             match rx.try_recv() {
@@ -572,7 +674,11 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<V
         if batch.is_empty() {
             continue;
         }
-        process(&mut conn, batch, &view, now, token_max_s);
+        process(&mut conn, batch, &view, now, token_max_s, &mut failing);
+    }
+    if let Some((stop, h)) = checkpointer {
+        drop(stop);
+        let _ = h.join();
     }
 }
 
@@ -584,55 +690,64 @@ struct Changes {
     ended: Vec<(String, u64)>,
 }
 
-fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64, token_max_s: u64) {
-    let mut replies: Vec<(Reply, Result<RevokeOutcome, String>)> = Vec::new();
-    let mut task_replies: Vec<(TaskReply, Result<(), String>)> = Vec::new();
+fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64, token_max_s: u64, failing: &mut bool) {
+    let mut issued: Vec<(IssuedRecord, Ack)> = Vec::new();
+    let mut revokes: Vec<(RevokeRequest, u64, String, Reply)> = Vec::new();
+    let mut tasks: Vec<(Task, Ack)> = Vec::new();
     let mut flushes = Vec::new();
-    // Revocations must survive power loss: fsync the WAL on their commits
-    // (FULL); batches of issued-token records only need to survive a crash of
-    // the process (NORMAL still checkpoints safely).
-    let durable = batch.iter().any(|c| matches!(c, Cmd::Revoke { .. } | Cmd::CreateTask { .. }));
+    // Commands in queue order. Issued records, revocations and tasks are independent rows, so
+    // one transaction applies them by kind; a revocation still covers every record queued
+    // before it, since they are in the same (or an earlier) commit.
+    for cmd in batch {
+        match cmd {
+            Cmd::Issued { rec, reply } => issued.push((rec, reply)),
+            Cmd::Revoke { req, at, client_id, reply } => revokes.push((req, at, client_id, reply)),
+            Cmd::CreateTask { task, reply } => tasks.push((task, reply)),
+            Cmd::Flush(reply) => flushes.push(reply),
+            Cmd::MaxPages { pages, reply } => {
+                let r = conn.pragma_update(None, "max_page_count", pages).map_err(|e| StoreError::from_sqlite(&e));
+                let _ = reply.send(r);
+            }
+        }
+    }
+    // Revocations and tasks must survive power loss once acknowledged: fsync the WAL on
+    // their commits (FULL). Batches of issued-token records only: NORMAL (see `open_db`).
+    let durable = !revokes.is_empty() || !tasks.is_empty();
     let _ = conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" });
-    let result = (|| -> rusqlite::Result<Changes> {
+    let result = (|| -> rusqlite::Result<(Changes, Vec<RevokeOutcome>)> {
         let tx = conn.transaction()?;
         let mut changes = Changes::default();
+        let mut outcomes = Vec::with_capacity(revokes.len());
         {
             let mut ins = tx.prepare_cached(
                 "INSERT OR IGNORE INTO issued (jti, sub, task, aud, client_id, iat, exp) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            for cmd in batch {
-                match cmd {
-                    Cmd::Issued(r) => {
-                        ins.execute(params![r.jti, r.sub, r.task, r.aud, r.client_id, r.iat as i64, r.exp as i64])?;
-                    }
-                    Cmd::Flush(reply) => flushes.push(reply),
-                    Cmd::Revoke { req, at, client_id, reply } => {
-                        let outcome = revoke_one(&tx, &req, at, &client_id, now, token_max_s);
-                        if let Ok((o, ended)) = &outcome {
-                            if o.created {
-                                changes.added.push(o.revocation.clone());
-                            }
-                            if let Some(e) = ended {
-                                changes.ended.push((req.value.clone(), *e));
-                            }
-                        }
-                        replies.push((reply, outcome.map(|(o, _)| o).map_err(|e| e.to_string())));
-                    }
-                    Cmd::CreateTask { task, reply } => {
-                        let r = insert_task(&tx, &task);
-                        if r.is_ok() {
-                            changes.created.push(task);
-                        }
-                        task_replies.push((reply, r.map_err(|e| e.to_string())));
-                    }
-                }
+            for (r, _) in &issued {
+                ins.execute(params![r.jti, r.sub, r.task, r.aud, r.client_id, r.iat as i64, r.exp as i64])?;
             }
         }
+        for (task, _) in &tasks {
+            insert_task(&tx, task)?;
+            changes.created.push(task.clone());
+        }
+        for (req, at, client_id, _) in &revokes {
+            let (o, ended) = revoke_one(&tx, req, *at, client_id, now, token_max_s)?;
+            if o.created {
+                changes.added.push(o.revocation.clone());
+            }
+            if let Some(e) = ended {
+                changes.ended.push((req.value.clone(), e));
+            }
+            outcomes.push(o);
+        }
         tx.commit()?;
-        Ok(changes)
+        Ok((changes, outcomes))
     })();
     match result {
-        Ok(changes) => {
+        Ok((changes, outcomes)) => {
+            if std::mem::take(failing) {
+                eprintln!("{}", serde_json::json!({"ts": crate::now(), "level": "info", "msg": "sqlite writes succeed again"}));
+            }
             if let Ok(mut v) = view.write() {
                 for r in changes.added {
                     v.add(r);
@@ -648,20 +763,30 @@ fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64
                     }
                 }
             }
-            for (reply, outcome) in replies {
-                let _ = reply.send(outcome);
+            for ((_, _, _, reply), outcome) in revokes.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
             }
-            for (reply, outcome) in task_replies {
-                let _ = reply.send(outcome);
+            for (_, reply) in tasks {
+                let _ = reply.send(Ok(()));
+            }
+            for (_, reply) in issued {
+                let _ = reply.send(Ok(()));
             }
         }
         Err(e) => {
-            eprintln!("{}", serde_json::json!({"level": "error", "msg": "sqlite write failed", "error": e.to_string()}));
-            for (reply, _) in replies {
-                let _ = reply.send(Err(format!("storage error: {e}")));
+            let err = StoreError::from_sqlite(&e);
+            // Logged when writes start failing, not for every batch while they do.
+            if !std::mem::replace(failing, true) {
+                eprintln!("{}", serde_json::json!({"ts": crate::now(), "level": "error", "msg": "sqlite write failed; nothing of the batch is acknowledged", "reason": err.reason(), "error": e.to_string()}));
             }
-            for (reply, _) in task_replies {
-                let _ = reply.send(Err(format!("storage error: {e}")));
+            for (_, _, _, reply) in revokes {
+                let _ = reply.send(Err(err.clone()));
+            }
+            for (_, reply) in tasks {
+                let _ = reply.send(Err(err.clone()));
+            }
+            for (_, reply) in issued {
+                let _ = reply.send(Err(err.clone()));
             }
         }
     }
@@ -760,22 +885,19 @@ fn revoke_one(
     Ok((outcome, ended))
 }
 
+/// Used by tests and tools: every recorded jti (opens its own read connection).
+pub fn issued_jtis(state_dir: &Path) -> Result<HashSet<String>> {
+    let conn = Connection::open(state_dir.join(DB_FILE))?;
+    let mut stmt = conn.prepare("SELECT jti FROM issued")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 /// Used by tests and tools: whether a jti was recorded (opens its own read connection).
 pub fn issued_exists(state_dir: &Path, jti: &str) -> Result<bool> {
     let conn = Connection::open(state_dir.join(DB_FILE))?;
     let n: i64 = conn.query_row("SELECT COUNT(*) FROM issued WHERE jti = ?1", params![jti], |r| r.get(0))?;
     Ok(n > 0)
-}
-
-/// The writer yields the CPU to request handling (best effort, Linux): on a
-/// small machine a batch commit must not delay exchanges.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain syscalls on the calling thread; no memory is shared.
-    unsafe {
-        let tid = libc::gettid();
-        let _ = libc::setpriority(libc::PRIO_PROCESS as _, tid as libc::id_t, 10);
-    }
 }
 
 #[cfg(test)]
@@ -803,10 +925,43 @@ mod tests {
         assert!(entry <= 2600, "{entry}");
     }
 
+    fn record(i: usize) -> IssuedRecord {
+        IssuedRecord { jti: format!("jti-{i:06}"), sub: "spiffe://example.org/a".into(), task: Some("T".into()), aud: "aud".into(), client_id: "c".into(), iat: 1, exp: u64::MAX / 4 }
+    }
+
+    #[test]
+    fn a_full_store_acknowledges_nothing_and_works_again_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 300, Some(1)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut acked = Vec::new();
+        let err = rt.block_on(async {
+            for i in 0..10_000 {
+                match store.record_issued(record(i)).await {
+                    Ok(()) => acked.push(format!("jti-{i:06}")),
+                    Err(e) => return Some(e),
+                }
+            }
+            None
+        });
+        assert_eq!(err, Some(StoreError::Full));
+        assert_eq!(StoreError::Full.reason(), "store_full");
+        let recorded = issued_jtis(dir.path()).unwrap();
+        assert_eq!(recorded.len(), acked.len(), "only what was acknowledged is recorded");
+        assert!(acked.iter().all(|j| recorded.contains(j)));
+        store.set_max_pages(SQLITE_MAX_PAGES).unwrap();
+        rt.block_on(store.record_issued(record(999_999))).unwrap();
+        assert!(issued_exists(dir.path(), "jti-999999").unwrap());
+        // The journal mode is persistent: WAL for every later connection too.
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+
     #[test]
     fn feed_page_never_exceeds_the_budget_and_always_advances() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 300).unwrap();
+        let store = Store::open(dir.path(), 300, None).unwrap();
         {
             let mut v = store.view.write().unwrap();
             for seq in 1..=200 {

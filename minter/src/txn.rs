@@ -525,9 +525,6 @@ pub(crate) fn issue(st: &AppState, client: &Client, p: &Params, subject_token: &
         iat: now,
         exp: token.exp,
     };
-    if !st.store.record_issued(record) {
-        return Err(OAuthError::server_error("state store unavailable"));
-    }
     let body = serde_json::json!({
         "access_token": jwt,
         "issued_token_type": TOKEN_TYPE_TXN_TOKEN,
@@ -535,7 +532,7 @@ pub(crate) fn issue(st: &AppState, client: &Client, p: &Params, subject_token: &
         "expires_in": token.exp.saturating_sub(now),
         "scope": token.scope.join(" "),
     });
-    Ok(Exchanged { body, sub: token.sub, aud: token.aud, jti: token.jti, subject_hash })
+    Ok(Exchanged { body, sub: token.sub, aud: token.aud, jti: token.jti, subject_hash, record })
 }
 
 /// A root Txn-Token for the subject's own JWT-SVID (no `act`).

@@ -630,6 +630,53 @@ default_s = 30
     assert!(MinterConfig::from_json(bad).is_err());
 }
 
+#[test]
+fn limits_and_store_knobs_are_validated_naming_the_field() {
+    let env = Env::new();
+    let cfg = MinterConfig::from_json(env.config()).unwrap();
+    assert_eq!((cfg.limits.max_connections, cfg.limits.header_read_timeout_ms, cfg.limits.body_read_timeout_ms), (1000, 10_000, 10_000));
+    assert_eq!(cfg.store.max_pages, None);
+    for (field, value, named) in [
+        ("limits", json!({"max_connections": 0}), "limits.max_connections"),
+        ("limits", json!({"max_connections": 2_000_000}), "limits.max_connections"),
+        ("limits", json!({"header_read_timeout_ms": 99}), "limits.header_read_timeout_ms"),
+        ("limits", json!({"body_read_timeout_ms": 600_001}), "limits.body_read_timeout_ms"),
+        ("limits", json!({"idle_timeout_ms": 5}), "idle_timeout_ms"),
+        ("store", json!({"max_pages": 0}), "store.max_pages"),
+    ] {
+        let mut bad = env.config();
+        bad[field] = value;
+        let err = format!("{:#}", MinterConfig::from_json(bad).unwrap_err());
+        assert!(err.contains(named), "{named}: {err}");
+    }
+    let mut ok = env.config();
+    ok["limits"] = json!({"max_connections": 1, "header_read_timeout_ms": 100, "body_read_timeout_ms": 600_000});
+    ok["store"] = json!({"max_pages": 64});
+    let cfg = MinterConfig::from_json(ok).unwrap();
+    assert_eq!(cfg.limits.max_connections, 1);
+    assert_eq!(cfg.store.max_pages, Some(64));
+}
+
+#[test]
+fn a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closes() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let mut cfg = env.dev();
+    cfg["limits"] = json!({"header_read_timeout_ms": 5000, "body_read_timeout_ms": 300});
+    let h = start(cfg);
+    let mut s = std::net::TcpStream::connect(h.addr).unwrap();
+    s.write_all(b"POST /token HTTP/1.1\r\nhost: m\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\n\r\ngrant_type=").unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.contains(r#""error":"invalid_request""#), "{text}");
+    let v = request(&h, "GET", "/healthz", Body::None, None).body;
+    assert_eq!(v["connections"]["body_timeouts"], 1, "{v}");
+}
+
 fn json_to_toml_inline(v: &Value) -> String {
     match v {
         Value::Object(m) => format!("{{ {} }}", m.iter().map(|(k, v)| format!("{k:?} = {}", json_to_toml_inline(v))).collect::<Vec<_>>().join(", ")),

@@ -520,6 +520,12 @@ fn entry_past_its_until_is_not_listed_but_the_cursor_moves_past_it() {
     cfg["tasks"] = json!({"require_registered": false});
     let h = start(cfg);
     let tok = env.svid(SUB, 600);
+    // The entry lives until the end of the next second: start at the beginning of a second,
+    // so that the exchange, the revocation (an fsync) and the first read fit before it.
+    let t = now();
+    while now() == t {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let (s, v) = exchange_with(&h, None, &tok, "payments-api", None, None, &[("requested_ttl", "1")]);
     assert_eq!(s, 200);
     let jti = claims_of(v["access_token"].as_str().unwrap())["jti"].as_str().unwrap().to_string();
