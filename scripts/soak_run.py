@@ -128,11 +128,11 @@ class Sampler:
     def sample(self):
         m = self.envoy.memory()
         try:
-            st = stats(self.envoy.admin, r"^(http\.soak\.downstream_rq_total|wasmcustom\.mandate\.memory\..*)$")
+            st = stats(self.envoy.admin, r"^(http\.soak\.downstream_rq_completed|wasmcustom\.mandate\.memory\..*)$")
         except (OSError, ValueError):
             st = {}
         linear = {k.rsplit(".", 1)[1]: v for k, v in st.items() if ".memory.linear_bytes." in k}
-        s = {"t_s": round(time.time() - self.t0, 2), "requests": st.get("http.soak.downstream_rq_total"),
+        s = {"t_s": round(time.time() - self.t0, 2), "requests": st.get("http.soak.downstream_rq_completed"),
              "rss_bytes": m["rss_bytes"], "rss_peak_bytes": m["rss_peak_bytes"],
              "allocated_bytes": m["allocated_bytes"], "heap_bytes": m["heap_bytes"], "linear_bytes": linear,
              "loadavg_1m": os.getloadavg()[0]}
@@ -265,8 +265,32 @@ def main():
            f"http://127.0.0.1:{envoy.port}/"]
     log(f"wrk: {a.requests} requests ({a.threads} threads x {per_thread}), {a.connections} connections")
     t_run = time.time()
-    out = B.subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3 * 3600, preexec_fn=B._die_with_parent)
+    # wrk's threads stop after their share of answers (soak_wrk.lua), but wrk itself sleeps for
+    # -d: once Envoy has answered them all (or nothing moves for 10 s), SIGINT makes it report.
+    wrk_out, wrk_err = open(a.work / "wrk.stdout", "w+"), open(a.work / "wrk.stderr", "w+")
+    proc = B.spawn(cmd, env=env, stdout=wrk_out, stderr=wrk_err, text=True)
+    done_at = first["requests"] + a.requests
+    seen, still = None, time.time()
+    while proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            n = stats(envoy.admin, r"^http\.soak\.downstream_rq_completed$").get("http.soak.downstream_rq_completed", 0)
+        except (OSError, ValueError):
+            continue
+        if n != seen:
+            seen, still = n, time.time()
+        if n >= done_at or time.time() - still > 10:
+            time.sleep(0.5)
+            proc.send_signal(B.signal.SIGINT)
+            break
+    proc.wait(timeout=60)
     run_s = time.time() - t_run
+    wrk_out.seek(0)
+    wrk_err.seek(0)
+
+    class _Out:
+        stdout, stderr, returncode = wrk_out.read(), wrk_err.read(), proc.returncode
+    out = _Out
     tasks.stop.set()
     sampler.stop.set()
     th_t.join(timeout=30)
@@ -307,7 +331,8 @@ def main():
     linear_growth = {vm: last["linear_bytes"].get(vm, 0) - flat_base["linear_bytes"].get(vm, 0) for vm in vms}
     flat_rss = rss_growth is not None and rss_growth <= a.flat_rss_mb * 2**20
     flat_linear = all(g <= a.flat_linear_mb * 2**20 for g in linear_growth.values()) and bool(vms)
-    errors = sum(wrk["errors"].values())
+    # wrk counts answers >= 400 as `status` errors: those are the denials, not socket errors.
+    errors = sum(v for k, v in wrk["errors"].items() if k != "status")
     status_5xx = sum(v for k, v in wrk["statuses"].items() if k.startswith("5"))
     verdict = {
         "flat_rss": flat_rss, "flat_linear_memory": flat_linear, "zero_traps": traps == 0,
@@ -347,6 +372,15 @@ def main():
     p("decisions (the filter's counters, all VMs):")
     for k, v in sorted(decisions.items(), key=lambda kv: -kv[1]):
         p(f"  {k:<44}{v:>10}  {v / total_decisions:7.2%}")
+    mcp = {k.split("mandate.mcp.", 1)[1]: v for k, v in mandate_stats.items() if ".mandate.mcp." in k}
+    if mcp:
+        p("MCP calls: " + ", ".join(f"{k} {v}" for k, v in sorted(mcp.items())))
+    hits = {k.split("mandate.cache.", 1)[1]: v for k, v in mandate_stats.items() if ".mandate.cache." in k}
+    if hits:
+        p("caches: " + ", ".join(f"{k} {v}" for k, v in sorted(hits.items())))
+    p(f"minter: {mandate_stats.get('wasmcustom.mandate.minter.calls', 0)} exchanges, {mandate_stats.get('wasmcustom.mandate.minter.failures', 0)} failures, "
+      f"{mandate_stats.get('wasmcustom.mandate.minter.refusals', 0)} refusals; revocations received {mandate_stats.get('wasmcustom.mandate.revocations.received', 0)}, "
+      f"polls {mandate_stats.get('wasmcustom.mandate.revocations.polls', 0)}, poll failures {mandate_stats.get('wasmcustom.mandate.revocations.poll_failures', 0)}")
     p("")
     p("verdict: " + ("PASS" if ok else "FAIL") + " (" + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in verdict.items()) + ")")
     p(f"  flat: RSS growth over the last {1 - a.warmup_share:.0%} of the requests <= {a.flat_rss_mb:g} MB, and every VM's "
