@@ -368,7 +368,8 @@ def measure_memory(a, workers, warm_cfg, minter_cluster, env_pool, env_warm, bas
         row = {"workers": n}
         for kind, e in pair.items():
             # The same traffic for both: enough connections that every worker gets its share.
-            conns = max(a.connections, 4 * n)
+            # (The kernel spreads connections over the workers' sockets unevenly: many of them.)
+            conns = max(2 * a.connections, 16 * n)
             run_wrk(e.port, env_pool, a.memory_warmup, None, conns)
             run_wrk(e.port, env_warm, max(1, a.memory_warmup // 2), None, conns)
             e.truncate_log()

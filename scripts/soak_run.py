@@ -25,8 +25,8 @@ import bench_run as B  # noqa: E402  (Envoy, spawn, stop_all, render, start_mint
 
 ROOT = B.ROOT
 # What a trap or a broken VM looks like in Envoy's log (V8 and proxy-wasm-cpp-host wording).
-TRAP_PATTERNS = [r"Uncaught", r"RuntimeError", r"unreachable", r"panicked", r"Wasm VM failed", r"failed: .*proxy_on_",
-                 r"Function: proxy_on_\w+ failed", r"wasm fail", r"Plugin configured to fail closed failed to load"]
+TRAP_PATTERNS = [r"Uncaught", r"RuntimeError", r"panicked", r"Wasm VM failed", r"Function: proxy_on_\w+ failed",
+                 r"failed to load", r"VM .*(crash|fail)"]
 
 
 def log(msg):
@@ -311,6 +311,8 @@ def main():
     log_text = envoy.log_path.read_text(errors="replace") if envoy.log_path.exists() else ""
     trap_lines = [l for l in log_text.splitlines() if "mandate.decision" not in l and any(re.search(p, l) for p in TRAP_PATTERNS)]
     failed_stats = {k: v for k, v in wasm_stats.items() if re.search(r"fail|crash|trap|error", k) and v}
+    # The filter's own warnings and errors (minter or feed trouble; never a trap by themselves).
+    wasm_warnings = [l for l in log_text.splitlines() if re.search(r"\]\[(warning|error|critical)\]\[wasm\]", l)]
     traps = len(trap_lines) + sum(failed_stats.values())
     decisions = {}
     for k, v in mandate_stats.items():
@@ -354,18 +356,21 @@ def main():
     p(hdr)
     p("-" * len(hdr))
     step = max(1, len(samples) // 24)
-    shown = samples[::step] + ([samples[-1]] if samples and samples[-1] is not samples[::step][-1] else [])
+    shown = [s for i, s in enumerate(samples) if i % step == 0 or s is flat_base or i == len(samples) - 1]
     for s in shown:
         mark = " *" if s is flat_base else ""
         p(f"{s['t_s']:>7.0f}{s['requests']:>11}{mb(s['rss_bytes']):>8}{mb(s['heap_bytes']):>9}{mb(s['allocated_bytes']):>9}"
           + "".join(f"{mb(s['linear_bytes'].get(vm)):>14}" for vm in vms) + mark)
-    p(f"(every {max(1, step)} of {len(samples)} samples, every {a.sample_s:g} s; * = first sample after warm-up, "
+    p(f"({len(shown)} of {len(samples)} samples, taken every {a.sample_s:g} s; * = first sample after warm-up, "
       f"the first {a.warmup_share:.0%} of the requests)")
     p("")
     p(f"after warm-up: RSS {mb(flat_base['rss_bytes'])} -> {mb(last['rss_bytes'])} MB (growth {mb(rss_growth)} MB, "
       f"min {mb(min(rss_after)) if rss_after else '-'}, max {mb(max(rss_after)) if rss_after else '-'}); peak RSS {mb(last['rss_peak_bytes'])} MB")
     p("linear memory growth after warm-up: " + (", ".join(f"{vm} {mb(g)} MB" for vm, g in linear_growth.items()) or "no gauges"))
     p(f"VM traps / failures: {traps} ({len(trap_lines)} log lines, wasm failure stats {failed_stats or 'none'})")
+    p(f"Envoy wasm stats: " + ", ".join(f"{k.replace('wasm.envoy.wasm.runtime.', '')} {v}" for k, v in sorted(wasm_stats.items())
+                                       if k.startswith("wasm.envoy.wasm.runtime.") or k == "wasm.wasm_vm_count")
+      + f"; the filter's warnings/errors in the log: {len(wasm_warnings)}")
     p(f"socket errors: {errors}; answers by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(wrk["statuses"].items()))
       + (f" (5xx: {status_5xx})" if status_5xx else ""))
     p("")
@@ -400,6 +405,7 @@ def main():
         "envoy_heap_mb": {"before": mb(first["heap_bytes"]), "end": mb(last["heap_bytes"])},
         "envoy_allocated_mb": {"before": mb(first["allocated_bytes"]), "end": mb(last["allocated_bytes"])},
         "traps": traps, "trap_log_lines": trap_lines[:20], "wasm_stats": wasm_stats,
+        "filter_warnings": len(wasm_warnings), "filter_warning_lines": wasm_warnings[:20],
         "socket_errors": wrk["errors"], "statuses": wrk["statuses"], "http_stats": http_stats,
         "decisions": decisions, "decision_shares": {k: round(v / total_decisions, 4) for k, v in decisions.items()},
         "mandate_stats": mandate_stats,
