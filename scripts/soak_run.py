@@ -269,10 +269,14 @@ def main():
     # -d: once Envoy has answered them all (or nothing moves for 10 s), SIGINT makes it report.
     wrk_out, wrk_err = open(a.work / "wrk.stdout", "w+"), open(a.work / "wrk.stderr", "w+")
     proc = B.spawn(cmd, env=env, stdout=wrk_out, stderr=wrk_err, text=True)
-    done_at = first["requests"] + a.requests
+    done_at = (first["requests"] or 0) + a.requests
     seen, still = None, time.time()
     while proc.poll() is None:
         time.sleep(0.5)
+        if envoy.proc.poll() is not None:
+            proc.send_signal(B.signal.SIGINT)
+            proc.wait(timeout=60)
+            raise RuntimeError(f"the Envoy under test exited during the run ({envoy.proc.returncode}): a crash counts as a failure\n{envoy.tail()}")
         try:
             n = stats(envoy.admin, r"^http\.soak\.downstream_rq_completed$").get("http.soak.downstream_rq_completed", 0)
         except (OSError, ValueError):
@@ -324,7 +328,7 @@ def main():
     # ------------------------------------------------------------------ flatness
     samples = [s for s in sampler.samples if s["requests"] is not None]
     n_done = last["requests"] or 0
-    warm_at = first["requests"] + a.warmup_share * (n_done - first["requests"])
+    warm_at = (first["requests"] or 0) + a.warmup_share * (n_done - (first["requests"] or 0))
     after = [s for s in samples if s["requests"] >= warm_at]
     flat_base = after[0] if after else last
     vms = sorted({k for s in samples for k in s["linear_bytes"]}, key=lambda x: int(x[2:]) if x[2:].isdigit() else 0)
