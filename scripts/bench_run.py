@@ -480,11 +480,12 @@ def main():
     delegation_cfg, chain_token, chain_svid = "", "", ""
     if "k" in configs:
         dl = fx["delegation"]
-        chain_token, jwks = txn_chain(minter_addr, a.fixture, dl, req, token)
+        # (Not `jwks`: that name is the bench trust domain's JWKS, which (c) and (d) still need.)
+        chain_token, minter_jwks = txn_chain(minter_addr, a.fixture, dl, req, token)
         chain_svid = (a.fixture / dl["svid_d"]).read_text().strip()
         cfg = json.loads(warm_cfg)
         cfg["delegation"] = {"issuer": json.loads((a.fixture / "minter.json").read_text())["issuer"],
-                             "audience": dl["trust_domain"], "keys": {"inline": jwks}}
+                             "audience": dl["trust_domain"], "keys": {"inline": minter_jwks}}
         cfg["policy"]["delegation_rules"] = [{"id": "bench-agents-hand-off", "intents": [req["intent"]],
                                               "from": ["agent"], "to": ["agent"]}]
         delegation_cfg = json.dumps(cfg)
