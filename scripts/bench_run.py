@@ -96,6 +96,8 @@ TARGETS = {
     "mcp_body_vs_warm_post": 0.75,
     # Issue 13: a call at the end of a two-hop delegation chain against the plain warm path (e).
     "delegation_vs_warm": 0.85,
+    # Issue 14: RSS per worker VM over the no-op filter, same traffic, MB.
+    "rss_delta_per_vm_mb_max": 25,
 }
 
 PROCS = []  # every child we started, stopped by pid on exit
@@ -171,12 +173,14 @@ def http_get(url, timeout=2):
 
 
 class Envoy:
-    def __init__(self, key, work, envoy_bin, base_id, http_filters, clusters, cpu, log_level="info", concurrency=1):
+    def __init__(self, key, work, envoy_bin, base_id, http_filters, clusters, cpu, log_level="info", concurrency=1,
+                 template=None, values=None, listener="bench"):
         self.key = key
         self.dir = work / f"envoy-{key}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = self.dir / "envoy.yaml"
-        self.config.write_text(render(ROOT / "envoy/bench/bench.yaml", {
+        self.listener = listener
+        self.config.write_text(render(template or ROOT / "envoy/bench/bench.yaml", values if values is not None else {
             "ADMIN_PORT": "0", "LISTENER_PORT": "0",
             "HTTP_FILTERS": http_filters, "CLUSTERS": clusters or "[]",
         }))
@@ -209,7 +213,7 @@ class Envoy:
                         _, body = http_get(f"http://{self.admin}/listeners?format=json")
                         for l in json.loads(body).get("listener_statuses", []):
                             port = l["local_address"]["socket_address"].get("port_value", 0)
-                            if l.get("name") == "bench" and port:
+                            if l.get("name") == self.listener and port:
                                 self.port = int(port)
                                 return
                 except (OSError, ValueError, KeyError):
@@ -325,6 +329,76 @@ def txn_chain(minter_addr, fixture, dl, req, token):
     return to_d, jwks
 
 
+def linear_memory(admin):
+    """Each VM's linear memory (the filter's `mandate.memory.linear_bytes.vm<N>` gauges), bytes."""
+    try:
+        _, body = http_get(f"http://{admin}/stats?format=json&filter=mandate%5C.memory%5C.linear_bytes", timeout=5)
+        return {s["name"].rsplit(".", 1)[1]: s["value"] for s in json.loads(body).get("stats", []) if "value" in s}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def settled_rss(envoy, n=5, gap=0.5):
+    """Median VmRSS over `n` reads `gap` s apart, once the traffic has stopped."""
+    xs = []
+    for _ in range(n):
+        time.sleep(gap)
+        m = envoy.memory()
+        if m["rss_bytes"]:
+            xs.append(m["rss_bytes"])
+    return statistics.median(xs) if xs else None
+
+
+def measure_memory(a, workers, warm_cfg, minter_cluster, env_pool, env_warm, base):
+    """Memory per VM: for each worker count N, the no-op filter and mandate (the warm
+    configuration) in Envoys with --concurrency N, warmed with the same traffic (the token pool,
+    which fills every worker's identity and decision caches, then the warm request), then RSS
+    read at rest. delta(N) = RSS(mandate) - RSS(no-op); the cost of one more worker VM is the
+    slope of delta over N (least squares), the rest is the fixed part (the main thread's VM,
+    the compiled module, configuration)."""
+    rows = []
+    for i, n in enumerate(workers):
+        pair = {}
+        for j, (kind, name, wasm, cfg, clusters) in enumerate((("noop", "noop", a.noop_wasm, "", ""),
+                                                                ("mandate", "mandate", a.plugin_wasm, warm_cfg, minter_cluster))):
+            filt = render(ROOT / "envoy/bench/filter-wasm.yaml", {"NAME": quote(name), "WASM": quote(str(wasm)), "CONFIG": quote(cfg)})
+            pair[kind] = Envoy(f"mem-{kind}-{n}", a.work, a.envoy, base + 2 * i + j, filt, clusters, None, concurrency=n)
+        for e in pair.values():
+            e.wait_ready()
+        row = {"workers": n}
+        for kind, e in pair.items():
+            # The same traffic for both: enough connections that every worker gets its share.
+            # (The kernel spreads connections over the workers' sockets unevenly: many of them.)
+            conns = max(2 * a.connections, 16 * n)
+            run_wrk(e.port, env_pool, a.memory_warmup, None, conns)
+            run_wrk(e.port, env_warm, max(1, a.memory_warmup // 2), None, conns)
+            e.truncate_log()
+            row[f"{kind}_rss_bytes"] = settled_rss(e)
+            if kind == "mandate":
+                lin = linear_memory(e.admin)
+                row["mandate_vms"] = len(lin)
+                row["mandate_linear_bytes"] = lin
+        for e in pair.values():
+            e.proc.terminate()
+            try:
+                e.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                e.proc.kill()
+        if row["noop_rss_bytes"] and row["mandate_rss_bytes"]:
+            row["delta_bytes"] = row["mandate_rss_bytes"] - row["noop_rss_bytes"]
+        rows.append(row)
+        log(f"memory, --concurrency {n}: no-op {row['noop_rss_bytes'] / 2**20:.1f} MB, mandate {row['mandate_rss_bytes'] / 2**20:.1f} MB, "
+            f"{row.get('mandate_vms')} VMs, linear " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(row.get("mandate_linear_bytes", {}).items())))
+    pts = [(r["workers"], r["delta_bytes"]) for r in rows if r.get("delta_bytes") is not None]
+    slope = fixed = None
+    if len({x for x, _ in pts}) >= 2:
+        mx = sum(x for x, _ in pts) / len(pts)
+        my = sum(y for _, y in pts) / len(pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+        fixed = my - slope * mx
+    return {"rows": rows, "per_worker_vm_bytes": slope, "fixed_bytes": fixed}
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -355,6 +429,9 @@ def main():
     ap.add_argument("--bin-dir", type=Path, default=ROOT / "target/release-native")
     ap.add_argument("--envoy", type=Path, default=Path(os.environ.get("MANDATE_ENVOY", ROOT / ".venv/bin/envoy")))
     ap.add_argument("--mode", default="custom")
+    ap.add_argument("--memory-workers", default="1,2",
+                    help="worker counts for the memory-per-VM measurement (comma-separated; empty: skip)")
+    ap.add_argument("--memory-warmup", type=int, default=6, help="seconds of pool traffic before reading RSS")
     a = ap.parse_args()
 
     t_start = time.time()
@@ -366,7 +443,7 @@ def main():
     envoy_cpu = 0 if a.pin else None
     wrk_cpu = 1 if a.pin else None
     configs = [k for k in a.configs if k in LABELS]
-    needs_minter = any(k in "efgijkqxrEFJ" for k in configs)
+    needs_minter = any(k in "efgijkqxrEFJ" for k in configs) or bool(a.memory_workers.strip())
     mcp = fx.get("mcp")
     if any(k in "ijpqJ" for k in configs) and not mcp:
         raise RuntimeError("configurations (i) and (j) need a filter with MCP support: bench-fixture could not "
@@ -403,11 +480,12 @@ def main():
     delegation_cfg, chain_token, chain_svid = "", "", ""
     if "k" in configs:
         dl = fx["delegation"]
-        chain_token, jwks = txn_chain(minter_addr, a.fixture, dl, req, token)
+        # (Not `jwks`: that name is the bench trust domain's JWKS, which (c) and (d) still need.)
+        chain_token, minter_jwks = txn_chain(minter_addr, a.fixture, dl, req, token)
         chain_svid = (a.fixture / dl["svid_d"]).read_text().strip()
         cfg = json.loads(warm_cfg)
         cfg["delegation"] = {"issuer": json.loads((a.fixture / "minter.json").read_text())["issuer"],
-                             "audience": dl["trust_domain"], "keys": {"inline": jwks}}
+                             "audience": dl["trust_domain"], "keys": {"inline": minter_jwks}}
         cfg["policy"]["delegation_rules"] = [{"id": "bench-agents-hand-off", "intents": [req["intent"]],
                                               "from": ["agent"], "to": ["agent"]}]
         delegation_cfg = json.dumps(cfg)
@@ -541,6 +619,16 @@ def main():
             return stats[k]["rps"] / stats[base]["rps"]
         return None
 
+    # Memory per VM: the no-op and mandate side by side at each worker count.
+    memory_per_vm = None
+    mem_workers = [int(x) for x in a.memory_workers.split(",") if x.strip()]
+    if mem_workers and minter_addr:
+        mem_common = {"BENCH_HOST": req["host"], "BENCH_PATH": req["path"],
+                      "BENCH_HEADERS": f"x-agent-intent: {req['intent']}\nx-agent-task: {req['task']}"}
+        memory_per_vm = measure_memory(a, mem_workers, warm_cfg, minter_cluster,
+                                       {**mem_common, "BENCH_TOKEN_FILE": str(a.fixture / "tokens.txt")},
+                                       {**mem_common, "BENCH_TOKEN": token}, base + len(configs) + 10)
+
     # minter-load against a minter alone: one worker, pinned, load generator on the other core.
     mload = None
     mload_dir = a.work / "minter-load"
@@ -598,6 +686,17 @@ def main():
     if mload:
         p(f"minter alone (1 worker on CPU 0, minter-load -c 8 on CPU 1, same SVID): {mload['exchanges_per_s']:.0f} exchanges/s, "
           f"p50 {mload.get('p50_ms')} ms, p99 {mload.get('p99_ms')} ms, errors {mload.get('errors')}")
+    if memory_per_vm:
+        p("memory per VM (RSS at rest after the same traffic: the 10k-token pool, then the warm request):")
+        p(f"  {'workers':>7}{'no-op MB':>10}{'mandate MB':>12}{'delta MB':>10}{'VMs':>5}  linear memory per VM, MB")
+        for r in memory_per_vm["rows"]:
+            d = r.get("delta_bytes")
+            p(f"  {r['workers']:>7}{(r['noop_rss_bytes'] or 0) / 2**20:>10.1f}{(r['mandate_rss_bytes'] or 0) / 2**20:>12.1f}"
+              f"{(d / 2**20 if d is not None else float('nan')):>10.1f}{r.get('mandate_vms') or 0:>5}  "
+              + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(r.get("mandate_linear_bytes", {}).items())))
+        if memory_per_vm["per_worker_vm_bytes"] is not None:
+            p(f"  per worker VM (slope of delta over workers): {memory_per_vm['per_worker_vm_bytes'] / 2**20:.1f} MB; "
+              f"fixed part (main-thread VM, module, configuration): {memory_per_vm['fixed_bytes'] / 2**20:.1f} MB")
     p("")
 
     def target_line(name, value, want, op):
@@ -621,6 +720,9 @@ def main():
         "mcp_header_vs_warm_post": ratio("i", "q"),
         "mcp_body_vs_warm_post": ratio("j", "q"),
         "delegation_vs_warm": ratio("k", "e"),
+        # Memory per worker VM against the no-op filter (slope over --memory-workers), MB.
+        "rss_delta_per_vm_mb": round(memory_per_vm["per_worker_vm_bytes"] / 2**20, 1)
+        if memory_per_vm and memory_per_vm["per_worker_vm_bytes"] is not None else None,
     }
     p("targets:")
     p(target_line("warm / no-op wasm  (e)/(b)", summary["warm_vs_noop_wasm"], TARGETS["warm_vs_noop_wasm"], ">="))
@@ -634,6 +736,7 @@ def main():
     p(target_line("MCP header / warm POST  (i)/(q)", summary["mcp_header_vs_warm_post"], TARGETS["mcp_header_vs_warm_post"], ">="))
     p(target_line("MCP body / warm POST  (j)/(q)", summary["mcp_body_vs_warm_post"], TARGETS["mcp_body_vs_warm_post"], ">="))
     p(target_line("two-hop delegation / warm  (k)/(e)", summary["delegation_vs_warm"], TARGETS["delegation_vs_warm"], ">="))
+    p(target_line("RSS per worker VM over no-op, MB", summary["rss_delta_per_vm_mb"], TARGETS["rss_delta_per_vm_mb_max"], "<="))
     print("\n".join(lines), flush=True)
 
     summary.update({
@@ -656,6 +759,9 @@ def main():
         "g_vs_jwt_authn_uncached": ratio("g", "d"),
         # Diagnostic (p): the MCP request (POST, 1 KB body, buffer filter) with no mandate, against (a).
         "mcp_request_no_filter_vs_no_filter": ratio("p", "a"),
+        "memory_per_vm": memory_per_vm,
+        "rss_delta_fixed_mb": round(memory_per_vm["fixed_bytes"] / 2**20, 1)
+        if memory_per_vm and memory_per_vm["fixed_bytes"] is not None else None,
         "noop_wasm_bytes": noop_bytes,
         "wasm_sha256": wasm_sha256,
         "wasm_path": str(a.plugin_wasm),

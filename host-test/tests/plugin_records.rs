@@ -904,3 +904,17 @@ fn records_buffered_when_the_plugin_stops_are_handed_over() {
     );
     assert_eq!(handed_over(&rig), (1, 1), "flushed in on_done");
 }
+
+#[test]
+fn each_vm_reports_its_linear_memory() {
+    let Some(mut rig) = start("each_vm_reports_its_linear_memory", minter()) else {
+        return;
+    };
+    let gauge = "mandate.memory.linear_bytes.vm0";
+    let at_start = rig.vm.metric(gauge).expect("the gauge exists from configuration on");
+    assert!(at_start >= 65_536 && at_start % 65_536 == 0, "whole 64 KiB pages: {at_start}");
+    rig.vm.advance(Duration::from_millis(1000)).unwrap();
+    rig.vm.tick().unwrap();
+    let after_tick = rig.vm.metric(gauge).unwrap();
+    assert!(after_tick >= at_start, "linear memory never shrinks: {at_start} -> {after_tick}");
+}

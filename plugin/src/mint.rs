@@ -610,18 +610,31 @@ pub struct RevokedSet {
     jtis: LruCache<String, ()>,
 }
 
+/// Most entries each part of [`RevokedSet`] keeps.
+const MAX_REVOKED: usize = 65_536;
+
 impl Default for RevokedSet {
     fn default() -> Self {
-        let cap = NonZeroUsize::new(65_536).unwrap_or(NonZeroUsize::MIN);
-        RevokedSet { tasks: LruCache::new(cap), task_subjects: LruCache::new(cap), subjects: LruCache::new(cap), jtis: LruCache::new(cap) }
+        // Unbounded tables that grow with use, capped by `put_capped`: `LruCache::new(cap)`
+        // allocates its whole table up front (four 65 536-entry tables: ~4.7 MB of every VM's
+        // linear memory before a single revocation is heard of).
+        RevokedSet { tasks: LruCache::unbounded(), task_subjects: LruCache::unbounded(), subjects: LruCache::unbounded(), jtis: LruCache::unbounded() }
     }
+}
+
+/// `put`, dropping the least recently used entry first when a new key would exceed `MAX_REVOKED`.
+fn put_capped<V>(map: &mut LruCache<String, V>, key: String, value: V) {
+    if map.len() >= MAX_REVOKED && !map.contains(&key) {
+        map.pop_lru();
+    }
+    map.put(key, value);
 }
 
 impl RevokedSet {
     pub fn add(&mut self, r: &Revocation) {
         match (r.kind, &r.subject) {
             (RevocationKind::Task, None) => {
-                self.tasks.put(r.value.clone(), ());
+                put_capped(&mut self.tasks, r.value.clone(), ());
             }
             (RevocationKind::Task, Some(s)) => {
                 if let Some(list) = self.task_subjects.get_mut(&r.value) {
@@ -632,15 +645,15 @@ impl RevokedSet {
                         list.push(s.clone());
                     }
                 } else {
-                    self.task_subjects.put(r.value.clone(), vec![s.clone()]);
+                    put_capped(&mut self.task_subjects, r.value.clone(), vec![s.clone()]);
                 }
             }
             (RevocationKind::Subject, _) => {
-                self.subjects.put(r.value.clone(), ());
+                put_capped(&mut self.subjects, r.value.clone(), ());
             }
             (RevocationKind::Jti, _) => {
                 // Remembered too: a credential may land after its jti was revoked.
-                self.jtis.put(r.value.clone(), ());
+                put_capped(&mut self.jtis, r.value.clone(), ());
             }
         }
     }
@@ -881,5 +894,20 @@ mod tests {
         assert!(set.task_revoked("T", "a") && set.task_revoked("T", "b") && !set.task_revoked("T", "c"));
         set.add(&Revocation { kind: RevocationKind::Task, value: "T".into(), subject: None });
         assert!(set.task_revoked("T", "c"), "a global entry covers everyone");
+    }
+
+    #[test]
+    fn revoked_set_grows_with_use_and_stays_bounded() {
+        let mut set = RevokedSet::default();
+        assert_eq!(set.tasks.cap().get(), usize::MAX, "no table allocated up front");
+        let task = |i: usize| Revocation { kind: RevocationKind::Task, value: format!("T{i}"), subject: None };
+        for i in 0..=MAX_REVOKED {
+            set.add(&task(i));
+        }
+        assert_eq!(set.tasks.len(), MAX_REVOKED);
+        assert!(!set.task_revoked("T0", "a"), "the oldest went first");
+        assert!(set.task_revoked("T1", "a") && set.task_revoked(&format!("T{MAX_REVOKED}"), "a"));
+        set.add(&task(1));
+        assert_eq!(set.tasks.len(), MAX_REVOKED, "a known entry is refreshed, nothing dropped");
     }
 }

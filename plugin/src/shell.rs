@@ -382,6 +382,10 @@ struct Shared {
     /// the revocation lag gauge and the count of `revocations_stale` refusals.
     lag_gauge: Option<String>,
     stale_counter: Option<String>,
+    /// This VM's linear memory gauge (`mandate.memory.linear_bytes.vm<N>`) and the last value
+    /// handed to the host (recorded on configuration and on ticks when it changed).
+    memory_gauge: Option<String>,
+    memory_recorded: u64,
     /// Streams whose `tools/list` answer must be narrowed (by context id).
     tool_filters: HashMap<u32, ToolsFilter>,
     /// MCP streams whose body is pending (by context id).
@@ -631,6 +635,8 @@ impl Root {
             lines: Vec::new(),
             lag_gauge: None,
             stale_counter: None,
+            memory_gauge: None,
+            memory_recorded: 0,
             tool_filters: HashMap::new(),
             bodies: HashMap::new(),
         };
@@ -677,6 +683,29 @@ fn poll_revocations(engine: &mut Engine, metrics: &mut Metrics, calls: &mut Hash
             let _ = engine.on_revocations(Err(MintError::Dispatch(format!("{status:?}"))), now_ms);
             metrics.inc("mandate.revocations.poll_failures");
             log(LogLevel::Warn, &format!("mandate: cannot call minter cluster `{}` for revocations: {status:?}", poll.cluster));
+        }
+    }
+}
+
+/// Size of this VM's linear memory in bytes (wasm pages of 64 KiB). It only grows: a value
+/// that keeps rising under steady traffic is a leak or an unbounded cache.
+fn linear_memory_bytes() -> u64 {
+    (core::arch::wasm32::memory_size::<0>() as u64).saturating_mul(65_536)
+}
+
+impl Shared {
+    /// This VM's linear memory gauge, when it changed since the last record (one host call).
+    fn record_memory(&mut self) {
+        let bytes = linear_memory_bytes();
+        if bytes == self.memory_recorded {
+            return;
+        }
+        if let Some(name) = self.memory_gauge.as_deref() {
+            if let Some(id) = self.metrics.id(MetricType::Gauge, name) {
+                if host::record_metric(id, bytes).is_ok() {
+                    self.memory_recorded = bytes;
+                }
+            }
         }
     }
 }
@@ -847,6 +876,10 @@ impl Root {
             }
             // The lag gauge exists from configuration on (0 until this VM serves requests).
             record_lag(&engine, &mut shared.metrics, shared.lag_gauge.as_deref(), now_s);
+            if shared.memory_gauge.is_none() {
+                shared.memory_gauge = Some(format!("mandate.memory.linear_bytes.vm{}", vm_index()));
+            }
+            shared.record_memory();
             shared.engine = Some(engine);
             shared.policy_hash = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
         }
@@ -869,6 +902,7 @@ impl Root {
     fn on_tick(&mut self) {
         if let Ok(mut shared) = self.shared.try_borrow_mut() {
             shared.flush();
+            shared.record_memory();
         }
         self.background();
     }
