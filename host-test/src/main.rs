@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use mandate_host_test::{run_request, ConfigRejected, Host, RequestSpec};
 
+mod config_cli;
 mod policy_cli;
 
 const REQUEST_HELP: &str = r#"REQUEST FILE FORMAT (JSON; every field optional):
@@ -58,6 +59,9 @@ enum Command {
     /// Policy as code: lint, test case files, explain a decision.
     #[command(subcommand)]
     Policy(policy_cli::PolicyCommand),
+    /// Plugin configuration: check a file as the filter would, print the JSON Schema.
+    #[command(subcommand)]
+    Config(config_cli::ConfigCommand),
 }
 
 #[derive(clap::Args)]
@@ -143,6 +147,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => run(args),
         Command::Policy(cmd) => policy_cli::run(cmd),
+        Command::Config(cmd) => config_cli::run(cmd),
     };
     match result {
         Ok(code) => code,

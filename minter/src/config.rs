@@ -21,7 +21,25 @@ pub const TOKEN_TYPE_STATIC_SECRET: &str = "urn:mandate:token-type:static-secret
 /// Transaction Tokens (draft-ietf-oauth-transaction-tokens): the delegation chain (issue 13).
 pub const TOKEN_TYPE_TXN_TOKEN: &str = "urn:ietf:params:oauth:token-type:txn_token";
 
+/// `identity`: the plugin's identity section, whose trust domains may also name `bundle_url`
+/// (and `refresh_s`) instead of `bundle`; checked by the plugin's parser, not by this schema.
+fn identity_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "The plugin's identity section (plugin/config.schema.json, $defs/IdentityConfig); a trust domain may carry `bundle_url` and `refresh_s` instead of `bundle`. Validated by the plugin's parser.",
+        "type": "object"
+    })
+}
+
+/// The JSON Schema of the minter configuration (minter/config.schema.json), pretty, with a
+/// final newline.
+pub fn schema_text() -> String {
+    let mut text = serde_json::to_string_pretty(&schemars::schema_for!(MinterConfig)).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MinterConfig {
     /// Listen address; loopback by default. Port 0 picks a free port.
@@ -35,6 +53,7 @@ pub struct MinterConfig {
     #[serde(default)]
     pub workers: Option<usize>,
     /// The plugin's identity section (trust domains, bundles, accepted audiences).
+    #[schemars(schema_with = "identity_schema")]
     pub identity: serde_json::Value,
     #[serde(default)]
     pub ttl: TtlConfig,
@@ -92,6 +111,7 @@ pub struct MinterConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TtlConfig {
     /// Lifetime when the request names none, seconds.
@@ -112,6 +132,7 @@ impl Default for TtlConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TasksConfig {
     /// Refuse `/token` for a task the minter did not issue (`task_unknown`).
@@ -133,6 +154,7 @@ impl Default for TasksConfig {
 
 /// What an authenticated client may do.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[derive(schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// `POST /token` for non-legacy audiences.
@@ -168,6 +190,7 @@ impl Role {
 
 /// Transaction Tokens (issue 13): limits of delegation chains.
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TxnTokensConfig {
     /// Most `act` levels (delegations) a Txn-Token may carry, 1-8.
@@ -189,6 +212,7 @@ impl Default for TxnTokensConfig {
 
 /// Connection limits and read timeouts: what a slow or idle client may hold.
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Most connections open at once (TLS handshakes included). At the cap, a new connection
@@ -218,6 +242,7 @@ impl Default for LimitsConfig {
 
 /// SQLite store knobs.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// Fault drills only: caps the database at this many pages (`PRAGMA max_page_count`, 4 KiB
@@ -234,6 +259,7 @@ pub const READ_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
 pub const MAX_DELEGATIONS_LIMIT: usize = 8;
 
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
     /// `cache-control: public, max-age=…` of the JWKS, seconds: how long resource servers may
@@ -264,6 +290,7 @@ impl KeysConfig {
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuthMode {
     /// Development only (`dev: true`): any peer on 127.0.0.0/8 or ::1; client_id
@@ -277,6 +304,7 @@ pub enum ClientAuthMode {
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuthConfig {
     #[serde(default)]
@@ -290,6 +318,7 @@ pub struct ClientAuthConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     pub client_id: String,
@@ -305,6 +334,7 @@ pub struct ClientConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Server certificate chain, PEM.
@@ -317,6 +347,7 @@ pub struct TlsConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LegacyConfig {
     /// Audiences served with a static secret instead of a minted JWT.
@@ -326,6 +357,7 @@ pub struct LegacyConfig {
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogLevel {
     Off,

@@ -27,6 +27,8 @@ enum Command {
     RotateKey,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Print the JSON Schema of the configuration (minter/config.schema.json).
+    ConfigSchema,
     /// Print the SHA-256 (hex) of a client secret read from stdin, for `secret_sha256`.
     HashSecret,
 }
@@ -53,6 +55,10 @@ fn main() -> Result<()> {
         Command::CheckConfig => {
             let config = load(&cli)?;
             println!("{}", serde_json::json!({"ok": true, "issuer": config.issuer, "listen": config.listen}));
+            Ok(())
+        }
+        Command::ConfigSchema => {
+            print!("{}", mandate_minter::config::schema_text());
             Ok(())
         }
         Command::HashSecret => {

@@ -29,6 +29,8 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 #[derive(Debug, Clone, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("$id" = "https://mandate.dev/schema/plugin-config.json")))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -50,6 +52,8 @@ pub struct Config {
 
 /// Where decision records go. At least one delivery must stay on: every decision is recorded.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("not" = {"properties": {"log": {"const": false}, "filter_state": {"const": false}}, "required": ["log", "filter_state"]})))]
 #[serde(deny_unknown_fields)]
 pub struct RecordsConfig {
     /// One `mandate.decision {json}` line per request through the proxy's log.
@@ -62,6 +66,8 @@ pub struct RecordsConfig {
     /// handed to the proxy in one call (as Envoy's own file access log buffers). 0: every
     /// record and counter at once.
     #[serde(default = "default_flush_ms")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 10000)))]
+    #[cfg_attr(feature = "schema", schemars(extend("not" = {"exclusiveMinimum": 0, "exclusiveMaximum": 50})))]
     pub flush_ms: u64,
 }
 
@@ -81,28 +87,35 @@ impl Default for RecordsConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Request header carrying the caller's token.
     #[serde(default = "default_token_header")]
+    #[cfg_attr(feature = "schema", schemars(pattern(crate::config::HEADER_NAME_PATTERN)))]
     pub header: String,
     /// Auth scheme expected before the token (case-insensitive); empty = the whole value is the token.
     #[serde(default = "default_scheme")]
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^[A-Za-z0-9-]*$")))]
     pub scheme: String,
     /// Forward the caller's token upstream. Off by default: the service never sees it.
     #[serde(default)]
     pub forward_token: bool,
     /// Audiences accepted in JWT-SVIDs (the token must name at least one).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(length(min = 1))))]
     pub audiences: Vec<String>,
     /// Tolerated clock skew for `exp`, `nbf` and `iat`, seconds.
     #[serde(default = "default_skew")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 600)))]
     pub clock_skew_s: u64,
     /// Longest token accepted, bytes.
     #[serde(default = "default_max_token")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 64, max = 65536)))]
     pub max_token_bytes: usize,
     /// Verified-token cache entries per worker (0 disables the cache).
     #[serde(default = "default_cache_size")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 1000000)))]
     pub cache_size: usize,
     /// Trust domains whose JWT-SVIDs are accepted, each with its own bundle.
     #[serde(default)]
@@ -112,6 +125,7 @@ pub struct IdentityConfig {
     pub oidc_issuers: Vec<OidcIssuerConfig>,
     /// If set, the verified identity is sent upstream in this header.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(pattern(crate::config::HEADER_NAME_PATTERN)))]
     pub upstream_header: Option<String>,
 }
 
@@ -133,19 +147,26 @@ impl Default for IdentityConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TrustDomainConfig {
     /// Trust domain name, e.g. `example.org`.
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^[a-z0-9._-]+$")))]
+    #[cfg_attr(feature = "schema", schemars(length(max = 255)))]
     pub name: String,
     pub bundle: BundleSourceConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OidcIssuerConfig {
     /// Exact `iss` value.
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub issuer: String,
     /// Audiences accepted from this issuer.
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
+    #[cfg_attr(feature = "schema", schemars(inner(length(min = 1))))]
     pub audiences: Vec<String>,
     pub jwks: BundleSourceConfig,
     /// Maps the token to a SPIFFE-style ID: `{sub}` is the subject, `{sub:N}` its
@@ -156,6 +177,8 @@ pub struct OidcIssuerConfig {
 
 /// Where a bundle comes from: inline JSON, or fetched through an Envoy cluster.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("oneOf" = [{"required": ["inline"]}, {"required": ["cluster"]}])))]
 #[serde(deny_unknown_fields)]
 pub struct BundleSourceConfig {
     /// The bundle itself (SPIFFE bundle or plain JWKS).
@@ -163,24 +186,30 @@ pub struct BundleSourceConfig {
     pub inline: Option<serde_json::Value>,
     /// Envoy cluster serving the bundle over HTTP.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub cluster: Option<String>,
     #[serde(default = "default_bundle_path")]
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^/")))]
     pub path: String,
     /// `:authority` of the fetch; defaults to the cluster name.
     #[serde(default)]
     pub authority: Option<String>,
     /// Refresh interval when the bundle carries no `spiffe_refresh_hint`, seconds.
     #[serde(default = "default_refresh")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 5, max = 86400)))]
     pub refresh_s: u64,
     /// Retry interval after a failed fetch, seconds.
     #[serde(default = "default_retry")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 86400)))]
     pub retry_s: u64,
     #[serde(default = "default_fetch_timeout")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 10, max = 60000)))]
     pub timeout_ms: u64,
     /// Fetched bundles only: how long after the last good fetch the bundle still verifies
     /// tokens while fetches fail, seconds (default 3600, 60..=604800). Past it, tokens of
     /// this trust domain or issuer get `bundle_unavailable`. Inline bundles never age.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(range(min = 60, max = 604800)))]
     pub max_bundle_age_s: Option<u64>,
 }
 
@@ -190,10 +219,12 @@ pub const DEFAULT_MAX_BUNDLE_AGE_S: u64 = 3600;
 pub const MAX_BUNDLE_AGE_RANGE: std::ops::RangeInclusive<u64> = 60..=604_800;
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Header that carries the decision id upstream (and in local replies).
     #[serde(default = "default_decision_header")]
+    #[cfg_attr(feature = "schema", schemars(pattern(crate::config::HEADER_NAME_PATTERN)))]
     pub decision_id_header: String,
     /// Send the normalised path upstream, so the service sees what the policy judged.
     #[serde(default = "default_true")]
@@ -871,6 +902,10 @@ fn validate_source(field: &str, s: &BundleSourceConfig) -> Result<(), ConfigErro
         }
     }
 }
+
+/// [`check_header_name`] as a JSON Schema pattern (plugin/config.schema.json).
+#[cfg(feature = "schema")]
+pub const HEADER_NAME_PATTERN: &str = r"^[a-z0-9!#$%&'*+^`|~._-]+$";
 
 /// Header names must be lowercase HTTP tokens: Envoy hands names to filters in lowercase.
 pub(crate) fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {

@@ -62,27 +62,35 @@ pub const MIN_FEED_PAGE_BYTES: u64 = 4096;
 const FEED_LIMIT_START: u32 = 500;
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MinterConfig {
     /// Envoy cluster of the minter (mTLS in production, loopback in development).
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub cluster: String,
     /// `:authority` of minter calls; defaults to the cluster name.
     #[serde(default)]
     pub authority: Option<String>,
     #[serde(default = "default_path")]
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^/")))]
     pub path: String,
     #[serde(default = "default_timeout")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 10, max = 60000)))]
     pub timeout_ms: u64,
     /// Header the minted credential goes in upstream.
     #[serde(default = "default_header")]
+    #[cfg_attr(feature = "schema", schemars(pattern(crate::config::HEADER_NAME_PATTERN), extend("not" = {"pattern": "^x-mandate-"})))]
     pub header: String,
     #[serde(default = "default_scheme")]
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^[A-Za-z0-9-]*$")))]
     pub scheme: String,
     /// Reuse a credential until this many seconds before it expires.
     #[serde(default = "default_margin")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 300)))]
     pub refresh_margin_s: u64,
     /// Credential cache entries per worker.
     #[serde(default = "default_cache")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 1000000)))]
     pub cache_size: usize,
     /// The revocation feed: always polled when a minter is configured (defaults if absent).
     #[serde(default)]
@@ -90,18 +98,23 @@ pub struct MinterConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RevocationConfig {
     #[serde(default = "default_poll_path")]
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^/[^?#]*$")))]
     pub path: String,
     #[serde(default = "default_poll_ms")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 100, max = 3600000)))]
     pub interval_ms: u64,
     /// Past this age of the last good poll (or, before one, of the moment this VM started
     /// polling) the filter neither uses cached credentials nor mints: 503 `revocations_stale`.
     #[serde(default = "default_max_stale")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 5, max = 3600)))]
     pub max_stale_s: u64,
     /// Page size in bytes asked of the minter (`max_bytes`).
     #[serde(default = "default_feed_bytes")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 4096, max = 196608)))]
     pub max_bytes: u64,
 }
 

@@ -58,23 +58,29 @@ fn default_cache() -> usize {
 
 /// The `delegation` section of the plugin configuration.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DelegationConfig {
     /// Request header carrying the Txn-Token (lowercase).
     #[serde(default = "default_header")]
+    #[cfg_attr(feature = "schema", schemars(pattern(crate::config::HEADER_NAME_PATTERN), extend("not" = {"pattern": "^x-mandate-"})))]
     pub header: String,
     /// The minter's issuer (`iss` of every Txn-Token).
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub issuer: String,
     /// The trust domain Txn-Tokens are issued for (`aud`).
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub audience: String,
     /// The minter's Txn-Token signing keys: the same sources a trust domain bundle accepts
     /// (inline JWKS, or fetched through a cluster).
     pub keys: BundleSourceConfig,
     /// At most this many delegations (`act` levels) in a chain.
     #[serde(default = "default_max")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 8)))]
     pub max_delegations: u32,
     /// Verified Txn-Tokens kept per worker (0 disables the cache).
     #[serde(default = "default_cache")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 1000000)))]
     pub cache_size: usize,
 }
 

@@ -43,6 +43,83 @@ pub struct McpMetadataConfig {
 // refused, every error names its field): serde's derived code for it, instantiated for the
 // path-tracking deserializer, cost the filter ~100 KB.
 
+/// JSON Schemas of the hand-read MCP settings (`schema_with` on their `serde_json::Value` fields).
+#[cfg(feature = "schema")]
+pub mod schema {
+    use schemars::{json_schema, Schema, SchemaGenerator};
+
+    /// `resources[].mcp`: see [`super::McpConfig::from_value`].
+    pub fn mcp(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "The resource is an MCP server (Streamable HTTP); `{}` for the defaults.",
+            "type": ["object", "null"],
+            "additionalProperties": false,
+            "properties": {
+                "tools": {
+                    "description": "Tool name -> its sensitivity (tools not listed have the resource's).",
+                    "type": "object",
+                    "propertyNames": {"minLength": 1, "maxLength": 128, "pattern": "^[!-~]+$"},
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": false,
+                        "properties": {"sensitivity": {"type": "string"}}
+                    }
+                },
+                "body": {"enum": ["always", "when_needed"], "default": "always"},
+                "max_body_bytes": {"type": "integer", "minimum": 1024, "maximum": 16777216},
+                "filter_tools_list": {"type": "boolean", "default": false},
+                "metadata": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["resource"],
+                    "properties": {
+                        "resource": {"type": "string", "pattern": "^https?://[!-~]+$", "maxLength": 2048},
+                        "authorization_servers": {"type": "array", "items": {"type": "string", "pattern": "^https?://[!-~]+$"}},
+                        "scopes_supported": {"type": "array", "items": {"type": "string", "pattern": "^[!#-\\[\\]-~]+$"}}
+                    }
+                }
+            }
+        })
+    }
+
+    /// `mcp_methods`, `tools`, `uris`, `prompts` of an intent operation: lists of globs.
+    pub fn globs(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": ["array", "null"], "items": {"type": "string"}})
+    }
+
+    /// `arguments` of an intent operation: see [`super::ArgumentConfig::from_value`].
+    pub fn arguments(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Constraints on params.arguments: each names a pointer and exactly one check.",
+            "type": ["array", "null"],
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["pointer"],
+                "properties": {
+                    "pointer": {"type": "string", "description": "RFC 6901 pointer into params.arguments"},
+                    "equals": true,
+                    "pattern": {"type": "string"},
+                    "prefix": {"type": "string", "minLength": 1},
+                    "min": {"type": "number"},
+                    "max": {"type": "number"},
+                    "equals_context": {"enum": ["task", "principal", "intent"]},
+                    "required": {"type": "boolean"},
+                    "sensitive": {"type": "boolean"}
+                },
+                "oneOf": [
+                    {"required": ["equals"]},
+                    {"required": ["pattern"]},
+                    {"required": ["prefix"]},
+                    {"anyOf": [{"required": ["min"]}, {"required": ["max"]}]},
+                    {"required": ["equals_context"]}
+                ]
+            }
+        })
+    }
+}
+
 fn cerr(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::new(field, message)
 }

@@ -49,10 +49,13 @@ fn default_decision_cache_size() -> usize {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Ordered sensitivity labels, least sensitive first.
     #[serde(default = "default_levels")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(r"^[a-z0-9._-]{1,128}$"))))]
     pub sensitivity_levels: Vec<String>,
     /// The environment this proxy runs in (e.g. `prod`), for rule conditions.
     #[serde(default)]
@@ -67,6 +70,7 @@ pub struct PolicyConfig {
     pub decision_cache: DecisionCacheConfig,
     /// Headers that carry static credentials (plus `authorization: Basic`).
     #[serde(default = "default_secret_headers")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(crate::config::HEADER_NAME_PATTERN))))]
     pub standing_secret_headers: Vec<String>,
     /// Resources more sensitive than this level need a signed intent.
     #[serde(default)]
@@ -96,24 +100,31 @@ pub struct PolicyConfig {
     /// At most this many delegations in a chain (at most the configuration's
     /// `delegation.max_delegations`, which applies when this is absent).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(range(max = 8)))]
     pub max_delegations: Option<u32>,
 }
 
 /// One allowed delegation edge: a principal of a `from` class may hand work on one of the
 /// `intents` to a principal of a `to` class.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DelegationRuleConfig {
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub id: String,
     #[serde(default)]
     pub description: Option<String>,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub intents: Vec<String>,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub from: Vec<String>,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub to: Vec<String>,
 }
 
 /// What happens to a verified `txn-token` header at a resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TxnTokenMode {
     /// Removed before the request goes upstream (default).
@@ -125,6 +136,7 @@ pub enum TxnTokenMode {
 
 /// How far the filter trusts a task id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TaskMode {
     /// Every request carries a task, and the task is vouched for: by the minter, which refuses
@@ -138,6 +150,7 @@ pub enum TaskMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Unclassified {
     Deny,
@@ -145,11 +158,14 @@ pub enum Unclassified {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DecisionCacheConfig {
     #[serde(default = "default_decision_cache_size")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 1000000)))]
     pub size: usize,
     #[serde(default = "default_decision_ttl")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 3600)))]
     pub ttl_s: u64,
 }
 
@@ -160,9 +176,13 @@ impl Default for DecisionCacheConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClassConfig {
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^[a-z0-9._-]{1,128}$")))]
     pub name: String,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(crate::policy::pattern::PRINCIPAL_PATTERN_SCHEMA))))]
     pub principals: Vec<String>,
     /// Longest accepted token lifetime (`exp - iat`), seconds.
     #[serde(default)]
@@ -176,15 +196,21 @@ pub struct ClassConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ResourceConfig {
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^[a-z0-9._-]{1,128}$")))]
     pub name: String,
     #[serde(default = "default_any")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub hosts: Vec<String>,
     #[serde(default = "default_all_paths")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(r"^/"))))]
     pub paths: Vec<String>,
     /// Methods this resource covers; empty = all.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(r"^[A-Z]+$"))))]
     pub methods: Vec<String>,
     #[serde(default)]
     pub sensitivity: Option<String>,
@@ -196,6 +222,7 @@ pub struct ResourceConfig {
     pub audience: Option<String>,
     /// The resource is an MCP server (may be `{}`; see [`mcp::McpConfig`]).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::policy::mcp::schema::mcp"))]
     pub mcp: Option<serde_json::Value>,
     /// Delegation: whether a verified `txn-token` header goes upstream (`forward`) or not.
     #[serde(default)]
@@ -207,34 +234,44 @@ pub struct ResourceConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OperationConfig {
     pub resource: String,
     /// Methods allowed on the resource for this intent; empty = the resource's methods.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(r"^[A-Z]+$"))))]
     pub methods: Vec<String>,
     /// MCP resources: JSON-RPC methods (globs) this operation may call.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::policy::mcp::schema::globs"))]
     pub mcp_methods: Option<serde_json::Value>,
     /// MCP resources: tools (globs) this operation may call; implies `tools/call`.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::policy::mcp::schema::globs"))]
     pub tools: Option<serde_json::Value>,
     /// MCP resources: resource URIs (globs, `**` too) `resources/read` may read.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::policy::mcp::schema::globs"))]
     pub uris: Option<serde_json::Value>,
     /// MCP resources: prompts (globs) `prompts/get` may get.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::policy::mcp::schema::globs"))]
     pub prompts: Option<serde_json::Value>,
     /// Constraints on `params.arguments`, for every tool or prompt of this operation
     /// (see [`mcp::ArgumentConfig`]).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::policy::mcp::schema::arguments"))]
     pub arguments: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IntentConfig {
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^[a-z0-9._-]{1,128}$")))]
     pub name: String,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub operations: Vec<OperationConfig>,
     #[serde(default)]
     pub max_sensitivity: Option<String>,
@@ -243,6 +280,7 @@ pub struct IntentConfig {
     pub scopes: Vec<String>,
     /// Lifetime of credentials granted for this intent, seconds.
     #[serde(default = "default_intent_ttl")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 3600)))]
     pub ttl_s: u64,
     #[serde(default)]
     pub require_signed: bool,
@@ -252,18 +290,23 @@ pub struct IntentConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IntentIssuerConfig {
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub issuer: String,
     /// The issuer's public keys (JWKS).
     pub jwks: serde_json::Value,
     /// Audiences that name this gateway: an intent token must name one of them, so a token
     /// issued for another gateway cannot be replayed here. Required, non-empty.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
+    #[cfg_attr(feature = "schema", schemars(inner(length(min = 1))))]
     pub audiences: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RuleEffect {
     Allow,
@@ -271,14 +314,17 @@ pub enum RuleEffect {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub id: String,
     pub effect: RuleEffect,
     #[serde(default)]
     pub description: Option<String>,
     /// Principal patterns; empty = any.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(crate::policy::pattern::PRINCIPAL_PATTERN_SCHEMA))))]
     pub principals: Vec<String>,
     #[serde(default)]
     pub classes: Vec<String>,
@@ -287,6 +333,7 @@ pub struct RuleConfig {
     #[serde(default)]
     pub resources: Vec<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(r"^[A-Z]+$"))))]
     pub methods: Vec<String>,
     /// Matches only MCP `tools/call` requests for these tools (globs).
     #[serde(default)]
@@ -301,6 +348,7 @@ pub struct RuleConfig {
     #[serde(default)]
     pub min_sensitivity: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(length(min = 1))))]
     pub environments: Vec<String>,
     #[serde(default)]
     pub when: Option<WindowConfig>,

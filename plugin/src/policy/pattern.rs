@@ -4,6 +4,13 @@
 //! `{var}` in paths) matches exactly one non-empty segment, a final `**`
 //! matches the rest (zero or more segments). Everything else is literal.
 //! Host patterns: exact, or `*.example.com` for exactly one more label.
+//! Principal patterns know no other glob syntax: `[`, `]`, `?`, `{` and `}` (which never occur
+//! in a SPIFFE ID) are refused, so `spiffe://td/[a-z]*` is an error, not a literal.
+
+/// Principal patterns as a JSON Schema pattern: segments are literal (without `*`, `[`, `]`,
+/// `?`, `{`, `}`), `*` or `**` (the parser also wants `**` last).
+#[cfg(feature = "schema")]
+pub const PRINCIPAL_PATTERN_SCHEMA: &str = r"^(?:[^*/\[\]?{}]*|\*|\*\*)(?:/(?:[^*/\[\]?{}]*|\*|\*\*))*$";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seg {
@@ -42,6 +49,10 @@ impl SegPattern {
                     return Err(format!("bad variable `{part}` in `{p}`"));
                 }
                 segs.push(Seg::One);
+            } else if !templates && part.contains(['[', ']', '?', '{', '}']) {
+                return Err(format!(
+                    "`{p}` is not a glob: principal patterns know only whole-segment `*` and a final `**` ([, ], ?, {{ and }} never occur in a SPIFFE ID)"
+                ));
             } else if part.contains('*') || part.contains('{') || part.contains('}') {
                 return Err(format!("wildcards must be whole segments: `{p}`"));
             } else {
@@ -151,6 +162,10 @@ mod tests {
         assert!(SegPattern::compile("/a*b", true).is_err());
         assert!(SegPattern::compile("/{a-b}", true).is_err());
         assert!(SegPattern::compile("/{x}", false).is_err(), "no templates in principals");
+        for bad in ["spiffe://td/[a-z", "spiffe://td/agent-[0-9]", "spiffe://td/a?", "spiffe://td/a]"] {
+            let e = SegPattern::compile(bad, false).unwrap_err();
+            assert!(e.contains("not a glob"), "{bad}: {e}");
+        }
     }
 
     #[test]

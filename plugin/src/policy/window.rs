@@ -9,10 +9,12 @@ const DAY: u64 = 86_400;
 const DAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
     /// Days of week (`mon`..`sun`); empty = every day.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(r"^(mon|tue|wed|thu|fri|sat|sun)$"))))]
     pub days: Vec<String>,
     /// `HH:MM-HH:MM` ranges, UTC, end exclusive; may cross midnight. Empty = all day.
     #[serde(default)]
