@@ -74,6 +74,7 @@ fn examples() -> Vec<(String, Value)> {
     let doc: Value = serde_norway::from_str(&manifest).unwrap();
     out.push(("envoy/istio/wasmplugin.yaml spec.pluginConfig".into(), doc["spec"]["pluginConfig"].clone()));
     out.push(("{}".into(), json!({})));
+    out.push(("$schema".into(), json!({"$schema": "../plugin/config.schema.json"})));
     out
 }
 
@@ -125,6 +126,7 @@ fn invalid_cases() -> Vec<Case> {
         case(r#""identity""#, "."),
         case("null", "."),
         case(r#"{"surprise": true}"#, "surprise"),
+        case(r#"{"$schema": 1}"#, "$schema"),
         // identity
         case(r#"{"identity": {"header": "Authorization"}}"#, "identity.header"),
         case(r#"{"identity": {"header": ""}}"#, "identity.header"),

@@ -33,6 +33,9 @@ impl std::error::Error for ConfigError {}
 #[cfg_attr(feature = "schema", schemars(extend("$id" = "https://mandate.dev/schema/plugin-config.json")))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Ignored by the filter: where editors find this JSON Schema (plugin/config.schema.json).
+    #[serde(default, rename = "$schema")]
+    pub schema: Option<String>,
     #[serde(default)]
     pub identity: IdentityConfig,
     #[serde(default)]
@@ -931,6 +934,21 @@ mod tests {
         assert_eq!(c.identity.header, "authorization");
         let c = parse(b" {} ").unwrap();
         assert_eq!(c.upstream.decision_id_header, "x-mandate-decision-id");
+    }
+
+    #[test]
+    fn a_non_object_configuration_is_refused_naming_the_root() {
+        for raw in ["[]", "[{}]", "5", "\"{}\"", "null", "true"] {
+            let e = parse(raw.as_bytes()).unwrap_err();
+            assert_eq!(e.field, ".", "{raw}: {e}");
+        }
+    }
+
+    #[test]
+    fn dollar_schema_is_accepted_for_editors_and_must_be_a_string() {
+        let c = parse(br#"{"$schema": "./plugin/config.schema.json"}"#).unwrap();
+        assert_eq!(c.schema.as_deref(), Some("./plugin/config.schema.json"));
+        assert_eq!(parse(br#"{"$schema": 1}"#).unwrap_err().field, "$schema");
     }
 
     #[test]
