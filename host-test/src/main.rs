@@ -9,6 +9,7 @@ use mandate_host_test::{run_request, ConfigRejected, Host, RequestSpec};
 
 mod config_cli;
 mod policy_cli;
+mod token_cli;
 
 const REQUEST_HELP: &str = r#"REQUEST FILE FORMAT (JSON; every field optional):
   method, path, authority, scheme   request line (GET, /, example.com, http);
@@ -62,6 +63,9 @@ enum Command {
     /// Plugin configuration: check a file as the filter would, print the JSON Schema.
     #[command(subcommand)]
     Config(config_cli::ConfigCommand),
+    /// Tokens: decode one and say whether (and why not) the filter would accept it.
+    #[command(subcommand)]
+    Token(token_cli::TokenCommand),
 }
 
 #[derive(clap::Args)]
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Policy(cmd) => policy_cli::run(cmd),
         Command::Config(cmd) => config_cli::run(cmd),
+        Command::Token(cmd) => token_cli::run(cmd),
     };
     match result {
         Ok(code) => code,
