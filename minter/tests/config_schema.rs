@@ -19,7 +19,7 @@ fn committed_schema_is_what_the_types_generate() {
         std::fs::write(&path, schema_text()).unwrap();
     }
     let old = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(old == schema_text(), "minter/config.schema.json is stale: run `cargo run -p mandate-minter -- config-schema > minter/config.schema.json`");
+    assert!(old == schema_text(), "minter/config.schema.json is stale: run `cargo run -p mandate-minter --bin mandate-minter -- config-schema > minter/config.schema.json`");
 }
 
 fn validator() -> jsonschema::Validator {

@@ -30,7 +30,6 @@ impl std::error::Error for ConfigError {}
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[cfg_attr(feature = "schema", schemars(extend("$id" = "https://mandate.dev/schema/plugin-config.json")))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Ignored by the filter: where editors find this JSON Schema (plugin/config.schema.json).
