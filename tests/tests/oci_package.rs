@@ -46,7 +46,7 @@ fn prerequisites(test: &str) -> Option<PathBuf> {
     let mut missing: Vec<String> = ["python3", "skopeo", "docker-registry", "tar", "gzip", "git"]
         .into_iter()
         .filter(|t| !on_path(t))
-        .map(|t| format!("{t} not on PATH (scripts/setup installs it)"))
+        .map(|t| format!("{t} not on PATH (scripts/setup installs skopeo and docker-registry)"))
         .collect();
     let wasm = match mandate_e2e::plugin_wasm() {
         Ok(p) => Some(p),
