@@ -329,3 +329,137 @@ fn oci_image_round_trips_through_a_registry() -> Result<()> {
     );
     Ok(())
 }
+
+/// The built `mandate-minter` (`target/debug`, which `cargo build --workspace` makes), or `None`
+/// (skipped) when it or a tool is missing and `MANDATE_REQUIRE_ENVOY` is unset.
+fn minter_prerequisites(test: &str) -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let target = if target.is_absolute() { target } else { workspace_root().join(target) };
+    let bin = target.join("debug/mandate-minter");
+    let mut missing: Vec<String> = ["python3", "tar", "ldd", "git"]
+        .into_iter()
+        .filter(|t| !on_path(t))
+        .map(|t| format!("{t} not on PATH"))
+        .collect();
+    if !bin.is_file() {
+        missing.push(format!("{} not built (cargo build -p mandate-minter)", bin.display()));
+    }
+    if missing.is_empty() {
+        return Some(bin);
+    }
+    let why = missing.join("; ");
+    if std::env::var_os(REQUIRE_ENV).is_some_and(|v| !v.is_empty()) {
+        panic!("{test}: {REQUIRE_ENV} is set but prerequisites are missing: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}. Set {REQUIRE_ENV}=1 to make this a failure.");
+    None
+}
+
+fn package_minter(bin: &Path, out: &Path) -> Result<String> {
+    let root = workspace_root();
+    let digest = run_text(
+        Command::new(root.join("scripts/package-minter"))
+            .current_dir(&root)
+            .arg("--bin")
+            .arg(bin)
+            .arg("--out")
+            .arg(out)
+            .args(["--tag", TAG, "--source", SOURCE])
+            .env_remove("SOURCE_DATE_EPOCH"),
+    )?;
+    ensure!(digest.len() == 71 && digest.starts_with("sha256:"), "scripts/package-minter printed {digest:?}");
+    Ok(digest)
+}
+
+/// A blob of the layout at `dir` by digest, checked against it.
+fn blob(dir: &Path, digest: &str) -> Result<Vec<u8>> {
+    let hex = digest.strip_prefix("sha256:").context("not a sha256 digest")?;
+    let bytes = fs::read(dir.join("blobs/sha256").join(hex))?;
+    ensure!(sha256_hex(&bytes) == hex, "blob {digest} does not hash to its name");
+    Ok(bytes)
+}
+
+#[test]
+fn minter_image_holds_the_built_binary_and_runs_as_non_root() -> Result<()> {
+    let Some(bin) = minter_prerequisites("minter_image_holds_the_built_binary_and_runs_as_non_root") else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let binary = fs::read(&bin)?;
+    let tmp = tempfile::tempdir()?;
+    let a = tmp.path().join("a");
+    let digest = package_minter(&bin, &a)?;
+    let again = package_minter(&bin, &tmp.path().join("b"))?;
+    assert_eq!(digest, again, "two packagings of one binary and commit differ");
+    check_layout(&a, &digest)?;
+
+    let manifest: Value = serde_json::from_slice(&blob(&a, &digest)?)?;
+    assert_eq!(manifest["mediaType"], MT_MANIFEST);
+    assert_eq!(manifest["config"]["mediaType"], MT_CONFIG);
+    assert_eq!(manifest["annotations"]["mandate.minter.sha256"], sha256_hex(&binary));
+    let config: Value =
+        serde_json::from_slice(&blob(&a, manifest["config"]["digest"].as_str().context("config")?)?)?;
+    let c = &config["config"];
+    assert_eq!(c["User"], "65532:65532", "the image must run as the non-root user: {config}");
+    assert_eq!(c["Entrypoint"], serde_json::json!(["/usr/local/bin/mandate-minter"]));
+    assert!(c["ExposedPorts"]["8181/tcp"].is_object(), "ExposedPorts: {config}");
+    assert_eq!(config["os"], "linux");
+
+    let layers = manifest["layers"].as_array().context("layers")?;
+    assert_eq!(layers.len(), 1);
+    assert_eq!(layers[0]["mediaType"], MT_LAYER);
+    let layer = blob(&a, layers[0]["digest"].as_str().context("layer digest")?)?;
+    let layer_file = tmp.path().join("layer.tar.gz");
+    fs::write(&layer_file, &layer)?;
+    let tar = run(Command::new("gzip").arg("-dc").arg(&layer_file))?;
+    assert_eq!(config["rootfs"]["diff_ids"][0], digest_of(&tar));
+
+    // Unpacked with tar: the binary is the built one, byte for byte, and every library ldd
+    // names for it is there; the state directory belongs to the non-root user.
+    let rootfs = tmp.path().join("rootfs");
+    fs::create_dir(&rootfs)?;
+    run(Command::new("tar").arg("-xzf").arg(&layer_file).arg("-C").arg(&rootfs).arg("--numeric-owner"))?;
+    let inside = fs::read(rootfs.join("usr/local/bin/mandate-minter"))?;
+    assert_eq!(sha256_hex(&inside), sha256_hex(&binary), "the binary in the layer is not the built one");
+    assert!(rootfs.join("etc/ssl/certs/ca-certificates.crt").is_file());
+    let ldd = run_text(Command::new("ldd").arg(&bin))?;
+    for line in ldd.lines() {
+        let path = match line.split(" => ").nth(1) {
+            Some(rest) => rest.split_whitespace().next().unwrap_or(""),
+            None => line.split_whitespace().next().unwrap_or(""),
+        };
+        if let Some(relative) = path.strip_prefix('/') {
+            assert!(rootfs.join(relative).is_file(), "{path} (from ldd) missing from the image");
+        }
+    }
+    let listing = run_text(Command::new("tar").arg("--numeric-owner").arg("-tvzf").arg(&layer_file))?;
+    assert!(
+        listing.lines().any(|l| l.contains(" 65532/65532 ") && l.ends_with("var/lib/mandate-minter/")),
+        "state directory not owned by 65532:\n{listing}"
+    );
+
+    // As root (CI), run the image's entrypoint in its own root as the image's user: the libraries
+    // are complete and the binary needs no root.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 && on_path("chroot") {
+        let out = run_text(
+            Command::new("chroot")
+                .arg("--userspec=65532:65532")
+                .arg(&rootfs)
+                .arg("/usr/local/bin/mandate-minter")
+                .arg("--version"),
+        )?;
+        assert!(out.starts_with("mandate-minter "), "--version in the image: {out}");
+    } else {
+        eprintln!("note: not root; the image's entrypoint was not run in a chroot");
+    }
+    eprintln!(
+        "minter image: {digest} (binary {} bytes, layer {} bytes) in {:.1}s",
+        binary.len(),
+        layer.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
