@@ -452,6 +452,7 @@ fn minter_image_holds_the_built_binary_and_runs_as_non_root() -> Result<()> {
                 .arg("--version"),
         )?;
         assert!(out.starts_with("mandate-minter "), "--version in the image: {out}");
+        serve_in_chroot(&rootfs)?;
     } else {
         eprintln!("note: not root; the image's entrypoint was not run in a chroot");
     }
@@ -461,5 +462,56 @@ fn minter_image_holds_the_built_binary_and_runs_as_non_root() -> Result<()> {
         layer.len(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// A child process killed (and reaped) on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Serves from the unpacked image as 65532 (dev config on a loopback port, state in the image's
+/// `/var/lib/mandate-minter`) and checks `GET /healthz`.
+fn serve_in_chroot(rootfs: &Path) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    fs::write(
+        rootfs.join("etc/mandate-minter/minter.json"),
+        serde_json::json!({
+            "dev": true,
+            "listen": "127.0.0.1:0",
+            "issuer": "https://minter.test",
+            "state_dir": "/var/lib/mandate-minter",
+            "identity": {"audiences": ["mandate-minter"], "trust_domains": [{"name": "example.org",
+                "bundle": {"inline": {"keys": [{"kty": "EC", "crv": "P-256", "use": "jwt-svid", "kid": "k1",
+                    "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                    "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}}}]},
+            "client_auth": {"mode": "none_loopback"}
+        })
+        .to_string(),
+    )?;
+    let mut child = Killed(
+        Command::new("chroot")
+            .arg("--userspec=65532:65532")
+            .arg(rootfs)
+            .args(["/usr/local/bin/mandate-minter", "--config", "/etc/mandate-minter/minter.json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("chroot mandate-minter")?,
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let bound: Value = serde_json::from_str(&line).with_context(|| format!("first line {line:?}"))?;
+    let addr = bound["listening"].as_str().context("no listening address")?;
+    let health = http_get(&format!("http://{addr}/healthz"), &[])?;
+    assert_eq!(health.status, 200, "/healthz: {}", health.text());
+    assert_eq!(health.json()?["status"], "ok");
+    assert!(rootfs.join("var/lib/mandate-minter/minter.sqlite3").is_file(), "no state written as 65532");
     Ok(())
 }
