@@ -129,19 +129,22 @@ fn shipped_plugin_config_is_accepted_by_the_plugin_and_agrees_with_the_mesh() {
     let deploy = doc(&docs, "Deployment");
     let cm = doc(&docs, "ConfigMap");
 
-    // The plugin's own parser accepts the pluginConfig, as Istio hands it over (JSON).
-    let config = &wasm_plugin["spec"]["pluginConfig"];
-    let raw = serde_json::to_vec(config).unwrap();
-    let parsed = mandate_plugin::config::parse(&raw);
-    assert!(parsed.is_ok(), "the plugin refuses the shipped pluginConfig: {:?}", parsed.err());
-
-    // And the built module configures with it (on_configure returns true), when it is built.
-    if let Some(wasm) = wasm_prerequisite("shipped_plugin_config_is_accepted_by_the_plugin_and_agrees_with_the_mesh") {
-        let host = mandate_host_test::Host::from_file(&wasm).expect("load the filter");
-        if let Err(e) = host.new_vm(b"", &raw) {
-            panic!("the wasm module refuses the shipped pluginConfig: {e:#}");
+    // Every shipped pluginConfig, as Istio hands it over (JSON): the plugin's own parser accepts
+    // it, and the built module configures with it (on_configure returns true) when it is built.
+    let wasm = wasm_prerequisite("shipped_plugin_config_is_accepted_by_the_plugin_and_agrees_with_the_mesh");
+    let host = wasm.as_ref().map(|w| mandate_host_test::Host::from_file(w).expect("load the filter"));
+    for d in docs.iter().filter(|d| d["kind"] == "WasmPlugin") {
+        let raw = serde_json::to_vec(&d["doc"]["spec"]["pluginConfig"]).unwrap();
+        if let Err(e) = mandate_plugin::config::parse(&raw) {
+            panic!("the plugin refuses the pluginConfig of {}: {e}", d["file"]);
+        }
+        if let Some(host) = &host {
+            if let Err(e) = host.new_vm(b"", &raw) {
+                panic!("the wasm module refuses the pluginConfig of {}: {e:#}", d["file"]);
+            }
         }
     }
+    let config = &wasm_plugin["spec"]["pluginConfig"];
 
     // The policy is policies/support-agent.policy.json, unchanged.
     let policy_file = workspace_root().join("policies/support-agent.policy.json");
