@@ -104,6 +104,7 @@ fn shipped_manifests_pass_kubernetes_istio_and_project_checks() {
         "ServiceAccount",
         "Deployment",
         "Service",
+        "NetworkPolicy",
     ]
     .into_iter()
     .collect();
