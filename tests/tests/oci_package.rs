@@ -404,7 +404,7 @@ fn minter_image_holds_the_built_binary_and_runs_as_non_root() -> Result<()> {
     let c = &config["config"];
     assert_eq!(c["User"], "65532:65532", "the image must run as the non-root user: {config}");
     assert_eq!(c["Entrypoint"], serde_json::json!(["/usr/local/bin/mandate-minter"]));
-    assert!(c["ExposedPorts"]["8181/tcp"].is_object(), "ExposedPorts: {config}");
+    assert!(c["ExposedPorts"]["8443/tcp"].is_object(), "ExposedPorts: {config}");
     assert_eq!(config["os"], "linux");
 
     let layers = manifest["layers"].as_array().context("layers")?;
