@@ -149,7 +149,22 @@ struct Registry {
 }
 
 impl Registry {
+    /// The port is picked free and then handed over, so another process may take it first:
+    /// a registry that exits at start is retried on another port, twice.
     fn start(dir: &Path) -> Result<Registry> {
+        let mut attempt = 0;
+        loop {
+            match Registry::start_once(dir) {
+                Err(e) if attempt < 2 && format!("{e:#}").contains("exited") => {
+                    eprintln!("docker-registry did not start ({e:#}); another port");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(dir: &Path) -> Result<Registry> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let storage = dir.join("storage");
         fs::create_dir_all(&storage)?;
