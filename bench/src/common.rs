@@ -60,7 +60,7 @@ pub fn plugin_config(bundle: &Value, max_lifetime_s: u64, credential_cache: usiz
 }
 
 /// The minter's configuration: loopback, port 0, one worker, quiet, the same bundle.
-#[allow(dead_code)] // bench-fixture only
+#[allow(dead_code)] // bench-fixture and soak-fixture
 pub fn minter_config(bundle: &Value) -> Value {
     json!({
         "listen": "127.0.0.1:0",

@@ -55,14 +55,7 @@ pub fn verify_signature(req: &[u8]) -> Option<Vec<u8>> {
             use p256::ecdsa::signature::Verifier as _;
             vk.verify(text, &s).is_ok()
         });
-        return Some(result(
-            ok,
-            if ok {
-                ""
-            } else {
-                "Failed to verify digest. Error code: 0"
-            },
-        ));
+        return Some(verdict(ok));
     }
     if let Ok(vk) = p384::ecdsa::VerifyingKey::from_public_key_der(key) {
         if hash != b"sha384" {
@@ -72,14 +65,7 @@ pub fn verify_signature(req: &[u8]) -> Option<Vec<u8>> {
             use p384::ecdsa::signature::Verifier as _;
             vk.verify(text, &s).is_ok()
         });
-        return Some(result(
-            ok,
-            if ok {
-                ""
-            } else {
-                "Failed to verify digest. Error code: 0"
-            },
-        ));
+        return Some(verdict(ok));
     }
     let pk = match rsa::RsaPublicKey::from_public_key_der(key) {
         Ok(pk) => pk,
@@ -100,12 +86,10 @@ pub fn verify_signature(req: &[u8]) -> Option<Vec<u8>> {
             .is_ok(),
         _ => return Some(result(false, "unknown is not supported.")),
     };
-    Some(result(
-        ok,
-        if ok {
-            ""
-        } else {
-            "Failed to verify digest. Error code: 0"
-        },
-    ))
+    Some(verdict(ok))
+}
+
+/// Envoy's answer for a completed check (its error text when the signature is wrong).
+fn verdict(ok: bool) -> Vec<u8> {
+    result(ok, if ok { "" } else { "Failed to verify digest. Error code: 0" })
 }

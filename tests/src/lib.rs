@@ -751,7 +751,7 @@ fn tail(s: &str, n: usize) -> String {
 
 /// On Linux, makes the child die with the thread that spawned it (so a killed test binary does
 /// not leave Envoy behind).
-fn kill_with_parent(cmd: &mut Command) {
+pub fn kill_with_parent(cmd: &mut Command) {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;

@@ -502,7 +502,7 @@ impl MinterProcess {
         std::fs::write(&config_path, config.to_string()).expect("write minter config");
         let mut cmd = Command::new(&bin);
         cmd.arg("--config").arg(&config_path).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        die_with_parent(&mut cmd);
+        mandate_e2e::kill_with_parent(&mut cmd);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         // It prints {"listening": "127.0.0.1:PORT", ...} once bound.
         let stdout = child.stdout.take().expect("stdout");
@@ -548,23 +548,6 @@ impl Drop for MinterProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The child dies with the thread that spawned it (a killed test leaves no minter behind).
-fn die_with_parent(cmd: &mut Command) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = cmd;
 }
 
 /// A loopback port that refuses connections (a socket bound, not listening) until

@@ -108,20 +108,12 @@ fn plugin_config(bundle: &Value) -> Value {
     })
 }
 
+/// The bench's minter, but every task must be registered (the soak churns real tasks).
 fn minter_config(bundle: &Value) -> Value {
-    json!({
-        "listen": "127.0.0.1:0",
-        "issuer": "https://minter.soak.test",
-        "state_dir": "minter-state",
-        "workers": 1,
-        "log_level": "error",
-        "identity": {"audiences": [AUD], "trust_domains": [{"name": TRUST_DOMAIN, "bundle": {"inline": bundle}}]},
-        "audiences": {TRUST_DOMAIN: ["tickets"]},
-        "scopes": {"tickets": ["tickets:read"]},
-        "ttl": {"default_s": 300, "max_s": 300},
-        "dev": true,
-        "tasks": {"require_registered": true, "default_ttl_s": 3600}
-    })
+    let mut cfg = common::minter_config(bundle);
+    cfg["issuer"] = json!("https://minter.soak.test");
+    cfg["tasks"] = json!({"require_registered": true, "default_ttl_s": 3600});
+    cfg
 }
 
 fn main() -> Result<()> {
