@@ -28,11 +28,16 @@ fn validator() -> jsonschema::Validator {
 }
 
 #[test]
-fn the_example_configuration_validates() {
+fn the_example_configurations_validate() {
     let example: Value = serde_json::from_str(&std::fs::read_to_string(repo().join("minter/minter.example.json")).unwrap()).unwrap();
+    // The Kubernetes ConfigMap's minter.json (envoy/istio/minter/config.yaml).
+    let manifest: Value = serde_norway::from_str(&std::fs::read_to_string(repo().join("envoy/istio/minter/config.yaml")).unwrap()).unwrap();
+    let mounted: Value = serde_json::from_str(manifest["data"]["minter.json"].as_str().expect("data.minter.json")).unwrap();
     let v = validator();
-    let errors: Vec<String> = v.iter_errors(&example).map(|e| format!("{e} at {}", e.instance_path())).collect();
-    assert!(errors.is_empty(), "{errors:#?}");
+    for (name, cfg) in [("minter/minter.example.json", example), ("envoy/istio/minter/config.yaml data.minter.json", mounted)] {
+        let errors: Vec<String> = v.iter_errors(&cfg).map(|e| format!("{e} at {}", e.instance_path())).collect();
+        assert!(errors.is_empty(), "{name}: {errors:#?}");
+    }
 }
 
 #[test]
