@@ -1,6 +1,6 @@
 //! MCP JSON-RPC bodies, and the `tools/list` answers the filter rewrites.
 
-use mandate_plugin::mcp::jsonrpc::{parse, strict_value};
+use mandate_plugin::mcp::jsonrpc::{parse, pointer, strict_value};
 use mandate_plugin::mcp::{error_body, filter_tools_list, filter_tools_list_sse};
 use mandate_plugin::reason::Reason;
 use serde_json::Value;
@@ -22,7 +22,8 @@ fn tools_of(v: &Value) -> Vec<String> {
 pub fn mcp_jsonrpc(data: &[u8]) {
     match parse(data) {
         Ok(m) => {
-            let v = strict_value(data).unwrap_or_else(|e| panic!("accepted a body the strict reader refuses: {e}"));
+            let text = std::str::from_utf8(data).unwrap_or_else(|e| panic!("accepted a body that is not UTF-8: {e}"));
+            let v = strict_value(text).unwrap_or_else(|e| panic!("accepted a body the strict reader refuses: {e}"));
             assert_eq!(v.get("jsonrpc").and_then(Value::as_str), Some("2.0"), "accepted without jsonrpc 2.0");
             assert_eq!(v.get("method").and_then(Value::as_str), Some(m.method.as_str()), "method is not the body's");
             assert!(!m.method.is_empty(), "accepted an empty method");
@@ -32,7 +33,12 @@ pub fn mcp_jsonrpc(data: &[u8]) {
             }
             assert_eq!(m.id, v.get("id").cloned(), "id is not the body's");
             if let Some(args) = &m.arguments {
-                assert_eq!(v.pointer("/params/arguments").and_then(Value::as_object), Some(args), "arguments are not the body's");
+                let whole = v.pointer("/params/arguments").and_then(Value::as_object);
+                assert_eq!(whole, m.arguments_map().as_ref(), "arguments are not the body's");
+                // Read in place, each member is what a full parse finds.
+                for (k, want) in whole.into_iter().flatten() {
+                    assert_eq!(pointer(args, &[k.clone()]).as_ref(), Some(want), "pointer /{k} is not the body's");
+                }
             }
             if let Some(n) = &m.name {
                 assert_eq!(v.pointer("/params/name").and_then(Value::as_str), Some(n.as_str()), "name is not the body's");

@@ -116,7 +116,7 @@ impl McpHeaders {
 
     /// The call as the headers describe it, if they describe it completely (a method that
     /// names a tool, prompt or URI needs `Mcp-Name`).
-    pub fn call(&self) -> Option<McpCall> {
+    pub fn call(&self) -> Option<McpCall<'static>> {
         if !self.fast_path() {
             return None;
         }
@@ -144,9 +144,10 @@ pub fn agree(h: &McpHeaders, m: &super::jsonrpc::Message) -> bool {
         }
     }
     for (pname, value) in &h.params {
-        let mut found = m.arguments.iter().flatten().filter(|(k, _)| k.eq_ignore_ascii_case(pname));
-        let (Some((_, v)), None) = (found.next(), found.next()) else { return false };
-        let same = match v {
+        let mut found = m.arguments.iter().flat_map(|a| a.members.iter()).filter(|(k, _)| k.eq_ignore_ascii_case(pname));
+        let (Some((_, raw)), None) = (found.next(), found.next()) else { return false };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw.get().as_bytes()) else { return false };
+        let same = match &v {
             serde_json::Value::String(s) => s == value,
             serde_json::Value::Number(_) | serde_json::Value::Bool(_) | serde_json::Value::Null => value.as_str() == v.to_string().as_str(),
             _ => false,

@@ -60,7 +60,7 @@ pub fn filter_tools_list(body: &[u8], allowed: impl Fn(&str) -> bool) -> Result<
     if body.len() > MAX_TOOLS_LIST_BYTES {
         return Err(Unfilterable::TooLarge);
     }
-    let Ok(Value::Object(mut m)) = jsonrpc::strict_value(body) else { return Err(Unfilterable::NotJson) };
+    let Ok(Value::Object(mut m)) = std::str::from_utf8(body).map_err(|_| ()).and_then(|t| jsonrpc::strict_value(t).map_err(|_| ())) else { return Err(Unfilterable::NotJson) };
     if m.get("error").is_some() && m.get("result").is_none() {
         return Ok(body.to_vec());
     }
@@ -103,7 +103,7 @@ pub fn filter_tools_list_sse(body: &[u8], allowed: impl Fn(&str) -> bool) -> Res
         }
         let joined = data.join("\n");
         let is_list = !data.is_empty() && {
-            let v = jsonrpc::strict_value(joined.as_bytes()).map_err(|_| Unfilterable::NotJson)?;
+            let v = jsonrpc::strict_value(&joined).map_err(|_| Unfilterable::NotJson)?;
             v.get("result").and_then(|r| r.get("tools")).is_some()
         };
         for line in &other {

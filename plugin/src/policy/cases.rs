@@ -175,9 +175,9 @@ impl CaseMcp {
     }
 
     /// The call as the filter reads it from the body (the same strict parser).
-    pub fn call(&self) -> Result<McpCall, Reason> {
+    pub fn call(&self) -> Result<McpCall<'static>, Reason> {
         let body = self.body().to_string();
-        crate::mcp::jsonrpc::parse(body.as_bytes()).map(|m| m.into_call()).map_err(|e| e.reason)
+        crate::mcp::jsonrpc::parse(body.as_bytes()).map(|m| m.into_owned_call()).map_err(|e| e.reason)
     }
 }
 

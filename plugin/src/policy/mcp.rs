@@ -719,16 +719,40 @@ enum One {
     NeedBody,
 }
 
-/// The arguments of a call: the whole object from the body, or what the headers mirror.
+/// The arguments of a call: the object from the body (borrowed, as sent), an object from a
+/// case file, or what the headers mirror.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub enum McpArgs {
+pub enum McpArgs<'a> {
     /// No arguments (`params.arguments` absent).
     #[default]
     None,
+    /// A parsed object (case files, tests).
     Body(Map<String, Value>),
+    /// The request body's `arguments`, read in place (see [`crate::mcp::jsonrpc::pointer`]).
+    Raw(RawArgs<'a>),
     /// `Mcp-Param-{Name}` values: (lowercased name, decoded value). Only top-level arguments,
     /// as strings; anything else needs the body.
     Headers(Vec<(String, String)>),
+}
+
+/// A strict, duplicate-free JSON object from the request body: its top-level members, each
+/// borrowed as sent (keys unescaped).
+#[derive(Debug, Clone, Default)]
+pub struct RawArgs<'a> {
+    pub members: Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)>,
+}
+
+impl<'a> RawArgs<'a> {
+    /// The member named `key` (duplicates were refused when the body was read).
+    pub fn get(&self, key: &str) -> Option<&'a serde_json::value::RawValue> {
+        self.members.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+impl PartialEq for RawArgs<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.members.len() == other.members.len() && self.members.iter().zip(&other.members).all(|((k, v), (ok, ov))| k == ok && v.get() == ov.get())
+    }
 }
 
 /// Where the call was read from.
@@ -744,17 +768,17 @@ pub enum McpSource {
 
 /// One MCP call, as judged.
 #[derive(Debug, Clone, PartialEq)]
-pub struct McpCall {
+pub struct McpCall<'a> {
     pub method: String,
     /// The tool (tools/call) or prompt (prompts/get).
     pub name: Option<String>,
     /// resources/read.
     pub uri: Option<String>,
-    pub arguments: McpArgs,
+    pub arguments: McpArgs<'a>,
     pub source: McpSource,
 }
 
-impl McpCall {
+impl McpCall<'_> {
     /// The tool a tools/call names.
     pub fn tool(&self) -> Option<&str> {
         if self.method == "tools/call" {
@@ -767,8 +791,12 @@ impl McpCall {
 
 fn resolve<'v>(tokens: &[String], args: &'v Map<String, Value>) -> Option<&'v Value> {
     let (first, rest) = tokens.split_first()?;
-    let mut v = args.get(first)?;
-    for t in rest {
+    resolve_within(rest, args.get(first)?)
+}
+
+/// The value `tokens` (an RFC 6901 pointer's, past its first) name below `v`.
+pub fn resolve_within<'v>(tokens: &[String], mut v: &'v Value) -> Option<&'v Value> {
+    for t in tokens {
         v = match v {
             Value::Object(m) => m.get(t)?,
             Value::Array(a) => {
@@ -813,7 +841,7 @@ fn uri_safe(u: &str) -> bool {
 
 fn json_number(s: &str) -> Option<f64> {
     // Strict JSON number grammar (serde_json), never `NaN`, `inf` or `0x10`.
-    match crate::mcp::jsonrpc::strict_value(s.as_bytes()).ok()? {
+    match crate::mcp::jsonrpc::strict_value(s).ok()? {
         Value::Number(n) => n.as_f64(),
         _ => None,
     }
@@ -830,6 +858,7 @@ fn check_one(c: &ArgConstraint, call: &McpCall, ctx: &ArgContext<'_>) -> One {
     let value: Option<Value> = match &call.arguments {
         McpArgs::None => None,
         McpArgs::Body(m) => resolve(&c.tokens, m).cloned(),
+        McpArgs::Raw(r) => crate::mcp::jsonrpc::pointer(r, &c.tokens),
         McpArgs::Headers(h) => {
             // Only a top-level argument can come from a header; its value is text.
             let found = match (c.tokens.len(), c.top()) {
@@ -839,10 +868,10 @@ fn check_one(c: &ArgConstraint, call: &McpCall, ctx: &ArgContext<'_>) -> One {
             let Some(text) = found else { return One::NeedBody };
             match &c.check {
                 Check::Range(..) => match json_number(text) {
-                    Some(_) => crate::mcp::jsonrpc::strict_value(text.as_bytes()).ok(),
+                    Some(_) => crate::mcp::jsonrpc::strict_value(text).ok(),
                     None => return One::NeedBody,
                 },
-                Check::Equals(v) if !v.is_string() => match crate::mcp::jsonrpc::strict_value(text.as_bytes()) {
+                Check::Equals(v) if !v.is_string() => match crate::mcp::jsonrpc::strict_value(text) {
                     Ok(parsed) if !parsed.is_string() => Some(parsed),
                     _ => return One::NeedBody,
                 },

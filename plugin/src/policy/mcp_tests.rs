@@ -64,7 +64,7 @@ fn compile_err(v: Value) -> String {
     Policy::compile(&c, "policy").unwrap_err().to_string()
 }
 
-fn body_call(method: &str, name: Option<&str>, args: Value) -> McpCall {
+fn body_call(method: &str, name: Option<&str>, args: Value) -> McpCall<'static> {
     McpCall {
         method: method.into(),
         name: name.map(str::to_string),
@@ -77,7 +77,7 @@ fn body_call(method: &str, name: Option<&str>, args: Value) -> McpCall {
     }
 }
 
-fn tool(name: &str, args: Value) -> McpCall {
+fn tool(name: &str, args: Value) -> McpCall<'static> {
     body_call("tools/call", Some(name), args)
 }
 

@@ -481,7 +481,7 @@ pub struct PolicyInput<'a> {
     /// checks the task's registration at every exchange.
     pub minter: bool,
     /// The MCP call, for a POST to an MCP resource.
-    pub mcp: Option<&'a McpCall>,
+    pub mcp: Option<&'a McpCall<'a>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
