@@ -735,6 +735,10 @@ def main():
     p(target_line("MCP body path / warm  (j)/(e)", summary["mcp_body_vs_warm"], TARGETS["mcp_body_vs_warm"], ">="))
     p(target_line("MCP header / warm POST  (i)/(q)", summary["mcp_header_vs_warm_post"], TARGETS["mcp_header_vs_warm_post"], ">="))
     p(target_line("MCP body / warm POST  (j)/(q)", summary["mcp_body_vs_warm_post"], TARGETS["mcp_body_vs_warm_post"], ">="))
+    if ratio("q", "e") is not None:
+        # What (i)/(e) and (j)/(e) could reach if reading the call cost nothing: the same filter
+        # and the same POST to a plain resource, against (e)'s GET.
+        p(f"  {'  ceiling of (i)/(e): (q)/(e)':<34} {ratio('q', 'e'):>10.2f}   (the request, not the filter: POST + 1 KB body + buffer filter)")
     p(target_line("two-hop delegation / warm  (k)/(e)", summary["delegation_vs_warm"], TARGETS["delegation_vs_warm"], ">="))
     p(target_line("RSS per worker VM over no-op, MB", summary["rss_delta_per_vm_mb"], TARGETS["rss_delta_per_vm_mb_max"], "<="))
     print("\n".join(lines), flush=True)
@@ -759,6 +763,8 @@ def main():
         "g_vs_jwt_authn_uncached": ratio("g", "d"),
         # Diagnostic (p): the MCP request (POST, 1 KB body, buffer filter) with no mandate, against (a).
         "mcp_request_no_filter_vs_no_filter": ratio("p", "a"),
+        # The ceiling of (i)/(e) and (j)/(e): (i)'s POST to a plain resource, no MCP work.
+        "mcp_post_vs_warm_get": ratio("q", "e"),
         "memory_per_vm": memory_per_vm,
         "rss_delta_fixed_mb": round(memory_per_vm["fixed_bytes"] / 2**20, 1)
         if memory_per_vm and memory_per_vm["fixed_bytes"] is not None else None,
