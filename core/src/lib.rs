@@ -1,7 +1,8 @@
-//! mandate: zero-trust policy for workloads and AI agents, as a proxy-wasm filter.
+//! mandate-core: the decision core of mandate, zero-trust policy for workloads and AI agents.
 //!
-//! Everything except [`shell`] is host-independent and tested natively; the
-//! shell is the only code that makes proxy-wasm host calls.
+//! Host-independent and tested natively: it makes no host calls. Its faces build on it:
+//! the proxy-wasm filter (plugin/), the WebAssembly component (component/), the `mandate`
+//! CLI (host-test/) and the minter's verification (minter/).
 #![cfg_attr(
     test,
     allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
@@ -20,9 +21,6 @@ pub mod reason;
 pub mod record;
 #[cfg(feature = "testkit")]
 pub mod testkit;
-
-#[cfg(target_arch = "wasm32")]
-mod shell;
 
 /// Version reported in logs and decision records.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,9 +1,9 @@
 //! `mandate policy lint|test|explain`: the policy engine's command-line face.
-//! Same engine code as the filter (`mandate_plugin::policy`).
+//! Same engine code as the filter (`mandate_core::policy`).
 
 use anyhow::{bail, Context as _, Result};
-use mandate_plugin::policy::cases::{self, CaseRequest};
-use mandate_plugin::policy::lint;
+use mandate_core::policy::cases::{self, CaseRequest};
+use mandate_core::policy::lint;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
