@@ -9,6 +9,7 @@
 )]
 
 pub mod config;
+pub mod decide;
 pub mod decision;
 pub mod delegation;
 pub mod engine;
