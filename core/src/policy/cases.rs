@@ -436,7 +436,8 @@ fn effect_name(d: &PolicyDecision) -> &'static str {
     }
 }
 
-fn check(case: &Case, d: &PolicyDecision) -> CaseResult {
+/// A decision against the case's expectation (shared by every engine `mandate policy test` runs).
+pub fn check(case: &Case, d: &PolicyDecision) -> CaseResult {
     let e = &case.expect;
     let mut ok = e.effect == effect_name(d);
     if let Some(r) = &e.reason {
