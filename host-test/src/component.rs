@@ -205,3 +205,65 @@ pub fn core_reason(r: wit::Reason) -> CoreReason {
         RevocationsStale,
     )
 }
+
+/// An HTTP request of `mandate run` (a [`RequestSpec`](crate::RequestSpec)) as the component's
+/// request, read the way the filter reads it: the bearer token from the configured identity
+/// header, the intent, task and intent token from their headers, a standing secret from the
+/// policy's headers or Basic auth, an MCP call from a JSON-RPC body (the filter's strict parser
+/// first: `Err` is its reason). A Txn-Token is refused: the component takes delegation as a
+/// verified token described, not raw.
+pub fn request_from_http(spec: &crate::RequestSpec, config: &mandate_core::config::Config) -> Result<DecideRequest, String> {
+    use mandate_core::headers::Headers;
+    use mandate_core::policy::cases::CaseMcp;
+    use mandate_core::policy::intent::{INTENT_HEADER, INTENT_TOKEN_HEADER, TASK_HEADER};
+    let headers = Headers::new(spec.headers.to_headers());
+    let text = |name: &str| -> Result<Option<String>, String> {
+        match headers.single(name) {
+            Ok(v) => Ok(v.map(|b| String::from_utf8_lossy(b).into_owned())),
+            Err(_) => Err(format!("header {name} appears more than once")),
+        }
+    };
+    if let Some(d) = &config.delegation {
+        if headers.contains(&d.header) {
+            return Err(format!("a delegated request ({} header): the component takes the verified Txn-Token described (request.delegation), not the raw token", d.header));
+        }
+    }
+    let token = mandate_core::engine::bearer_token(&headers, config).map_err(|r| r.code().to_string())?;
+    let standing_secret = config.policy.as_ref().is_some_and(|p| p.standing_secret_headers.iter().any(|n| headers.contains(n)))
+        || headers.all("authorization").any(|v| v.get(..6).is_some_and(|s| s.eq_ignore_ascii_case(b"basic ")));
+    let body = spec.body_bytes().map_err(|e| e.to_string())?;
+    let mcp = match body.as_deref().filter(|b| !b.is_empty() && spec.method == "POST") {
+        None => None,
+        Some(b) => {
+            mandate_core::mcp::jsonrpc::parse(b).map_err(|e| e.reason.code().to_string())?;
+            let v: serde_json::Value = serde_json::from_slice(b).map_err(|e| e.to_string())?;
+            let s = |k: &str| v.pointer(k).and_then(|x| x.as_str()).map(str::to_string);
+            Some(CaseMcp {
+                method: s("/method").unwrap_or_default(),
+                name: s("/params/name"),
+                uri: s("/params/uri"),
+                arguments: v.pointer("/params/arguments").cloned(),
+                id: None,
+                headers: None,
+            })
+        }
+    };
+    let now = match &spec.time {
+        Some(t) => t.unix_nanos().map_err(|e| e.to_string())? / 1_000_000_000,
+        None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs(),
+    };
+    Ok(DecideRequest {
+        caller: CoreCaller::Token(String::from_utf8_lossy(token).into_owned()),
+        intent: text(INTENT_HEADER)?,
+        task: text(TASK_HEADER)?,
+        intent_proof: text(INTENT_TOKEN_HEADER)?.map(CoreProof::Token),
+        method: spec.method.clone(),
+        authority: spec.authority.clone(),
+        path: spec.path.clone(),
+        mcp,
+        delegation: None,
+        now,
+        environment: None,
+        standing_secret,
+    })
+}

@@ -189,3 +189,73 @@ fn wit_reason_enum_is_every_core_reason_in_order() {
     let core: Vec<String> = Reason::ALL.iter().map(|r| r.code().replace('_', "-")).collect();
     assert_eq!(wit_cases, core);
 }
+
+/// `mandate run --engine component` and the proxy-wasm filter on the test host (what `mandate
+/// run --engine plugin` drives) read the same HTTP request and agree: an allowed tool call, one above its
+/// argument limit, a forged token, a missing intent, a malformed JSON-RPC body.
+#[test]
+fn mandate_run_component_and_plugin_agree_on_http_requests() {
+    if component("mandate_run_component_and_plugin_agree_on_http_requests").is_none() {
+        return;
+    }
+    let Some(host) = common::host("mandate_run_component_and_plugin_agree_on_http_requests") else { return };
+    let key = TestKey::es256("k1");
+    host.set_time_secs(NOW);
+    let mut vm = host.new_vm(b"", token_config(&key).as_bytes()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, token_config(&key)).unwrap();
+    let token = key.sign(&svid_claims(SUB, AUD, NOW - 10, NOW + 300));
+    let forged = TestKey::es256("k1").sign(&svid_claims(SUB, AUD, NOW - 10, NOW + 300));
+    let call = |amount: i64| json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "refund", "arguments": {"amount": amount}}}).to_string();
+    let cases = [
+        ("allowed", token.as_str(), Some("support.refund"), call(42)),
+        ("argument_not_allowed", token.as_str(), Some("support.refund"), call(420)),
+        ("signature_invalid", forged.as_str(), Some("support.refund"), call(1)),
+        ("intent_required", token.as_str(), None, call(1)),
+        ("mcp_malformed", token.as_str(), Some("support.refund"), r#"{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "method": "tools/list"}"#.to_string()),
+    ];
+    for (want, tok, intent, body) in cases {
+        let mut headers = vec![json!(["authorization", format!("Bearer {tok}")]), json!(["content-type", "application/json"])];
+        if let Some(i) = intent {
+            headers.push(json!(["x-agent-intent", i]));
+        }
+        let spec = json!({"method": "POST", "authority": "mcp.internal", "path": "/mcp", "headers": headers, "body": body, "time": NOW});
+        let req = dir.path().join("request.json");
+        std::fs::write(&req, spec.to_string()).unwrap();
+        // The filter on the test host (in process: one compilation), as `mandate run` drives it.
+        let spec_parsed: mandate_host_test::RequestSpec = serde_json::from_value(spec.clone()).unwrap();
+        let plugin = serde_json::to_value(mandate_host_test::run_request(&host, &mut vm, &spec_parsed).unwrap()).unwrap();
+        let run = |engine: &str| -> Value {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mandate"));
+            cmd.args(["run", "--engine", engine, "--config"]).arg(&cfg).arg("--request").arg(&req).arg("--compact");
+            cmd.arg("--component").arg(std::env::var_os("MANDATE_COMPONENT_WASM").map(PathBuf::from).unwrap_or_else(default_component_path));
+            let out = cmd.output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if want == "mcp_malformed" && engine == "component" {
+                // The filter's strict JSON-RPC reader refuses it before the component is asked.
+                assert_eq!(out.status.code(), Some(1), "{stdout}");
+                assert!(String::from_utf8_lossy(&out.stderr).contains("mcp_malformed"));
+                return json!({"reason": "mcp_malformed"});
+            }
+            assert!(out.status.success(), "{engine}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_str(&stdout).unwrap()
+        };
+        // The filter's verdict: forwarded, or a local reply naming its reason (JSON-RPC error
+        // data for MCP calls).
+        let reason = if plugin["verdict"] == json!("forwarded") {
+            json!("allowed")
+        } else {
+            let body: Value = serde_json::from_str(plugin["local_reply"]["body"].as_str().unwrap()).unwrap();
+            body.pointer("/error/data/reason").or_else(|| body.get("reason")).cloned().unwrap_or_else(|| panic!("no reason: {body}"))
+        };
+        let comp = run("component");
+        assert_eq!(reason, json!(want), "plugin: {plugin}");
+        assert_eq!(comp["reason"], json!(want), "component: {comp}");
+        if want == "allowed" {
+            assert_eq!(comp["effect"], json!("allow"));
+            assert_eq!(comp["scopes"], json!(["refunds:write"]));
+            assert_eq!(comp["record"]["identity"], json!(SUB));
+        }
+    }
+}
