@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Node's WASI runs `_start`; the filter's own exports (proxy_on_*, _initialize) come along with the
-# plugin crate and are hidden, and its proxy-wasm imports are stubs that are never called.
+# Node's WASI runs `_start`. bench-core links mandate-core alone (no proxy-wasm shell); any import
+# beyond WASI is a stub that throws, so a host call sneaking into the core would show here.
 RUNNER = r"""
 import { readFile } from 'node:fs/promises';
 import { WASI } from 'node:wasi';

@@ -1,9 +1,9 @@
 //! Trust bundles (SPIFFE bundle or JWKS), inline and fetched.
 
 use crate::NOW;
-use mandate_plugin::config;
-use mandate_plugin::identity::bundles::BundleStore;
-use mandate_plugin::identity::jwks::parse_bundle;
+use mandate_core::config;
+use mandate_core::identity::bundles::BundleStore;
+use mandate_core::identity::jwks::parse_bundle;
 
 /// Any bytes as a bundle: parsed the same way twice; a fetched body installs a bundle exactly
 /// when it parses (and does not roll the sequence back), and a refused fetch never replaces

@@ -4,13 +4,13 @@
 use crate::headers::lines_to_pairs;
 use crate::input::{replace, with_svid_key, Reader};
 use crate::NOW;
-use mandate_plugin::config;
-use mandate_plugin::decision::Effect;
-use mandate_plugin::engine::{Decision, Engine, Outcome, Request, Verdict};
-use mandate_plugin::headers::Headers;
-use mandate_plugin::mcp::jsonrpc;
-use mandate_plugin::mint::MintError;
-use mandate_plugin::policy::{Policy, PolicyConfig, PolicyInput, SignedIntent};
+use mandate_core::config;
+use mandate_core::decision::Effect;
+use mandate_core::engine::{Decision, Engine, Outcome, Request, Verdict};
+use mandate_core::headers::Headers;
+use mandate_core::mcp::jsonrpc;
+use mandate_core::mint::MintError;
+use mandate_core::policy::{Policy, PolicyConfig, PolicyInput, SignedIntent};
 use serde_json::json;
 
 /// The principal a request acts as when its lines name none (`@sub: ...`).

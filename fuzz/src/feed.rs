@@ -2,8 +2,8 @@
 
 use crate::input::Reader;
 use crate::NOW;
-use mandate_plugin::config;
-use mandate_plugin::mint::{self, parse_feed, Expected, Revocation, RevocationConfig, RevocationFeed, RevocationKind, RevokedSet};
+use mandate_core::config;
+use mandate_core::mint::{self, parse_feed, Expected, Revocation, RevocationConfig, RevocationFeed, RevocationKind, RevokedSet};
 
 fn revoked(set: &RevokedSet, r: &Revocation) -> bool {
     match (r.kind, &r.subject) {

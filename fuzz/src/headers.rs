@@ -1,8 +1,8 @@
 //! Header maps (the proxy-wasm wire layout), the declared intent and task, MCP headers.
 
-use mandate_plugin::headers::{serialize_pairs, Headers};
-use mandate_plugin::mcp::headers::{decode_value, read};
-use mandate_plugin::policy::intent::{declared_intent, declared_task, INTENT_HEADER, TASK_HEADER};
+use mandate_core::headers::{serialize_pairs, Headers};
+use mandate_core::mcp::headers::{decode_value, read};
+use mandate_core::policy::intent::{declared_intent, declared_task, INTENT_HEADER, TASK_HEADER};
 
 /// `name: value` lines (or the whole line as a name), the way the smoke and seeds spell
 /// requests. Names keep their case; values their bytes.

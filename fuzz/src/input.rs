@@ -1,6 +1,6 @@
 //! Reading structured values out of fuzz bytes, and the in-process signing key.
 
-use mandate_plugin::testkit::TestKey;
+use mandate_core::testkit::TestKey;
 
 /// Takes values from the front of the input; past the end every read is empty or zero.
 pub struct Reader<'a> {

@@ -2,8 +2,8 @@
 
 use crate::input::{with_svid_key, Reader};
 use crate::NOW;
-use mandate_plugin::policy::intent::IntentVerifier;
-use mandate_plugin::policy::IntentIssuerConfig;
+use mandate_core::policy::intent::IntentVerifier;
+use mandate_core::policy::IntentIssuerConfig;
 use serde_json::{json, Value};
 
 const ISSUER: &str = "https://intents.example";

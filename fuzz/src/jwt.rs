@@ -2,10 +2,10 @@
 
 use crate::input::{with_svid_key, Reader};
 use crate::NOW;
-use mandate_plugin::config;
-use mandate_plugin::identity::jws::{self, Kind};
-use mandate_plugin::identity::spiffe_id::SpiffeId;
-use mandate_plugin::identity::Verifier;
+use mandate_core::config;
+use mandate_core::identity::jws::{self, Kind};
+use mandate_core::identity::spiffe_id::SpiffeId;
+use mandate_core::identity::Verifier;
 use serde_json::{json, Value};
 
 pub const AUD: &str = "spiffe://example.org/gateway";

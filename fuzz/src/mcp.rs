@@ -1,8 +1,8 @@
 //! MCP JSON-RPC bodies, and the `tools/list` answers the filter rewrites.
 
-use mandate_plugin::mcp::jsonrpc::{parse, pointer, strict_value};
-use mandate_plugin::mcp::{error_body, filter_tools_list, filter_tools_list_sse};
-use mandate_plugin::reason::Reason;
+use mandate_core::mcp::jsonrpc::{parse, pointer, strict_value};
+use mandate_core::mcp::{error_body, filter_tools_list, filter_tools_list_sse};
+use mandate_core::reason::Reason;
 use serde_json::Value;
 
 fn allowed(name: &str) -> bool {

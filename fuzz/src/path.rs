@@ -1,6 +1,6 @@
 //! Request-target normalisation: what the policy matches is what the service sees.
 
-use mandate_plugin::policy::path::{normalize, normalize_authority};
+use mandate_core::policy::path::{normalize, normalize_authority};
 
 fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')

@@ -1,6 +1,6 @@
 //! SPIFFE IDs, against a second reading of the SPIFFE-ID specification written here.
 
-use mandate_plugin::identity::spiffe_id::{validate_trust_domain, SpiffeId, MAX_ID_BYTES, MAX_TRUST_DOMAIN_BYTES};
+use mandate_core::identity::spiffe_id::{validate_trust_domain, SpiffeId, MAX_ID_BYTES, MAX_TRUST_DOMAIN_BYTES};
 
 /// The specification read again, byte by byte: `spiffe://`, a trust domain of 1..=255 bytes
 /// of `[a-z0-9._-]`, then zero or more `/segment` with each segment non-empty, not `.` or

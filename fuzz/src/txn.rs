@@ -3,10 +3,10 @@
 use crate::input::{with_svid_key, with_txn_key, Reader};
 use crate::jwt::{AUD, TD};
 use crate::NOW;
-use mandate_plugin::config;
-use mandate_plugin::delegation::verify::DelegationVerifier;
-use mandate_plugin::identity::spiffe_id::SpiffeId;
-use mandate_plugin::identity::Verifier;
+use mandate_core::config;
+use mandate_core::delegation::verify::DelegationVerifier;
+use mandate_core::identity::spiffe_id::SpiffeId;
+use mandate_core::identity::Verifier;
 use serde_json::json;
 
 pub const ISS: &str = "https://minter.example";

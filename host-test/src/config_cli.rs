@@ -1,8 +1,8 @@
 //! `mandate config check|schema`: the plugin configuration as the filter reads it.
 
 use anyhow::{Context as _, Result};
-use mandate_plugin::config::{self, ConfigError};
-use mandate_plugin::policy::{lint, Policy};
+use mandate_core::config::{self, ConfigError};
+use mandate_core::policy::{lint, Policy};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -16,6 +16,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod abi;
+pub mod component;
 mod foreign;
 mod host;
 mod hostcalls;

@@ -54,7 +54,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one HTTP request through the proxy-wasm filter on the test host.
+    /// Run one HTTP request through the proxy-wasm filter on the test host (or, with
+    /// `--engine component`, through the decision core's WebAssembly component).
     #[command(after_long_help = REQUEST_HELP)]
     Run(RunArgs),
     /// Policy as code: lint, test case files, explain a decision.
@@ -70,9 +71,17 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The filter module (.wasm).
+    /// The filter module (.wasm); required with `--engine plugin`.
     #[arg(long)]
-    plugin: PathBuf,
+    plugin: Option<PathBuf>,
+    /// `plugin`: the proxy-wasm filter on the test host (the full request path: callouts,
+    /// upstream, reply). `component`: the decision core's component (wit/mandate.wit) decides
+    /// the request read from the same file; prints the decision and its record.
+    #[arg(long, value_enum, default_value_t = RunEngine::Plugin)]
+    engine: RunEngine,
+    /// The component (default: target/wasm32-wasip2/release/mandate_component.wasm).
+    #[arg(long)]
+    component: Option<PathBuf>,
     /// Plugin configuration: a file, or inline JSON (starts with '{' or '[').
     #[arg(long, default_value = "")]
     config: String,
@@ -91,6 +100,54 @@ struct RunArgs {
     /// Print compact JSON.
     #[arg(long)]
     compact: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum RunEngine {
+    Plugin,
+    Component,
+}
+
+/// `mandate run --engine component`: one decision, printed as JSON. Exit 2 on a refused
+/// configuration, 1 on a request the component cannot take (named).
+fn run_component(args: &RunArgs, config: &[u8], spec: &RequestSpec) -> Result<ExitCode> {
+    use mandate_host_test::component::{default_component_path, effect_code, core_reason, request_from_http, to_wit, ComponentHost};
+    let parsed = match mandate_core::config::parse(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration rejected: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let req = match request_from_http(spec, &parsed) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: the component cannot take this request: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let path = args.component.clone().unwrap_or_else(default_component_path);
+    let host = ComponentHost::from_file(&path)?;
+    let mut d = host.instantiate()?;
+    if let Err(e) = d.configure(std::str::from_utf8(config).context("the configuration is not UTF-8")?)? {
+        eprintln!("configuration rejected: {}: {}", e.field, e.message);
+        return Ok(ExitCode::from(2));
+    }
+    let out = d.decide(&to_wit(&req))?;
+    let record: serde_json::Value = serde_json::from_str(&out.record).unwrap_or(serde_json::Value::Null);
+    let json = serde_json::json!({
+        "engine": "component",
+        "effect": effect_code(out.effect),
+        "reason": core_reason(out.reason).code(),
+        "rule_id": out.rule_id,
+        "dry_run_rule_id": out.dry_run_rule_id,
+        "scopes": out.scopes,
+        "ttl_s": out.ttl_s,
+        "decision_id": out.decision_id,
+        "record": record,
+    });
+    println!("{}", if args.compact { serde_json::to_string(&json)? } else { serde_json::to_string_pretty(&json)? });
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Inline text when it looks like JSON (or is empty), else a file's contents.
@@ -113,7 +170,13 @@ fn run(args: &RunArgs) -> Result<ExitCode> {
     let request = inline_or_file(&args.request, "request")?;
     let spec: RequestSpec = serde_json::from_slice(&request)
         .context("parsing the request (see `mandate run --help`)")?;
-    let host = Host::from_file(&args.plugin)?;
+    if args.engine == RunEngine::Component {
+        return run_component(args, &config, &spec);
+    }
+    let Some(plugin) = &args.plugin else {
+        anyhow::bail!("--plugin is required with --engine plugin");
+    };
+    let host = Host::from_file(plugin)?;
     if let Some(seed) = args.seed {
         host.set_random_seed(seed);
     }

@@ -1,11 +1,18 @@
 //! `mandate policy lint|test|explain`: the policy engine's command-line face.
-//! Same engine code as the filter (`mandate_plugin::policy`).
+//! Same engine code as the filter (`mandate_core::policy`).
 
 use anyhow::{bail, Context as _, Result};
-use mandate_plugin::policy::cases::{self, CaseRequest};
-use mandate_plugin::policy::lint;
+use mandate_core::policy::cases::{self, CaseRequest};
+use mandate_core::policy::lint;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// Which build of the decision core answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    Native,
+    Component,
+}
 
 #[derive(clap::Subcommand)]
 pub enum PolicyCommand {
@@ -21,6 +28,12 @@ pub enum PolicyCommand {
     Test {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// `native` (this binary's engine) or `component` (the WebAssembly component on wasmtime).
+        #[arg(long, value_enum, default_value_t = Engine::Native)]
+        engine: Engine,
+        /// The component (default: target/wasm32-wasip2/release/mandate_component.wasm).
+        #[arg(long)]
+        component: Option<PathBuf>,
     },
     /// Show how a policy judges one request: the decision, then each rule and why it matched or not.
     Explain {
@@ -42,7 +55,7 @@ pub fn run(cmd: &PolicyCommand) -> Result<ExitCode> {
             file,
             deny_warnings,
         } => lint_file(file, *deny_warnings),
-        PolicyCommand::Test { paths } => test(paths),
+        PolicyCommand::Test { paths, engine, component } => test(paths, *engine, component.as_deref()),
         PolicyCommand::Explain {
             policy,
             request,
@@ -98,7 +111,7 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn test(paths: &[PathBuf]) -> Result<ExitCode> {
+fn test(paths: &[PathBuf], engine: Engine, component: Option<&Path>) -> Result<ExitCode> {
     let mut files = Vec::new();
     for p in paths {
         collect(p, &mut files)?;
@@ -108,7 +121,13 @@ fn test(paths: &[PathBuf]) -> Result<ExitCode> {
     }
     let (mut passed, mut failed) = (0usize, 0usize);
     for f in &files {
-        let (policy, results) = cases::run_file(f).map_err(anyhow::Error::msg)?;
+        let (policy, results) = match engine {
+            Engine::Native => cases::run_file(f).map_err(anyhow::Error::msg)?,
+            Engine::Component => {
+                let path = component.map_or_else(mandate_host_test::component::default_component_path, Path::to_path_buf);
+                run_file_on_component(f, &path)?
+            }
+        };
         let bad: Vec<_> = results.iter().filter(|r| !r.passed).collect();
         println!(
             "{} ({}): {} cases, {} failed",
@@ -129,6 +148,48 @@ fn test(paths: &[PathBuf]) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// A case file through the component: one instance per minter setting, the same checks.
+fn run_file_on_component(path: &Path, component: &Path) -> Result<(PathBuf, Vec<cases::CaseResult>)> {
+    use mandate_host_test::component::{core_reason, to_wit, wit, ComponentHost};
+    use mandate_core::decide::DecideRequest;
+    use mandate_core::decision::Effect;
+    use mandate_core::policy::PolicyDecision;
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: cases::CaseFile = serde_json::from_slice(&raw).with_context(|| format!("parsing {}", path.display()))?;
+    let policy_path = path.parent().unwrap_or(Path::new(".")).join(&file.policy);
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&policy_path).with_context(|| format!("reading {}", policy_path.display()))?)
+        .with_context(|| format!("parsing {}", policy_path.display()))?;
+    let host = ComponentHost::from_file(component)?;
+    let mut deciders = Vec::new();
+    for minter in [false, true] {
+        let mut d = host.instantiate()?;
+        if let Err(e) = d.configure(&cases::case_config(&doc, minter).to_string())? {
+            bail!("{}: {}: {}", policy_path.display(), e.field, e.message);
+        }
+        deciders.push(d);
+    }
+    let mut results = Vec::new();
+    for case in &file.cases {
+        let mut r = case.request.clone();
+        let minter = r.minter.unwrap_or(file.minter);
+        r.minter = Some(minter);
+        let req = DecideRequest::from_case(&r).map_err(|e| anyhow::anyhow!("{}: case `{}`: {e}", path.display(), case.name))?;
+        let Some(d) = deciders.get_mut(usize::from(minter)) else { bail!("no decider") };
+        let out = d.decide(&to_wit(&req))?;
+        let effect = match out.effect {
+            wit::Effect::Allow => Effect::Allow,
+            wit::Effect::Deny => Effect::Deny,
+            wit::Effect::DryRunDeny => Effect::DryRunDeny,
+        };
+        let mut pd = PolicyDecision::with(effect, core_reason(out.reason));
+        pd.rule_id = out.rule_id;
+        pd.dry_run_rule_id = out.dry_run_rule_id;
+        pd.scopes = out.scopes;
+        results.push(cases::check(case, &pd));
+    }
+    Ok((policy_path, results))
 }
 
 fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {

@@ -1,10 +1,10 @@
 //! The JSON Schema of the plugin configuration, generated from the Rust types
-//! (`mandate_plugin::config::Config` with the plugin's `schema` feature) and committed as
+//! (`mandate_core::config::Config` with mandate-core's `schema` feature) and committed as
 //! `plugin/config.schema.json` (`mandate config schema > plugin/config.schema.json`).
 
 /// The schema as JSON (draft 2020-12), with a stable key order.
 pub fn plugin_config_schema() -> serde_json::Value {
-    let schema = schemars::schema_for!(mandate_plugin::config::Config);
+    let schema = schemars::schema_for!(mandate_core::config::Config);
     schema.to_value()
 }
 

@@ -4,8 +4,8 @@
 
 use anyhow::{bail, Context as _, Result};
 use base64::Engine as _;
-use mandate_plugin::config;
-use mandate_plugin::identity::{short_hash, token_digest, Verifier};
+use mandate_core::config;
+use mandate_core::identity::{short_hash, token_digest, Verifier};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;

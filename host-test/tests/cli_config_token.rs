@@ -2,7 +2,7 @@
 //! files, exit codes, --json.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mandate_plugin::testkit::{spiffe_bundle, svid_claims, TestKey};
+use mandate_core::testkit::{spiffe_bundle, svid_claims, TestKey};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! for every example configuration, and in agreement with the filter's parser on invalid ones.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mandate_plugin::config;
+use mandate_core::config;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 

@@ -17,7 +17,7 @@ fn the_filter_log_names_the_field_of_a_refused_configuration() {
     ] {
         let err = host.new_vm(b"", raw.as_bytes()).err().unwrap_or_else(|| panic!("the filter accepted {raw}"));
         let rej = err.downcast_ref::<ConfigRejected>().unwrap();
-        let expected = mandate_plugin::config::parse(raw.as_bytes()).unwrap_err().to_string();
+        let expected = mandate_core::config::parse(raw.as_bytes()).unwrap_err().to_string();
         assert!(expected.starts_with(line), "{expected}");
         assert!(rej.logs.iter().any(|l| l.message == expected), "{raw}: {:?}", rej.logs);
     }

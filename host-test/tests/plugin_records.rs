@@ -119,7 +119,7 @@ fn one_record(rig: &mut Rig, f: impl FnOnce(&mut Rig) -> StreamId) -> Value {
         "decision id header = record"
     );
     assert!(is_hex(rec["decision_id"].as_str().unwrap(), 24), "{rec}");
-    assert_eq!(rec["plugin_version"], json!(mandate_plugin::VERSION));
+    assert_eq!(rec["plugin_version"], json!(mandate_core::VERSION));
     assert!(is_hex(rec["policy_hash"].as_str().unwrap(), 12), "{rec}");
     assert_eq!(rec["delegation"], json!(null), "no Txn-Token, no chain");
     rec
@@ -162,7 +162,7 @@ fn allow_record_carries_the_whole_decision() {
         "credential": {"jti": "jti-42", "exp": T0 + 120, "kind": "jwt"},
         "cache": {"identity": false, "decision": false, "credential": false},
         "duration_us": 7000, "request_id": "req-abc-123", "traceparent": tp,
-        "plugin_version": mandate_plugin::VERSION, "policy_hash": rec["policy_hash"], "decision_id": rec["decision_id"],
+        "plugin_version": mandate_core::VERSION, "policy_hash": rec["policy_hash"], "decision_id": rec["decision_id"],
     });
     assert_eq!(rec, want);
     assert_eq!(

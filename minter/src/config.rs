@@ -3,12 +3,12 @@
 //! Parsing is strict (unknown fields are refused). Relative paths are
 //! resolved against the directory of the configuration file. The `identity`
 //! section is the plugin's own identity configuration, validated by
-//! `mandate_plugin::config::parse`, so the minter and the proxies read
+//! `mandate_core::config::parse`, so the minter and the proxies read
 //! trust bundles the same way; a trust domain may carry `bundle_url` (and
 //! `refresh_s`) instead of an inline `bundle`, fetched by the minter itself.
 
 use anyhow::{anyhow, bail, Context, Result};
-use mandate_plugin::config::IdentityConfig;
+use mandate_core::config::IdentityConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -492,7 +492,7 @@ impl MinterConfig {
         let (identity, urls) = split_bundle_urls(&self.identity)?;
         let wrapped = serde_json::json!({ "identity": identity });
         let raw = serde_json::to_vec(&wrapped)?;
-        let parsed = mandate_plugin::config::parse(&raw).map_err(|e| anyhow!("{e}"))?;
+        let parsed = mandate_core::config::parse(&raw).map_err(|e| anyhow!("{e}"))?;
         if parsed.identity.trust_domains.is_empty() && parsed.identity.oidc_issuers.is_empty() {
             bail!("`identity` names no trust domain and no OIDC issuer: nothing could be exchanged");
         }

@@ -67,8 +67,8 @@ pub fn now() -> u64 {
 
 /// Short SHA-256 hash of a secret value for logs (`sha256:` + 12 hex digits).
 pub fn short_hash(value: &[u8]) -> String {
-    let d = mandate_plugin::identity::token_digest(value);
-    mandate_plugin::identity::short_hash(&d)
+    let d = mandate_core::identity::token_digest(value);
+    mandate_core::identity::short_hash(&d)
 }
 
 /// JSON-lines logger on stderr.

@@ -25,7 +25,7 @@ use crate::store::{IssuedRecord, Kind};
 use crate::values;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use mandate_plugin::identity::spiffe_id::SpiffeId;
+use mandate_core::identity::spiffe_id::SpiffeId;
 use serde_json::{Map, Value};
 
 /// JOSE `typ` of a Txn-Token.

@@ -8,7 +8,7 @@
 //! feed entry small (a task entry scoped to a subject is at most about 2.5 KB
 //! serialised), so a page of the feed always holds many entries.
 
-use mandate_plugin::identity::spiffe_id::SpiffeId;
+use mandate_core::identity::spiffe_id::SpiffeId;
 
 /// Task ids (issued, `tsk_…`) and ad-hoc task names: 1..=128 visible ASCII.
 pub const MAX_TASK: usize = 128;

@@ -19,11 +19,11 @@
 
 use crate::config::{BundleTarget, BundleUrl};
 use anyhow::{anyhow, bail, Context as _};
-use mandate_plugin::config::IdentityConfig;
+use mandate_core::config::IdentityConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
-use mandate_plugin::identity::{Identity, Verifier};
-use mandate_plugin::reason::Reason;
+use mandate_core::identity::{Identity, Verifier};
+use mandate_core::reason::Reason;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -256,7 +256,7 @@ pub async fn fetch_loop(source: Arc<IdentitySource>, fetcher: BundleFetcher, log
         match tokio::time::timeout(std::time::Duration::from_secs(5), fetcher.fetch()).await {
             Ok(Ok(body)) => {
                 // Validate before publishing: a bad body must not replace a good bundle.
-                match mandate_plugin::identity::jwks::parse_bundle(&body) {
+                match mandate_core::identity::jwks::parse_bundle(&body) {
                     Ok(bundle) => match source.publish_bundle(&url.trust_domain, body, bundle.sequence, crate::now()) {
                         Ok(()) => {
                             delay = std::time::Duration::from_secs(url.refresh_s);
@@ -305,7 +305,7 @@ mod tests {
 
     fn source(max_age: u64) -> Result<IdentitySource, String> {
         let cfg = serde_json::json!({"identity": {"audiences": ["m"], "trust_domains": [{"name": "td.test", "bundle": {"cluster": "x", "refresh_s": 5, "retry_s": 5}}]}});
-        let parsed = mandate_plugin::config::parse(cfg.to_string().as_bytes()).map_err(|e| e.to_string())?;
+        let parsed = mandate_core::config::parse(cfg.to_string().as_bytes()).map_err(|e| e.to_string())?;
         IdentitySource::new(parsed.identity, &[("td.test".to_string(), max_age)])
     }
 

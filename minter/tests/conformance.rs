@@ -6,7 +6,7 @@
 
 use mandate_minter::config::{GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
 use mandate_minter::Handle;
-use mandate_plugin::testkit::{svid_claims, TestKey};
+use mandate_core::testkit::{svid_claims, TestKey};
 use serde_json::json;
 
 mod common;

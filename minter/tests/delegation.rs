@@ -7,7 +7,7 @@
 
 use mandate_minter::config::{MinterConfig, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT, TOKEN_TYPE_TXN_TOKEN};
 use mandate_minter::Handle;
-use mandate_plugin::testkit::TestKey;
+use mandate_core::testkit::TestKey;
 use serde_json::{json, Value};
 
 mod common;
@@ -281,7 +281,7 @@ fn stock_jwt_library_verifies_the_txn_token_and_the_chain_access_token() {
     let parts: Vec<&str> = hop.split('.').collect();
     let mut claims = claims_of(&hop);
     claims["act"] = json!({"sub": C});
-    let tampered = format!("{}.{}.{}", parts[0], mandate_plugin::testkit::b64(claims.to_string().as_bytes()), parts[2]);
+    let tampered = format!("{}.{}.{}", parts[0], mandate_core::testkit::b64(claims.to_string().as_bytes()), parts[2]);
     assert!(decode::<Value>(&tampered, &key_for(&hop), &validation("example.org")).is_err());
 }
 
@@ -559,7 +559,7 @@ fn forged_or_tampered_txn_token_is_refused() {
     let good = claims_of(&root);
     let kid = header_of(&root)["kid"].as_str().unwrap().to_string();
     let parts: Vec<&str> = root.split('.').collect();
-    let b64 = |v: &Value| mandate_plugin::testkit::b64(v.to_string().as_bytes());
+    let b64 = |v: &Value| mandate_core::testkit::b64(v.to_string().as_bytes());
     let with = |f: &dyn Fn(&mut Value)| {
         let mut c = good.clone();
         f(&mut c);

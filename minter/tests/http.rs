@@ -6,7 +6,7 @@ use base64::Engine as _;
 use jwt_simple::prelude::{ECDSAP256PublicKeyLike, ES256PublicKey, NoCustomClaims, VerificationOptions};
 use mandate_minter::config::{MinterConfig, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
 use mandate_minter::Handle;
-use mandate_plugin::testkit::{spiffe_bundle, svid_claims, TestKey};
+use mandate_core::testkit::{spiffe_bundle, svid_claims, TestKey};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::Path;

@@ -1,28 +1,8 @@
-//! mandate: zero-trust policy for workloads and AI agents, as a proxy-wasm filter.
+//! mandate's proxy-wasm filter: the thin shell around [`mandate_core`].
 //!
-//! Everything except [`shell`] is host-independent and tested natively; the
-//! shell is the only code that makes proxy-wasm host calls.
-#![cfg_attr(
-    test,
-    allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
-)]
-
-pub mod config;
-pub mod decision;
-pub mod delegation;
-pub mod engine;
-pub mod headers;
-pub mod identity;
-pub mod mcp;
-pub mod mint;
-pub mod policy;
-pub mod reason;
-pub mod record;
-#[cfg(feature = "testkit")]
-pub mod testkit;
+//! Every decision is made by mandate-core (core/); this crate only gathers a request's
+//! inputs through proxy-wasm host calls, hands them to the engine and applies the verdict.
+//! Native builds are empty: the shell exists only on wasm32.
 
 #[cfg(target_arch = "wasm32")]
 mod shell;
-
-/// Version reported in logs and decision records.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");

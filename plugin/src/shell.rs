@@ -8,15 +8,15 @@
 //! credential key dispatches the call, later ones wait on it, and the answer
 //! completes them all (switching the effective context to each waiter).
 
-use crate::config;
-use crate::decision::{DecisionIds, Effect, LocalReply};
-use crate::engine::{BodyPlan, Decision, Engine, MintPlan, Request, ToolsFilter, Verdict};
-use crate::headers::{serialize_pairs, Headers};
-use crate::identity::bundles::{FetchReport, SourceId};
-use crate::identity::jwks::MAX_BUNDLE_BYTES;
-use crate::mint::{MintError, MAX_FEED_BYTES, MAX_RESPONSE_BYTES};
-use crate::reason::Reason;
-use crate::record::{DecisionRecord, FILTER_STATE_KEY, LOG_PREFIX};
+use mandate_core::config;
+use mandate_core::decision::{DecisionIds, Effect, LocalReply};
+use mandate_core::engine::{BodyPlan, Decision, Engine, MintPlan, Request, ToolsFilter, Verdict};
+use mandate_core::headers::{serialize_pairs, Headers};
+use mandate_core::identity::bundles::{FetchReport, SourceId};
+use mandate_core::identity::jwks::MAX_BUNDLE_BYTES;
+use mandate_core::mint::{MintError, MAX_FEED_BYTES, MAX_RESPONSE_BYTES};
+use mandate_core::reason::Reason;
+use mandate_core::record::{DecisionRecord, FILTER_STATE_KEY, LOG_PREFIX};
 use host::{Action, BufferType, LogLevel, MapType, MetricType, Status, StreamType};
 use sha2::{Digest, Sha256};
 use std::cell::{Cell, RefCell};
@@ -849,7 +849,7 @@ impl Root {
         };
         // Signature arithmetic by the proxy's own crypto when it proves itself; else pure Rust.
         let host_verify = |args: &[u8]| host::call_foreign_function("verify_signature", args).ok().flatten();
-        if crate::identity::host_crypto::self_test(&host_verify) {
+        if mandate_core::identity::host_crypto::self_test(&host_verify) {
             engine.identity.set_host_verify(Some(Rc::new(host_verify)));
             log(LogLevel::Info, "mandate: ES256/RS* signatures checked by the host's crypto (self-test passed)");
         } else {
@@ -895,7 +895,7 @@ impl Root {
             }
             self.background();
         }
-        log(LogLevel::Info, &format!("mandate {}: configured", crate::VERSION));
+        log(LogLevel::Info, &format!("mandate {}: configured", mandate_core::VERSION));
         true
     }
 
@@ -953,7 +953,7 @@ impl Http {
         shared.metrics.inc("mandate.mcp.tools_list.unfilterable");
         drop(shared);
         log(LogLevel::Warn, "mandate: a tools/list answer could not be filtered for its caller; refused");
-        let mut body = crate::mcp::unfilterable_body(&id);
+        let mut body = mandate_core::mcp::unfilterable_body(&id);
         if in_headers {
             let _ = set_response_header(":status", Some(b"502"));
             let _ = set_response_header("content-type", Some(b"application/json"));
@@ -1216,7 +1216,7 @@ impl Http {
             }
             return Action::Continue;
         }
-        if body_size > crate::mcp::MAX_TOOLS_LIST_BYTES {
+        if body_size > mandate_core::mcp::MAX_TOOLS_LIST_BYTES {
             self.refuse_tools_list(body_size, false);
             self.filtering = Some(false);
             return Action::Continue;
@@ -1226,7 +1226,7 @@ impl Http {
             return Action::Pause;
         }
         let Ok(shared) = self.shared.try_borrow() else { return Action::Continue };
-        let filtered = match (shared.tool_filters.get(&self.id), shared.engine.as_ref(), buffer(BufferType::HttpResponseBody, body_size, crate::mcp::MAX_TOOLS_LIST_BYTES)) {
+        let filtered = match (shared.tool_filters.get(&self.id), shared.engine.as_ref(), buffer(BufferType::HttpResponseBody, body_size, mandate_core::mcp::MAX_TOOLS_LIST_BYTES)) {
             (Some(f), Some(e), Some(body)) => e.filter_tools(f, &body, self.sse).ok(),
             _ => None,
         };

@@ -1257,7 +1257,7 @@ fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>> {
 // ---------------------------------------------------------------------------------------------
 
 /// The plugin's test kit (keys, bundles, hand-built JWTs), re-exported for tests.
-pub use mandate_plugin::testkit;
+pub use mandate_core::testkit;
 
 /// A trust domain with one ES256 signing key, an accepted audience, and the plugin config that
 /// trusts it through an inline bundle.

@@ -943,13 +943,13 @@ mod tests {
         assert_eq!(t.groups().len(), 2, "Envoy starts once per config");
         // Both configs are valid plugin configurations.
         for c in &t.configs {
-            mandate_plugin::config::parse(c.plugin.to_string().as_bytes()).unwrap();
+            mandate_core::config::parse(c.plugin.to_string().as_bytes()).unwrap();
         }
     }
 
     #[test]
     fn windows_exclude_and_include_now() {
-        use mandate_plugin::policy::window::{Window, WindowConfig};
+        use mandate_core::policy::window::{Window, WindowConfig};
         for now in [1_800_000_000u64, 1_800_000_000 - 1_800_000_000 % 86_400, 1_800_000_000 - 1_800_000_000 % 86_400 + 86_399] {
             let p = Fixture::new(now).policy(false);
             let window = |rule: usize| {

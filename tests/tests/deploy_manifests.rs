@@ -136,7 +136,7 @@ fn shipped_plugin_config_is_accepted_by_the_plugin_and_agrees_with_the_mesh() {
     let host = wasm.as_ref().map(|w| mandate_host_test::Host::from_file(w).expect("load the filter"));
     for d in docs.iter().filter(|d| d["kind"] == "WasmPlugin") {
         let raw = serde_json::to_vec(&d["doc"]["spec"]["pluginConfig"]).unwrap();
-        if let Err(e) = mandate_plugin::config::parse(&raw) {
+        if let Err(e) = mandate_core::config::parse(&raw) {
             panic!("the plugin refuses the pluginConfig of {}: {e}", d["file"]);
         }
         if let Some(host) = &host {
@@ -450,7 +450,7 @@ fn plugin_refuses_broken_plugin_configs_naming_the_field() {
     let host = wasm.as_ref().map(|w| mandate_host_test::Host::from_file(w).expect("load the filter"));
     for (broken, field) in cases {
         let raw = serde_json::to_vec(&broken).unwrap();
-        match mandate_plugin::config::parse(&raw) {
+        match mandate_core::config::parse(&raw) {
             Ok(_) => panic!("the plugin accepted a broken pluginConfig (expected a refusal at {field})"),
             Err(e) => assert!(e.to_string().contains(field), "refusal {e} should name {field}"),
         }

@@ -335,7 +335,7 @@ impl FeedRecorder {
 /// `revocations.interval_ms` should bound how stale a worker's revocation set can get ("a
 /// revocation takes effect in each worker within one poll interval", docs/threat-model.md).
 /// The filter ticks with period `interval_ms` and polls when `now_ms >= next_poll_at`
-/// (`next_poll_at = poll time + interval_ms`, plugin/src/engine.rs `due_poll`); Envoy's timer
+/// (`next_poll_at = poll time + interval_ms`, core/src/engine.rs `due_poll`); Envoy's timer
 /// often fires a little (< 1 ms to a few ms) before `interval_ms` of wall-clock time has
 /// passed, so that tick finds the poll not yet due and the poll waits a whole extra tick:
 /// gaps of 2 × interval_ms between polls, and revocations taking up to twice the interval.

@@ -20,12 +20,12 @@ mod native {
         claims, mcp_request, plugin_config, plugin_config_mcp, AUD, HOST, INTENT, MCP_HOST,
         MCP_INTENT, MCP_PATH, PATH, TASK,
     };
-    use mandate_plugin::config;
-    use mandate_plugin::engine::{Engine, Request, Verdict};
-    use mandate_plugin::headers::{serialize_pairs, Headers};
-    use mandate_plugin::identity::token_digest;
-    use mandate_plugin::record::{DecisionRecord, LOG_PREFIX};
-    use mandate_plugin::testkit::{spiffe_bundle, TestKey};
+    use mandate_core::config;
+    use mandate_core::engine::{Engine, Request, Verdict};
+    use mandate_core::headers::{serialize_pairs, Headers};
+    use mandate_core::identity::token_digest;
+    use mandate_core::record::{DecisionRecord, LOG_PREFIX};
+    use mandate_core::testkit::{spiffe_bundle, TestKey};
     use serde_json::json;
     use std::collections::HashMap;
     use std::hint::black_box;
@@ -71,7 +71,7 @@ mod native {
     }
 
     fn minted_for(now: u64, intent: &str, tool: Option<&str>) -> Vec<u8> {
-        use mandate_plugin::testkit::b64;
+        use mandate_core::testkit::b64;
         let jwt = format!(
             "{}.{}.{}",
             b64(br#"{"alg":"ES256","typ":"JWT","kid":"m"}"#),
@@ -282,7 +282,7 @@ mod native {
         });
         let mut cfg_nocache = cfg.clone();
         cfg_nocache["identity"]["cache_size"] = json!(0);
-        let mut v = mandate_plugin::identity::Verifier::new(
+        let mut v = mandate_core::identity::Verifier::new(
             &config::parse(cfg_nocache.to_string().as_bytes())
                 .unwrap()
                 .identity,
@@ -336,7 +336,7 @@ mod native {
             let mut engine = Engine::new(config::parse(cfg.to_string().as_bytes()).unwrap(), 7, None).unwrap();
             // Warm it: mint once, then every later request hits the caches.
             let h = Headers::new(pairs.clone());
-            let run = |engine: &mut Engine| -> mandate_plugin::engine::Outcome {
+            let run = |engine: &mut Engine| -> mandate_core::engine::Outcome {
                 let mut out = engine.on_request(&Request { headers: &h, now });
                 if let Verdict::NeedBody(plan) = &mut out.verdict {
                     let header = plan.take_header_verdict();

@@ -34,7 +34,7 @@ mod native {
     };
     use anyhow::{Context, Result};
     use clap::Parser;
-    use mandate_plugin::testkit::{plain_jwks, spiffe_bundle, TestKey};
+    use mandate_core::testkit::{plain_jwks, spiffe_bundle, TestKey};
     use serde_json::{json, Value};
     use std::io::Write;
     use std::path::{Path, PathBuf};
@@ -113,7 +113,7 @@ mod native {
             ("plugin-mint-cold.json", &mint_cold),
         ] {
             // Never start Envoy with a config the plugin refuses.
-            mandate_plugin::config::parse(cfg.to_string().as_bytes())
+            mandate_core::config::parse(cfg.to_string().as_bytes())
                 .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             write_json(&cli.dir, name, cfg)?;
         }
@@ -123,7 +123,7 @@ mod native {
         let mcp_header = plugin_config_mcp(&bundle, cli.ttl + 60, 1024, "when_needed");
         let mcp_body = plugin_config_mcp(&bundle, cli.ttl + 60, 1024, "always");
         let mcp_ok = [&mcp_header, &mcp_body].iter().all(|cfg| {
-            match mandate_plugin::config::parse(cfg.to_string().as_bytes()) {
+            match mandate_core::config::parse(cfg.to_string().as_bytes()) {
                 Ok(_) => true,
                 Err(e) => {
                     eprintln!("bench-fixture: no MCP configurations (i), (j): the plugin refuses them: {e}");

@@ -24,7 +24,7 @@ mod common;
 use anyhow::{Context, Result};
 use clap::Parser;
 use common::{AUD, TRUST_DOMAIN};
-use mandate_plugin::testkit::{spiffe_bundle, TestKey};
+use mandate_core::testkit::{spiffe_bundle, TestKey};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -145,7 +145,7 @@ fn main() -> Result<()> {
 
     let plugin = plugin_config(&bundle);
     // Never start Envoy with a configuration the filter refuses.
-    mandate_plugin::config::parse(plugin.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("plugin.json: {e}"))?;
+    mandate_core::config::parse(plugin.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("plugin.json: {e}"))?;
     write_json(&cli.dir, "plugin.json", &plugin)?;
     write_json(&cli.dir, "minter.json", &minter_config(&bundle))?;
 

@@ -26,7 +26,7 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn save(root: &Path, t: &Target, data: &[u8]) -> PathBuf {
     let dir = root.join("target").join("fuzz-smoke-failures").join(t.name);
     let _ = std::fs::create_dir_all(&dir);
-    let digest = mandate_plugin::identity::token_digest(data);
+    let digest = mandate_core::identity::token_digest(data);
     let name: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     let path = dir.join(name);
     let _ = std::fs::write(&path, data);

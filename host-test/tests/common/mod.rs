@@ -10,7 +10,7 @@ use std::time::Duration;
 use mandate_host_test::{
     header_value, CalloutReply, Headers, Host, HttpCallout, LocalResponse, StreamId, Vm,
 };
-pub use mandate_plugin::testkit::{b64, plain_jwks, spiffe_bundle, svid_claims, TestKey};
+pub use mandate_core::testkit::{b64, plain_jwks, spiffe_bundle, svid_claims, TestKey};
 use serde_json::{json, Value};
 
 /// A fixed instant (2027-01-15 08:00 UTC): every test is reproducible.

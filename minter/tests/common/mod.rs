@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use mandate_minter::config::MinterConfig;
 use mandate_minter::Handle;
-use mandate_plugin::testkit::{spiffe_bundle, svid_claims, TestKey};
+use mandate_core::testkit::{spiffe_bundle, svid_claims, TestKey};
 use rcgen::{Issuer, KeyPair};
 use serde_json::{json, Value};
 

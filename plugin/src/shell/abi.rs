@@ -9,7 +9,7 @@
 
 use super::host::{self, Action, LogLevel};
 use super::{fail_closed, Http, Root};
-use crate::reason::Reason;
+use mandate_core::reason::Reason;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;

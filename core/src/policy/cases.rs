@@ -388,6 +388,30 @@ pub fn parse_policy(raw: &[u8]) -> Result<Policy, ConfigError> {
     Policy::compile(&cfg, prefix)
 }
 
+/// A case file's policy document (a bare policy or a plugin configuration) as the plugin
+/// configuration an embedded decider is configured with: a minter section exactly when the
+/// case has a minter (the decider reads "has a minter" from its configuration).
+pub fn case_config(doc: &serde_json::Value, minter: bool) -> serde_json::Value {
+    let is_config = doc.get("policy").is_some() && (doc.get("identity").is_some() || doc.as_object().is_some_and(|o| o.len() <= 3));
+    let mut cfg = if is_config { doc.clone() } else { serde_json::json!({ "policy": doc }) };
+    if let Some(o) = cfg.as_object_mut() {
+        if minter {
+            o.entry("minter").or_insert_with(|| serde_json::json!({"cluster": "minter"}));
+        } else {
+            o.remove("minter");
+        }
+        // Forwarding Txn-Tokens needs the delegation section; cases describe verified tokens,
+        // so its keys are never used.
+        if doc.to_string().contains("\"txn_token\"") && !o.contains_key("delegation") {
+            o.insert(
+                "delegation".into(),
+                serde_json::json!({"issuer": "https://minter.case", "audience": "case", "keys": {"inline": {"keys": []}}}),
+            );
+        }
+    }
+    cfg
+}
+
 /// Runs a case file; the policy path is resolved against the case file's directory.
 pub fn run_file(path: &Path) -> Result<(PathBuf, Vec<CaseResult>), String> {
     let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -412,7 +436,8 @@ fn effect_name(d: &PolicyDecision) -> &'static str {
     }
 }
 
-fn check(case: &Case, d: &PolicyDecision) -> CaseResult {
+/// A decision against the case's expectation (shared by every engine `mandate policy test` runs).
+pub fn check(case: &Case, d: &PolicyDecision) -> CaseResult {
     let e = &case.expect;
     let mut ok = e.effect == effect_name(d);
     if let Some(r) = &e.reason {

@@ -102,7 +102,7 @@ impl<'a> DecisionRecord<'a> {
             identity: id.map(|i| i.principal.as_str()),
             trust_domain: id.and_then(|i| i.trust_domain.as_deref()),
             class: p.and_then(|p| p.class.as_deref()),
-            token_hash: id.map(|i| i.token_hash.as_str()),
+            token_hash: id.map(|i| i.token_hash.as_str()).filter(|h| !h.is_empty()),
             intent: d.intent.as_deref(),
             task: d.task.as_deref(),
             intent_signed: d.intent_signed,

@@ -3,14 +3,14 @@
 //! policy. Prints ns/op; ratios against the in-run baseline (a cache hit)
 //! are what to compare across machines.
 //!
-//!     cargo bench -p mandate-plugin --bench core
+//!     cargo bench -p mandate-core --bench core
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use mandate_plugin::config;
-use mandate_plugin::identity::Verifier;
-use mandate_plugin::policy::{Policy, PolicyConfig, PolicyInput};
-use mandate_plugin::testkit::{spiffe_bundle, svid_claims, TestKey};
+use mandate_core::config;
+use mandate_core::identity::Verifier;
+use mandate_core::policy::{Policy, PolicyConfig, PolicyInput};
+use mandate_core::testkit::{spiffe_bundle, svid_claims, TestKey};
 use serde_json::json;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -49,9 +49,9 @@ fn verifier(keys: &[&TestKey], cache: usize) -> Verifier {
 }
 
 fn warm_engine(min: Duration) -> f64 {
-    use mandate_plugin::engine::{Engine, Request, Verdict};
-    use mandate_plugin::headers::{serialize_pairs, Headers};
-    use mandate_plugin::record::DecisionRecord;
+    use mandate_core::engine::{Engine, Request, Verdict};
+    use mandate_core::headers::{serialize_pairs, Headers};
+    use mandate_core::record::DecisionRecord;
     let key = TestKey::es256("k");
     let cfg = json!({
         "identity": {"audiences": [AUD], "upstream_header": "x-mandate-identity",
@@ -161,7 +161,7 @@ fn main() {
         minter: false,
         mcp: None,
     };
-    assert_eq!(policy.evaluate(&input).effect, mandate_plugin::decision::Effect::Allow);
+    assert_eq!(policy.evaluate(&input).effect, mandate_core::decision::Effect::Allow);
     let pol_ns = bench("evaluate (last resource, 200 rules)", min, || {
         black_box(policy.evaluate(black_box(&input)));
     });
