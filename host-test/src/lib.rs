@@ -21,6 +21,7 @@ mod host;
 mod hostcalls;
 mod mem;
 pub mod runner;
+pub mod usage;
 pub mod schema;
 mod vm;
 mod wasi;
