@@ -302,6 +302,11 @@ impl LogReader {
         LogReader { r: Box::new(BufReader::with_capacity(256 * 1024, r)), buf: Vec::with_capacity(8192), line_no: 0 }
     }
 
+    /// What the line buffer holds at most so far (bounded by [`MAX_LINE`] and what one read adds).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// The next line, without its newline. A line over [`MAX_LINE`] is consumed and dropped.
     pub fn next_line(&mut self) -> std::io::Result<Next<'_>> {
         self.buf.clear();

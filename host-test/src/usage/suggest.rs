@@ -202,7 +202,7 @@ impl Replay {
     }
 }
 
-fn request_of(rec: &Record<'_>, minter: bool, signed_task: bool) -> Option<CaseRequest> {
+fn request_of(m: &Model, rec: &Record<'_>, minter: bool, signed_task: bool) -> Option<CaseRequest> {
     let principal = rec.identity.as_deref()?.to_string();
     let mcp = match &rec.mcp {
         Some(c) => {
@@ -246,7 +246,8 @@ fn request_of(rec: &Record<'_>, minter: bool, signed_task: bool) -> Option<CaseR
         resources: None,
         tools: None,
         arguments: None,
-        may_act: None,
+        // The token named the workload serving a `forward` resource if the request passed.
+        may_act: rec.resource.as_deref().and_then(|r| m.cfg.resources.iter().find(|x| x.name == r)).and_then(|x| x.workload.clone()),
     });
     let reason = rec.reason.as_ref();
     Some(CaseRequest {
@@ -296,7 +297,7 @@ fn judge(old: &Model, new: &Model, rec: &Record<'_>) -> Result<(PolicyDecision, 
         if !signed_task && !rec.intent_signed {
             continue;
         }
-        let Some(req) = request_of(rec, minter, signed_task) else { return Err(last) };
+        let Some(req) = request_of(old, rec, minter, signed_task) else { return Err(last) };
         let d_old = cases::evaluate_request(&old.policy, &req)?;
         if same_as_logged(&d_old, rec) {
             let d_new = cases::evaluate_request(&new.policy, &req)?;
