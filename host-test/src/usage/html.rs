@@ -154,7 +154,7 @@ td.n{{text-align:right}} tr.unused td{{color:#c53030}} .legend span{{display:inl
   data.forEach(function (d, i) {{
     var y = 6 + i * row;
     el('text', {{x: 0, y: y + 18, 'font-size': 13}}, d.owner);
-    el('rect', {{x: left, y: y, width: Math.max(2, width * d.granted / max), height: 12, fill: 'rgb({g0},{g1},{g2})'}}); bars++;
+    el('rect', {{x: left, y: y, width: Math.max(d.granted ? 2 : 0, width * d.granted / max), height: 12, fill: 'rgb({g0},{g1},{g2})'}}); bars++;
     el('rect', {{x: left, y: y + 13, width: Math.max(d.used ? 2 : 0, width * d.used / max), height: 12, fill: 'rgb({u0},{u1},{u2})'}}); bars++;
     el('text', {{x: left + width + 8, y: y + 18, 'font-size': 12}}, d.used + ' / ' + d.granted);
   }});
