@@ -21,7 +21,6 @@ mod host;
 mod hostcalls;
 mod mem;
 pub mod runner;
-pub mod usage;
 pub mod schema;
 mod vm;
 mod wasi;

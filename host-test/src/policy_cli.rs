@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context as _, Result};
 use mandate_plugin::policy::cases::{self, CaseRequest};
-use mandate_host_test::usage::{self as usage_mod, Model, Usage};
+use mandate_usage::{self as usage_mod, Model, Usage};
 use mandate_plugin::policy::lint;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -4,7 +4,7 @@
 //! Skipped when Chromium is missing, unless MANDATE_REQUIRE_CHROMIUM=1 (scripts/test sets it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mandate_host_test::usage::{html, synth};
+use mandate_usage::{html, synth};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;

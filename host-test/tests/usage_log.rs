@@ -2,8 +2,8 @@
 //! the `policies/` examples (allowed, denied and dry-run decisions), and over bad log lines.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mandate_host_test::usage::log::{self, Line, LogReader, Next, Skip};
-use mandate_host_test::usage::{self, suggest, synth, Model, Usage};
+use mandate_usage::log::{self, Line, LogReader, Next, Skip};
+use mandate_usage::{self as usage, suggest, synth, Model, Usage};
 use mandate_plugin::decision::Effect;
 use mandate_plugin::policy::cases;
 use std::io::Write;

@@ -15,7 +15,8 @@ use log::{Line, LogReader, Next, Record, Skip};
 use mandate_plugin::policy::mcp::Glob;
 use mandate_plugin::policy::{Policy, PolicyConfig, RuleEffect};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Distinct keys kept per map (intents claimed, reasons, classes ...): a log full of made-up
@@ -221,12 +222,8 @@ impl Seen {
 }
 
 fn slot<'m, V: Default>(m: &'m mut HashMap<String, V>, k: &str) -> &'m mut V {
-    let k = if m.contains_key(k) || m.len() < KEY_CAP { k } else { OTHER };
-    if !m.contains_key(k) {
-        m.insert(k.to_string(), V::default());
-    }
-    // Present: inserted just above if it was not.
-    m.entry(k.to_string()).or_default()
+    let k = if m.len() < KEY_CAP || m.contains_key(k) { k } else { OTHER };
+    m.entry_ref(k).or_default()
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -262,13 +259,13 @@ pub struct Usage {
     /// intent → from class → to class → uses (allowed delegated requests).
     pub edges: HashMap<String, HashMap<String, HashMap<String, u64>>>,
     /// (class, intent) of principals earlier in an allowed chain than the caller.
-    pub chain_uses: HashSet<(String, String)>,
+    pub chain_uses: HashMap<String, HashSet<String>>,
     /// class → counts and principals seen.
     pub classes: HashMap<String, (ClassCounts, Seen)>,
     /// intent → resource → tools called (allowed).
     pub tools: HashMap<String, HashMap<String, Seen>>,
-    /// credential id → (first use s, last use s, intent).
-    jtis: HashMap<String, (u64, u64, String)>,
+    /// credential id → (first use s, last use s).
+    jtis: HashMap<String, (u64, u64)>,
     /// intent → longest a credential was used for, seconds (`None`: no credential seen).
     pub cred_span: HashMap<String, u64>,
     /// Some credential spans were lost to the tracking cap (TTL suggestions are then withheld).
@@ -395,8 +392,9 @@ impl Usage {
                 }
             }
             for c in d.chain.iter().rev().skip(1) {
-                if self.chain_uses.len() < KEY_CAP {
-                    self.chain_uses.insert((c.class.as_deref().unwrap_or(NONE).to_string(), intent.to_string()));
+                let intents = slot(&mut self.chain_uses, c.class.as_deref().unwrap_or(NONE));
+                if intents.len() < KEY_CAP {
+                    intents.get_or_insert_with(intent, str::to_string);
                 }
             }
         }
@@ -416,7 +414,7 @@ impl Usage {
                 if self.jtis.len() >= JTI_CAP {
                     self.cred_overflow = true;
                 } else {
-                    self.jtis.insert(jti.to_string(), (now, now, intent.to_string()));
+                    self.jtis.insert(jti.to_string(), (now, now));
                     slot(&mut self.cred_span, intent);
                 }
             }

@@ -59,7 +59,7 @@ pub fn suggest(m: &Model, u: &Usage) -> Result<Suggestion> {
         let used: Vec<&super::Grant> = grants.iter().filter(|(gi, _)| u.grant_uses.get(*gi).copied().unwrap_or(0) > 0).map(|(_, g)| *g).collect();
         // A principal earlier in an allowed delegation chain was judged by the rules too, but
         // the record names only the caller's rule: keep every rule that could have been its.
-        if u.chain_uses.iter().any(|(c, i)| rule_matches_class_intent(rule, c, i)) {
+        if u.chain_uses.iter().any(|(c, is)| is.iter().any(|i| rule_matches_class_intent(rule, c, i))) {
             if used.len() < grants.len() {
                 ch(subject, "kept as is: it may have allowed principals earlier in a delegation chain (their rules are not recorded)".into());
             }
