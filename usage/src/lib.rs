@@ -266,6 +266,7 @@ pub struct Usage {
     pub tools: HashMap<String, HashMap<String, Seen>>,
     /// credential id → (first use s, last use s).
     jtis: HashMap<String, (u64, u64)>,
+    jti_pruned_s: u64,
     /// intent → longest a credential was used for, seconds (`None`: no credential seen).
     pub cred_span: HashMap<String, u64>,
     /// Some credential spans were lost to the tracking cap (TTL suggestions are then withheld).
@@ -407,8 +408,10 @@ impl Usage {
                 let s = slot(&mut self.cred_span, intent);
                 *s = (*s).max(span);
             } else {
-                if self.jtis.len() >= JTI_CAP {
-                    // Credentials live at most an hour: forget those first used over an hour ago.
+                if self.jtis.len() >= JTI_CAP && now >= self.jti_pruned_s + 60 {
+                    // Credentials live at most an hour: forget those first used over an hour
+                    // ago (at most once a minute of log time, so a full map costs no rescans).
+                    self.jti_pruned_s = now;
                     self.jtis.retain(|_, e| e.0 + 3600 >= now);
                 }
                 if self.jtis.len() >= JTI_CAP {

@@ -1,4 +1,4 @@
-//! `usage-bench [--records N] [--rounds R] [--keep] [--dir DIR]`: `mandate policy usage`'s
+//! `usage-bench [--records N] [--rounds R] [--keep] [--reuse] [--dir DIR]`: `mandate policy usage`'s
 //! throughput over a generated decision log, against baselines measured in the same run on the
 //! same file:
 //!
@@ -31,6 +31,9 @@ struct Args {
     dir: PathBuf,
     #[arg(long)]
     keep: bool,
+    /// Use the log a previous `--keep` run left (same --records), not a fresh one.
+    #[arg(long)]
+    reuse: bool,
 }
 
 fn scan(path: &std::path::Path) -> Result<u64> {
@@ -71,7 +74,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&a.dir)?;
     let log = a.dir.join("decisions.log");
     let t = Instant::now();
-    {
+    if !(a.reuse && log.exists()) {
         let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&log)?);
         synth::generate(&root.join("policies/delegation.cases.json"), a.records, &[], true, &mut f)?;
         f.flush()?;
