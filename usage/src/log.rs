@@ -77,6 +77,8 @@ impl Skip {
 }
 
 /// One line of a log, classified.
+// Returned by value once per line: boxing the record would allocate per record.
+#[allow(clippy::large_enum_variant)]
 pub enum Line<'a> {
     /// A decision record.
     Record(Record<'a>),
