@@ -41,16 +41,17 @@ pub fn lint_at(p: &Policy, now: Option<u64>) -> Vec<Finding> {
         }
     }
     if let Some(now) = now {
-        let due = |what: String, at: Option<u64>, out: &mut Vec<Finding>| {
+        let due = |what: String, date: &Option<String>, out: &mut Vec<Finding>| {
+            let at = date.as_ref().and_then(|d| super::cases::parse_time(&format!("{d}T00:00:00Z")));
             if let Some(at) = at.filter(|at| *at <= now) {
                 out.push(warn(what, format!("review past due ({} days since review_by)", (now - at) / 86_400)));
             }
         };
         for c in &p.classes {
-            due(format!("class `{}`", c.name), c.review_by, &mut out);
+            due(format!("class `{}`", c.name), &c.review_by, &mut out);
         }
         for r in &p.rules {
-            due(format!("rule `{}`", r.id), r.review_by, &mut out);
+            due(format!("rule `{}`", r.id), &r.review_by, &mut out);
         }
     }
 

@@ -385,8 +385,8 @@ pub struct Class {
     max_sensitivity: Option<usize>,
     refuse_standing_secrets: bool,
     pub owner: Option<String>,
-    /// `review_by` as Unix seconds (midnight UTC).
-    pub review_by: Option<u64>,
+    /// `review_by`, `YYYY-MM-DD` (for lint).
+    pub review_by: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -443,8 +443,8 @@ pub struct Rule {
     window: Option<Window>,
     dry_run: bool,
     pub owner: Option<String>,
-    /// `review_by` as Unix seconds (midnight UTC).
-    pub review_by: Option<u64>,
+    /// `review_by`, `YYYY-MM-DD` (for lint).
+    pub review_by: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -593,15 +593,23 @@ fn owner_ok(field: &str, o: &Option<String>) -> Result<Option<String>, ConfigErr
     }
 }
 
-/// A review date `YYYY-MM-DD` as Unix seconds (midnight UTC).
-fn review_date(field: &str, d: &Option<String>) -> Result<Option<u64>, ConfigError> {
+/// A review date `YYYY-MM-DD`, checked for shape here (the filter never reads it; lint does).
+fn review_date(field: &str, d: &Option<String>) -> Result<Option<String>, ConfigError> {
     match d {
         None => Ok(None),
         Some(v) => {
-            let ok = v.len() == 10 && v.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
-            match cases::parse_time(&format!("{v}T00:00:00Z")).filter(|_| ok) {
-                Some(t) => Ok(Some(t)),
-                None => Err(ConfigError::new(field, format!("`{v}` is not a date YYYY-MM-DD"))),
+            let b = v.as_bytes();
+            let num = |r: std::ops::Range<usize>| b.get(r).filter(|x| x.iter().all(u8::is_ascii_digit)).map(|x| x.iter().fold(0u32, |a, d| a * 10 + u32::from(d - b'0')));
+            let ok = b.len() == 10
+                && b.get(4) == Some(&b'-')
+                && b.get(7) == Some(&b'-')
+                && num(0..4).is_some()
+                && num(5..7).is_some_and(|m| (1..=12).contains(&m))
+                && num(8..10).is_some_and(|d| (1..=31).contains(&d));
+            if ok {
+                Ok(Some(v.clone()))
+            } else {
+                Err(ConfigError::new(field, format!("`{v}` is not a date YYYY-MM-DD")))
             }
         }
     }
