@@ -55,6 +55,8 @@ pub struct DecisionRecord<'a> {
     pub identity: Option<&'a str>,
     pub trust_domain: Option<&'a str>,
     pub class: Option<&'a str>,
+    /// Who answers for the decision (the deciding rule's `owner`, else the class's).
+    pub owner: Option<&'a str>,
     pub token_hash: Option<&'a str>,
     pub intent: Option<&'a str>,
     pub task: Option<&'a str>,
@@ -102,6 +104,7 @@ impl<'a> DecisionRecord<'a> {
             identity: id.map(|i| i.principal.as_str()),
             trust_domain: id.and_then(|i| i.trust_domain.as_deref()),
             class: p.and_then(|p| p.class.as_deref()),
+            owner: p.and_then(|p| p.owner.as_deref()),
             token_hash: id.map(|i| i.token_hash.as_str()).filter(|h| !h.is_empty()),
             intent: d.intent.as_deref(),
             task: d.task.as_deref(),

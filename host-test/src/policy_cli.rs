@@ -4,6 +4,7 @@
 use anyhow::{bail, Context as _, Result};
 use mandate_core::policy::cases::{self, CaseRequest};
 use mandate_core::policy::lint;
+use mandate_usage::{self as usage_mod, Model, Usage};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -23,6 +24,9 @@ pub enum PolicyCommand {
         /// Treat warnings as errors.
         #[arg(long)]
         deny_warnings: bool,
+        /// The date reviews are due against (`YYYY-MM-DD`; default today, UTC).
+        #[arg(long)]
+        now: Option<String>,
     },
     /// Run policy case files (`*.cases.json`; directories are searched). Prints `N passed, N failed`.
     Test {
@@ -47,6 +51,36 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What the policy grants against what the decision log shows was used, per owner and per
+    /// principal pattern: grants used and unused, denials by reason, dry-run would-denials,
+    /// intents claimed but never allowed, the broadest grants, delegation edges used.
+    Usage {
+        #[arg(long)]
+        policy: PathBuf,
+        /// Decision records: `mandate.decision` log lines (Envoy's log or bare JSON lines) or
+        /// an Envoy JSON access log carrying `mandate_decision`; plain or gzip.
+        #[arg(long)]
+        log: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long, conflicts_with = "html")]
+        json: bool,
+        /// Write a self-contained HTML report (with a chart) to this file.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// A tightened policy from the decision log (unused grants removed, wildcard principals
+    /// narrowed to those seen, MCP tools to those called, credential TTLs to what was used),
+    /// replayed against the same log: written only if it judges every reproduced record as
+    /// the log did. Prints the changes and a diff. Exit 1 if the replay fails.
+    Suggest {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        log: PathBuf,
+        /// Where to write the suggested policy (default: POLICY with `.suggested.json`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: &PolicyCommand) -> Result<ExitCode> {
@@ -54,7 +88,15 @@ pub fn run(cmd: &PolicyCommand) -> Result<ExitCode> {
         PolicyCommand::Lint {
             file,
             deny_warnings,
-        } => lint_file(file, *deny_warnings),
+            now,
+        } => lint_file(file, *deny_warnings, now.as_deref()),
+        PolicyCommand::Usage {
+            policy,
+            log,
+            json,
+            html,
+        } => usage(policy, log, *json, html.as_deref()),
+        PolicyCommand::Suggest { policy, log, out } => suggest(policy, log, out.as_deref()),
         PolicyCommand::Test { paths, engine, component } => test(paths, *engine, component.as_deref()),
         PolicyCommand::Explain {
             policy,
@@ -64,7 +106,14 @@ pub fn run(cmd: &PolicyCommand) -> Result<ExitCode> {
     }
 }
 
-fn lint_file(file: &Path, deny_warnings: bool) -> Result<ExitCode> {
+fn lint_file(file: &Path, deny_warnings: bool, now: Option<&str>) -> Result<ExitCode> {
+    let now = match now {
+        Some(d) => cases::parse_time(&format!("{d}T00:00:00Z"))
+            .with_context(|| format!("--now `{d}` is not a date YYYY-MM-DD"))?,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
     let raw = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let policy = match cases::parse_policy(&raw) {
         Ok(p) => p,
@@ -73,7 +122,7 @@ fn lint_file(file: &Path, deny_warnings: bool) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let findings = lint::lint(&policy);
+    let findings = lint::lint_at(&policy, Some(now));
     for f in &findings {
         println!("warning: {}: {}: {}", file.display(), f.subject, f.message);
     }
@@ -310,5 +359,93 @@ fn explain(policy_path: &Path, request: &Path, json: bool) -> Result<ExitCode> {
             Some(why) => println!("  {mark} {} [{effect}]: {why}", r.id),
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Says what was skipped, by line number and reason only: a bad line's content is never shown.
+fn report_skips(u: &Usage) {
+    if u.skipped_total() == 0 {
+        return;
+    }
+    for (line, skip) in &u.first_skips {
+        eprintln!("skipped line {line}: {} ({})", skip.code(), skip.message());
+    }
+    let shown = u.first_skips.len() as u64;
+    if u.skipped_total() > shown {
+        eprintln!("... and {} more skipped lines", u.skipped_total() - shown);
+    }
+    let by: Vec<String> = u.skipped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    eprintln!(
+        "{} of {} lines skipped ({})",
+        u.skipped_total(),
+        u.lines,
+        by.join(", ")
+    );
+}
+
+fn usage(policy: &Path, log: &Path, json: bool, html: Option<&Path>) -> Result<ExitCode> {
+    let m = Model::load(policy)?;
+    let u = Usage::read(&m, log)?;
+    report_skips(&u);
+    let report = u.report(&m);
+    if let Some(path) = html {
+        let title = format!(
+            "mandate usage: {}",
+            policy.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned())
+        );
+        std::fs::write(path, usage_mod::html::render(&report, &title))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if html.is_none() {
+        print!("{}", report.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn suggest(policy: &Path, log: &Path, out: Option<&Path>) -> Result<ExitCode> {
+    let m = Model::load(policy)?;
+    let u = Usage::read(&m, log)?;
+    report_skips(&u);
+    let s = usage_mod::suggest::suggest(&m, &u)?;
+    let text = serde_json::to_string_pretty(&s.document)? + "\n";
+    let suggested = Model::from_slice(text.as_bytes()).context("the suggested policy does not compile (a bug: please report)")?;
+    let replay = usage_mod::suggest::replay(&m, &suggested, log)?;
+    let out_path = out.map(Path::to_path_buf).unwrap_or_else(|| {
+        let name = policy.file_name().map_or("policy".into(), |n| n.to_string_lossy().into_owned());
+        let stem = name.strip_suffix(".json").unwrap_or(&name).to_string();
+        policy.with_file_name(format!("{stem}.suggested.json"))
+    });
+    if s.changes.is_empty() {
+        println!("no change: every grant was used and nothing can be narrowed");
+    }
+    for c in &s.changes {
+        println!("- {}: {}", c.subject, c.change);
+    }
+    let original = m.wrapped.clone().unwrap_or_else(|| m.raw.clone());
+    print!(
+        "{}",
+        usage_mod::suggest::diff(
+            &original,
+            &s.document,
+            &policy.display().to_string(),
+            &out_path.display().to_string()
+        )
+    );
+    println!(
+        "replay: {} records, {} reproduced by the policy in force ({} allowed), {} not reproducible, {} judged differently by the suggestion",
+        replay.records, replay.reproduced, replay.allowed, replay.unreproducible, replay.mismatches
+    );
+    for e in &replay.examples {
+        println!("  {e}");
+    }
+    if !replay.passed() {
+        println!("replay FAILED: the suggestion was not written");
+        return Ok(ExitCode::from(1));
+    }
+    std::fs::write(&out_path, text).with_context(|| format!("writing {}", out_path.display()))?;
+    println!("replay passed: wrote {}", out_path.display());
     Ok(ExitCode::SUCCESS)
 }

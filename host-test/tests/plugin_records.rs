@@ -23,6 +23,7 @@ const FIELDS: &[&str] = &[
     "identity",
     "trust_domain",
     "class",
+    "owner",
     "token_hash",
     "intent",
     "task",

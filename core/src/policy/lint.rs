@@ -19,9 +19,41 @@ fn subset<T: PartialEq>(narrow: &[T], wide: &[T]) -> bool {
     wide.is_empty() || (!narrow.is_empty() && narrow.iter().all(|x| wide.contains(x)))
 }
 
+/// The checks that need no clock (review dates are [`lint_at`]'s).
 pub fn lint(p: &Policy) -> Vec<Finding> {
+    lint_at(p, None)
+}
+
+/// All checks; with `now` (Unix seconds) also reviews past their `review_by` date.
+pub fn lint_at(p: &Policy, now: Option<u64>) -> Vec<Finding> {
     let mut out = Vec::new();
     let warn = |subject: String, message: String| Finding { severity: Severity::Warning, subject, message };
+
+    // Ownership (OWASP NHI: unclear ownership of non-human identities). Each principal is
+    // answered for by its class's owner or by the owner of every allow rule naming it directly.
+    for c in p.classes.iter().filter(|c| c.owner.is_none()) {
+        out.push(warn(format!("class `{}`", c.name), "no owner: nobody answers for what its principals are granted (set \"owner\")".into()));
+    }
+    for r in &p.rules {
+        let classes_owned = !r.classes.is_empty() && r.classes.iter().all(|c| p.classes.get(*c).is_some_and(|c| c.owner.is_some()));
+        if r.effect == RuleEffect::Allow && r.owner.is_none() && !classes_owned {
+            out.push(warn(format!("rule `{}`", r.id), "grants principals no owner answers for (set \"owner\" on the rule or on its classes)".into()));
+        }
+    }
+    if let Some(now) = now {
+        let due = |what: String, date: &Option<String>, out: &mut Vec<Finding>| {
+            let at = date.as_ref().and_then(|d| super::cases::parse_time(&format!("{d}T00:00:00Z")));
+            if let Some(at) = at.filter(|at| *at <= now) {
+                out.push(warn(what, format!("review past due ({} days since review_by)", (now - at) / 86_400)));
+            }
+        };
+        for c in &p.classes {
+            due(format!("class `{}`", c.name), &c.review_by, &mut out);
+        }
+        for r in &p.rules {
+            due(format!("rule `{}`", r.id), &r.review_by, &mut out);
+        }
+    }
 
     // Intents no allow rule can grant.
     for (i, intent) in p.intents.iter().enumerate() {

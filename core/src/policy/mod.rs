@@ -193,6 +193,15 @@ pub struct ClassConfig {
     pub max_sensitivity: Option<String>,
     #[serde(default)]
     pub refuse_standing_secrets: bool,
+    /// Who answers for this class's principals (a team or a contact); in every decision record.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 128)))]
+    pub owner: Option<String>,
+    /// When the owner should next review what the class is granted (`YYYY-MM-DD`, UTC); lint
+    /// warns once it is past.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")))]
+    pub review_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -355,6 +364,14 @@ pub struct RuleConfig {
     /// Deny rules only: record matches without enforcing them.
     #[serde(default)]
     pub dry_run: bool,
+    /// Who answers for this rule (a team or a contact); overrides the class's owner in records.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 128)))]
+    pub owner: Option<String>,
+    /// When the owner should next review this rule (`YYYY-MM-DD`, UTC).
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(pattern(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")))]
+    pub review_by: Option<String>,
 }
 
 // ---------------------------------------------------------------- compiled
@@ -367,6 +384,9 @@ pub struct Class {
     intent_required: bool,
     max_sensitivity: Option<usize>,
     refuse_standing_secrets: bool,
+    pub owner: Option<String>,
+    /// `review_by`, `YYYY-MM-DD` (for lint).
+    pub review_by: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -422,6 +442,9 @@ pub struct Rule {
     environments: Vec<String>,
     window: Option<Window>,
     dry_run: bool,
+    pub owner: Option<String>,
+    /// `review_by`, `YYYY-MM-DD` (for lint).
+    pub review_by: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -490,6 +513,9 @@ pub struct PolicyDecision {
     pub reason: Reason,
     /// The rule that decided (allow or deny), if any.
     pub rule_id: Option<String>,
+    /// Who answers for the decision: the deciding rule's owner, else the caller's class's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Dry-run: the reason this would have been denied, and the dry-run rule that would have.
     pub dry_run_reason: Option<Reason>,
     pub dry_run_rule_id: Option<String>,
@@ -520,6 +546,7 @@ impl PolicyDecision {
             effect,
             reason,
             rule_id: None,
+            owner: None,
             dry_run_reason: None,
             dry_run_rule_id: None,
             class: None,
@@ -555,6 +582,37 @@ fn methods(field: &str, m: &[String]) -> Result<Vec<String>, ConfigError> {
         }
     }
     Ok(m.to_vec())
+}
+
+/// An owner: a team or a contact, printable, at most 128 bytes (it goes into every record).
+fn owner_ok(field: &str, o: &Option<String>) -> Result<Option<String>, ConfigError> {
+    match o {
+        None => Ok(None),
+        Some(v) if (1..=128).contains(&v.len()) && !v.chars().any(char::is_control) => Ok(Some(v.clone())),
+        Some(_) => Err(ConfigError::new(field, "must be 1 to 128 printable characters")),
+    }
+}
+
+/// A review date `YYYY-MM-DD`, checked for shape here (the filter never reads it; lint does).
+fn review_date(field: &str, d: &Option<String>) -> Result<Option<String>, ConfigError> {
+    match d {
+        None => Ok(None),
+        Some(v) => {
+            let b = v.as_bytes();
+            let num = |r: std::ops::Range<usize>| b.get(r).filter(|x| x.iter().all(u8::is_ascii_digit)).map(|x| x.iter().fold(0u32, |a, d| a * 10 + u32::from(d - b'0')));
+            let ok = b.len() == 10
+                && b.get(4) == Some(&b'-')
+                && b.get(7) == Some(&b'-')
+                && num(0..4).is_some()
+                && num(5..7).is_some_and(|m| (1..=12).contains(&m))
+                && num(8..10).is_some_and(|d| (1..=31).contains(&d));
+            if ok {
+                Ok(Some(v.clone()))
+            } else {
+                Err(ConfigError::new(field, format!("`{v}` is not a date YYYY-MM-DD")))
+            }
+        }
+    }
 }
 
 fn name_ok(field: &str, n: &str) -> Result<(), ConfigError> {
@@ -628,6 +686,8 @@ impl Policy {
                 intent_required: cl.intent_required,
                 max_sensitivity: level(&levels, &format!("{field}.max_sensitivity"), &cl.max_sensitivity)?,
                 refuse_standing_secrets: cl.refuse_standing_secrets,
+                owner: owner_ok(&format!("{field}.owner"), &cl.owner)?,
+                review_by: review_date(&format!("{field}.review_by"), &cl.review_by)?,
             });
         }
 
@@ -785,6 +845,8 @@ impl Policy {
                 environments: r.environments.clone(),
                 window,
                 dry_run: r.dry_run,
+                owner: owner_ok(&format!("{field}.owner"), &r.owner)?,
+                review_by: review_date(&format!("{field}.review_by"), &r.review_by)?,
             });
         }
 
@@ -903,6 +965,7 @@ impl Policy {
         let class_idx = self.class_of(input.principal);
         let class = class_idx.and_then(|i| self.classes.get(i));
         d.class = class.map(|c| c.name.clone());
+        d.owner = class.and_then(|c| c.owner.clone());
         if class.is_none() && self.unclassified == Unclassified::Deny {
             return deny(Reason::UnclassifiedPrincipal);
         }
@@ -1026,7 +1089,12 @@ impl Policy {
                 RuleEffect::Deny if rule.dry_run => {
                     dry_deny = dry_deny.or(Some(rule));
                 }
-                RuleEffect::Deny => return Err((Reason::DeniedByRule, Some(rule.id.clone()))),
+                RuleEffect::Deny => {
+                    if rule.owner.is_some() {
+                        d.owner = rule.owner.clone();
+                    }
+                    return Err((Reason::DeniedByRule, Some(rule.id.clone())));
+                }
                 RuleEffect::Allow => allow = allow.or(Some(rule)),
             }
         }
@@ -1048,6 +1116,9 @@ impl Policy {
             }
         }
         d.rule_id = allow.map(|a| a.id.clone());
+        if let Some(o) = allow.and_then(|a| a.owner.as_ref()) {
+            d.owner = Some(o.clone());
+        }
         if let Some(dr) = dry_deny {
             d.effect = Effect::DryRunDeny;
             d.dry_run_reason = Some(Reason::DeniedByRule);

@@ -377,3 +377,62 @@ fn host_header_cannot_choose_the_credential_audience() {
     let d = p.evaluate(&matched);
     assert_eq!((d.effect, d.audience.as_deref()), (Effect::Allow, Some("reports")), "the resource's name is the audience");
 }
+
+// ---------------- owners and review dates (issue 18) ----------------
+
+#[test]
+fn the_deciding_rules_owner_else_the_class_owner_is_on_the_decision() {
+    let mut v = base();
+    v["classes"][0]["owner"] = json!("support-ops");
+    v["rules"][0]["owner"] = json!("ticketing-team");
+    let p = policy(v);
+    let allowed = p.evaluate(&input("spiffe://example.org/agent/a1", Some("ticket.read"), "GET", "tickets.internal", "/tickets/1"));
+    assert_eq!((allowed.effect, allowed.owner.as_deref()), (Effect::Allow, Some("ticketing-team")));
+    // Refused before any rule: the class's owner answers for it.
+    let refused = p.evaluate(&input("spiffe://example.org/agent/a1", Some("ticket.read"), "PUT", "tickets.internal", "/tickets/1"));
+    assert_eq!((refused.reason, refused.owner.as_deref()), (Reason::IntentMismatch, Some("support-ops")));
+    // A class without an owner, no rule owner: nobody.
+    let batch = p.evaluate(&input("spiffe://example.org/batch/b1", None, "GET", "reports.internal", "/reports/1"));
+    assert_eq!((batch.effect, batch.owner), (Effect::Allow, None));
+}
+
+#[test]
+fn bad_owner_and_review_date_are_refused_naming_the_field() {
+    for (field, value, want) in [
+        ("owner", json!(""), "policy.classes[0].owner"),
+        ("owner", json!("a\u{7}b"), "policy.classes[0].owner"),
+        ("review_by", json!("2027-13-01"), "policy.classes[0].review_by"),
+        ("review_by", json!("27-01-01"), "policy.classes[0].review_by"),
+        ("review_by", json!("2027-01-01T00:00:00Z"), "policy.classes[0].review_by"),
+    ] {
+        let mut v = base();
+        v["classes"][0][field] = value;
+        let c: PolicyConfig = serde_json::from_value(v).unwrap();
+        let e = Policy::compile(&c, "policy").unwrap_err();
+        assert_eq!(e.field, want, "{e:?}");
+    }
+    let mut v = base();
+    v["rules"][1]["review_by"] = json!("2027-02-30x");
+    let c: PolicyConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(Policy::compile(&c, "policy").unwrap_err().field, "policy.rules[1].review_by");
+}
+
+#[test]
+fn lint_warns_about_principals_without_owner_and_reviews_past_due() {
+    let text = |p: &Policy, now| lint::lint_at(p, now).iter().map(|f| format!("{} {}", f.subject, f.message)).collect::<Vec<_>>();
+    let t = text(&policy(base()), None);
+    assert!(t.iter().any(|x| x.starts_with("class `agent` no owner")), "{t:?}");
+    assert!(t.iter().any(|x| x.starts_with("rule `batch-reports` grants principals no owner")), "{t:?}");
+    let mut v = base();
+    v["classes"][0]["owner"] = json!("support-ops");
+    v["classes"][1]["owner"] = json!("data-platform");
+    v["classes"][1]["review_by"] = json!("2026-11-01");
+    v["rules"][0]["review_by"] = json!("2027-01-01");
+    let p = policy(v);
+    let t = text(&p, Some(WED_1000));
+    assert!(!t.iter().any(|x| x.contains("owner")), "every principal has an owner: {t:?}");
+    assert!(t.iter().any(|x| x.starts_with("class `batch` review past due")), "{t:?}");
+    assert!(!t.iter().any(|x| x.starts_with("rule `agents-tickets` review")), "not due yet: {t:?}");
+    // Without a clock, no review findings.
+    assert!(!text(&p, None).iter().any(|x| x.contains("review")));
+}
