@@ -41,6 +41,13 @@ const ISSUED_RETENTION_S: u64 = 3600;
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Rows read per catch-up query.
 const SYNC_PAGE: i64 = 5000;
+/// Issued-token records share a commit (group commit): at most this many per statement.
+const ISSUED_BATCH: usize = 512;
+/// Tasks committing issued-token records concurrently, per replica.
+const ISSUED_WRITERS: usize = 4;
+
+type IssuedAck = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+type IssuedQueue = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(IssuedRecord, IssuedAck)>>>;
 
 /// The schema, one step per version; never edit a released step, add one.
 pub const MIGRATIONS: &[&str] = &[
@@ -330,6 +337,8 @@ pub struct PgStore {
     rt: Mutex<Option<tokio::runtime::Runtime>>,
     /// Whether the last operation reached the database (for logs on the transitions).
     up: AtomicBool,
+    /// Issued-token records waiting for a group commit.
+    issued: tokio::sync::mpsc::Sender<(IssuedRecord, IssuedAck)>,
 }
 
 impl PgStore {
@@ -362,6 +371,8 @@ impl PgStore {
             let _ = driver.await;
             Ok::<_, anyhow::Error>(epoch)
         })?;
+        let (issued, issued_rx) = tokio::sync::mpsc::channel(ISSUED_BATCH * ISSUED_WRITERS * 4);
+        let issued_rx: IssuedQueue = Arc::new(tokio::sync::Mutex::new(issued_rx));
         let store = Arc::new(PgStore {
             pool,
             pg,
@@ -375,6 +386,7 @@ impl PgStore {
             wake: Arc::new(Notify::new()),
             rt: Mutex::new(None),
             up: AtomicBool::new(true),
+            issued,
         });
         rt.block_on(async {
             // Everything committed so far, before serving (a restart loses nothing).
@@ -386,6 +398,9 @@ impl PgStore {
         })?;
         rt.spawn(listen_loop(store.pg.clone(), store.tls.clone(), store.wake.clone()));
         rt.spawn(follow_loop(Arc::downgrade(&store)));
+        for _ in 0..ISSUED_WRITERS {
+            rt.spawn(issued_writer(Arc::downgrade(&store), issued_rx.clone()));
+        }
         if let Ok(mut g) = store.rt.lock() {
             *g = Some(rt);
         }
@@ -442,13 +457,45 @@ impl PgStore {
         self.bounded(async { c.simple_query("SELECT 1").await.map(|_| ()) }).await
     }
 
+    /// Records an issued token; returns once its commit is durable (the group commit of
+    /// whatever other records queued meanwhile: one statement, one fsync).
     pub async fn record_issued(&self, r: IssuedRecord) -> Result<(), StoreError> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let queued = tokio::time::timeout(self.timeout, self.issued.send((r, ack))).await;
+        if !matches!(queued, Ok(Ok(()))) {
+            return Err(StoreError::Failed("postgres: the issued-record queue is full or closed".into()));
+        }
+        // Bounded twice over: a connection within `timeout`, then the statement within it.
+        match tokio::time::timeout(self.timeout * 2 + Duration::from_millis(100), done).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(StoreError::Failed("postgres: the issued-record writer stopped".into())),
+            Err(_) => Err(StoreError::Failed("postgres: no commit within store.postgres.timeout_ms".into())),
+        }
+    }
+
+    /// One group commit of issued-token records.
+    async fn insert_issued(&self, batch: &[(IssuedRecord, IssuedAck)]) -> Result<(), StoreError> {
         let c = self.client().await?;
+        let (mut jti, mut sub, mut task, mut aud, mut client, mut iat, mut exp) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (r, _) in batch {
+            jti.push(r.jti.as_str());
+            sub.push(r.sub.as_str());
+            task.push(r.task.as_deref());
+            aud.push(r.aud.as_str());
+            client.push(r.client_id.as_str());
+            iat.push(to_i64(r.iat));
+            exp.push(to_i64(r.exp));
+        }
         self.bounded(async {
             let stmt = c
-                .prepare_cached("INSERT INTO issued (jti, sub, task, aud, client_id, iat, exp) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (jti) DO NOTHING")
+                .prepare_cached(
+                    "INSERT INTO issued (jti, sub, task, aud, client_id, iat, exp)
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
+                     ON CONFLICT (jti) DO NOTHING",
+                )
                 .await?;
-            c.execute(&stmt, &[&r.jti, &r.sub, &r.task, &r.aud, &r.client_id, &to_i64(r.iat), &to_i64(r.exp)]).await.map(|_| ())
+            c.execute(&stmt, &[&jti, &sub, &task, &aud, &client, &iat, &exp]).await.map(|_| ())
         })
         .await
     }
@@ -640,6 +687,33 @@ async fn listen_loop(pg: tokio_postgres::Config, tls: tokio_postgres_rustls::Mak
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Takes what queued for the issued table (up to [`ISSUED_BATCH`]) and commits it at once;
+/// every record's caller gets the commit's outcome.
+async fn issued_writer(store: std::sync::Weak<PgStore>, queue: IssuedQueue) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut rx = queue.lock().await;
+            match rx.recv().await {
+                Some(first) => batch.push(first),
+                None => return,
+            }
+            while batch.len() < ISSUED_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+        }
+        let Some(s) = store.upgrade() else { return };
+        let r = s.insert_issued(&batch).await;
+        drop(s);
+        for (_, ack) in batch {
+            let _ = ack.send(r.clone());
+        }
     }
 }
 

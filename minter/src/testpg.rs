@@ -17,6 +17,8 @@ pub struct TestPg {
     bin: PathBuf,
     as_postgres: bool,
     fsync: bool,
+    /// Listening on 127.0.0.1 too (TLS).
+    tcp: bool,
     pub port: u16,
 }
 
@@ -72,7 +74,7 @@ impl TestPg {
         let dir = std::env::temp_dir().join(format!("mandate-pg-{}", crate::exchange::random_id().replace(['-', '_'], "x")));
         std::fs::create_dir_all(&dir)?;
         let as_postgres = is_root();
-        let pg = TestPg { dir, bin, as_postgres, fsync, port: 5432 };
+        let pg = TestPg { dir, bin, as_postgres, fsync, tcp: false, port: 5432 };
         if as_postgres {
             let ok = Command::new("chown").arg("postgres:").arg(&pg.dir).status().context("chown")?.success();
             if !ok {
@@ -112,13 +114,39 @@ impl TestPg {
     /// (Re)starts the server and waits until it accepts connections.
     pub fn start_again(&self) -> Result<()> {
         let opts = format!(
-            "-c listen_addresses='' -k {} -p {} -c fsync={} -c max_connections=300 -c shared_buffers=32MB",
+            "-c listen_addresses='{}' -k {} -p {} -c fsync={} -c max_connections=300 -c shared_buffers=32MB",
+            if self.tcp { "127.0.0.1" } else { "" },
             self.dir.display(),
             self.port,
             if self.fsync { "on" } else { "off" }
         );
         let log = self.dir.join("server.log").display().to_string();
         self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"])
+    }
+
+    /// Serves TLS with `cert_pem`/`key_pem` on 127.0.0.1 at a free TCP port (PostgreSQL does
+    /// TLS over TCP only); restarts the server. Returns the port.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) -> Result<u16> {
+        let data = self.dir.join("data");
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem)?;
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if self.as_postgres {
+                Command::new("chown").arg("postgres:").arg(&path).status()?;
+            }
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf)?;
+        text.push_str(&format!("\nssl = on\nlisten_addresses = '127.0.0.1'\n"));
+        std::fs::write(&conf, text)?;
+        self.stop()?;
+        self.port = port;
+        self.tcp = true;
+        self.start_again()?;
+        Ok(port)
     }
 
     /// Stops the server (fast shutdown: open transactions are rolled back).

@@ -345,3 +345,54 @@ fn the_database_restarted_under_load_pauses_minting_with_503_and_loses_nothing()
     // And the replica works on.
     assert_eq!(exchange(&a, &svid, &task).0, 200);
 }
+
+/// TLS to the database: the server's certificate and name are verified against `ca_file`; a
+/// certificate from another CA is refused at startup (never a silent plaintext fallback).
+#[test]
+fn tls_to_the_database_verifies_the_server_certificate() {
+    let Some(mut pg) = cluster() else { return };
+    let pki = pki();
+    let port = pg.enable_tls(&pki.server_cert_pem, &pki.server_key_pem).unwrap();
+    let env = Env::new();
+    let ca = env.file("pg-ca.pem", &pki.ca_pem);
+    let mut cfg = replica(&env, &pg, "postgres", "a");
+    cfg["store"] = json!({"postgres": {"url": format!("host=localhost port={port} user=mandate dbname=postgres sslmode=require"), "ca_file": ca}});
+    let a = start(cfg.clone());
+    assert_eq!(get(&a, "/readyz").0, 200);
+    let task = create_task(&a);
+    assert!(task.starts_with("tsk_"));
+    drop(a);
+    let other = pki_other_ca();
+    cfg["store"]["postgres"]["ca_file"] = json!(env.file("other-ca.pem", &other));
+    cfg["state_dir"] = json!(env.dir.path().join("b"));
+    let err = mandate_minter::spawn(mandate_minter::config::MinterConfig::from_json(cfg).unwrap()).err().expect("an unknown CA is refused");
+    assert!(format!("{err:#}").to_lowercase().contains("certificate"), "{err:#}");
+}
+
+fn pki_other_ca() -> String {
+    pki().ca_pem
+}
+
+/// Bad `store.postgres` values are refused at startup with the field named (no cluster needed).
+#[test]
+fn bad_store_postgres_settings_are_refused_naming_the_field() {
+    let env = Env::new();
+    for (pg, field) in [
+        (json!({"pool_size": 0}), "store.postgres.pool_size"),
+        (json!({"pool_size": 1001}), "store.postgres.pool_size"),
+        (json!({"timeout_ms": 10}), "store.postgres.timeout_ms"),
+        (json!({"url": "host=/tmp port=notaport"}), "store.postgres.url"),
+        (json!({"url": "postgresql://h/db?sslmode=sometimes"}), "store.postgres.url"),
+        (json!({"client_cert": "c.pem"}), "store.postgres.client_cert"),
+        (json!({"url": "host=/tmp", "passwrd": "x"}), "passwrd"),
+    ] {
+        let mut cfg = env.dev();
+        cfg["store"] = json!({"postgres": pg});
+        let err = mandate_minter::config::MinterConfig::from_json(cfg).err().expect("refused");
+        assert!(format!("{err:#}").contains(field), "{field}: {err:#}");
+    }
+    let mut cfg = env.dev();
+    cfg["store"] = json!({"postgres": {}, "max_pages": 10});
+    let err = mandate_minter::config::MinterConfig::from_json(cfg).err().expect("refused");
+    assert!(format!("{err:#}").contains("store.max_pages"), "{err:#}");
+}
