@@ -140,7 +140,7 @@ impl TestPg {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let conf = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf)?;
-        text.push_str(&format!("\nssl = on\nlisten_addresses = '127.0.0.1'\n"));
+        text.push_str("\nssl = on\nlisten_addresses = '127.0.0.1'\n");
         std::fs::write(&conf, text)?;
         self.stop()?;
         self.port = port;

@@ -388,11 +388,56 @@ fn bad_store_postgres_settings_are_refused_naming_the_field() {
     ] {
         let mut cfg = env.dev();
         cfg["store"] = json!({"postgres": pg});
-        let err = mandate_minter::config::MinterConfig::from_json(cfg).err().expect("refused");
+        let err = mandate_minter::config::MinterConfig::from_json(cfg).expect_err("refused");
         assert!(format!("{err:#}").contains(field), "{field}: {err:#}");
     }
     let mut cfg = env.dev();
     cfg["store"] = json!({"postgres": {}, "max_pages": 10});
-    let err = mandate_minter::config::MinterConfig::from_json(cfg).err().expect("refused");
+    let err = mandate_minter::config::MinterConfig::from_json(cfg).expect_err("refused");
     assert!(format!("{err:#}").contains("store.max_pages"), "{err:#}");
+}
+
+/// `mandate-minter migrate`, `check-store` and `rotate-key` on the shared store, as an operator
+/// runs them.
+#[test]
+fn migrate_check_store_and_rotate_key_subcommands() {
+    let Some(pg) = cluster() else { return };
+    pg.create_db("ops").unwrap();
+    let env = Env::new();
+    let run = |cfg: &Value, args: &[&str]| {
+        let path = env.file("ops.json", &cfg.to_string());
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mandate-minter")).arg("--config").arg(&path).args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success(), serde_json::from_str::<Value>(stdout.lines().last().unwrap_or("null")).unwrap_or(Value::Null), stdout)
+    };
+    let cfg = replica(&env, &pg, "ops", "ops");
+    let (ok, v, _) = run(&cfg, &["check-store"]);
+    assert!(!ok, "an empty database is not ready");
+    assert_eq!((v["ok"].as_bool(), v["schema_version"].as_u64()), (Some(false), Some(0)), "{v}");
+    let (ok, v, out) = run(&cfg, &["migrate"]);
+    assert!(ok, "{out}");
+    assert_eq!(v["schema_version"].as_u64(), Some(pgstore::MIGRATIONS.len() as u64));
+    let (ok, v, out) = run(&cfg, &["check-store"]);
+    assert!(ok, "{out}");
+    assert_eq!((v["ok"].as_bool(), v["revocations"].as_i64(), v["signing_keys"].as_i64()), (Some(true), Some(0), Some(0)), "{v}");
+    // A replica started now serves the epoch that `migrate --new-epoch` then replaces.
+    let a = start(cfg.clone());
+    let before = get(&a, "/revocations?since=0").1["epoch"].clone();
+    drop(a);
+    let (ok, _, out) = run(&cfg, &["migrate", "--new-epoch"]);
+    assert!(ok, "{out}");
+    let a = start(cfg.clone());
+    assert_ne!(get(&a, "/revocations?since=0").1["epoch"], before, "a new epoch");
+    drop(a);
+    let (ok, v, out) = run(&cfg, &["rotate-key"]);
+    assert!(ok, "{out}");
+    assert!(v["rotated"].as_str().is_some_and(|k| !k.is_empty()), "{v}");
+    assert_eq!(run(&cfg, &["check-store"]).1["signing_keys"].as_i64(), Some(2));
+    // Unreachable: reported, exit non-zero, no password or URL echoed.
+    let mut gone = cfg.clone();
+    gone["store"]["postgres"]["url"] = json!("host=/nonexistent/socket/dir user=mandate password=hunter2 dbname=ops");
+    let (ok, v, out) = run(&gone, &["check-store"]);
+    assert!(!ok);
+    assert_eq!(v["ok"], false, "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
 }
