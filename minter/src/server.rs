@@ -436,7 +436,10 @@ async fn create_task(State(st): St, Extension(peer): Extension<Peer>, headers: H
     let now = crate::now();
     let task = crate::tasks::build(new, &client.client_id, now);
     let body = task.to_json(now);
-    match st.store.create_task(task.clone()).await {
+    let started = std::time::Instant::now();
+    let created = st.store.create_task(task.clone()).await;
+    st.metrics.store_op("create_task", started);
+    match created {
         Ok(()) => {
             st.log.info(serde_json::json!({"msg": "task created", "client_id": client.client_id, "task": task.id, "subjects": task.subjects.len(), "expires_at": task.expires_at}));
             json_response(StatusCode::CREATED, body.to_string(), "no-store")
@@ -476,7 +479,9 @@ async fn end_task(State(st): St, Extension(peer): Extension<Peer>, headers: Head
     if st.store.task_fresh(&id).await.is_none() {
         return OAuthError::not_found("no such task").into_response();
     }
+    let started = std::time::Instant::now();
     let outcome = st.store.revoke(RevokeRequest { kind: Kind::Task, value: id, subject: None }, &client.client_id).await;
+    st.metrics.store_op("revoke", started);
     outcome_response(&st, &client, outcome)
 }
 
@@ -563,7 +568,9 @@ async fn revoke(State(st): St, Extension(peer): Extension<Peer>, headers: Header
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let started = std::time::Instant::now();
     let outcome = st.store.revoke(req, &client.client_id).await;
+    st.metrics.store_op("revoke", started);
     outcome_response(&st, &client, outcome)
 }
 

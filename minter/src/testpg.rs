@@ -8,7 +8,7 @@
 //! ([`TestPg::start`] returns `None`), unless `MANDATE_REQUIRE_POSTGRES=1` (set by
 //! `scripts/test`), which makes it an error.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -184,7 +184,3 @@ impl Drop for TestPg {
     }
 }
 
-/// `TestPg::start`, or an error when it fails.
-pub fn require() -> Result<Option<TestPg>> {
-    TestPg::start().map_err(|e| anyhow!("{e:#}"))
-}
