@@ -545,6 +545,8 @@ pub struct FeedPage {
     pub revocations: Vec<Revocation>,
     /// Entries of a kind this plugin does not know: skipped, the cursor still moves past them.
     pub skipped: usize,
+    /// The minter's offer of long polls: it holds a poll with `wait_ms` up to this long.
+    pub wait_max_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -556,6 +558,8 @@ struct RawPage {
     reset: bool,
     #[serde(default)]
     more: bool,
+    #[serde(default)]
+    wait_max_ms: Option<u64>,
     revocations: Vec<serde_json::Value>,
 }
 
@@ -608,7 +612,7 @@ pub fn parse_feed(status: u16, body: &[u8]) -> Result<FeedPage, MintError> {
             None => skipped += 1,
         }
     }
-    Ok(FeedPage { epoch: raw.epoch, cursor: raw.cursor, reset: raw.reset, more: raw.more, revocations, skipped })
+    Ok(FeedPage { epoch: raw.epoch, cursor: raw.cursor, reset: raw.reset, more: raw.more, revocations, skipped, wait_max_ms: raw.wait_max_ms })
 }
 
 /// Subject-scoped revocations kept per task (a registered task names at most 16 subjects).
@@ -717,6 +721,26 @@ pub struct RevocationFeed {
     /// Set while a poll is out; a poll whose answer never comes is given up after this.
     in_flight_until_ms: Option<u64>,
     more_streak: u32,
+    /// The minter's long-poll offer (`wait_max_ms` of its last good page); dropped on a failed
+    /// poll, so a minter that stops holding polls is polled plainly again.
+    long_poll_offer: Option<u64>,
+    /// The `wait_ms` of the poll in flight (0: a plain poll).
+    asked_wait_ms: u64,
+}
+
+/// Shortest long poll worth asking for, ms.
+const MIN_LONG_POLL_MS: u64 = 100;
+
+/// The `wait_ms` to ask for: the minter's offer, but well within the callout timeout (a
+/// quarter of it, at least 250 ms, left for the answer to travel).
+pub fn long_poll_wait_ms(offer: Option<u64>, timeout_ms: u64) -> u64 {
+    let Some(offer) = offer else { return 0 };
+    let wait = offer.min(timeout_ms.saturating_sub((timeout_ms / 4).max(250)));
+    if wait < MIN_LONG_POLL_MS {
+        0
+    } else {
+        wait
+    }
 }
 
 impl RevocationFeed {
@@ -733,7 +757,7 @@ impl RevocationFeed {
 
     /// The same knowledge with a fresh schedule, for a new configuration.
     pub fn carried(self) -> RevocationFeed {
-        RevocationFeed { next_poll_ms: 0, dispatched_ms: 0, in_flight_until_ms: None, more_streak: 0, ..self }
+        RevocationFeed { next_poll_ms: 0, dispatched_ms: 0, in_flight_until_ms: None, more_streak: 0, asked_wait_ms: 0, ..self }
     }
 
     /// The path and query of the next poll, if one is due (and marks it in flight).
@@ -748,6 +772,8 @@ impl RevocationFeed {
         }
         self.in_flight_until_ms = Some(now_ms.saturating_add(timeout_ms).saturating_add(5000));
         self.dispatched_ms = now_ms;
+        // Long-poll only from a known position (an epoch): a first poll answers at once anyway.
+        self.asked_wait_ms = if self.epoch.is_some() { long_poll_wait_ms(self.long_poll_offer, timeout_ms) } else { 0 };
         Some(self.query(cfg))
     }
 
@@ -760,6 +786,9 @@ impl RevocationFeed {
         q.push_str(&format!("&max_bytes={}", cfg.max_bytes));
         if let Some(l) = self.limit {
             q.push_str(&format!("&limit={l}"));
+        }
+        if self.asked_wait_ms > 0 {
+            q.push_str(&format!("&wait_ms={}", self.asked_wait_ms));
         }
         q
     }
@@ -780,6 +809,7 @@ impl RevocationFeed {
             Err(e) => {
                 self.failures = self.failures.saturating_add(1);
                 self.more_streak = 0;
+                self.long_poll_offer = None;
                 if e == MintError::TooLarge {
                     self.limit = Some(self.limit.map_or(FEED_LIMIT_START, |l| (l / 2).max(1)));
                 }
@@ -811,8 +841,18 @@ impl RevocationFeed {
         for r in &page.revocations {
             self.revoked.add(r);
         }
+        let asked = std::mem::take(&mut self.asked_wait_ms);
+        self.long_poll_offer = page.wait_max_ms;
+        // A long poll that was held (or brought news) is followed by the next one at once: the
+        // minter answers it the moment a revocation commits. One answered early with nothing
+        // new (a minter not holding polls) waits an interval, as a plain poll does.
+        // A plain poll whose answer offers long polls switches to them at once.
+        let held = if asked > 0 { progress || now_ms.saturating_sub(self.dispatched_ms) >= asked / 2 } else { page.wait_max_ms.is_some() };
         if page.more && progress && self.more_streak < MAX_MORE_STREAK {
             self.more_streak += 1;
+            self.next_poll_ms = now_ms;
+        } else if held && !page.more && self.long_poll_offer.is_some() {
+            self.more_streak = 0;
             self.next_poll_ms = now_ms;
         } else {
             self.more_streak = 0;
@@ -897,6 +937,92 @@ mod tests {
         ] {
             assert_eq!(refusal(status, body.as_bytes()), None, "{status} {}", body.get(..80).unwrap_or(&body));
         }
+    }
+
+    fn page(cursor: u64, offer: Option<u64>) -> String {
+        let mut v = json!({"epoch": "E1", "cursor": cursor, "revocations": []});
+        if let Some(o) = offer {
+            v["wait_max_ms"] = json!(o);
+        }
+        v.to_string()
+    }
+
+    fn started() -> (RevocationFeed, RevocationConfig) {
+        let mut f = RevocationFeed::default();
+        f.activate(1);
+        (f, RevocationConfig::default())
+    }
+
+    #[test]
+    fn long_poll_is_asked_for_when_offered_and_stays_within_the_callout_timeout() {
+        let (mut f, cfg) = started();
+        let q = f.due(&cfg, 1000, 0).unwrap();
+        assert!(!q.contains("wait_ms"), "no long poll before the minter offers one: {q}");
+        f.on_answer(&cfg, Ok((200, page(3, Some(25_000)).as_bytes())), 10).unwrap();
+        // The minter offered: the next poll goes out at once and asks for a held answer,
+        // a quarter (≥ 250 ms) of the 1 s callout timeout short of it.
+        let q = f.due(&cfg, 1000, 10).unwrap();
+        assert!(q.ends_with("&wait_ms=750"), "{q}");
+        // Held, then answered with nothing new: the next long poll at once again.
+        f.on_answer(&cfg, Ok((200, page(3, Some(25_000)).as_bytes())), 760).unwrap();
+        assert!(f.due(&cfg, 1000, 760).is_some_and(|q| q.contains("wait_ms=750")));
+        // News ends a poll early: the next one goes out at once too.
+        f.on_answer(&cfg, Ok((200, page(4, Some(25_000)).as_bytes())), 800).unwrap();
+        assert!(f.due(&cfg, 1000, 800).is_some());
+        // A longer callout timeout allows a longer wait; a small offer is taken as it is.
+        assert_eq!(long_poll_wait_ms(Some(25_000), 10_000), 7500);
+        assert_eq!(long_poll_wait_ms(Some(400), 10_000), 400);
+    }
+
+    #[test]
+    fn a_huge_long_poll_offer_cannot_hold_a_poll_past_the_callout_timeout() {
+        for timeout in [1000, 5000, 60_000, u64::MAX] {
+            let w = long_poll_wait_ms(Some(u64::MAX), timeout);
+            assert!(w < timeout && w > 0, "{timeout}: {w}");
+        }
+        assert_eq!(long_poll_wait_ms(Some(25_000), 300), 0, "no room in a 300 ms timeout: plain polling");
+        assert_eq!(long_poll_wait_ms(Some(50), 1000), 0, "too short to be worth it");
+        assert_eq!(long_poll_wait_ms(None, 1000), 0);
+    }
+
+    #[test]
+    fn without_an_offer_or_after_a_failure_the_filter_polls_plainly() {
+        let (mut f, cfg) = started();
+        f.due(&cfg, 1000, 0).unwrap();
+        f.on_answer(&cfg, Ok((200, page(3, None).as_bytes())), 10).unwrap();
+        assert!(f.due(&cfg, 1000, 10).is_none(), "a plain poll waits its interval");
+        let q = f.due(&cfg, 1000, cfg.interval_ms).unwrap();
+        assert!(!q.contains("wait_ms"), "{q}");
+        f.on_answer(&cfg, Ok((200, page(3, Some(25_000)).as_bytes())), cfg.interval_ms + 5).unwrap();
+        assert!(f.due(&cfg, 1000, cfg.interval_ms + 5).unwrap().contains("wait_ms="));
+        // The long poll fails (a timeout, a 503): backoff, and the next poll is a plain one.
+        let _ = f.on_answer(&cfg, Err(MintError::Status(503)), cfg.interval_ms + 900);
+        assert!(f.due(&cfg, 1000, cfg.interval_ms + 900).is_none(), "backoff, not a hot loop");
+        let q = f.due(&cfg, 1000, 10 * cfg.interval_ms).unwrap();
+        assert!(!q.contains("wait_ms"), "{q}");
+    }
+
+    #[test]
+    fn a_minter_answering_long_polls_at_once_cannot_make_the_filter_spin() {
+        // A minter that offers long polls but answers them at once with nothing new: polled
+        // at the interval, not in a loop.
+        let (mut f, cfg) = started();
+        f.due(&cfg, 1000, 0).unwrap();
+        f.on_answer(&cfg, Ok((200, page(3, Some(25_000)).as_bytes())), 5).unwrap();
+        assert!(f.due(&cfg, 1000, 5).unwrap().contains("wait_ms=750"));
+        f.on_answer(&cfg, Ok((200, page(3, Some(25_000)).as_bytes())), 8).unwrap();
+        assert!(f.due(&cfg, 1000, 8).is_none(), "answered at once with nothing: wait an interval");
+        assert!(f.due(&cfg, 1000, 5 + cfg.interval_ms).is_some());
+    }
+
+    #[test]
+    fn feed_page_with_a_bogus_long_poll_offer_is_refused() {
+        for offer in [json!(-1), json!("25000"), json!(1.5), json!({"ms": 1})] {
+            let body = json!({"epoch": "E1", "cursor": 1, "wait_max_ms": offer, "revocations": []}).to_string();
+            assert!(matches!(parse_feed(200, body.as_bytes()), Err(MintError::Malformed(_))), "{offer}");
+        }
+        let body = json!({"epoch": "E1", "cursor": 1, "wait_max_ms": null, "revocations": []}).to_string();
+        assert_eq!(parse_feed(200, body.as_bytes()).map(|p| p.wait_max_ms), Ok(None));
     }
 
     #[test]

@@ -99,7 +99,8 @@ pub struct MinterConfig {
     /// Connection limits and read timeouts (slow clients).
     #[serde(default)]
     pub limits: LimitsConfig,
-    /// SQLite store knobs (fault drills).
+    /// The store: SQLite in `state_dir` (default), or PostgreSQL shared by replicas
+    /// (`store.postgres`).
     #[serde(default)]
     pub store: StoreConfig,
 
@@ -240,15 +241,59 @@ impl Default for LimitsConfig {
     }
 }
 
-/// SQLite store knobs.
+/// The store.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[derive(schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Fault drills only: caps the database at this many pages (`PRAGMA max_page_count`, 4 KiB
-    /// pages) to play a full disk. Never set in production.
+    /// SQLite, fault drills only: caps the database at this many pages (`PRAGMA
+    /// max_page_count`, 4 KiB pages) to play a full disk. Never set in production.
     #[serde(default)]
     pub max_pages: Option<u64>,
+    /// PostgreSQL shared by every replica (tasks, revocations, issued-token records, signing
+    /// keys, the feed epoch). Absent: SQLite in `state_dir`.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// `store.postgres`: where the shared database is and how to reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[derive(schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A libpq connection string (`host=db port=5432 user=minter dbname=mandate sslmode=require`
+    /// or `postgresql://minter@db/mandate?sslmode=require`). Absent: the libpq environment
+    /// (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`,
+    /// `PGAPPNAME`). A host starting with `/` is a Unix socket directory. Prefer `PGPASSWORD`
+    /// (or a socket with peer authentication) to a password written here.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// PEM file of the CA(s) that sign the database's certificate (with `sslmode=require`; the
+    /// name in the certificate must match the host). Absent: the Mozilla roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for the database, if it asks for one.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Connections in this replica's pool.
+    #[serde(default = "default_pg_pool")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub pool_size: usize,
+    /// Longest a store operation may take (getting a connection included); past it the request
+    /// is answered 503 `store_unavailable`, and nothing is issued unrecorded.
+    #[serde(default = "default_pg_timeout")]
+    #[schemars(range(min = 100, max = 60000))]
+    pub timeout_ms: u64,
+}
+
+fn default_pg_pool() -> usize {
+    16
+}
+
+fn default_pg_timeout() -> u64 {
+    2000
 }
 
 /// Bounds of `limits.*`.
@@ -466,6 +511,11 @@ impl MinterConfig {
         if let Some(l) = self.legacy.as_mut() {
             resolve(&mut l.secrets_file);
         }
+        if let Some(pg) = self.store.postgres.as_mut() {
+            for p in [&mut pg.ca_file, &mut pg.client_cert, &mut pg.client_key].into_iter().flatten() {
+                resolve(p);
+            }
+        }
         self.validate()?;
         for u in self.bundle_urls.iter_mut() {
             if let Some(ca) = u.bundle_ca.as_mut() {
@@ -592,6 +642,23 @@ impl MinterConfig {
         }
         if self.store.max_pages == Some(0) || self.store.max_pages.is_some_and(|p| p > crate::store::SQLITE_MAX_PAGES) {
             bail!("`store.max_pages` must be 1-{}", crate::store::SQLITE_MAX_PAGES);
+        }
+        if let Some(pg) = &self.store.postgres {
+            if self.store.max_pages.is_some() {
+                bail!("`store.max_pages` is a SQLite knob: it cannot be set with `store.postgres`");
+            }
+            if !(1..=1000).contains(&pg.pool_size) {
+                bail!("`store.postgres.pool_size` must be 1-1000 (got {})", pg.pool_size);
+            }
+            if !(100..=60_000).contains(&pg.timeout_ms) {
+                bail!("`store.postgres.timeout_ms` must be 100-60000 milliseconds (got {})", pg.timeout_ms);
+            }
+            if pg.client_cert.is_some() != pg.client_key.is_some() {
+                bail!("`store.postgres.client_cert` and `store.postgres.client_key` go together");
+            }
+            if let Some(url) = &pg.url {
+                crate::pgstore::parse_url(url).map_err(|e| anyhow!("`store.postgres.url`: {e}"))?;
+            }
         }
         let t = &self.txn_tokens;
         if !(1..=MAX_DELEGATIONS_LIMIT).contains(&t.max_delegations) {

@@ -244,6 +244,42 @@ pub fn load(state_dir: &Path, policy: &Policy, seen: &mut HashMap<String, u64>, 
     let path = key_path(state_dir);
     let kf = read_file(&path)?;
     let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    build(&kf, modified, policy, seen, now)
+}
+
+/// A stored key as a row of the shared store: (kid, d, created, not_before).
+pub type KeyRow = (String, String, u64, Option<u64>);
+
+fn from_rows(rows: Vec<KeyRow>) -> KeyFile {
+    KeyFile { keys: rows.into_iter().map(|(kid, d, created, not_before)| StoredKey { kid, d, created, not_before }).collect() }
+}
+
+fn to_rows(kf: KeyFile) -> Vec<KeyRow> {
+    kf.keys.into_iter().map(|k| (k.kid, k.d, k.created, k.not_before)).collect()
+}
+
+/// Loads keys held in the shared store (oldest first), like [`load`] does the key file.
+pub fn load_rows(rows: Vec<KeyRow>, policy: &Policy, seen: &mut HashMap<String, u64>, now: u64) -> Result<KeySet> {
+    if rows.is_empty() {
+        bail!("the store holds no signing key");
+    }
+    build(&from_rows(rows), None, policy, seen, now)
+}
+
+/// A first key for an empty shared store (signing at once, like [`ensure_created`]).
+pub fn first_row(now: u64) -> Result<KeyRow> {
+    let k = new_stored(now, now)?;
+    Ok((k.kid, k.d, k.created, k.not_before))
+}
+
+/// [`rotate_at`] on keys held in the shared store: the new rows and what was done.
+pub fn rotate_rows(rows: Vec<KeyRow>, policy: &Policy, now: u64) -> Result<(Vec<KeyRow>, Rotated)> {
+    let mut kf = from_rows(rows);
+    let r = rotate_kf(&mut kf, policy, now)?;
+    Ok((to_rows(kf), r))
+}
+
+fn build(kf: &KeyFile, modified: Option<SystemTime>, policy: &Policy, seen: &mut HashMap<String, u64>, now: u64) -> Result<KeySet> {
     let mut jwk_list = Vec::new();
     let mut kids = Vec::new();
     let mut schedule = Vec::new();
@@ -382,6 +418,12 @@ pub fn rotate_at(state_dir: &Path, policy: &Policy, now: u64) -> Result<Rotated>
     ensure_dir(state_dir)?;
     let path = key_path(state_dir);
     let mut kf = if path.exists() { read_file(&path)? } else { KeyFile::default() };
+    let r = rotate_kf(&mut kf, policy, now)?;
+    write_file(&path, &kf)?;
+    Ok(r)
+}
+
+fn rotate_kf(kf: &mut KeyFile, policy: &Policy, now: u64) -> Result<Rotated> {
     let not_before = now.saturating_add(policy.publish_before_use_s).saturating_add(policy.notice_slack_s);
     let k = new_stored(now, not_before)?;
     let kid = k.kid.clone();
@@ -395,7 +437,6 @@ pub fn rotate_at(state_dir: &Path, policy: &Policy, now: u64) -> Result<Rotated>
         }
         dropped.push(kf.keys.remove(0).kid);
     }
-    write_file(&path, &kf)?;
     Ok(Rotated { kid, not_before, published: kf.keys.iter().rev().map(|k| k.kid.clone()).collect(), dropped })
 }
 

@@ -21,10 +21,14 @@ pub mod error;
 pub mod exchange;
 pub mod keys;
 pub mod legacy;
+pub mod metrics;
+pub mod pgstore;
 pub mod server;
 pub mod store;
 pub mod tasks;
+pub mod testpg;
 pub mod tls;
+pub mod tools;
 pub mod txn;
 pub mod values;
 pub mod verify;
@@ -63,6 +67,11 @@ pub fn run(config: config::MinterConfig, listen: Option<std::net::SocketAddr>) -
 /// Unix time, seconds.
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Unix time, milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
 /// Short SHA-256 hash of a secret value for logs (`sha256:` + 12 hex digits).

@@ -31,6 +31,17 @@ enum Command {
     ConfigSchema,
     /// Print the SHA-256 (hex) of a client secret read from stdin, for `secret_sha256`.
     HashSecret,
+    /// Create or upgrade the store's schema (PostgreSQL: under an advisory lock, safe while
+    /// replicas start) and exit.
+    Migrate {
+        /// PostgreSQL: give the feed a new epoch (after restoring a backup), so every proxy
+        /// starts over from a snapshot.
+        #[arg(long)]
+        new_epoch: bool,
+    },
+    /// Check that the store is reachable and its schema current; print what it holds. Exits
+    /// non-zero otherwise.
+    CheckStore,
 }
 
 fn load(cli: &Cli) -> Result<MinterConfig> {
@@ -42,9 +53,25 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command.as_ref().unwrap_or(&Command::Serve) {
         Command::Serve => serve(&cli),
+        Command::Migrate { new_epoch } => {
+            let config = load(&cli)?;
+            println!("{}", mandate_minter::tools::migrate(&config, *new_epoch)?);
+            Ok(())
+        }
+        Command::CheckStore => {
+            let config = load(&cli)?;
+            let report = mandate_minter::tools::check_store(&config)?;
+            println!("{report}");
+            anyhow::ensure!(report["ok"] == true, "the store is not ready");
+            Ok(())
+        }
         Command::RotateKey => {
             let config = load(&cli)?;
-            let r = mandate_minter::keys::rotate(&config.state_dir, &mandate_minter::keys::Policy::from_config(&config))?;
+            let policy = mandate_minter::keys::Policy::from_config(&config);
+            let r = match &config.store.postgres {
+                None => mandate_minter::keys::rotate(&config.state_dir, &policy)?,
+                Some(_) => mandate_minter::tools::rotate_shared(&config)?,
+            };
             println!(
                 "{}",
                 serde_json::json!({"rotated": r.kid, "signs_from": r.not_before, "published": r.published, "dropped": r.dropped,

@@ -44,6 +44,8 @@ pub struct AppState {
     jwks_cache_control: HeaderValue,
     /// Open connections, the cap and the read timeouts.
     pub conns: Arc<Conns>,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl AppState {
@@ -52,11 +54,19 @@ impl AppState {
         let fetched: Vec<(String, u64)> = config.bundle_urls.iter().map(|u| (u.trust_domain.clone(), u.max_bundle_age_s)).collect();
         let identity = IdentitySource::new(config.identity()?.clone(), &fetched).map_err(|e| anyhow!("identity: {e}"))?;
         let key_policy = keys::Policy::from_config(&config);
-        keys::ensure_created(&config.state_dir)?;
+        let store = Store::open_config(&config)?;
         let mut keys_seen = HashMap::new();
-        let keyset = keys::load(&config.state_dir, &key_policy, &mut keys_seen, crate::now())?;
+        let keyset = match store.postgres() {
+            None => {
+                keys::ensure_created(&config.state_dir)?;
+                keys::load(&config.state_dir, &key_policy, &mut keys_seen, crate::now())?
+            }
+            Some(pg) => {
+                let rows = pg.block_on(pg_keys(pg))??;
+                keys::load_rows(rows, &key_policy, &mut keys_seen, crate::now())?
+            }
+        };
         let jwks_cache_control = HeaderValue::from_str(&format!("public, max-age={}", config.keys.jwks_max_age_s))?;
-        let store = Store::open(&config.state_dir, config.longest_token_s(), config.store.max_pages)?;
         let legacy = match &config.legacy {
             Some(l) => {
                 let f = legacy::load(&l.secrets_file)?;
@@ -87,8 +97,48 @@ impl AppState {
             legacy: RwLock::new(Arc::new(legacy)),
             jwks_cache_control,
             conns: Arc::new(Conns::new(&config)),
+            metrics: crate::metrics::Metrics::new(),
             config,
         })
+    }
+
+    /// PostgreSQL: rotates on schedule (exactly one replica: the others find it done under the
+    /// lock), and loads the shared keys when they changed or a pending key's time came.
+    async fn reload_pg_keys(&self, pg: &crate::pgstore::PgStore) {
+        let now = crate::now();
+        if let Some(every) = self.config.keys.rotate_every_s {
+            match rotate_pg_if(pg, &self.key_policy, now, |newest| newest.saturating_add(every) <= now).await {
+                Ok(Some(r)) => self.log.info(serde_json::json!({"msg": "scheduled key rotation", "pending_kid": r.kid, "signs_from": r.not_before, "dropped": r.dropped})),
+                Ok(None) => {}
+                Err(e) => self.log.error(serde_json::json!({"msg": "scheduled key rotation failed", "error": e.to_string()})),
+            }
+        }
+        let rows = match pg.keys().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.log.error(serde_json::json!({"msg": "signing key reload failed; keeping the loaded keys", "error": e.to_string()}));
+                return;
+            }
+        };
+        let loaded = self.current_keys();
+        let due = loaded.next_change.is_some_and(|t| t <= now);
+        let mut kids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        kids.reverse();
+        if !due && kids == loaded.kids {
+            return;
+        }
+        let mut seen = self.keys_seen.lock().unwrap_or_else(|p| p.into_inner());
+        match keys::load_rows(rows, &self.key_policy, &mut seen, now) {
+            Ok(k) => {
+                if k.kids != loaded.kids || k.current_kid != loaded.current_kid {
+                    self.log.info(serde_json::json!({"msg": "signing keys reloaded", "current_kid": k.current_kid, "published": k.kids, "next_change": k.next_change}));
+                }
+                if let Ok(mut g) = self.keys.write() {
+                    *g = Arc::new(k);
+                }
+            }
+            Err(e) => self.log.error(serde_json::json!({"msg": "signing key reload failed; keeping the loaded keys", "error": e.to_string()})),
+        }
     }
 
     pub fn current_keys(&self) -> Arc<KeySet> {
@@ -107,7 +157,16 @@ impl AppState {
 
     /// Rotates on schedule, publishes a new key file at once, switches the signer when a pending
     /// key's time comes, and picks up an edited legacy secret file.
-    pub fn reload_if_changed(&self) {
+    pub async fn reload_if_changed(&self) {
+        if let Some(pg) = self.store.postgres() {
+            self.reload_pg_keys(pg).await;
+        } else {
+            self.reload_file_keys();
+        }
+        self.reload_legacy();
+    }
+
+    fn reload_file_keys(&self) {
         let dir = &self.config.state_dir;
         let now = crate::now();
         if let Some(every) = self.config.keys.rotate_every_s {
@@ -134,6 +193,9 @@ impl AppState {
                 Err(e) => self.log.error(serde_json::json!({"msg": "signing key reload failed; keeping the loaded keys", "error": e.to_string()})),
             }
         }
+    }
+
+    fn reload_legacy(&self) {
         if let Some(l) = &self.config.legacy {
             if legacy::modified(&l.secrets_file) != self.legacy_secrets().modified {
                 match legacy::load(&l.secrets_file) {
@@ -150,6 +212,37 @@ impl AppState {
     }
 }
 
+/// The shared signing keys; an empty store gets a first key (by exactly one replica).
+pub async fn pg_keys(pg: &crate::pgstore::PgStore) -> Result<Vec<keys::KeyRow>> {
+    let now = crate::now();
+    pg.change_keys(|rows| if rows.is_empty() { keys::first_row(now).ok().map(|r| (vec![r], ())) } else { None }).await?;
+    Ok(pg.keys().await?)
+}
+
+/// Rotates the shared keys under the lock when `due(newest created)` holds there.
+pub async fn rotate_pg_if(pg: &crate::pgstore::PgStore, policy: &keys::Policy, now: u64, due: impl FnOnce(u64) -> bool) -> Result<Option<keys::Rotated>> {
+    let mut failure = None;
+    let r = pg
+        .change_keys(|rows| {
+            let newest = rows.last().map_or(0, |r| r.2);
+            if !rows.is_empty() && !due(newest) {
+                return None;
+            }
+            match keys::rotate_rows(rows, policy, now) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    failure = Some(e);
+                    None
+                }
+            }
+        })
+        .await?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(r),
+    }
+}
+
 type St = State<Arc<AppState>>;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -163,6 +256,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/revocations", get(revocations))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::map_response(json_errors))
@@ -240,14 +335,26 @@ async fn token(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderM
     if !content_type_is(&headers, FORM) {
         return OAuthError::invalid_request(format!("content-type must be {FORM}")).into_response();
     }
+    if st.store.postgres().is_some() {
+        // A task registered on another replica a moment ago: fetched before the checks.
+        if let Some(task) = form_task(&body) {
+            st.store.task_fresh(&task).await;
+        }
+    }
     match crate::exchange::exchange(&st, &client, &body, crate::now()) {
         Ok(x) => {
             // The token leaves only once its record is committed: a token the store could
             // not record is never handed out.
-            if let Err(e) = st.store.record_issued(x.record).await {
+            let started = std::time::Instant::now();
+            let recorded = st.store.record_issued(x.record).await;
+            st.metrics.store_op("record_issued", started);
+            if let Err(e) = recorded {
                 st.log.error(serde_json::json!({"msg": "exchange refused: the issued token could not be recorded", "client_id": client.client_id, "reason": e.reason(), "jti": x.jti}));
+                st.metrics.exchange("store_unavailable");
+                st.metrics.refusal("temporarily_unavailable", Some(e.reason()));
                 return OAuthError::store(&e, "the token could not be recorded").into_response();
             }
+            st.metrics.exchange("issued");
             st.log.debug(serde_json::json!({"msg": "issued", "client_id": client.client_id, "sub": x.sub, "aud": x.aud, "jti": x.jti, "subject_token": x.subject_hash}));
             json_response(StatusCode::OK, x.body.to_string(), "no-store")
         }
@@ -258,9 +365,22 @@ async fn token(State(st): St, Extension(peer): Extension<Peer>, headers: HeaderM
                 .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "subject_token"))
                 .map(|(_, v)| crate::short_hash(v.as_bytes()));
             st.log.info(serde_json::json!({"msg": "exchange refused", "client_id": client.client_id, "error": e.error, "why": e.description, "subject_token": subject_hash}));
+            st.metrics.exchange("refused");
+            st.metrics.refusal(e.error, e.mandate_reason);
             e.into_response()
         }
     }
+}
+
+/// The `task` form parameter of a token request, if there is exactly one and it is valid.
+fn form_task(body: &[u8]) -> Option<String> {
+    let mut tasks = form_urlencoded_pairs(body).into_iter().filter(|(k, _)| k == "task").map(|(_, v)| v);
+    let t = tasks.next()?;
+    (tasks.next().is_none() && crate::values::task(&t).is_ok()).then_some(t)
+}
+
+fn form_urlencoded_pairs(body: &[u8]) -> Vec<(String, String)> {
+    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).unwrap_or_default()
 }
 
 fn outcome_response(st: &AppState, client: &Client, outcome: Result<crate::store::RevokeOutcome, crate::store::StoreError>) -> Response {
@@ -316,7 +436,10 @@ async fn create_task(State(st): St, Extension(peer): Extension<Peer>, headers: H
     let now = crate::now();
     let task = crate::tasks::build(new, &client.client_id, now);
     let body = task.to_json(now);
-    match st.store.create_task(task.clone()).await {
+    let started = std::time::Instant::now();
+    let created = st.store.create_task(task.clone()).await;
+    st.metrics.store_op("create_task", started);
+    match created {
         Ok(()) => {
             st.log.info(serde_json::json!({"msg": "task created", "client_id": client.client_id, "task": task.id, "subjects": task.subjects.len(), "expires_at": task.expires_at}));
             json_response(StatusCode::CREATED, body.to_string(), "no-store")
@@ -336,7 +459,7 @@ async fn get_task(State(st): St, Extension(peer): Extension<Peer>, headers: Head
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    match st.store.task(&id) {
+    match st.store.task_fresh(&id).await {
         Some(t) => json_response(StatusCode::OK, t.to_json(crate::now()).to_string(), "no-store"),
         None => OAuthError::not_found("no such task").into_response(),
     }
@@ -353,10 +476,12 @@ async fn end_task(State(st): St, Extension(peer): Extension<Peer>, headers: Head
     };
     // Only registered tasks: an ad-hoc task name is not globally unique (use
     // `POST /revoke` with `task` and `subject`).
-    if st.store.task(&id).is_none() {
+    if st.store.task_fresh(&id).await.is_none() {
         return OAuthError::not_found("no such task").into_response();
     }
+    let started = std::time::Instant::now();
     let outcome = st.store.revoke(RevokeRequest { kind: Kind::Task, value: id, subject: None }, &client.client_id).await;
+    st.metrics.store_op("revoke", started);
     outcome_response(&st, &client, outcome)
 }
 
@@ -430,11 +555,22 @@ async fn revoke(State(st): St, Extension(peer): Extension<Peer>, headers: Header
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let req = match revoke_fields(&headers, &body).and_then(|f| revoke_request(&st, &f)) {
+    let fields = match revoke_fields(&headers, &body) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    if let Some((_, task)) = fields.iter().find(|(k, _)| k == "task") {
+        if crate::values::task(task).is_ok() {
+            st.store.task_fresh(task).await;
+        }
+    }
+    let req = match revoke_request(&st, &fields) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let started = std::time::Instant::now();
     let outcome = st.store.revoke(req, &client.client_id).await;
+    st.metrics.store_op("revoke", started);
     outcome_response(&st, &client, outcome)
 }
 
@@ -457,8 +593,29 @@ async fn revocations(State(st): St, Extension(peer): Extension<Peer>, headers: H
         Some(Ok(n)) if n >= crate::store::FEED_MIN_BYTES => n,
         _ => return OAuthError::invalid_request(format!("`max_bytes` must be an integer ≥ {}", crate::store::FEED_MIN_BYTES)).into_response(),
     };
-    let page = st.store.feed(since, q.get("epoch").map(String::as_str), limit, max_bytes, crate::now());
-    json_response(StatusCode::OK, page.body, "no-store")
+    let wait_ms = match q.get("wait_ms").map(|s| s.parse::<u64>()) {
+        None => 0,
+        // Capped, not refused: every page says how long the minter holds a poll (`wait_max_ms`).
+        Some(Ok(n)) => n.min(crate::store::FEED_MAX_WAIT_MS),
+        _ => return OAuthError::invalid_request("`wait_ms` must be a non-negative integer").into_response(),
+    };
+    let epoch = q.get("epoch").map(String::as_str);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        // Subscribed before reading: a commit after this read wakes the wait below.
+        let mut changed = st.store.subscribe();
+        let page = st.store.feed(since, epoch, limit, max_bytes, crate::now());
+        // Answer at once with news (or a reset); else hold the poll until an entry past the
+        // cursor is visible or the wait is over.
+        let news = page.reset || page.cursor != since || !page.revocations.is_empty();
+        if news || tokio::time::Instant::now() >= deadline {
+            return json_response(StatusCode::OK, page.body, "no-store");
+        }
+        if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+            let page = st.store.feed(since, epoch, limit, max_bytes, crate::now());
+            return json_response(StatusCode::OK, page.body, "no-store");
+        }
+    }
 }
 
 async fn jwks(State(st): St) -> Response {
@@ -468,9 +625,38 @@ async fn jwks(State(st): St) -> Response {
     resp
 }
 
+/// Liveness: the process serves. Reports the store's state without failing on it (a
+/// restart would not bring the database back).
 async fn healthz(State(st): St) -> Response {
-    let body = serde_json::json!({"status": "ok", "kid": st.current_keys().current_kid, "revocations": st.store.revocation_count(), "connections": st.conns.to_json()});
+    let body = serde_json::json!({"status": "ok", "kid": st.current_keys().current_kid, "revocations": st.store.revocation_count(),
+                                  "store": st.store.backend_name(), "feed_lag_s": st.store.feed_lag_s(), "connections": st.conns.to_json()});
     json_response(StatusCode::OK, body.to_string(), "no-store")
+}
+
+/// Readiness: 200 only while the store takes writes (else 503 with the reason code), so a load
+/// balancer sends exchanges elsewhere while this replica's database is unreachable.
+async fn readyz(State(st): St) -> Response {
+    match st.store.ready().await {
+        Ok(()) => {
+            st.metrics.store_up.set(1);
+            let body = serde_json::json!({"status": "ready", "store": st.store.backend_name(), "feed_lag_s": st.store.feed_lag_s()});
+            json_response(StatusCode::OK, body.to_string(), "no-store")
+        }
+        Err(e) => {
+            st.metrics.store_up.set(0);
+            let body = serde_json::json!({"status": "not_ready", "store": st.store.backend_name(), "mandate_reason": e.reason()});
+            json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string(), "no-store")
+        }
+    }
+}
+
+async fn metrics(State(st): St) -> Response {
+    st.metrics.feed_lag_seconds.set(i64::try_from(st.store.feed_lag_s()).unwrap_or(i64::MAX));
+    st.metrics.revocations.set(i64::try_from(st.store.revocation_count()).unwrap_or(i64::MAX));
+    let mut resp = (StatusCode::OK, st.metrics.encode()).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 /// A configured, bound, not yet serving minter.
@@ -543,7 +729,7 @@ impl Prepared {
             background.spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    st.reload_if_changed();
+                    st.reload_if_changed().await;
                 }
             });
         }

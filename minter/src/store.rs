@@ -16,6 +16,14 @@
 //! restart loses nothing. Each open picks a new random feed `epoch`, so a
 //! restored database (or any restart) makes every proxy start over from a
 //! snapshot instead of trusting a cursor from another history.
+//!
+//! With `store.postgres` the same [`Store`] fronts a database shared by every replica
+//! ([`crate::pgstore`]): writes go to PostgreSQL, and the in-memory view (the hot path and the
+//! feed) follows the database's revocations and tasks, woken by `LISTEN/NOTIFY`. The feed
+//! epoch then lives in the database, so every replica serves the same feed.
+//!
+//! Either backend signals every change of the feed ([`Store::subscribe`]): the long poll of
+//! `GET /revocations?wait_ms=` answers as soon as an entry past its cursor is visible.
 
 use anyhow::{anyhow, Context, Result};
 use rusqlite::{params, Connection};
@@ -39,6 +47,9 @@ pub const TASK_RETENTION_S: u64 = 7 * 86400;
 pub const FEED_MAX_BYTES: usize = 196_608;
 /// Smallest `max_bytes` a client may ask for.
 pub const FEED_MIN_BYTES: usize = 4096;
+/// Longest long poll (`wait_ms`) the feed holds a request, whatever the client asks for; every
+/// page offers it (`wait_max_ms`), so a client knows it may long-poll.
+pub const FEED_MAX_WAIT_MS: u64 = 25_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -230,12 +241,14 @@ enum Cmd {
     Revoke { req: RevokeRequest, at: u64, client_id: String, reply: Reply },
     CreateTask { task: Task, reply: Ack },
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Readiness: answered with the outcome of the writer's last commit.
+    Probe(Ack),
     /// `PRAGMA max_page_count` (fault drills: a full disk, then space again).
     MaxPages { pages: u64, reply: Ack },
 }
 
 #[derive(Default)]
-struct View {
+pub(crate) struct View {
     /// Tasks revoked for every subject.
     tasks: HashSet<String>,
     /// Tasks revoked for some subjects: task → subjects.
@@ -246,6 +259,12 @@ struct View {
     feed: Vec<Revocation>,
     registered: HashMap<String, Arc<Task>>,
     count: usize,
+    /// PostgreSQL: the highest revocation seq applied (every lower committed one is too).
+    pub(crate) applied_seq: i64,
+    /// PostgreSQL: the highest task seq applied.
+    pub(crate) task_seq: i64,
+    /// Unix ms of the last successful catch-up with the shared store (0: never).
+    pub(crate) synced_ms: u64,
 }
 
 impl View {
@@ -256,7 +275,49 @@ impl View {
             Kind::Subject => &self.subjects,
         }
     }
-    fn add(&mut self, r: Revocation) {
+    /// Blocks what `r` covers on the hot path, without publishing it (PostgreSQL: a replica's
+    /// own revocation, before the catch-up puts it in the feed in seq order).
+    pub(crate) fn block(&mut self, r: &Revocation) {
+        match (r.kind, &r.subject) {
+            (Kind::Task, Some(sub)) => {
+                self.task_subjects.entry(r.value.clone()).or_default().insert(sub.clone());
+            }
+            (Kind::Task, None) => {
+                self.tasks.insert(r.value.clone());
+            }
+            (Kind::Jti, _) => {
+                self.jtis.insert(r.value.clone());
+            }
+            (Kind::Subject, _) => {
+                self.subjects.insert(r.value.clone());
+            }
+        }
+    }
+
+    /// Marks a registered task ended at `at` (a task revoked for every subject).
+    pub(crate) fn end_task(&mut self, id: &str, at: u64) {
+        if let Some(t) = self.registered.get_mut(id) {
+            if t.ended_at.is_none() {
+                let mut ended = (**t).clone();
+                ended.ended_at = Some(at);
+                *t = Arc::new(ended);
+            }
+        }
+    }
+
+    pub(crate) fn task(&self, id: &str) -> Option<Arc<Task>> {
+        self.registered.get(id).cloned()
+    }
+
+    pub(crate) fn retain_tasks(&mut self, horizon: u64) {
+        self.registered.retain(|_, t| t.expires_at >= horizon);
+    }
+
+    pub(crate) fn register(&mut self, t: Task) {
+        self.registered.insert(t.id.clone(), Arc::new(t));
+    }
+
+    pub(crate) fn add(&mut self, r: Revocation) {
         self.count += 1;
         match (r.kind, &r.subject) {
             (Kind::Task, Some(sub)) => {
@@ -291,10 +352,21 @@ pub struct FeedPage {
 }
 
 pub struct Store {
-    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     view: Arc<RwLock<View>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Bumped whenever the feed may have grown (long polls wait on it).
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
     epoch: String,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite { tx: Mutex<Option<mpsc::Sender<Cmd>>>, writer: Mutex<Option<JoinHandle<()>>> },
+    Postgres(Arc<crate::pgstore::PgStore>),
+}
+
+/// Tells long polls that the feed may have grown.
+pub(crate) fn bump(changed: &tokio::sync::watch::Sender<u64>) {
+    changed.send_modify(|n| *n = n.wrapping_add(1));
 }
 
 fn open_db(path: &Path, max_pages: Option<u64>) -> Result<Connection> {
@@ -453,22 +525,99 @@ impl Store {
         }
         view.registered = load_tasks(&conn, crate::now())?;
         let view = Arc::new(RwLock::new(view));
+        let changed = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let (tx, rx) = mpsc::channel();
         let writer_view = view.clone();
+        let writer_changed = changed.clone();
         let writer = std::thread::Builder::new()
             .name("minter-sqlite".into())
-            .spawn(move || writer_loop(conn, rx, writer_view, token_max_s))
+            .spawn(move || writer_loop(conn, rx, writer_view, writer_changed, token_max_s))
             .context("starting the SQLite writer")?;
-        Ok(Store { tx: Mutex::new(Some(tx)), view, writer: Mutex::new(Some(writer)), epoch: crate::exchange::random_id() })
+        Ok(Store {
+            view,
+            changed,
+            epoch: crate::exchange::random_id(),
+            backend: Backend::Sqlite { tx: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) },
+        })
     }
 
-    /// This store's feed epoch (new at every open).
+    /// The store the configuration names: PostgreSQL with `store.postgres` (migrating it under
+    /// an advisory lock, loading its state, following it), else SQLite in `state_dir`.
+    pub fn open_config(config: &crate::config::MinterConfig) -> Result<Store> {
+        match &config.store.postgres {
+            None => Store::open(&config.state_dir, config.longest_token_s(), config.store.max_pages),
+            Some(pg) => {
+                let view = Arc::new(RwLock::new(View::default()));
+                let changed = Arc::new(tokio::sync::watch::Sender::new(0u64));
+                let store = crate::pgstore::PgStore::open(pg, config.longest_token_s(), view.clone(), changed.clone())?;
+                let epoch = store.epoch().to_string();
+                Ok(Store { view, changed, epoch, backend: Backend::Postgres(store) })
+            }
+        }
+    }
+
+    /// The PostgreSQL backend, if that is the store.
+    pub fn postgres(&self) -> Option<&Arc<crate::pgstore::PgStore>> {
+        match &self.backend {
+            Backend::Postgres(p) => Some(p),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Postgres(_) => "postgres",
+            Backend::Sqlite { .. } => "sqlite",
+        }
+    }
+
+    /// This store's feed epoch (SQLite: new at every open; PostgreSQL: the database's).
     pub fn epoch(&self) -> &str {
         &self.epoch
     }
 
+    /// A receiver woken whenever the feed may have grown. Subscribe before reading the feed:
+    /// a change after that is never missed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Seconds since this replica last caught up with the shared store (0 for SQLite, whose
+    /// view is the store).
+    pub fn feed_lag_s(&self) -> u64 {
+        match &self.backend {
+            Backend::Sqlite { .. } => 0,
+            Backend::Postgres(_) => {
+                let synced = self.view.read().map_or(0, |v| v.synced_ms);
+                let now_ms = crate::now_ms();
+                now_ms.saturating_sub(synced) / 1000
+            }
+        }
+    }
+
+    /// Whether the store takes writes now: SQLite's writer commits (an empty batch), PostgreSQL
+    /// answers within `store.postgres.timeout_ms`.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Postgres(p) => p.ping().await,
+            Backend::Sqlite { .. } => {
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                if !self.send(Cmd::Probe(reply)) {
+                    return Err(StoreError::Failed("store closed".into()));
+                }
+                match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(StoreError::Failed("store writer stopped".into())),
+                    Err(_) => Err(StoreError::Failed("store writer busy for over 2 s".into())),
+                }
+            }
+        }
+    }
+
     fn send(&self, cmd: Cmd) -> bool {
-        match self.tx.lock() {
+        let Backend::Sqlite { tx, .. } = &self.backend else { return false };
+        match tx.lock() {
             Ok(g) => g.as_ref().is_some_and(|tx| tx.send(cmd).is_ok()),
             Err(_) => false,
         }
@@ -495,6 +644,23 @@ impl Store {
         self.view.read().ok()?.registered.get(id).cloned()
     }
 
+    /// A registered task, asking the shared store when this replica has not seen it yet (a
+    /// task created on another replica a moment ago). SQLite: the view is the store.
+    pub async fn task_fresh(&self, id: &str) -> Option<Arc<Task>> {
+        if let Some(t) = self.task(id) {
+            return Some(t);
+        }
+        match &self.backend {
+            Backend::Sqlite { .. } => None,
+            Backend::Postgres(p) => {
+                let t = p.fetch_task(id).await.ok()??;
+                let mut v = self.view.write().ok()?;
+                let t = v.registered.entry(t.id.clone()).or_insert_with(|| Arc::new(t)).clone();
+                Some(t)
+            }
+        }
+    }
+
     /// Sends a command and waits for the writer's answer.
     async fn ask<T>(&self, cmd: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, StoreError>>) -> Cmd) -> Result<T, StoreError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
@@ -506,20 +672,47 @@ impl Store {
 
     /// Records a new task durably (FULL), then makes it visible.
     pub async fn create_task(&self, task: Task) -> Result<(), StoreError> {
-        self.ask(|reply| Cmd::CreateTask { task, reply }).await
+        match &self.backend {
+            Backend::Sqlite { .. } => self.ask(|reply| Cmd::CreateTask { task, reply }).await,
+            Backend::Postgres(p) => {
+                p.create_task(&task).await?;
+                if let Ok(mut v) = self.view.write() {
+                    v.register(task);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Records an issued token and waits for the commit: the token may be handed out only
     /// after this returns `Ok`.
     pub async fn record_issued(&self, rec: IssuedRecord) -> Result<(), StoreError> {
-        self.ask(|reply| Cmd::Issued { rec, reply }).await
+        match &self.backend {
+            Backend::Sqlite { .. } => self.ask(|reply| Cmd::Issued { rec, reply }).await,
+            Backend::Postgres(p) => p.record_issued(rec).await,
+        }
     }
 
     /// Records a revocation durably (FULL), then makes it visible to the hot path.
     /// A registered task revoked without a subject is ended (its state becomes `ended`).
     pub async fn revoke(&self, req: RevokeRequest, client_id: &str) -> Result<RevokeOutcome, StoreError> {
         let client_id = client_id.to_string();
-        self.ask(|reply| Cmd::Revoke { req, at: crate::now(), client_id, reply }).await
+        match &self.backend {
+            Backend::Sqlite { .. } => self.ask(|reply| Cmd::Revoke { req, at: crate::now(), client_id, reply }).await,
+            Backend::Postgres(p) => {
+                let outcome = p.revoke(&req, crate::now(), &client_id).await?;
+                // Refused here at once; published by the catch-up, in seq order (never ahead of
+                // an entry committed earlier by another replica).
+                if let Ok(mut v) = self.view.write() {
+                    v.block(&outcome.revocation);
+                    if outcome.revocation.kind == Kind::Task && outcome.revocation.subject.is_none() {
+                        v.end_task(&outcome.revocation.value, outcome.revocation.at);
+                    }
+                }
+                p.catch_up().await;
+                Ok(outcome)
+            }
+        }
     }
 
     /// Sets `PRAGMA max_page_count` on the writer's connection (fault drills: the disk fills,
@@ -552,7 +745,9 @@ impl Store {
         let budget = max_bytes.min(FEED_MAX_BYTES);
         let epoch_json = serde_json::Value::String(self.epoch.clone()).to_string();
         // Upper bound of the envelope: the widest cursor and booleans.
-        let envelope = format!(r#"{{"epoch":{epoch_json},"cursor":{},"reset":false,"more":false,"revocations":[]}}"#, i64::MIN).len();
+        let envelope =
+            format!(r#"{{"epoch":{epoch_json},"cursor":{},"reset":false,"more":false,"wait_max_ms":{FEED_MAX_WAIT_MS},"revocations":[]}}"#, i64::MIN)
+                .len();
         let mut cursor = since;
         let mut more = false;
         let mut parts: Vec<String> = Vec::new();
@@ -584,7 +779,7 @@ impl Store {
             }
         }
         let body = format!(
-            r#"{{"epoch":{epoch_json},"cursor":{cursor},"reset":{reset},"more":{more},"revocations":[{}]}}"#,
+            r#"{{"epoch":{epoch_json},"cursor":{cursor},"reset":{reset},"more":{more},"wait_max_ms":{FEED_MAX_WAIT_MS},"revocations":[{}]}}"#,
             parts.join(",")
         );
         FeedPage { epoch: self.epoch.clone(), cursor, reset, more, revocations: list, body }
@@ -594,14 +789,20 @@ impl Store {
         self.view.read().map_or(0, |v| v.count)
     }
 
-    /// Commits what is queued and stops the writer. Blocking.
+    /// Commits what is queued and stops the writer (PostgreSQL: stops following the
+    /// database). Blocking.
     pub fn close(&self) {
-        if let Ok(mut g) = self.tx.lock() {
-            g.take();
-        }
-        let handle = self.writer.lock().ok().and_then(|mut g| g.take());
-        if let Some(h) = handle {
-            let _ = h.join();
+        match &self.backend {
+            Backend::Sqlite { tx, writer } => {
+                if let Ok(mut g) = tx.lock() {
+                    g.take();
+                }
+                let handle = writer.lock().ok().and_then(|mut g| g.take());
+                if let Some(h) = handle {
+                    let _ = h.join();
+                }
+            }
+            Backend::Postgres(p) => p.close(),
         }
     }
 }
@@ -630,7 +831,7 @@ fn checkpoint_loop(path: std::path::PathBuf, stop: mpsc::Receiver<()>) {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<View>>, token_max_s: u64) {
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<View>>, changed: Arc<tokio::sync::watch::Sender<u64>>, token_max_s: u64) {
     // Not niced: every exchange waits for this thread's commit. Checkpoints run on their
     // own thread (`checkpoint_loop`), off the commit path.
     let checkpointer = conn.path().map(std::path::PathBuf::from).and_then(|path| {
@@ -674,7 +875,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, view: Arc<RwLock<V
         if batch.is_empty() {
             continue;
         }
-        process(&mut conn, batch, &view, now, token_max_s, &mut failing);
+        process(&mut conn, batch, &view, &changed, now, token_max_s, &mut failing);
     }
     if let Some((stop, h)) = checkpointer {
         drop(stop);
@@ -690,11 +891,20 @@ struct Changes {
     ended: Vec<(String, u64)>,
 }
 
-fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64, token_max_s: u64, failing: &mut bool) {
+fn process(
+    conn: &mut Connection,
+    batch: Vec<Cmd>,
+    view: &RwLock<View>,
+    changed: &tokio::sync::watch::Sender<u64>,
+    now: u64,
+    token_max_s: u64,
+    failing: &mut bool,
+) {
     let mut issued: Vec<(IssuedRecord, Ack)> = Vec::new();
     let mut revokes: Vec<(RevokeRequest, u64, String, Reply)> = Vec::new();
     let mut tasks: Vec<(Task, Ack)> = Vec::new();
     let mut flushes = Vec::new();
+    let mut probes = Vec::new();
     // Commands in queue order. Issued records, revocations and tasks are independent rows, so
     // one transaction applies them by kind; a revocation still covers every record queued
     // before it, since they are in the same (or an earlier) commit.
@@ -704,6 +914,7 @@ fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64
             Cmd::Revoke { req, at, client_id, reply } => revokes.push((req, at, client_id, reply)),
             Cmd::CreateTask { task, reply } => tasks.push((task, reply)),
             Cmd::Flush(reply) => flushes.push(reply),
+            Cmd::Probe(reply) => probes.push(reply),
             Cmd::MaxPages { pages, reply } => {
                 let r = conn.pragma_update(None, "max_page_count", pages).map_err(|e| StoreError::from_sqlite(&e));
                 let _ = reply.send(r);
@@ -745,6 +956,7 @@ fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64
     })();
     match result {
         Ok((changes, outcomes)) => {
+            let grew = !changes.added.is_empty();
             if std::mem::take(failing) {
                 eprintln!("{}", serde_json::json!({"ts": crate::now(), "level": "info", "msg": "sqlite writes succeed again"}));
             }
@@ -762,6 +974,12 @@ fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64
                         *t = Arc::new(ended);
                     }
                 }
+            }
+            if grew {
+                bump(changed);
+            }
+            for p in probes.drain(..) {
+                let _ = p.send(Ok(()));
             }
             for ((_, _, _, reply), outcome) in revokes.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
@@ -787,6 +1005,9 @@ fn process(conn: &mut Connection, batch: Vec<Cmd>, view: &RwLock<View>, now: u64
             }
             for (_, reply) in issued {
                 let _ = reply.send(Err(err.clone()));
+            }
+            for p in probes.drain(..) {
+                let _ = p.send(Err(err.clone()));
             }
         }
     }
@@ -920,7 +1141,12 @@ mod tests {
         assert!(crate::values::task(&r.value).is_ok());
         assert!(r.subject.as_deref().is_some_and(|s| crate::values::subject(s).is_ok()));
         let entry = serde_json::to_string(&r).unwrap().len();
-        let envelope = format!(r#"{{"epoch":"{}","cursor":{},"reset":false,"more":false,"revocations":[]}}"#, "A".repeat(22), i64::MIN).len();
+        let envelope = format!(
+            r#"{{"epoch":"{}","cursor":{},"reset":false,"more":false,"wait_max_ms":{FEED_MAX_WAIT_MS},"revocations":[]}}"#,
+            "A".repeat(22),
+            i64::MIN
+        )
+        .len();
         assert!(entry + envelope <= FEED_MIN_BYTES, "{entry} + {envelope}");
         assert!(entry <= 2600, "{entry}");
     }

@@ -293,6 +293,42 @@ fn revocation_persists_across_restart_and_ended_task_is_refused() {
     assert_eq!((s, v["created"].as_bool()), (200, Some(false)));
 }
 
+/// `wait_ms`: the SQLite writer's commit wakes a held poll at once; with nothing new the poll
+/// returns at its wait (capped server-side: a huge `wait_ms` is not refused), cursor unchanged.
+#[test]
+fn a_long_poll_is_woken_by_the_sqlite_writer_and_bounded() {
+    let env = Env::new();
+    let h = start(env.config());
+    let (_, v) = get_json(&h, "/revocations?since=0", None);
+    let (epoch, cursor) = (v["epoch"].as_str().unwrap().to_string(), v["cursor"].as_i64().unwrap());
+    let url = format!("{}/revocations?since={cursor}&epoch={epoch}&wait_ms=10000", h.base_url());
+    let poll = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let a = common::answer(agent().get(&url).call());
+        (a.body, started.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (s, _, _) = post_form(&h, "/revoke", &[("jti", "held-poll")], None);
+    assert_eq!(s, 200);
+    let (page, waited) = poll.join().unwrap();
+    assert!(waited >= std::time::Duration::from_millis(250) && waited < std::time::Duration::from_secs(5), "{waited:?}");
+    assert_eq!(page["revocations"][0]["value"], "held-poll", "{page}");
+    let cursor = page["cursor"].as_i64().unwrap();
+    let started = std::time::Instant::now();
+    let (s, v) = get_json(&h, &format!("/revocations?since={cursor}&epoch={epoch}&wait_ms=300"), None);
+    assert_eq!((s, v["cursor"].as_i64(), v["revocations"].as_array().map(Vec::len)), (200, Some(cursor), Some(0)));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    // A stale epoch is answered at once (a reset), whatever the wait.
+    let started = std::time::Instant::now();
+    let (_, v) = get_json(&h, "/revocations?since=5&epoch=other&wait_ms=99999999", None);
+    assert_eq!(v["reset"], true);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    for bad in ["-1", "x", "1.5"] {
+        assert_eq!(get_json(&h, &format!("/revocations?since=0&wait_ms={bad}"), None).0, 400, "{bad}");
+    }
+    assert_eq!(get_json(&h, "/readyz", None).0, 200);
+}
+
 #[test]
 fn revocations_feed_with_cursor() {
     let env = Env::new();
@@ -301,7 +337,7 @@ fn revocations_feed_with_cursor() {
     assert_eq!(s, 200);
     let epoch = v["epoch"].as_str().unwrap().to_string();
     assert_eq!(epoch.len(), 22);
-    assert_eq!(v, json!({"epoch": epoch, "cursor": 0, "reset": true, "more": false, "revocations": []}));
+    assert_eq!(v, json!({"epoch": epoch, "cursor": 0, "reset": true, "more": false, "wait_max_ms": 25_000, "revocations": []}));
     let t1 = create_task(&h, &[SUB]);
     post_form(&h, &format!("/tasks/{t1}/end"), &[], None);
     post_form(&h, "/revoke", &[("jti", "abc")], None);

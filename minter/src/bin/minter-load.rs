@@ -5,6 +5,11 @@
 //! signing key and its SPIFFE bundle inlined in `D/minter.json` (state in
 //! `D/state`, port 0, logging off), and a matching JWT-SVID in `D/subject.jwt`.
 //! Only talks to the URL it is given; every run is bounded by `-n`.
+//!
+//! `--url` may list several minters (comma-separated): connection i goes to minter i mod k
+//! (replicas behind no balancer). `minter-load replicas` measures, in one run, one SQLite
+//! minter against three replicas on a throwaway PostgreSQL (`fsync` on) and prints both and
+//! their ratio.
 
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
-    /// Minter base URL (http only).
+    /// Minter base URL (http only); several, comma-separated, share the connections.
     #[arg(long, default_value = "http://127.0.0.1:8181")]
     url: String,
     /// Subject token (a JWT-SVID the minter trusts).
@@ -60,12 +65,18 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// One SQLite minter (2 workers) against three PostgreSQL replicas (1 worker each), same
+    /// run, same load (-n, -c); in-process, on a throwaway cluster.
+    Replicas,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(Cmd::Fixture { dir }) = &cli.command {
         return fixture(dir);
+    }
+    if let Some(Cmd::Replicas) = &cli.command {
+        return replicas(&cli);
     }
     let token = match (&cli.subject_token, &cli.subject_token_file) {
         (Some(t), _) => t.clone(),
@@ -109,6 +120,54 @@ fn fixture(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Starts the fixture's minter in-process with `store`, `workers` threads.
+fn start_fixture(dir: &std::path::Path, name: &str, store: serde_json::Value, workers: usize) -> Result<mandate_minter::Handle> {
+    let raw = std::fs::read(dir.join("minter.json"))?;
+    let mut cfg: serde_json::Value = serde_json::from_slice(&raw)?;
+    cfg["state_dir"] = serde_json::json!(dir.join(name));
+    cfg["store"] = store;
+    cfg["workers"] = serde_json::json!(workers);
+    mandate_minter::spawn(mandate_minter::config::MinterConfig::from_json(cfg)?)
+}
+
+fn replicas(cli: &Cli) -> Result<()> {
+    let dir = tempfile_dir()?;
+    fixture_quiet(&dir)?;
+    let token = std::fs::read_to_string(dir.join("subject.jwt"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(cli.threads.max(1)).enable_all().build()?;
+    let measure = |urls: String| -> Result<serde_json::Value> {
+        let c = Cli { url: urls, command: None, subject_token: Some(token.clone()), subject_token_file: None, audience: cli.audience.clone(),
+                      scope: cli.scope.clone(), task: cli.task.clone(), requests: cli.requests, connections: cli.connections, warmup: cli.warmup,
+                      threads: cli.threads, basic: None };
+        rt.block_on(measure(&c, token.clone()))
+    };
+    let single = start_fixture(&dir, "sqlite", serde_json::json!({}), 2)?;
+    let sqlite = measure(single.base_url())?;
+    single.shutdown()?;
+    let pg = mandate_minter::testpg::TestPg::start_durable()?.context("PostgreSQL binaries not found (scripts/setup)")?;
+    pg.create_db("bench")?;
+    let mut store = pg.store_config("bench");
+    store["postgres"]["pool_size"] = serde_json::json!(8);
+    let reps = (1..=3).map(|i| start_fixture(&dir, &format!("r{i}"), store.clone(), 1)).collect::<Result<Vec<_>>>()?;
+    let urls = reps.iter().map(|r| r.base_url()).collect::<Vec<_>>().join(",");
+    let postgres = measure(urls)?;
+    drop(reps);
+    let ratio = postgres["exchanges_per_s"].as_f64().unwrap_or(0.0) / sqlite["exchanges_per_s"].as_f64().unwrap_or(1.0).max(1e-9);
+    println!("{}", serde_json::json!({"sqlite_1_minter": sqlite, "postgres_3_replicas": postgres, "throughput_ratio_pg_over_sqlite": (ratio * 100.0).round() / 100.0}));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("minter-load-{}", mandate_minter::exchange::random_id().replace(['-', '_'], "x")));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn fixture_quiet(dir: &std::path::Path) -> Result<()> {
+    fixture(dir)
+}
+
 struct Target {
     authority: String,
     addr: String,
@@ -117,10 +176,22 @@ struct Target {
 }
 
 async fn run(cli: Cli, token: String) -> Result<()> {
+    let out = measure(&cli, token).await?;
+    println!("{out}");
+    if out["errors"].as_u64().unwrap_or(0) > 0 {
+        bail!("{} exchanges failed", out["errors"]);
+    }
+    Ok(())
+}
+
+async fn measure(cli: &Cli, token: String) -> Result<serde_json::Value> {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine as _;
-    let rest = cli.url.strip_prefix("http://").context("--url must be http://HOST:PORT")?;
-    let authority = rest.trim_end_matches('/').to_string();
+    let mut targets = Vec::new();
+    for url in cli.url.split(',') {
+        let rest = url.strip_prefix("http://").context("--url must be http://HOST:PORT")?;
+        targets.push(rest.trim_end_matches('/').to_string());
+    }
     let body = serde_urlencoded::to_string([
         ("grant_type", mandate_minter::config::GRANT_TOKEN_EXCHANGE),
         ("subject_token", token.as_str()),
@@ -131,12 +202,10 @@ async fn run(cli: Cli, token: String) -> Result<()> {
         ("intent", "load-test"),
         ("requested_ttl", "60"),
     ])?;
-    let target = Arc::new(Target {
-        addr: authority.clone(),
-        authority,
-        body: Bytes::from(body),
-        basic: cli.basic.as_ref().map(|b| format!("Basic {}", STANDARD.encode(b))),
-    });
+    let body = Bytes::from(body);
+    let basic = cli.basic.as_ref().map(|b| format!("Basic {}", STANDARD.encode(b)));
+    let target: Vec<Arc<Target>> =
+        targets.into_iter().map(|a| Arc::new(Target { addr: a.clone(), authority: a, body: body.clone(), basic: basic.clone() })).collect();
 
     // Warm-up (connections, caches), then the measured run.
     if cli.warmup > 0 {
@@ -161,20 +230,17 @@ async fn run(cli: Cli, token: String) -> Result<()> {
         "requests": cli.requests,
         "errors": errors,
         "connections": cli.connections,
+        "minters": target.len(),
         "seconds": (elapsed * 1000.0).round() / 1000.0,
     });
-    println!("{out}");
-    if errors > 0 {
-        bail!("{errors} exchanges failed");
-    }
-    Ok(())
+    Ok(out)
 }
 
-async fn blast(target: &Arc<Target>, n: u64, c: usize) -> Result<(Vec<Duration>, u64)> {
+async fn blast(targets: &[Arc<Target>], n: u64, c: usize) -> Result<(Vec<Duration>, u64)> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..c {
-        let target = target.clone();
+    for i in 0..c {
+        let target = targets.get(i % targets.len().max(1)).context("no minter URL")?.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(async move { worker(target, next, n).await }));
     }
