@@ -94,9 +94,15 @@ mod face {
         }
     }
 
-    /// JSON members (tool arguments, `tctx.arguments`) must parse, or the request is malformed.
+    /// JSON members (tool arguments, `tctx.arguments`) must be strict JSON, as the filter reads a
+    /// body (no duplicate key, escaped spellings included; bounded depth), or the request is
+    /// malformed: a lenient parse would merge `{"amount":1,"amount":5000}` where the filter refuses.
     fn json(v: Option<String>, bad: CoreReason) -> Result<Option<serde_json::Value>, CoreReason> {
-        v.map(|s| serde_json::from_str(&s).map_err(|_| bad)).transpose()
+        v.map(|s| {
+            mandate_core::mcp::jsonrpc::check_strict(&s).map_err(|_| bad)?;
+            serde_json::from_str(&s).map_err(|_| bad)
+        })
+        .transpose()
     }
 
     fn to_core(r: Request) -> Result<decide::DecideRequest, CoreReason> {

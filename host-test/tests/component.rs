@@ -161,6 +161,24 @@ fn component_refuses_tool_arguments_that_are_not_json() {
     assert_eq!((out.effect, core_reason(out.reason)), (wit::Effect::Deny, Reason::McpMalformed));
 }
 
+/// Attack: a duplicate argument (plainly or escaped) that a lenient parser would merge (last
+/// wins) must be refused as the filter refuses it, never judged on one of the two values.
+#[test]
+fn component_refuses_duplicate_argument_smuggling() {
+    let Some(host) = component("component_refuses_duplicate_argument_smuggling") else { return };
+    let key = TestKey::es256("k1");
+    let mut d = host.instantiate().unwrap();
+    d.configure(&token_config(&key)).unwrap().unwrap();
+    let token = key.sign(&svid_claims(SUB, AUD, NOW - 10, NOW + 300));
+    for args in [r#"{"amount": 42, "amount": 5000}"#, r#"{"amount": 5000, "\u0061mount": 42}"#, r#"{"amount": 1e400}"#] {
+        let out = d.decide(&refund(wit::Caller::Token(token.clone()), args)).unwrap();
+        assert_eq!((out.effect, core_reason(out.reason)), (wit::Effect::Deny, Reason::McpMalformed), "{args}");
+    }
+    // The same call with one amount within the limit is allowed: the refusal is the duplicate's.
+    let out = d.decide(&refund(wit::Caller::Token(token), r#"{"amount": 42}"#)).unwrap();
+    assert_eq!(out.effect, wit::Effect::Allow);
+}
+
 #[test]
 fn component_fails_closed_before_configure_and_names_bad_fields() {
     let Some(host) = component("component_fails_closed_before_configure_and_names_bad_fields") else { return };

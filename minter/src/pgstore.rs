@@ -339,6 +339,10 @@ pub struct PgStore {
     up: AtomicBool,
     /// Issued-token records waiting for a group commit.
     issued: tokio::sync::mpsc::Sender<(IssuedRecord, IssuedAck)>,
+    /// Why this replica can no longer follow the shared feed (the epoch changed under it, the
+    /// sequence went back, a revocation of a kind it does not know): it then mints nothing and
+    /// is not ready, until it is restarted (or upgraded). Sticky.
+    blocked: Mutex<Option<String>>,
 }
 
 impl PgStore {
@@ -387,6 +391,7 @@ impl PgStore {
             rt: Mutex::new(None),
             up: AtomicBool::new(true),
             issued,
+            blocked: Mutex::new(None),
         });
         rt.block_on(async {
             // Everything committed so far, before serving (a restart loses nothing).
@@ -452,7 +457,25 @@ impl PgStore {
         r
     }
 
+    /// Why this replica stopped following the feed, if it did.
+    pub fn blocked(&self) -> Option<String> {
+        self.blocked.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Stops following the feed: not ready, nothing minted (a stale view could mint for a
+    /// task another replica ended). Logged once.
+    fn block(&self, why: String) {
+        let Ok(mut g) = self.blocked.lock() else { return };
+        if g.is_none() {
+            eprintln!("{}", serde_json::json!({"ts": crate::now(), "level": "error", "msg": format!("revocation feed blocked: {why}; this replica mints nothing until it is restarted")}));
+            *g = Some(why);
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
+        if let Some(why) = self.blocked() {
+            return Err(StoreError::Failed(format!("revocation feed blocked: {why}")));
+        }
         let c = self.client().await?;
         self.bounded(async { c.simple_query("SELECT 1").await.map(|_| ()) }).await
     }
@@ -460,6 +483,9 @@ impl PgStore {
     /// Records an issued token; returns once its commit is durable (the group commit of
     /// whatever other records queued meanwhile: one statement, one fsync).
     pub async fn record_issued(&self, r: IssuedRecord) -> Result<(), StoreError> {
+        if let Some(why) = self.blocked() {
+            return Err(StoreError::Failed(format!("revocation feed blocked: {why}")));
+        }
         let (ack, done) = tokio::sync::oneshot::channel();
         let queued = tokio::time::timeout(self.timeout, self.issued.send((r, ack))).await;
         if !matches!(queued, Ok(Ok(()))) {
@@ -548,6 +574,9 @@ impl PgStore {
         let _serial = self.sync_lock.lock().await;
         let Ok(c) = self.client().await else { return Ok(false) };
         let mut grew = false;
+        if self.blocked().is_some() {
+            return Ok(false);
+        }
         loop {
             let (task_after, rev_after) = match self.view.read() {
                 Ok(v) => (v.task_seq, v.applied_seq),
@@ -555,12 +584,25 @@ impl PgStore {
             };
             let fetched = self
                 .bounded(async {
+                    // Read first: every revocation up to `last` is committed (seq order is
+                    // commit order), so the page below must reach it.
+                    let meta = c
+                        .query_one("SELECT (SELECT value FROM mandate_meta WHERE key = 'epoch'), (SELECT COALESCE(MAX(seq), 0) FROM revocations)", &[])
+                        .await?;
                     let tasks = c.query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq > $1 ORDER BY seq LIMIT $2"), &[&task_after, &SYNC_PAGE]).await?;
                     let revs = revocations_after(&c, rev_after, SYNC_PAGE).await?;
-                    Ok((tasks, revs))
+                    Ok((meta.get::<_, Option<String>>(0), meta.get::<_, i64>(1), tasks, revs))
                 })
                 .await;
-            let Ok((tasks, revs)) = fetched else { return Ok(false) };
+            let Ok((epoch, last, tasks, revs)) = fetched else { return Ok(false) };
+            if epoch.as_deref() != Some(self.epoch.as_str()) {
+                self.block("the database's feed epoch changed (a restored backup, or `migrate --new-epoch`)".into());
+                return Ok(false);
+            }
+            if last < rev_after {
+                self.block(format!("the revocation sequence went back ({last} < {rev_after} applied): a restored backup? run `migrate --new-epoch`"));
+                return Ok(false);
+            }
             let full = tasks.len() as i64 >= SYNC_PAGE || revs.len() as i64 >= SYNC_PAGE;
             let Ok(mut v) = self.view.write() else { return Ok(false) };
             for row in &tasks {
@@ -585,6 +627,14 @@ impl PgStore {
                 }
                 v.add(r);
                 grew = true;
+            }
+            let applied = v.applied_seq;
+            if !full && applied < last {
+                // Rows up to `last` exist but the page stopped below them: a kind this binary
+                // does not know (a newer replica wrote it). Never skipped, never silent.
+                drop(v);
+                self.block(format!("revocation {} is of a kind this version does not know: upgrade this replica", applied + 1));
+                return Ok(false);
             }
             v.synced_ms = crate::now_ms();
             drop(v);

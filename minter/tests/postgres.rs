@@ -130,6 +130,69 @@ fn replicas_share_tasks_keys_and_the_feed_and_a_long_poll_hears_an_end_at_once()
     assert_eq!(get(&c, "/revocations?since=0").1["epoch"], epoch.as_str());
 }
 
+/// A replica that can no longer follow the shared feed would mint from a stale view (for a
+/// task another replica ended). Each way it can lose the feed makes it not ready and makes it
+/// refuse to mint, until restarted: a revocation of a kind it does not know (a newer replica
+/// wrote it), and the feed's epoch changed under it (a restored backup, `migrate --new-epoch`).
+#[test]
+fn a_replica_that_loses_the_feed_stops_minting_and_is_not_ready() {
+    let Some(pg) = cluster() else { return };
+    let env = Env::new();
+    let svid = env.svid(SUB, 600);
+    let until_blocked = |h: &mandate_minter::Handle| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (s, v) = get(h, "/readyz");
+            if s == 503 {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "still ready: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let rt = rt();
+
+    // A revocation of a kind from the future.
+    pg.create_db("unknown_kind").unwrap();
+    let a = start(replica(&env, &pg, "unknown_kind", "a"));
+    let task = create_task(&a);
+    assert_eq!(exchange(&a, &svid, &task).0, 200);
+    rt.block_on(async {
+        let c = connect(&pg, "unknown_kind").await;
+        c.execute(
+            "INSERT INTO revocations (seq, kind, value, subject, at, until, client_id) VALUES (nextval('revocations_seq'), 'quantum', 'x', '', 1, NULL, 'newer')",
+            &[],
+        )
+        .await
+        .unwrap();
+        c.execute("NOTIFY mandate_feed", &[]).await.unwrap();
+    });
+    let v = until_blocked(&a);
+    assert_eq!(v["status"], "not_ready", "{v}");
+    let (s, v) = exchange(&a, &svid, &task);
+    assert_eq!(s, 503, "a replica that cannot follow the feed mints nothing: {v}");
+    assert!(v.get("access_token").is_none());
+    drop(a);
+
+    // The epoch changed under a running replica.
+    pg.create_db("new_epoch").unwrap();
+    let b = start(replica(&env, &pg, "new_epoch", "b"));
+    let task = create_task(&b);
+    assert_eq!(exchange(&b, &svid, &task).0, 200);
+    rt.block_on(async {
+        let c = connect(&pg, "new_epoch").await;
+        pgstore::new_epoch(&c).await.unwrap();
+        c.execute("NOTIFY mandate_feed", &[]).await.unwrap();
+    });
+    until_blocked(&b);
+    assert_eq!(exchange(&b, &svid, &task).0, 503);
+    drop(b);
+    // Restarted, it follows the new epoch and mints again.
+    let b2 = start(replica(&env, &pg, "new_epoch", "b2"));
+    assert_eq!(get(&b2, "/readyz").0, 200);
+    assert_eq!(exchange(&b2, &svid, &task).0, 200);
+}
+
 /// The outbox gap: writer 1 draws seq n and commits late; writer 2 draws n+1 and commits at
 /// once; a reader at n+1 would skip n for ever. Without the feed lock the gap is real (shown
 /// here, so this test can fail); with it, writer 2 waits, and the reader never skips.

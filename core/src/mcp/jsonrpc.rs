@@ -299,10 +299,11 @@ impl<'de> Visitor<'de> for Read {
                 (Role::Params, "arguments") => params.arguments = map.next_value_seed(inner.child(Role::Arguments))?,
                 (Role::Arguments, _) => {
                     let raw: &'de RawValue = map.next_value()?;
-                    // Containers are walked, and strings with escapes (capturing a value only
-                    // checks an escape's form, not that it decodes: a lone surrogate would pass).
+                    // Capturing a value checks only its form: a number out of range (`1e400`)
+                    // or an escape that decodes to nothing (a lone surrogate) would pass. So
+                    // every member is read as a value, but for a string without escapes.
                     let text = raw.get();
-                    if text.starts_with(['{', '[']) || (text.starts_with('"') && text.contains('\\')) {
+                    if !text.starts_with('"') || text.contains('\\') {
                         let mut de = serde_json::Deserializer::from_str(text);
                         inner.deserialize(&mut de).map_err(A::Error::custom)?;
                     }
@@ -445,13 +446,16 @@ pub fn parse(body: &[u8]) -> Result<Message<'_>, ParseError> {
 
 /// The value a JSON pointer's tokens name inside the arguments: the top-level member is
 /// found in place, and only it is built.
-pub fn pointer(args: &RawArgs<'_>, tokens: &[String]) -> Option<Value> {
-    let (first, rest) = tokens.split_first()?;
-    let member: Value = serde_json::from_slice(args.get(first)?.get().as_bytes()).ok()?;
+/// `Err`: the member is there but cannot be read as a value. Never the case for arguments
+/// [`parse`] accepted; a caller treats it as a failed check, never as an absent argument.
+pub fn pointer(args: &RawArgs<'_>, tokens: &[String]) -> Result<Option<Value>, ()> {
+    let Some((first, rest)) = tokens.split_first() else { return Ok(None) };
+    let Some(raw) = args.get(first) else { return Ok(None) };
+    let member: Value = serde_json::from_slice(raw.get().as_bytes()).map_err(|_| ())?;
     if rest.is_empty() {
-        return Some(member);
+        return Ok(Some(member));
     }
-    crate::policy::mcp::resolve_within(rest, &member).cloned()
+    Ok(crate::policy::mcp::resolve_within(rest, &member).cloned())
 }
 
 #[cfg(test)]
@@ -545,7 +549,7 @@ mod tests {
         let args = m.arguments.as_ref().unwrap();
         let range = body.as_bytes().as_ptr_range();
         assert!(args.members.iter().all(|(_, v)| range.contains(&v.get().as_ptr())), "the arguments borrow the body");
-        assert_eq!(pointer(args, &["ticket".into()]), Some(json!("T-1")));
+        assert_eq!(pointer(args, &["ticket".into()]), Ok(Some(json!("T-1"))));
     }
 
     #[test]
@@ -572,7 +576,7 @@ mod tests {
     fn pointer_escaped_keys_and_array_index_tricks() {
         let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"a\u0062":{"list":[10,{"deep":"v"}]},"n":null}}}"#;
         let args = parse(body).unwrap().arguments.unwrap();
-        let p = |t: &[&str]| pointer(&args, &t.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let p = |t: &[&str]| pointer(&args, &t.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         assert_eq!(p(&["ab", "list", "1", "deep"]), Some(json!("v")), "an escaped key is its unescaped name");
         assert_eq!(p(&["ab", "list", "0"]), Some(json!(10)));
         assert_eq!(p(&["ab", "list", "01"]), None, "a leading zero is not an index");
@@ -582,6 +586,25 @@ mod tests {
         assert_eq!(p(&["n"]), Some(json!(null)), "present and null is not absent");
         assert_eq!(p(&["missing"]), None);
         assert_eq!(p(&["ab", "0"]), None, "an object is not indexed by position");
+    }
+
+    #[test]
+    fn out_of_range_number_skips_optional_cap() {
+        // `1e400` is infinite to a server's parser (Python reads `inf`): refused, never read as
+        // an absent (so unchecked) argument.
+        for body in [
+            r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"refund","arguments":{"amount":1e400}}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"refund","arguments":{"amount":-1e400}}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"refund","arguments":{"x":{"amount":1e999}}}}"#,
+        ] {
+            let e = parse(body.as_bytes()).unwrap_err();
+            assert_eq!((e.reason, e.id), (Reason::McpMalformed, Some(json!(4))), "{body}");
+        }
+        // A member that somehow cannot be read is an error, not an absence.
+        let raw: &RawValue = serde_json::from_str("\"\\ud800\"").unwrap();
+        let args = RawArgs { members: vec![(Cow::Borrowed("amount"), raw)] };
+        assert_eq!(pointer(&args, &["amount".into()]), Err(()));
+        assert_eq!(pointer(&args, &["other".into()]), Ok(None));
     }
 
     #[test]

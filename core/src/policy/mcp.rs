@@ -858,7 +858,11 @@ fn check_one(c: &ArgConstraint, call: &McpCall, ctx: &ArgContext<'_>) -> One {
     let value: Option<Value> = match &call.arguments {
         McpArgs::None => None,
         McpArgs::Body(m) => resolve(&c.tokens, m).cloned(),
-        McpArgs::Raw(r) => crate::mcp::jsonrpc::pointer(r, &c.tokens),
+        // Present but unreadable (never for a body the parser accepted): a failed check.
+        McpArgs::Raw(r) => match crate::mcp::jsonrpc::pointer(r, &c.tokens) {
+            Ok(v) => v,
+            Err(()) => return One::Fail(None),
+        },
         McpArgs::Headers(h) => {
             // Only a top-level argument can come from a header; its value is text.
             let found = match (c.tokens.len(), c.top()) {
