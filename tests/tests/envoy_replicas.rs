@@ -28,7 +28,7 @@ mod orders_story;
 use orders_story::*;
 
 /// A `minter` cluster over `ports` with outlier detection: a replica whose connections fail is
-/// ejected after one failure. (In Kubernetes, `/readyz` as the readiness probe takes a replica
+/// ejected after one failure (for 30 s: longer than the rest of the test on a slow machine). (In Kubernetes, `/readyz` as the readiness probe takes a replica
 /// whose database is unreachable out of the endpoints as well.)
 fn replicas_cluster_yaml(ports: &[u16]) -> String {
     let endpoints: String = ports
@@ -38,7 +38,7 @@ fn replicas_cluster_yaml(ports: &[u16]) -> String {
     format!(
         "- name: minter\n  type: STATIC\n  connect_timeout: 0.5s\n  lb_policy: ROUND_ROBIN\n  \
          outlier_detection:\n    consecutive_5xx: 1\n    consecutive_local_origin_failure: 1\n    split_external_local_origin_errors: true\n    \
-         interval: 0.2s\n    base_ejection_time: 5s\n    max_ejection_percent: 67\n  \
+         interval: 0.2s\n    base_ejection_time: 30s\n    max_ejection_percent: 67\n  \
          load_assignment:\n    cluster_name: minter\n    endpoints:\n    - lb_endpoints:\n{endpoints}"
     )
 }
