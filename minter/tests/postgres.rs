@@ -211,18 +211,28 @@ fn the_outbox_gap_exists_without_the_feed_lock_and_never_with_it() {
             let req = move |v: &str| RevokeRequest { kind: Kind::Subject, value: format!("spiffe://example.org/{v}-{serialize}"), subject: None };
             let tx1 = w1.transaction().await.unwrap();
             let r1 = pgstore::insert_revocation(&tx1, &req("slow"), 1, "c", 1, 300, serialize).await.unwrap();
-            let w2_task = tokio::spawn(async move {
+            let mut w2_task = tokio::spawn(async move {
                 let tx2 = w2.transaction().await.unwrap();
                 let r2 = pgstore::insert_revocation(&tx2, &req("fast"), 1, "c", 1, 300, serialize).await.unwrap();
                 tx2.commit().await.unwrap();
                 r2.revocation.seq
             });
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Without the lock writer 2 commits while writer 1 is open (waited for, however
+            // slow the machine); with it, writer 2 is still waiting for writer 1 after 300 ms.
+            let early = tokio::time::timeout(Duration::from_millis(if serialize { 300 } else { 30_000 }), &mut w2_task).await;
+            let early_seq = match early {
+                Ok(done) => Some(done.unwrap()),
+                Err(_) => None,
+            };
+            assert_eq!(early_seq.is_none(), serialize, "writer 2 waits for writer 1 only under the lock");
             // The reader tails the feed while writer 1 is still open.
             let seen_early = pgstore::revocations_after(&reader, start, 100).await.unwrap();
             let cursor = seen_early.last().map_or(start, |r| r.seq);
             tx1.commit().await.unwrap();
-            let s2 = w2_task.await.unwrap();
+            let s2 = match early_seq {
+                Some(s) => s,
+                None => w2_task.await.unwrap(),
+            };
             let seen_late = pgstore::revocations_after(&reader, cursor, 100).await.unwrap();
             let mut seen: Vec<i64> = seen_early.iter().chain(&seen_late).map(|r| r.seq).collect();
             seen.sort();
