@@ -78,6 +78,7 @@ fn hundred_thousand_record_log_names_exactly_the_unused_grants() {
     assert!(rp.passed(), "{rp:?}");
     assert_eq!(rp.records, 100_000);
     assert_eq!(rp.allowed, u.allowed, "every allowed record was reproduced and is still allowed: {rp:?}");
+    std::fs::remove_file(&log).unwrap();
 }
 
 /// Every `policies/` example: the suggestion from its log passes the replay, still passes every
@@ -127,6 +128,8 @@ fn suggestions_pass_the_replay_and_the_case_files() {
         assert!(!results.is_empty(), "{name}");
         let failed: Vec<_> = results.iter().filter(|r| !r.passed).map(|r| format!("{}: got {}", r.name, r.got)).collect();
         assert!(failed.is_empty(), "{name}: cases fail on the suggestion: {failed:?}");
+        std::fs::remove_file(&log).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
