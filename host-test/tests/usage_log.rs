@@ -264,6 +264,18 @@ fn token_in_a_log_line_is_counted_and_never_echoed() {
 }
 
 #[test]
+fn terminal_escape_in_a_logged_intent_never_reaches_the_screen() {
+    let good = good_line();
+    // A refused request: the intent is listed among those claimed but never allowed.
+    let evil = good.replacen("\"intent\":\"ticket.read\"", "\"intent\":\"x\\u001b]0;pwned\\u0007\"", 1).replacen("\"effect\":\"allow\"", "\"effect\":\"deny\"", 1);
+    assert_ne!(evil, good);
+    let (u, m) = read_lines(format!("{evil}\n").as_bytes());
+    assert_eq!(u.records, 1);
+    let text = u.report(&m).to_text();
+    assert!(text.contains("x?]0;pwned?") && !text.contains('\u{1b}') && !text.contains('\u{7}'), "{text}");
+}
+
+#[test]
 fn ten_megabyte_line_is_skipped_in_flat_memory() {
     let good = good_line();
     let mut bytes = format!("{good}\n").into_bytes();
