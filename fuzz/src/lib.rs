@@ -12,6 +12,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod decision_log;
 pub mod feed;
 pub mod headers;
 pub mod input;
@@ -48,6 +49,7 @@ pub const TARGETS: &[Target] = &[
     Target { name: "txn_token", check: txn::txn_token, smoke_mutations: 400 },
     Target { name: "minter_form", check: minter::minter_form, smoke_mutations: 400 },
     Target { name: "minter_json", check: minter::minter_json, smoke_mutations: 2000 },
+    Target { name: "decision_log", check: decision_log::decision_log, smoke_mutations: 2000 },
 ];
 
 /// The target called `name`.

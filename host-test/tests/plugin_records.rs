@@ -155,7 +155,7 @@ fn allow_record_carries_the_whole_decision() {
     );
     let want = json!({
         "ts_ms": T0 * 1000 + 7, "effect": "allow", "reason": "allowed", "dry_run": false, "rule_id": "agents",
-        "identity": AGENT, "trust_domain": TD, "class": "agent", "token_hash": token_hash,
+        "identity": AGENT, "trust_domain": TD, "class": "agent", "owner": "support-ops", "token_hash": token_hash,
         "intent": "ticket.read", "task": "T-42", "intent_signed": false, "delegation": null,
         "method": "GET", "authority": "tickets.internal", "path": "/tickets/1",
         "resource": "tickets", "sensitivity": "internal", "environment": null,
@@ -918,4 +918,67 @@ fn each_vm_reports_its_linear_memory() {
     rig.vm.tick().unwrap();
     let after_tick = rig.vm.metric(gauge).unwrap();
     assert!(after_tick >= at_start, "linear memory never shrinks: {at_start} -> {after_tick}");
+}
+
+// ------------------------------------------------------------------ read back (issue 18)
+
+/// The filter's own log lines, as the proxy received them, read by `mandate policy usage` and
+/// replayed by `suggest`: every record parsed (none skipped), grants and owner attributed, and
+/// each record with a verified caller reproduced by the policy engine.
+#[test]
+fn the_filters_own_log_is_read_back_by_policy_usage() {
+    let Some(mut rig) = start("the_filters_own_log_is_read_back", minter()) else {
+        return;
+    };
+    let forged = TestKey::es256("svid-k1").sign(&svid_claims(AGENT, AUD, T0, T0 + 3600));
+    let blocked = rig.svid_for(BLOCKED);
+    rig.send_minted(&rig.tickets().task("T-42"), "jti-1");
+    let wiki = Req::get("wiki.internal", "/page").intent("wiki.read").bearer(&rig.svid());
+    rig.send(&wiki);
+    rig.send(&rig.tickets().bearer(&blocked));
+    rig.send(&rig.tickets().bearer(&forged));
+    assert_eq!(rig.records().len(), 4);
+    let mut text = String::new();
+    for l in rig.vm.logs() {
+        text.push_str(&l.message);
+        text.push('\n');
+    }
+    let dir = std::env::temp_dir().join(format!("mandate-readback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("filter.log");
+    std::fs::write(&log, &text).unwrap();
+
+    let policy = common::policy(&rig.intent_key);
+    let m = mandate_usage::Model::from_slice(policy.to_string().as_bytes()).unwrap();
+    let u = mandate_usage::Usage::read(&m, &log).unwrap();
+    assert_eq!(
+        (u.records, u.skipped_total(), u.allowed, u.dry_run_denied, u.denied),
+        (4, 0, 1, 1, 2)
+    );
+    let r = u.report(&m);
+    let owner = r.owners.iter().find(|o| o.owner == "support-ops").unwrap();
+    let used: Vec<String> = owner
+        .grants_used
+        .iter()
+        .map(|g| format!("{} {:?} {:?} {}", g.grant.rule, g.grant.intent, g.grant.resource, g.uses))
+        .collect();
+    assert_eq!(
+        used,
+        [
+            "agents Some(\"ticket.read\") Some(\"tickets\") 1",
+            "agents Some(\"wiki.read\") Some(\"wiki\") 1"
+        ]
+    );
+    assert_eq!(owner.denials.get("denied_by_rule"), Some(&1));
+    assert!(owner
+        .dry_run_would_deny
+        .iter()
+        .any(|d| d.rule == "wiki-freeze" && d.count == 1));
+    let rp = mandate_usage::suggest::replay(&m, &m, &log).unwrap();
+    assert_eq!(
+        (rp.records, rp.reproduced, rp.allowed, rp.unreproducible, rp.mismatches),
+        (4, 3, 1, 1, 0),
+        "{rp:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

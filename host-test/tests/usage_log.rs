@@ -78,6 +78,7 @@ fn hundred_thousand_record_log_names_exactly_the_unused_grants() {
     assert!(rp.passed(), "{rp:?}");
     assert_eq!(rp.records, 100_000);
     assert_eq!(rp.allowed, u.allowed, "every allowed record was reproduced and is still allowed: {rp:?}");
+    std::fs::remove_file(&log).unwrap();
 }
 
 /// Every `policies/` example: the suggestion from its log passes the replay, still passes every
@@ -127,6 +128,8 @@ fn suggestions_pass_the_replay_and_the_case_files() {
         assert!(!results.is_empty(), "{name}");
         let failed: Vec<_> = results.iter().filter(|r| !r.passed).map(|r| format!("{}: got {}", r.name, r.got)).collect();
         assert!(failed.is_empty(), "{name}: cases fail on the suggestion: {failed:?}");
+        std::fs::remove_file(&log).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -258,6 +261,18 @@ fn token_in_a_log_line_is_counted_and_never_echoed() {
     let (code, out, err) = mandate(&["policy", "suggest", "--policy", "policies/support-agent.policy.json", "--log", path.to_str().unwrap(), "--out", tmp("token.suggested.json").to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains(&JWT[..16]) && !err.contains(&JWT[..16]));
+}
+
+#[test]
+fn terminal_escape_in_a_logged_intent_never_reaches_the_screen() {
+    let good = good_line();
+    // A refused request: the intent is listed among those claimed but never allowed.
+    let evil = good.replacen("\"intent\":\"ticket.read\"", "\"intent\":\"x\\u001b]0;pwned\\u0007\"", 1).replacen("\"effect\":\"allow\"", "\"effect\":\"deny\"", 1);
+    assert_ne!(evil, good);
+    let (u, m) = read_lines(format!("{evil}\n").as_bytes());
+    assert_eq!(u.records, 1);
+    let text = u.report(&m).to_text();
+    assert!(text.contains("x?]0;pwned?") && !text.contains('\u{1b}') && !text.contains('\u{7}'), "{text}");
 }
 
 #[test]

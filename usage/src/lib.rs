@@ -755,7 +755,8 @@ impl Report {
                 let _ = writeln!(o, "  UNUSED    delegation rule {r}");
             }
         }
-        o
+        // Names come from the log: no control character (a terminal escape) reaches the screen.
+        o.chars().map(|c| if c.is_control() && c != '\n' { '?' } else { c }).collect()
     }
 
     /// Every unused grant, as `rule × intent × resource [tool]` labels (deduplicated).

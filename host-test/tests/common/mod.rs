@@ -84,7 +84,7 @@ pub fn host(test: &str) -> Option<Host> {
 /// legacy `legacy-crm`.
 pub fn policy(intent_key: &TestKey) -> Value {
     json!({
-        "classes": [{"name": "agent", "principals": ["spiffe://example.org/agent/*"],
+        "classes": [{"name": "agent", "principals": ["spiffe://example.org/agent/*"], "owner": "support-ops",
                      "intent_required": true, "refuse_standing_secrets": true}],
         "resources": [
             {"name": "tickets", "hosts": ["tickets.internal"], "paths": ["/tickets/**"],
