@@ -35,7 +35,7 @@ def default_component_path() -> Path:
     env = os.environ.get("MANDATE_COMPONENT")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "target/wasm32-wasip2/release/mandate_component.wasm"
+    return Path(__file__).resolve().parent.parent / "target/wasm32-wasip2/component/mandate_component.wasm"
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ pub use mandate::decision::types as wit;
 
 /// Where `scripts/build-component` puts the component.
 pub fn default_component_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release/mandate_component.wasm")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/component/mandate_component.wasm")
 }
 
 /// A compiled component and its linker: instantiate as many deciders as needed.

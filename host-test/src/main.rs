@@ -79,7 +79,7 @@ struct RunArgs {
     /// the request read from the same file; prints the decision and its record.
     #[arg(long, value_enum, default_value_t = RunEngine::Plugin)]
     engine: RunEngine,
-    /// The component (default: target/wasm32-wasip2/release/mandate_component.wasm).
+    /// The component (default: target/wasm32-wasip2/component/mandate_component.wasm).
     #[arg(long)]
     component: Option<PathBuf>,
     /// Plugin configuration: a file, or inline JSON (starts with '{' or '[').

@@ -35,7 +35,7 @@ pub enum PolicyCommand {
         /// `native` (this binary's engine) or `component` (the WebAssembly component on wasmtime).
         #[arg(long, value_enum, default_value_t = Engine::Native)]
         engine: Engine,
-        /// The component (default: target/wasm32-wasip2/release/mandate_component.wasm).
+        /// The component (default: target/wasm32-wasip2/component/mandate_component.wasm).
         #[arg(long)]
         component: Option<PathBuf>,
     },

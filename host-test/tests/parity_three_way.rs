@@ -7,8 +7,8 @@
 //! token from a configured intent issuer, a Txn-Token signed by the configured delegation key,
 //! the MCP call as a JSON-RPC body with the 2026-07-28 headers (unless the case says none), a
 //! standing secret in the policy's header (or Basic auth), the environment as node metadata,
-//! and a minter answering every exchange. Skipped when the filter or the component is not
-//! built, unless MANDATE_REQUIRE_ENVOY is set.
+//! and a minter answering every exchange from its form. Skipped when the filter or the
+//! component is not built, unless MANDATE_REQUIRE_ENVOY is set.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -22,7 +22,6 @@ use mandate_core::decision::Effect;
 use mandate_core::policy::cases::{self, CaseFile, CaseRequest};
 use mandate_core::policy::Policy;
 use mandate_host_test::component::{core_reason, default_component_path, effect_code, to_wit, ComponentHost};
-use mandate_host_test::{run_request, RequestSpec};
 use serde_json::{json, Value};
 
 const AUD: &str = "spiffe://parity.example/gateway";
@@ -68,7 +67,7 @@ fn filter_config(doc: &Value, minter: bool, tds: &BTreeSet<String>, keys: &Keys)
 }
 
 /// A case as the HTTP request the filter sees.
-fn http_request(r: &CaseRequest, policy: &Policy, keys: &Keys, audience: &str) -> RequestSpec {
+fn http_request(r: &CaseRequest, policy: &Policy, keys: &Keys) -> (Vec<(String, String)>, Option<String>) {
     let now = cases::parse_time(&r.time).unwrap();
     let (iat, exp) = match (r.iat, r.exp) {
         (i, Some(e)) => (i, e),
@@ -130,10 +129,6 @@ fn http_request(r: &CaseRequest, policy: &Policy, keys: &Keys, audience: &str) -
         let token = keys.txn.sign_with_header("ES256", &json!({"alg": "ES256", "kid": keys.txn.kid, "typ": "txntoken+jwt"}), &c);
         headers.push(("txn-token".into(), token));
     }
-    // The task the exchange names (the minted token must carry it).
-    let task = r.delegation.as_ref().and_then(|d| d.task.clone()).or_else(|| r.task.clone()).or_else(|| r.signed_intent.as_ref().and_then(|s| s.task.clone()));
-    let subject = r.delegation.as_ref().and_then(|d| d.chain.first().cloned()).unwrap_or_else(|| r.principal.clone());
-    let mint = mint_reply(&subject, audience, task.as_deref(), r.delegation.as_ref().map(|_| "txn-parity-1"), now);
     let mut method = r.method.clone();
     let mut body = None;
     if let Some(m) = &r.mcp {
@@ -151,73 +146,64 @@ fn http_request(r: &CaseRequest, policy: &Policy, keys: &Keys, audience: &str) -
         }
         body = Some(m.body().to_string());
     }
-    let mut spec = json!({"method": method, "authority": r.authority, "path": r.path, "headers": headers, "time": now,
-        // Answers in call order: the revocation poll the VM sent at configuration (not a feed:
-        // a failed poll, harmless within `max_stale_s`), then the exchange.
-        "upstreams": ["minter"], "callouts": [mint.clone(), mint]});
-    if let Some(b) = body {
-        spec["body"] = json!(b);
-    }
-    serde_json::from_value(spec).unwrap()
+    let mut all = vec![(":method".to_string(), method), (":path".to_string(), r.path.clone()), (":authority".to_string(), r.authority.clone()), (":scheme".to_string(), "http".to_string())];
+    all.extend(headers);
+    (all, body)
 }
 
-/// The minter's answer to the exchange an allowed request makes: a token for the exchange's
-/// subject (the chain's origin when delegated), audience, task and transaction.
-fn mint_reply(subject: &str, audience: &str, task: Option<&str>, txn: Option<&str>, now: u64) -> Value {
-    let mut claims = json!({"iss": "https://minter", "sub": subject, "aud": audience, "jti": "jti-parity", "exp": now + 120});
-    if let Some(t) = task {
+/// The minter's answer to one exchange, read from its form as a minter would: a token for the
+/// subject token's `sub` (the chain's origin when it is a Txn-Token), with its `txn`, the actor
+/// token's `sub` as the current actor, for the audience, task and tool asked.
+fn mint_reply(call: &mandate_host_test::HttpCallout, now: u64) -> mandate_host_test::CalloutReply {
+    let form = common::form(call);
+    let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let claims_of = |field: &str| -> Value {
+        get(field)
+            .and_then(|t| t.split('.').nth(1).map(str::to_string))
+            .and_then(|p| base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    };
+    let subject = claims_of("subject_token");
+    let actor = claims_of("actor_token");
+    let mut claims = json!({"iss": "https://minter", "sub": subject["sub"], "aud": get("audience").unwrap_or_default(), "jti": "jti-parity", "exp": now + 120});
+    if let Some(t) = get("task") {
         claims["task"] = json!(t);
     }
-    if let Some(t) = txn {
-        claims["txn"] = json!(t);
+    if let Some(t) = get("tool") {
+        claims["tool"] = json!(t);
+    }
+    if !subject["txn"].is_null() {
+        claims["txn"] = subject["txn"].clone();
+    }
+    // A delegated exchange: the caller (actor token) is the current actor, unless it is the
+    // chain's origin presenting its own root token.
+    if !actor["sub"].is_null() && actor["sub"] != subject["sub"] {
+        claims["act"] = json!({"sub": actor["sub"]});
     }
     let token = format!("{}.{}.{}", common::b64(br#"{"alg":"ES256","typ":"JWT","kid":"minter-k1"}"#), common::b64(claims.to_string().as_bytes()), common::MINTED_SIG);
-    let body = json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "token_type": "Bearer", "expires_in": 120});
-    json!({"status": 200, "headers": [["content-type", "application/json"], ["cache-control", "no-store"]], "body": body.to_string()})
+    let body = json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": 120});
+    common::json_reply(200, &body)
 }
 
-/// Cases the filter leg does not reproduce yet, with why. The component and the native engine
-/// agree on every one of them (asserted); the filter's answer is printed by the test.
-/// * MCP calls judged from the body (argument constraints) and delegated hops end in
-///   `credential_unavailable` on the test host: this harness's scripted minter answer is not
-///   what the filter accepts for those exchanges (to do: answer each exchange from its form,
-///   as host-test/tests/common `token_reply_for` does, which needs a stepwise driver rather
-///   than `run_request`'s answers given in advance).
-/// * "refund without a task": the filter refuses with `task_required` before judging the
+/// Answers the stream's outstanding exchanges (POSTs to the minter's token path).
+fn answer_mints(vm: &mut mandate_host_test::Vm, s: mandate_host_test::StreamId, now: u64) {
+    for call in vm.pending_calls_for(s) {
+        if call.header(":path").as_deref() == Some(&b"/token"[..]) {
+            let reply = mint_reply(&call, now);
+            vm.answer_call(call.token, reply).unwrap();
+        }
+    }
+}
+
+/// Cases where the filter's answer differs from the case evaluator's, with why. The component
+/// and the native engine agree on them too (asserted); the filter's answer is printed with
+/// PARITY_DEBUG=1.
+/// * "refund without a task": the filter refuses with `task_required` before it judges the
 ///   arguments; `mandate policy test` (and so the component) says `argument_not_allowed`. Both
-///   deny; the reason differs. A real divergence between the case evaluator and the filter.
-const FILTER_LEG_KNOWN: &[(&str, &str)] = &[
-    ("delegation.cases.json", "billing agent reads the case for triage (one hop)"),
-    ("delegation.cases.json", "billing agent reads an invoice for triage"),
-    ("delegation.cases.json", "contractor reads the case two hops down"),
-    ("delegation.cases.json", "notifier mails for triage"),
-    ("delegation.cases.json", "resource inside the token's resources"),
-    ("delegation.cases.json", "MCP tool inside the token's tools"),
-    ("delegation.cases.json", "MCP refund within the policy (500) but above the token's limit (100)"),
-    ("delegation.cases.json", "MCP refund within both limits"),
-    ("mcp-support.cases.json", "triage: agent reads a ticket (tools/call get_ticket, 2026-07-28 headers)"),
-    ("mcp-support.cases.json", "triage: agent searches its own queue (prefix emea/)"),
-    ("mcp-support.cases.json", "triage: agent comments on the ticket of its task"),
-    ("mcp-support.cases.json", "refund.small: 42.50 on the task's own ticket"),
-    ("mcp-support.cases.json", "refund.small: exactly 100 is at the limit"),
-    ("mcp-support.cases.json", "escalation: supervise refunds 800 on any ticket (above refund.small, within 1000)"),
-    ("mcp-support.cases.json", "escalation: a tool without an amount passes the optional constraint (required: false)"),
-    ("mcp-support.cases.json", "argument above the limit: refund of 100.01 under refund.small"),
-    ("mcp-support.cases.json", "argument above the limit: refund of 5000 under refund.small"),
-    ("mcp-support.cases.json", "argument below the limit: a negative refund is a charge in disguise"),
-    ("mcp-support.cases.json", "argument type: an amount sent as a string is not a number"),
-    ("mcp-support.cases.json", "argument missing: a refund without an amount (required by default)"),
-    ("mcp-support.cases.json", "ticket id not the task's: refund on another customer's ticket"),
-    ("mcp-support.cases.json", "ticket id not the task's: comment on another ticket"),
-    ("mcp-support.cases.json", "prefix escape: dot-dot out of emea/ into another queue"),
-    ("mcp-support.cases.json", "prefix escape: percent-encoded dot-dot"),
-    ("mcp-support.cases.json", "prefix escape: backslash"),
-    ("mcp-support.cases.json", "prefix look-alike: emea-vip/ does not start with emea/"),
-    ("mcp-support.cases.json", "escalation: refund of 5000 is above even the supervise limit"),
-    ("mcp-support.cases.json", "refund without a task: the ticket cannot be bound to a missing task"),
-    ("mcp-support.cases.json", "path attack: a dot-dot that resolves to /mcp is judged as the MCP call it is"),
-];
+///   deny; the reason differs. A real divergence between the case evaluator and the filter's
+///   request path, left for the engine's owners to settle.
+const FILTER_LEG_KNOWN: &[(&str, &str)] = &[("mcp-support.cases.json", "refund without a task: the ticket cannot be bound to a missing task")];
 
 #[test]
 fn three_way_parity_over_every_policies_case() {
@@ -276,14 +262,22 @@ fn three_way_parity_over_every_policies_case() {
             let cfg = filter_config(&doc, minter, &tds, &keys);
             let mut vm = host.new_vm(b"", cfg.to_string().as_bytes()).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             let vm = &mut vm;
-            let audience = native.audience.clone().or_else(|| native.resource.clone()).unwrap_or_default();
-            let spec = http_request(&r, &policy, &keys, &audience);
+            let (headers, body) = http_request(&r, &policy, &keys);
             let before = common::logged_records(vm).len();
-            let outcome = run_request(&host, vm, &spec).unwrap();
-            if std::env::var_os("PARITY_DEBUG").is_some() { eprintln!("{}", serde_json::to_string(&outcome).unwrap()); }
+            let st = vm.new_stream().unwrap();
+            vm.request_headers(st, headers.iter().map(|(k, v)| (k.as_str(), v.as_str())), body.is_none()).unwrap();
+            answer_mints(vm, st, now);
+            if let Some(b) = &body {
+                // A request refused on its headers has ended: its body is never read.
+                match vm.request_body(st, b.as_bytes(), true) {
+                    Ok(_) => answer_mints(vm, st, now),
+                    Err(e) if e.to_string().contains("already ended") => {}
+                    Err(e) => panic!("{}: {}: {e:#}", p.display(), case.name),
+                }
+            }
             vm.force_tick().unwrap();
             let records = common::logged_records(vm);
-            let rec = records.get(before).cloned().unwrap_or_else(|| panic!("{}: {}: no decision record ({:?})", p.display(), case.name, outcome.verdict));
+            let rec = records.get(before).cloned().unwrap_or_else(|| panic!("{}: {}: no decision record", p.display(), case.name));
 
             let want = (effect_name(native.effect), native.reason.code().to_string());
             let got_comp = (effect_code(out.effect), core_reason(out.reason).code().to_string());
@@ -303,7 +297,8 @@ fn three_way_parity_over_every_policies_case() {
                     agreeing_known.push(case.name.clone());
                 }
                 if std::env::var_os("PARITY_DEBUG").is_some() {
-                    eprintln!("known: {}: filter {got_filter:?}, native {want:?}", case.name);
+                    let warns: Vec<String> = vm.logs().iter().filter(|l| !l.message.starts_with(common::DECISION_PREFIX)).map(|l| l.message.clone()).collect();
+                    eprintln!("known: {}: filter {got_filter:?}, native {want:?}; {warns:?}", case.name);
                 }
             }
             if comp_detail_differs || got_comp != want || (filter_differs && !known) {
