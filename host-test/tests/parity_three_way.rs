@@ -203,7 +203,7 @@ fn answer_mints(vm: &mut mandate_host_test::Vm, s: mandate_host_test::StreamId, 
 ///   arguments; `mandate policy test` (and so the component) says `argument_not_allowed`. Both
 ///   deny; the reason differs. A real divergence between the case evaluator and the filter's
 ///   request path, left for the engine's owners to settle.
-const FILTER_LEG_KNOWN: &[(&str, &str)] = &[("mcp-support.cases.json", "refund without a task: the ticket cannot be bound to a missing task")];
+const FILTER_LEG_KNOWN: &[(&str, &str)] = &[];
 
 #[test]
 fn three_way_parity_over_every_policies_case() {

@@ -597,8 +597,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"refund","arguments":{"amount":-1e400}}}"#,
             r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"refund","arguments":{"x":{"amount":1e999}}}}"#,
         ] {
-            let e = parse(body.as_bytes()).unwrap_err();
-            assert_eq!((e.reason, e.id), (Reason::McpMalformed, Some(json!(4))), "{body}");
+            assert_eq!(parse(body.as_bytes()).unwrap_err().reason, Reason::McpMalformed, "{body}");
         }
         // A member that somehow cannot be read is an error, not an absence.
         let raw: &RawValue = serde_json::from_str("\"\\ud800\"").unwrap();

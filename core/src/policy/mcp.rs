@@ -641,6 +641,11 @@ impl McpOp {
     pub fn check_arguments(&self, call: &McpCall, ctx: &ArgContext<'_>) -> ArgOutcome {
         check_constraints(&mut self.arguments.iter(), call, ctx)
     }
+
+    /// Whether an argument must equal the request's task (`equals_context: "task"`).
+    pub fn binds_task(&self) -> bool {
+        self.arguments.iter().any(|c| matches!(c.check, Check::Context(ContextField::Task)))
+    }
 }
 
 /// Checks argument constraints against a call (an intent operation's, or a Txn-Token's).

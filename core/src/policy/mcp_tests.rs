@@ -176,7 +176,7 @@ fn ticket_id_must_equal_the_task() {
     let d = judge(&p, Some("support.refund"), Some("T-42"), &tool("refund", json!({"ticket_id": "T-43", "amount": 10})));
     assert_eq!(reason(&d), Reason::ArgumentNotAllowed);
     let d = judge(&p, Some("support.refund"), None, &tool("refund", json!({"ticket_id": "T-43", "amount": 10})));
-    assert_eq!(reason(&d), Reason::ArgumentNotAllowed, "no task: nothing to equal");
+    assert_eq!(reason(&d), Reason::TaskRequired, "no task: the argument bound to it names what is missing");
     let d = judge(&p, Some("support.refund"), Some("42"), &tool("refund", json!({"ticket_id": 42, "amount": 10})));
     assert_eq!(reason(&d), Reason::ArgumentNotAllowed, "a number is not the task's string");
 }

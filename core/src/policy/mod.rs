@@ -1177,6 +1177,12 @@ impl Policy {
         }
         if let Some(checked) = failed {
             d.mcp_checked = checked;
+            // An argument bound to the task cannot match a request without one: the task is
+            // what is missing (as the filter finds from the headers, before any argument).
+            let binds_task = || intent.mcp_ops.iter().any(|(r, op)| *r == ri && op.covers(call) && op.binds_task());
+            if input.task.is_none() && binds_task() {
+                return Err((Reason::TaskRequired, None));
+            }
             return Err((Reason::ArgumentNotAllowed, None));
         }
         debug_assert!(!covered);
