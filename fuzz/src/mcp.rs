@@ -37,7 +37,7 @@ pub fn mcp_jsonrpc(data: &[u8]) {
                 assert_eq!(whole, m.arguments_map().as_ref(), "arguments are not the body's");
                 // Read in place, each member is what a full parse finds.
                 for (k, want) in whole.into_iter().flatten() {
-                    assert_eq!(pointer(args, &[k.clone()]), Ok(Some(want.clone())), "pointer /{k} is not the body's");
+                    assert_eq!(pointer(args, std::slice::from_ref(k)), Ok(Some(want.clone())), "pointer /{k} is not the body's");
                 }
             }
             if let Some(n) = &m.name {

@@ -446,12 +446,16 @@ pub fn parse(body: &[u8]) -> Result<Message<'_>, ParseError> {
 
 /// The value a JSON pointer's tokens name inside the arguments: the top-level member is
 /// found in place, and only it is built.
+/// An argument that is present but cannot be read as a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
 /// `Err`: the member is there but cannot be read as a value. Never the case for arguments
 /// [`parse`] accepted; a caller treats it as a failed check, never as an absent argument.
-pub fn pointer(args: &RawArgs<'_>, tokens: &[String]) -> Result<Option<Value>, ()> {
+pub fn pointer(args: &RawArgs<'_>, tokens: &[String]) -> Result<Option<Value>, Unreadable> {
     let Some((first, rest)) = tokens.split_first() else { return Ok(None) };
     let Some(raw) = args.get(first) else { return Ok(None) };
-    let member: Value = serde_json::from_slice(raw.get().as_bytes()).map_err(|_| ())?;
+    let member: Value = serde_json::from_slice(raw.get().as_bytes()).map_err(|_| Unreadable)?;
     if rest.is_empty() {
         return Ok(Some(member));
     }
@@ -602,7 +606,7 @@ mod tests {
         // A member that somehow cannot be read is an error, not an absence.
         let raw: &RawValue = serde_json::from_str("\"\\ud800\"").unwrap();
         let args = RawArgs { members: vec![(Cow::Borrowed("amount"), raw)] };
-        assert_eq!(pointer(&args, &["amount".into()]), Err(()));
+        assert_eq!(pointer(&args, &["amount".into()]), Err(Unreadable));
         assert_eq!(pointer(&args, &["other".into()]), Ok(None));
     }
 

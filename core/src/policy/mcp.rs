@@ -866,7 +866,7 @@ fn check_one(c: &ArgConstraint, call: &McpCall, ctx: &ArgContext<'_>) -> One {
         // Present but unreadable (never for a body the parser accepted): a failed check.
         McpArgs::Raw(r) => match crate::mcp::jsonrpc::pointer(r, &c.tokens) {
             Ok(v) => v,
-            Err(()) => return One::Fail(None),
+            Err(crate::mcp::jsonrpc::Unreadable) => return One::Fail(None),
         },
         McpArgs::Headers(h) => {
             // Only a top-level argument can come from a header; its value is text.
