@@ -100,6 +100,74 @@ pub enum Reason {
     RevocationsStale,
 }
 
+/// Calls `$m!` with every [`Reason`] variant, in declaration order: for the faces that mirror
+/// the enum (the component's WIT `reason`), so that a mapping names every variant once, here.
+#[macro_export]
+macro_rules! with_reason_variants {
+    ($m:ident) => {
+        $m!(
+            Allowed,
+            TokenMissing,
+            TokenMalformed,
+            AlgNotAllowed,
+            TypNotAllowed,
+            CritNotAllowed,
+            KidMissing,
+            KidUnknown,
+            SignatureInvalid,
+            TokenExpired,
+            TokenNotYetValid,
+            IssuedInFuture,
+            AudienceMismatch,
+            AudienceMissing,
+            ExpMissing,
+            SubjectMissing,
+            SpiffeIdInvalid,
+            TrustDomainUnknown,
+            IssuerUnknown,
+            BundleUnavailable,
+            IntentMalformed,
+            TaskMalformed,
+            PathAmbiguous,
+            AuthorityInvalid,
+            MethodInvalid,
+            IntentRequired,
+            TaskRequired,
+            UnclassifiedPrincipal,
+            IntentUnknown,
+            IntentMismatch,
+            IntentTokenRequired,
+            IntentTokenInvalid,
+            SensitivityExceeded,
+            TokenLifetimeExceeded,
+            StandingSecretPresented,
+            DeniedByRule,
+            NoRuleMatched,
+            TaskRevoked,
+            SubjectRevoked,
+            TaskUnregistered,
+            NoResourceMatched,
+            TaskExpired,
+            ToolNotAllowed,
+            ArgumentNotAllowed,
+            McpMalformed,
+            McpBatchRefused,
+            McpHeaderMismatch,
+            McpBodyTooLarge,
+            DelegationTokenInvalid,
+            DelegationNotAllowed,
+            DelegationChainTooDeep,
+            DelegationActorMismatch,
+            DelegationScopeExceeded,
+            DelegationLoop,
+            CredentialUnavailable,
+            NotConfigured,
+            InternalError,
+            RevocationsStale,
+        )
+    };
+}
+
 /// The broad family a reason belongs to; used for the HTTP status and metric grouping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

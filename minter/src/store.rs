@@ -319,20 +319,7 @@ impl View {
 
     pub(crate) fn add(&mut self, r: Revocation) {
         self.count += 1;
-        match (r.kind, &r.subject) {
-            (Kind::Task, Some(sub)) => {
-                self.task_subjects.entry(r.value.clone()).or_default().insert(sub.clone());
-            }
-            (Kind::Task, None) => {
-                self.tasks.insert(r.value.clone());
-            }
-            (Kind::Jti, _) => {
-                self.jtis.insert(r.value.clone());
-            }
-            (Kind::Subject, _) => {
-                self.subjects.insert(r.value.clone());
-            }
-        }
+        self.block(&r);
         if r.publishable() {
             self.feed.push(r);
         }
