@@ -168,6 +168,20 @@ macro_rules! with_reason_variants {
     };
 }
 
+/// Compile-time check that [`with_reason_variants!`] names every variant: a variant added to
+/// the enum but not to the list makes this match non-exhaustive.
+#[allow(dead_code)]
+fn every_variant_is_listed(r: Reason) {
+    macro_rules! exhaustive {
+        ($($v:ident),* $(,)?) => {
+            match r {
+                $(Reason::$v => {})*
+            }
+        };
+    }
+    with_reason_variants!(exhaustive)
+}
+
 /// The broad family a reason belongs to; used for the HTTP status and metric grouping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -180,66 +194,15 @@ pub enum Family {
 }
 
 impl Reason {
-    pub const ALL: &'static [Reason] = &[
-        Reason::Allowed,
-        Reason::TokenMissing,
-        Reason::TokenMalformed,
-        Reason::AlgNotAllowed,
-        Reason::TypNotAllowed,
-        Reason::CritNotAllowed,
-        Reason::KidMissing,
-        Reason::KidUnknown,
-        Reason::SignatureInvalid,
-        Reason::TokenExpired,
-        Reason::TokenNotYetValid,
-        Reason::IssuedInFuture,
-        Reason::AudienceMismatch,
-        Reason::AudienceMissing,
-        Reason::ExpMissing,
-        Reason::SubjectMissing,
-        Reason::SpiffeIdInvalid,
-        Reason::TrustDomainUnknown,
-        Reason::IssuerUnknown,
-        Reason::BundleUnavailable,
-        Reason::IntentMalformed,
-        Reason::TaskMalformed,
-        Reason::PathAmbiguous,
-        Reason::AuthorityInvalid,
-        Reason::MethodInvalid,
-        Reason::IntentRequired,
-        Reason::TaskRequired,
-        Reason::UnclassifiedPrincipal,
-        Reason::IntentUnknown,
-        Reason::IntentMismatch,
-        Reason::IntentTokenRequired,
-        Reason::IntentTokenInvalid,
-        Reason::SensitivityExceeded,
-        Reason::TokenLifetimeExceeded,
-        Reason::StandingSecretPresented,
-        Reason::DeniedByRule,
-        Reason::NoRuleMatched,
-        Reason::TaskRevoked,
-        Reason::SubjectRevoked,
-        Reason::TaskUnregistered,
-        Reason::NoResourceMatched,
-        Reason::TaskExpired,
-        Reason::ToolNotAllowed,
-        Reason::ArgumentNotAllowed,
-        Reason::McpMalformed,
-        Reason::McpBatchRefused,
-        Reason::McpHeaderMismatch,
-        Reason::McpBodyTooLarge,
-        Reason::DelegationTokenInvalid,
-        Reason::DelegationNotAllowed,
-        Reason::DelegationChainTooDeep,
-        Reason::DelegationActorMismatch,
-        Reason::DelegationScopeExceeded,
-        Reason::DelegationLoop,
-        Reason::CredentialUnavailable,
-        Reason::NotConfigured,
-        Reason::InternalError,
-        Reason::RevocationsStale,
-    ];
+    /// Every reason, in declaration order (the one list: [`with_reason_variants!`]).
+    pub const ALL: &'static [Reason] = {
+        macro_rules! all {
+            ($($v:ident),* $(,)?) => {
+                &[$(Reason::$v),*]
+            };
+        }
+        crate::with_reason_variants!(all)
+    };
 
     /// Stable snake_case code, identical to the serde form.
     pub fn code(self) -> &'static str {

@@ -225,7 +225,15 @@ pub fn parse_time(s: &str) -> Option<u64> {
     }
     let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<i64>().ok());
     let (y, m, d, hh, mm, ss) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    // A day the month does not have (`02-30`) is refused, never rolled into the next month.
+    if !(1..=12).contains(&m) || !(1..=month_days).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
         return None;
     }
     // Days from civil (proleptic Gregorian), after Howard Hinnant's algorithm.
@@ -478,6 +486,12 @@ mod tests {
     #[test]
     fn parses_rfc3339_utc() {
         assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
+        // Days a month does not have are refused, not rolled over.
+        assert_eq!(parse_time("2027-02-29T00:00:00Z"), None);
+        assert_eq!(parse_time("2027-04-31T00:00:00Z"), None);
+        assert_eq!(parse_time("1900-02-29T00:00:00Z"), None, "1900 was not a leap year");
+        assert!(parse_time("2028-02-29T00:00:00Z").is_some());
+        assert!(parse_time("2000-02-29T00:00:00Z").is_some());
         assert_eq!(parse_time("2026-11-25T00:00:00Z"), Some(1_795_564_800));
         assert_eq!(parse_time("2000-02-29T12:30:15Z"), Some(951_827_415));
         assert_eq!(parse_time("2026-11-25T00:00:00+01:00"), None);

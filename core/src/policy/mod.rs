@@ -593,25 +593,12 @@ fn owner_ok(field: &str, o: &Option<String>) -> Result<Option<String>, ConfigErr
     }
 }
 
-/// A review date `YYYY-MM-DD`, checked for shape here (the filter never reads it; lint does).
+/// A review date `YYYY-MM-DD` (UTC), a day the calendar has; the filter never reads it, lint does.
 fn review_date(field: &str, d: &Option<String>) -> Result<Option<String>, ConfigError> {
     match d {
         None => Ok(None),
-        Some(v) => {
-            let b = v.as_bytes();
-            let num = |r: std::ops::Range<usize>| b.get(r).filter(|x| x.iter().all(u8::is_ascii_digit)).map(|x| x.iter().fold(0u32, |a, d| a * 10 + u32::from(d - b'0')));
-            let ok = b.len() == 10
-                && b.get(4) == Some(&b'-')
-                && b.get(7) == Some(&b'-')
-                && num(0..4).is_some()
-                && num(5..7).is_some_and(|m| (1..=12).contains(&m))
-                && num(8..10).is_some_and(|d| (1..=31).contains(&d));
-            if ok {
-                Ok(Some(v.clone()))
-            } else {
-                Err(ConfigError::new(field, format!("`{v}` is not a date YYYY-MM-DD")))
-            }
-        }
+        Some(v) if v.len() == 10 && cases::parse_time(&format!("{v}T00:00:00Z")).is_some() => Ok(Some(v.clone())),
+        Some(v) => Err(ConfigError::new(field, format!("`{v}` is not a date YYYY-MM-DD"))),
     }
 }
 
