@@ -10,7 +10,7 @@ mod face {
 
     use mandate_core::decide::{self, Decider};
     use mandate_core::decision::Effect as CoreEffect;
-    use mandate_core::policy::cases::{CaseDelegation, CaseMcp};
+    use mandate_core::policy::cases::CaseDelegation;
     use mandate_core::reason::Reason as CoreReason;
 
     wit_bindgen::generate!({ world: "decider", path: "../wit" });
@@ -94,9 +94,10 @@ mod face {
         }
     }
 
-    /// JSON members (tool arguments, `tctx.arguments`) must be strict JSON, as the filter reads a
-    /// body (no duplicate key, escaped spellings included; bounded depth), or the request is
-    /// malformed: a lenient parse would merge `{"amount":1,"amount":5000}` where the filter refuses.
+    /// `tctx.arguments` must be strict JSON, as the filter reads a body (no duplicate key, escaped
+    /// spellings included; bounded depth), or the request is malformed: a lenient parse would
+    /// merge `{"amount":1,"amount":5000}` where the filter refuses. (Tool arguments go to the
+    /// core as text, whose body parser is as strict.)
     fn json(v: Option<String>, bad: CoreReason) -> Result<Option<serde_json::Value>, CoreReason> {
         v.map(|s| {
             mandate_core::mcp::jsonrpc::check_strict(&s).map_err(|_| bad)?;
@@ -106,17 +107,8 @@ mod face {
     }
 
     fn to_core(r: Request) -> Result<decide::DecideRequest, CoreReason> {
-        let mcp = match r.mcp {
-            None => None,
-            Some(McpCall { method, name, uri, arguments }) => Some(CaseMcp {
-                method,
-                name,
-                uri,
-                arguments: json(arguments, CoreReason::McpMalformed)?,
-                id: None,
-                headers: None,
-            }),
-        };
+        // The arguments stay text: the core reads them with the filter's strict body parser.
+        let mcp = r.mcp.map(|McpCall { method, name, uri, arguments }| decide::McpRequest { method, name, uri, arguments });
         let delegation = match r.delegation {
             None => None,
             Some(Delegation { chain, intent, task, scope, resources, tools, arguments, may_act }) => Some(CaseDelegation {

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{self, Config, ConfigError};
 use crate::decision::{DecisionIds, Effect};
-use crate::engine::Decision;
+use crate::engine::{Decision, McpInfo};
 use crate::identity::{Identity, IdentityKind, Verifier};
 use crate::policy::cases::{self, CaseDelegation, CaseMcp, CaseRequest, CaseSignedIntent};
 use crate::policy::intent::IntentVerifier;
@@ -60,6 +60,32 @@ pub enum IntentProof {
     Token(String),
 }
 
+/// An MCP JSON-RPC call, described. The core writes its message and reads it with the filter's
+/// own body parser, so a described call is judged exactly as the same call in a body would be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct McpRequest {
+    /// `tools/call`, `tools/list`, `resources/read`, `prompts/get`, ...
+    pub method: String,
+    /// The tool (tools/call) or prompt (prompts/get).
+    pub name: Option<String>,
+    pub uri: Option<String>,
+    /// The tool's arguments as JSON text (an object), read as strictly as a body: a duplicate
+    /// key, deep nesting or anything after the value makes the call malformed.
+    pub arguments: Option<String>,
+}
+
+impl McpRequest {
+    /// A case's call (its JSON-RPC `id` and header switch change no decision).
+    pub fn from_case(c: &CaseMcp) -> McpRequest {
+        McpRequest { method: c.method.clone(), name: c.name.clone(), uri: c.uri.clone(), arguments: c.arguments.as_ref().map(|a| a.to_string()) }
+    }
+
+    /// The JSON-RPC request text (`None`: the arguments are not one JSON value).
+    pub fn message(&self) -> Option<String> {
+        cases::mcp_message(&self.method, self.name.as_deref(), self.uri.as_deref(), self.arguments.as_deref())
+    }
+}
+
 /// One request, described.
 #[derive(Debug, Clone)]
 pub struct DecideRequest {
@@ -71,7 +97,7 @@ pub struct DecideRequest {
     pub authority: String,
     pub path: String,
     /// An MCP call (the request is then a POST carrying it).
-    pub mcp: Option<CaseMcp>,
+    pub mcp: Option<McpRequest>,
     /// A delegated request: the Txn-Token the host verified, described.
     pub delegation: Option<CaseDelegation>,
     /// Unix seconds: the component has no clock of its own.
@@ -108,7 +134,7 @@ impl DecideRequest {
             method: r.method.clone(),
             authority: r.authority.clone(),
             path: r.path.clone(),
-            mcp: r.mcp.clone(),
+            mcp: r.mcp.as_ref().map(McpRequest::from_case),
             delegation: r.delegation.clone(),
             now,
             environment: r.environment.clone(),
@@ -242,17 +268,27 @@ impl Decider {
             environment: req.environment.clone(),
             standing_secret: req.standing_secret,
             minter: Some(self.config.minter.is_some()),
-            mcp: req.mcp.clone(),
+            // Given to the parser as text below, not as a case's call.
+            mcp: None,
             delegation: req.delegation.clone(),
         };
+        let message = match req.mcp.as_ref().map(McpRequest::message) {
+            None => None,
+            Some(Some(m)) => Some(m),
+            Some(None) => return Err(Reason::McpMalformed),
+        };
         let mut signed = None;
-        let judged = cases::with_input(policy, &case, &mut signed, |input, txn| {
+        let judged = cases::with_input_message(policy, &case, message.as_deref(), &mut signed, |input, txn| {
             d.intent = input.intent.map(Rc::from);
             d.task = input.task.map(Rc::from);
             d.intent_signed = input.signed_intent.is_some_and(|s| !s.from_txn_token);
             d.method = Some(Rc::from(input.method));
             d.authority = Some(Rc::from(input.authority));
             d.path = Some(Rc::from(input.path));
+            // The described call was read by the body parser: the record says so, as the filter's.
+            d.mcp = input.mcp.map(|c| {
+                Rc::new(McpInfo { method: Some(c.method.clone()), tool: c.tool().map(str::to_string), path: Some("body"), jsonrpc: true, ..McpInfo::default() })
+            });
             let pd = policy.evaluate(input);
             match txn {
                 Some(t) => cases::apply_delegation(policy, t, input, pd).0,

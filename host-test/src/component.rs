@@ -37,6 +37,9 @@ impl ComponentHost {
         config.wasm_component_model(true);
         // No collector is compiled in (the workspace's wasmtime features); the component needs none.
         config.gc_support(false);
+        if std::env::var_os("MANDATE_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let component = Component::from_file(&engine, path)
             .map_err(anyhow::Error::from)
@@ -108,8 +111,7 @@ pub fn to_wit(r: &DecideRequest) -> wit::Request {
         method: r.method.clone(),
         authority: r.authority.clone(),
         path: r.path.clone(),
-        // The WIT call has no JSON-RPC id nor header switch: neither changes a decision.
-        mcp: r.mcp.as_ref().map(|m| wit::McpCall { method: m.method.clone(), name: m.name.clone(), uri: m.uri.clone(), arguments: json(&m.arguments) }),
+        mcp: r.mcp.as_ref().map(|m| wit::McpCall { method: m.method.clone(), name: m.name.clone(), uri: m.uri.clone(), arguments: m.arguments.clone() }),
         delegation: r.delegation.as_ref().map(|d| wit::Delegation {
             chain: d.chain.clone(),
             intent: d.intent.clone(),
@@ -155,7 +157,6 @@ pub fn core_reason(r: wit::Reason) -> CoreReason {
 /// verified token described, not raw.
 pub fn request_from_http(spec: &crate::RequestSpec, config: &mandate_core::config::Config) -> Result<DecideRequest, String> {
     use mandate_core::headers::Headers;
-    use mandate_core::policy::cases::CaseMcp;
     use mandate_core::policy::intent::{INTENT_HEADER, INTENT_TOKEN_HEADER, TASK_HEADER};
     let headers = Headers::new(spec.headers.to_headers());
     let text = |name: &str| -> Result<Option<String>, String> {
@@ -179,13 +180,11 @@ pub fn request_from_http(spec: &crate::RequestSpec, config: &mandate_core::confi
             mandate_core::mcp::jsonrpc::parse(b).map_err(|e| e.reason.code().to_string())?;
             let v: serde_json::Value = serde_json::from_slice(b).map_err(|e| e.to_string())?;
             let s = |k: &str| v.pointer(k).and_then(|x| x.as_str()).map(str::to_string);
-            Some(CaseMcp {
+            Some(mandate_core::decide::McpRequest {
                 method: s("/method").unwrap_or_default(),
                 name: s("/params/name"),
                 uri: s("/params/uri"),
-                arguments: v.pointer("/params/arguments").cloned(),
-                id: None,
-                headers: None,
+                arguments: v.pointer("/params/arguments").map(|a| a.to_string()),
             })
         }
     };

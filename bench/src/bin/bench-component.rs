@@ -15,8 +15,8 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mandate_core::decide::{Caller, CallerIdentity, DecideRequest, Decider};
-use mandate_core::policy::cases::{case_config, CaseMcp};
+use mandate_core::decide::{Caller, CallerIdentity, DecideRequest, Decider, McpRequest};
+use mandate_core::policy::cases::case_config;
 use mandate_core::testkit::{spiffe_bundle, svid_claims, TestKey};
 use mandate_host_test::component::{default_component_path, to_wit, ComponentHost};
 use serde_json::{json, Value};
@@ -70,13 +70,11 @@ fn request(caller: Caller, tool: &str, amount: f64) -> DecideRequest {
         method: "POST".into(),
         authority: "mcp.acme.internal".into(),
         path: "/mcp".into(),
-        mcp: Some(CaseMcp {
+        mcp: Some(McpRequest {
             method: "tools/call".into(),
             name: Some(tool.into()),
             uri: None,
-            arguments: Some(json!({"ticket_id": TASK, "amount": amount})),
-            id: None,
-            headers: None,
+            arguments: Some(json!({"ticket_id": TASK, "amount": amount}).to_string()),
         }),
         delegation: None,
         now: NOW,

@@ -154,3 +154,105 @@ fn every_policies_case_decides_as_policy_test() {
     }
     assert!(n > 50, "only {n} cases found");
 }
+
+/// The MCP support policy (policies/), a verified agent working task `TASK`, and a refund call.
+mod mcp {
+    use super::*;
+
+    const TASK: &str = "tsk_7Qm2xL9pV4cR8nB1sK3wJd";
+
+    fn support() -> Decider {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/mcp-support.policy.json");
+        let doc: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        decider(&cases::case_config(&doc, true))
+    }
+
+    fn call(name: &str, arguments: &str) -> DecideRequest {
+        let agent = CallerIdentity { principal: "spiffe://acme.example/agent/support/a1".into(), trust_domain: None, issued_at: Some(NOW - 10), expires_at: NOW + 290, token_hash: String::new() };
+        DecideRequest {
+            intent: Some("refund.small".into()),
+            task: Some(TASK.into()),
+            method: "POST".into(),
+            authority: "mcp.acme.internal".into(),
+            path: "/mcp".into(),
+            mcp: Some(McpRequest { method: "tools/call".into(), name: Some(name.into()), uri: None, arguments: Some(arguments.into()) }),
+            ..request(Caller::Verified(agent))
+        }
+    }
+
+    fn refund(amount: &str) -> String {
+        format!(r#"{{"ticket_id":"{TASK}","amount":{amount}}}"#)
+    }
+
+    #[test]
+    fn a_refund_within_the_limit_is_allowed_and_above_it_refused() {
+        let mut d = support();
+        let ok = d.decide(&call("refund", &refund("42.5")));
+        assert_eq!((ok.effect, ok.reason), (Effect::Allow, Reason::Allowed), "{ok:?}");
+        assert_eq!(d.decide(&call("refund", &refund("5000"))).reason, Reason::ArgumentNotAllowed);
+        // The record names the call and the constraints tested, as the filter's body path does.
+        let rec: Value = serde_json::from_str(&ok.record).unwrap();
+        assert_eq!((&rec["mcp"]["method"], &rec["mcp"]["tool"], &rec["mcp"]["path"]), (&json!("tools/call"), &json!("refund"), &json!("body")), "{rec}");
+        let pointers: Vec<&Value> = rec["mcp"]["checked"].as_array().unwrap().iter().map(|c| &c["pointer"]).collect();
+        assert_eq!(pointers, [&json!("/amount"), &json!("/ticket_id")], "{rec}");
+    }
+
+    #[test]
+    fn arguments_that_close_the_object_cannot_rewrite_the_message() {
+        // Text spliced after the arguments would add members to `params` (another tool) or to
+        // the envelope (another method): the text must be one JSON value, or the call is malformed.
+        let mut d = support();
+        for trick in [
+            format!(r#"{}, "name": "delete_customer""#, refund("1")),
+            format!(r#"{}}}, "method": "tools/list", "x": {{"#, refund("1")),
+            format!(r#"{} {{"amount": 5000}}"#, refund("1")),
+            format!("{}]", refund("1")),
+            String::new(),
+        ] {
+            assert_eq!(cases::mcp_message("tools/call", Some("refund"), None, Some(&trick)), None, "{trick}");
+            let out = d.decide(&call("refund", &trick));
+            assert_eq!((out.effect, out.reason), (Effect::Deny, Reason::McpMalformed), "{trick}");
+        }
+    }
+
+    #[test]
+    fn duplicate_argument_keys_are_malformed_not_merged() {
+        // A lenient reader keeps the last `amount` (or the first): the filter refuses both ways.
+        let mut d = support();
+        for dup in [
+            format!(r#"{{"ticket_id":"{TASK}","amount":1,"amount":5000}}"#),
+            format!(r#"{{"ticket_id":"{TASK}","amount":1,"\u0061mount":5000}}"#),
+            format!(r#"{{"ticket_id":"{TASK}","amount":1,"meta":{{"a":1,"a":2}}}}"#),
+        ] {
+            assert_eq!(d.decide(&call("refund", &dup)).reason, Reason::McpMalformed, "{dup}");
+        }
+    }
+
+    #[test]
+    fn arguments_that_are_not_an_object_are_malformed() {
+        let mut d = support();
+        for bad in ["[1,2]", "\"amount\"", "42", "null", "{\"amount\":1e400}", &"[".repeat(200)] {
+            assert_eq!(d.decide(&call("refund", bad)).reason, Reason::McpMalformed, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tool_name_with_quotes_is_escaped_not_spliced() {
+        // `refund","name":"get_ticket` is one (odd) tool name, never a second `name` member.
+        let mut d = support();
+        let out = d.decide(&call(r#"get_ticket","name":"refund"#, &refund("1")));
+        assert_eq!(out.effect, Effect::Deny, "{out:?}");
+        let m = cases::mcp_message("tools/call", Some(r#"a","name":"b"#), Some("x\"y"), None).unwrap();
+        let v: Value = serde_json::from_str(&m).unwrap();
+        assert_eq!(v["params"]["name"], json!(r#"a","name":"b"#));
+        assert_eq!(v["params"]["uri"], json!("x\"y"));
+    }
+
+    #[test]
+    fn a_notification_has_no_id_and_a_call_without_params_none() {
+        let n: Value = serde_json::from_str(&cases::mcp_message("notifications/initialized", None, None, None).unwrap()).unwrap();
+        assert_eq!(n, json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        let l: Value = serde_json::from_str(&cases::mcp_message("tools/list", None, None, Some(" {} ")).unwrap()).unwrap();
+        assert_eq!(l, json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"arguments": {}}}));
+    }
+}

@@ -48,12 +48,6 @@ impl<'b> Message<'b> {
         }
     }
 
-    /// The call with its arguments parsed into an object of its own (case files, tools).
-    pub fn into_owned_call(self) -> McpCall<'static> {
-        let arguments = self.arguments_map().map_or(McpArgs::None, McpArgs::Body);
-        McpCall { method: self.method, name: self.name, uri: self.uri, arguments, source: McpSource::Body }
-    }
-
     /// The arguments as a JSON object (tests, tools): built on demand, never on the request path.
     pub fn arguments_map(&self) -> Option<Map<String, Value>> {
         let args = self.arguments.as_ref()?;

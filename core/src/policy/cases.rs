@@ -4,7 +4,6 @@
 //! live traffic (path and authority normalisation, intent and task syntax).
 
 use super::path::{normalize, normalize_authority};
-use super::mcp::McpCall;
 use super::{Policy, PolicyConfig, PolicyDecision, PolicyInput, SignedIntent};
 use crate::delegation::context::TxnContext;
 use crate::delegation::judge::{self, Judgement};
@@ -174,11 +173,48 @@ impl CaseMcp {
         serde_json::Value::Object(m)
     }
 
-    /// The call as the filter reads it from the body (the same strict parser).
-    pub fn call(&self) -> Result<McpCall<'static>, Reason> {
-        let body = self.body().to_string();
-        crate::mcp::jsonrpc::parse(body.as_bytes()).map(|m| m.into_owned_call()).map_err(|e| e.reason)
+    /// The JSON-RPC message as text: what a client would send, for the filter's own parser.
+    pub fn message(&self) -> String {
+        self.body().to_string()
     }
+}
+
+/// The JSON-RPC request text of a described MCP call (id 1, none for a notification), for the
+/// filter's own strict parser, which judges it as it would a body. `arguments` is spliced in as
+/// sent, so it must be exactly one JSON value (`None` otherwise): text around it could rewrite
+/// the message (`{}, "name": "other"`). The parser then checks it (an object, strict JSON).
+pub fn mcp_message(method: &str, name: Option<&str>, uri: Option<&str>, arguments: Option<&str>) -> Option<String> {
+    let raw = match arguments {
+        None => None,
+        Some(text) => Some(serde_json::from_str::<&serde_json::value::RawValue>(text).ok()?.get()),
+    };
+    let quoted = |s: &str| serde_json::to_string(s).ok();
+    let mut m = String::with_capacity(64 + method.len() + name.map_or(0, str::len) + uri.map_or(0, str::len) + raw.map_or(0, str::len));
+    m.push_str(r#"{"jsonrpc":"2.0","#);
+    if !method.starts_with("notifications/") {
+        m.push_str(r#""id":1,"#);
+    }
+    m.push_str(r#""method":"#);
+    m.push_str(&quoted(method)?);
+    let members = [("name", name.map(quoted)), ("uri", uri.map(quoted)), ("arguments", raw.map(|r| Some(r.to_string())))];
+    if members.iter().any(|(_, v)| v.is_some()) {
+        m.push_str(r#","params":{"#);
+        let mut first = true;
+        for (key, value) in members {
+            let Some(value) = value else { continue };
+            if !first {
+                m.push(',');
+            }
+            first = false;
+            m.push('"');
+            m.push_str(key);
+            m.push_str(r#"":"#);
+            m.push_str(&value?);
+        }
+        m.push('}');
+    }
+    m.push('}');
+    Some(m)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -266,11 +302,24 @@ pub fn with_input<T>(
     signed: &mut Option<SignedIntent>,
     f: impl FnOnce(&PolicyInput<'_>, Option<&TxnToken>) -> T,
 ) -> Result<Result<T, Reason>, String> {
+    let message = r.mcp.as_ref().map(CaseMcp::message);
+    with_input_message(policy, r, message.as_deref(), signed, f)
+}
+
+/// [`with_input`] with the MCP call given as its JSON-RPC text (`r.mcp` is not read): the
+/// filter's body parser reads it, and the policy judges its arguments in place, as sent.
+pub fn with_input_message<T>(
+    policy: &Policy,
+    r: &CaseRequest,
+    mcp_message: Option<&str>,
+    signed: &mut Option<SignedIntent>,
+    f: impl FnOnce(&PolicyInput<'_>, Option<&TxnToken>) -> T,
+) -> Result<Result<T, Reason>, String> {
     let now = parse_time(&r.time).ok_or_else(|| format!("bad time `{}`", r.time))?;
-    let call = match r.mcp.as_ref().map(CaseMcp::call) {
+    let call = match mcp_message.map(|m| crate::mcp::jsonrpc::parse(m.as_bytes())) {
         None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(reason)) => return Ok(Err(reason)),
+        Some(Ok(m)) => Some(m.into_call()),
+        Some(Err(e)) => return Ok(Err(e.reason)),
     };
     // An MCP call is a POST (the default method, GET, becomes POST).
     let method = if call.is_some() && r.method == "GET" { "POST" } else { r.method.as_str() };
