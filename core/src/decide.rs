@@ -223,11 +223,13 @@ impl Decider {
     }
 
     fn judge(&mut self, req: &DecideRequest, d: &mut Decision) -> Result<PolicyDecision, Reason> {
+        let verified;
         let who = match &req.caller {
-            Caller::Verified(c) => c.clone(),
+            Caller::Verified(c) => c,
             Caller::Token(t) => {
                 d.identity_checked = true;
-                self.verify(t, req.now)?
+                verified = self.verify(t, req.now)?;
+                &verified
             }
         };
         d.identity = Some(Rc::new(Identity {
@@ -253,32 +255,31 @@ impl Decider {
             // As the filter: without a policy every request is denied.
             return Err(Reason::NoRuleMatched);
         };
-        let case = CaseRequest {
-            principal: who.principal.clone(),
-            token_lifetime_s: None,
-            iat: who.issued_at,
-            exp: Some(who.expires_at),
-            intent: req.intent.clone(),
-            task: req.task.clone(),
-            signed_intent,
-            method: req.method.clone(),
-            authority: req.authority.clone(),
-            path: req.path.clone(),
-            time: req.now.to_string(),
-            environment: req.environment.clone(),
-            standing_secret: req.standing_secret,
-            minter: Some(self.config.minter.is_some()),
-            // Given to the parser as text below, not as a case's call.
-            mcp: None,
-            delegation: req.delegation.clone(),
-        };
         let message = match req.mcp.as_ref().map(McpRequest::message) {
             None => None,
             Some(Some(m)) => Some(m),
             Some(None) => return Err(Reason::McpMalformed),
         };
+        let described = cases::Described {
+            principal: &who.principal,
+            token_lifetime_s: None,
+            iat: who.issued_at,
+            exp: Some(who.expires_at),
+            intent: req.intent.as_deref(),
+            task: req.task.as_deref(),
+            signed_intent: signed_intent.as_ref(),
+            method: &req.method,
+            authority: &req.authority,
+            path: &req.path,
+            now: req.now,
+            environment: req.environment.as_deref(),
+            standing_secret: req.standing_secret,
+            minter: self.config.minter.is_some(),
+            mcp_message: message.as_deref(),
+            delegation: req.delegation.as_ref(),
+        };
         let mut signed = None;
-        let judged = cases::with_input_message(policy, &case, message.as_deref(), &mut signed, |input, txn| {
+        cases::with_described(policy, &described, &mut signed, |input, txn| {
             d.intent = input.intent.map(Rc::from);
             d.task = input.task.map(Rc::from);
             d.intent_signed = input.signed_intent.is_some_and(|s| !s.from_txn_token);
@@ -294,13 +295,7 @@ impl Decider {
                 Some(t) => cases::apply_delegation(policy, t, input, pd).0,
                 None => pd,
             }
-        });
-        match judged {
-            Ok(Ok(pd)) => Ok(pd),
-            Ok(Err(reason)) => Err(reason),
-            // Only a bad time fails here, and `now` is a number: still, fail closed.
-            Err(_) => Err(Reason::InternalError),
-        }
+        })
     }
 }
 

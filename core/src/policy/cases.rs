@@ -104,9 +104,9 @@ pub struct CaseDelegation {
 impl CaseDelegation {
     /// The token as the filter would hold it once verified (`tctx` read by the same strict
     /// reader: `Err` is `delegation_token_invalid`).
-    pub fn token(&self, policy: &Policy, r: &CaseRequest, iat: u64, exp: u64) -> Result<TxnToken, Reason> {
-        let intent = self.intent.clone().or_else(|| r.intent.clone()).unwrap_or_default();
-        let task = self.task.clone().or_else(|| r.task.clone()).unwrap_or_else(|| "case-task".into());
+    pub fn token(&self, policy: &Policy, intent: Option<&str>, task: Option<&str>, iat: u64, exp: u64) -> Result<TxnToken, Reason> {
+        let intent = self.intent.as_deref().or(intent).unwrap_or_default().to_string();
+        let task = self.task.as_deref().or(task).unwrap_or("case-task").to_string();
         let mut tctx = serde_json::Map::new();
         tctx.insert("task".into(), task.into());
         tctx.insert("intent".into(), intent.clone().into());
@@ -302,42 +302,85 @@ pub fn with_input<T>(
     signed: &mut Option<SignedIntent>,
     f: impl FnOnce(&PolicyInput<'_>, Option<&TxnToken>) -> T,
 ) -> Result<Result<T, Reason>, String> {
+    let now = parse_time(&r.time).ok_or_else(|| format!("bad time `{}`", r.time))?;
     let message = r.mcp.as_ref().map(CaseMcp::message);
-    with_input_message(policy, r, message.as_deref(), signed, f)
+    let view = Described {
+        principal: &r.principal,
+        token_lifetime_s: r.token_lifetime_s,
+        iat: r.iat,
+        exp: r.exp,
+        intent: r.intent.as_deref(),
+        task: r.task.as_deref(),
+        signed_intent: r.signed_intent.as_ref(),
+        method: &r.method,
+        authority: &r.authority,
+        path: &r.path,
+        now,
+        environment: r.environment.as_deref(),
+        standing_secret: r.standing_secret,
+        minter: r.minter.unwrap_or(false),
+        mcp_message: message.as_deref(),
+        delegation: r.delegation.as_ref(),
+    };
+    Ok(with_described(policy, &view, signed, f))
 }
 
-/// [`with_input`] with the MCP call given as its JSON-RPC text (`r.mcp` is not read): the
-/// filter's body parser reads it, and the policy judges its arguments in place, as sent.
-pub fn with_input_message<T>(
+/// A request described, borrowed: what [`with_described`] reads (a case, or the embedded
+/// face's request, without copying either).
+#[derive(Debug, Clone, Copy)]
+pub struct Described<'a> {
+    pub principal: &'a str,
+    /// Token lifetime when `iat`/`exp` are not given (default 300 s).
+    pub token_lifetime_s: Option<u64>,
+    pub iat: Option<u64>,
+    pub exp: Option<u64>,
+    pub intent: Option<&'a str>,
+    pub task: Option<&'a str>,
+    pub signed_intent: Option<&'a CaseSignedIntent>,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    /// Unix seconds.
+    pub now: u64,
+    pub environment: Option<&'a str>,
+    pub standing_secret: bool,
+    pub minter: bool,
+    /// The MCP call as its JSON-RPC text: the filter's body parser reads it, and the policy
+    /// judges its arguments in place, as sent.
+    pub mcp_message: Option<&'a str>,
+    pub delegation: Option<&'a CaseDelegation>,
+}
+
+/// [`with_input`] for a borrowed description.
+pub fn with_described<T>(
     policy: &Policy,
-    r: &CaseRequest,
-    mcp_message: Option<&str>,
+    r: &Described<'_>,
     signed: &mut Option<SignedIntent>,
     f: impl FnOnce(&PolicyInput<'_>, Option<&TxnToken>) -> T,
-) -> Result<Result<T, Reason>, String> {
-    let now = parse_time(&r.time).ok_or_else(|| format!("bad time `{}`", r.time))?;
-    let call = match mcp_message.map(|m| crate::mcp::jsonrpc::parse(m.as_bytes())) {
+) -> Result<T, Reason> {
+    let now = r.now;
+    let call = match r.mcp_message.map(|m| crate::mcp::jsonrpc::parse(m.as_bytes())) {
         None => None,
         Some(Ok(m)) => Some(m.into_call()),
-        Some(Err(e)) => return Ok(Err(e.reason)),
+        Some(Err(e)) => return Err(e.reason),
     };
     // An MCP call is a POST (the default method, GET, becomes POST).
-    let method = if call.is_some() && r.method == "GET" { "POST" } else { r.method.as_str() };
+    let method = if call.is_some() && r.method == "GET" { "POST" } else { r.method };
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Ok(Err(Reason::MethodInvalid));
+        return Err(Reason::MethodInvalid);
     }
-    if let Some(i) = &r.intent {
+    if let Some(i) = r.intent {
         if !valid_name(i, b"._-") {
-            return Ok(Err(Reason::IntentMalformed));
+            return Err(Reason::IntentMalformed);
         }
     }
-    if let Some(t) = &r.task {
+    if let Some(t) = r.task {
         if !(1..=128).contains(&t.len()) || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
-            return Ok(Err(Reason::TaskMalformed));
+            return Err(Reason::TaskMalformed);
         }
     }
-    let Ok(path) = normalize(r.path.as_bytes()) else { return Ok(Err(Reason::PathAmbiguous)) };
-    let Some(authority) = normalize_authority(r.authority.as_bytes()) else { return Ok(Err(Reason::AuthorityInvalid)) };
+    let Ok(path) = normalize(r.path.as_bytes()) else { return Err(Reason::PathAmbiguous) };
+    let Some(authority) = normalize_authority(r.authority.as_bytes()) else { return Err(Reason::AuthorityInvalid) };
     let (iat, exp) = match (r.iat, r.exp) {
         (Some(i), Some(e)) => (Some(i), e),
         (i, Some(e)) => (i, e),
@@ -346,32 +389,27 @@ pub fn with_input_message<T>(
             (Some(iat), iat + r.token_lifetime_s.unwrap_or(300))
         }
     };
-    *signed = r.signed_intent.as_ref().map(|s| SignedIntent { intents: s.intents.clone(), task: s.task.clone(), exp: now + 300, from_txn_token: false });
+    *signed = r.signed_intent.map(|s| SignedIntent { intents: s.intents.clone(), task: s.task.clone(), exp: now + 300, from_txn_token: false });
     // As live traffic: a task in the signed token binds the request to it.
-    if let (Some(st), Some(ht)) = (signed.as_ref().and_then(|s| s.task.as_deref()), r.task.as_deref()) {
+    if let (Some(st), Some(ht)) = (signed.as_ref().and_then(|s| s.task.as_deref()), r.task) {
         if st != ht {
-            return Ok(Err(Reason::IntentTokenInvalid));
+            return Err(Reason::IntentTokenInvalid);
         }
     }
-    let mut task = r.task.clone().or_else(|| signed.as_ref().and_then(|s| s.task.clone()));
+    let mut task = r.task.map(str::to_string).or_else(|| signed.as_ref().and_then(|s| s.task.clone()));
     // The policy's configured environment applies unless the case names one (as node metadata would).
-    let environment = r.environment.clone().or_else(|| policy.environment.clone());
-    let intent = r.intent.clone().or_else(|| match signed.as_ref().map(|s| s.intents.as_slice()) {
+    let environment = r.environment.or(policy.environment.as_deref());
+    let intent = r.intent.map(str::to_string).or_else(|| match signed.as_ref().map(|s| s.intents.as_slice()) {
         Some([only]) => Some(only.clone()),
         _ => None,
     });
     // Delegation: the filter's steps 2 and 3 (the chain, the context), as live traffic.
-    let txn = match &r.delegation {
+    let txn = match r.delegation {
         None => None,
         Some(cd) => {
-            let t = match cd.token(policy, r, iat.unwrap_or(now), exp) {
-                Ok(t) => t,
-                Err(reason) => return Ok(Err(reason)),
-            };
+            let t = cd.token(policy, r.intent, r.task, iat.unwrap_or(now), exp)?;
             let cap = policy.max_delegations.unwrap_or(crate::delegation::DEFAULT_MAX_DELEGATIONS);
-            if let Err(reason) = judge::check_chain(&t, &r.principal, cap).and_then(|()| judge::check_context(&t, intent.as_deref(), task.as_deref())) {
-                return Ok(Err(reason));
-            }
+            judge::check_chain(&t, r.principal, cap).and_then(|()| judge::check_context(&t, intent.as_deref(), task.as_deref()))?;
             task = Some(t.ctx.task.clone());
             if signed.is_none() {
                 *signed = Some(t.vouched_intent());
@@ -380,7 +418,7 @@ pub fn with_input_message<T>(
         }
     };
     let input = PolicyInput {
-        principal: &r.principal,
+        principal: r.principal,
         iat,
         exp,
         intent: intent.as_deref(),
@@ -390,12 +428,12 @@ pub fn with_input_message<T>(
         authority: &authority,
         path: &path.path,
         now,
-        environment: environment.as_deref(),
+        environment,
         standing_secret: r.standing_secret,
-        minter: r.minter.unwrap_or(false),
+        minter: r.minter,
         mcp: call.as_ref(),
     };
-    Ok(Ok(f(&input, txn.as_ref())))
+    Ok(f(&input, txn.as_ref()))
 }
 
 /// Delegation steps 5 to 7 over the caller's decision: a refusal denies with its reason (the
