@@ -2,6 +2,7 @@
 
 use mandate_core::mcp::jsonrpc::{parse, pointer, strict_value};
 use mandate_core::mcp::{error_body, filter_tools_list, filter_tools_list_sse};
+use mandate_core::policy::cases::mcp_message;
 use mandate_core::reason::Reason;
 use serde_json::Value;
 
@@ -51,6 +52,7 @@ pub fn mcp_jsonrpc(data: &[u8]) {
             assert!(serde_json::from_str::<Value>(&body).is_ok(), "error body is not JSON");
         }
     }
+    described_call(data);
     if let Ok(out) = filter_tools_list(data, allowed) {
         let v: Value = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("filtered tools/list is not JSON: {e}"));
         assert!(tools_of(&v).iter().all(|t| allowed(t)), "a refused tool passed the filter");
@@ -63,6 +65,29 @@ pub fn mcp_jsonrpc(data: &[u8]) {
                     assert!(tools_of(&v).iter().all(|t| allowed(t)), "a refused tool passed the SSE filter");
                 }
             }
+        }
+    }
+}
+
+/// The same bytes as the parts of a described call (the embedded face's `decide`): whatever the
+/// text, the message the core writes around it reads back as that call or not at all; as
+/// arguments it never adds a member (another `name`, another `method`), as a name or URI it
+/// stays one string.
+fn described_call(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Some(msg) = mcp_message("tools/call", Some("get_ticket"), None, Some(text)) {
+        if let Ok(m) = parse(msg.as_bytes()) {
+            assert_eq!((m.method.as_str(), m.name.as_deref(), m.uri.as_deref(), m.id.clone()), ("tools/call", Some("get_ticket"), None, Some(Value::from(1))), "arguments text rewrote the message: {msg}");
+            let args = strict_value(text).unwrap_or_else(|e| panic!("accepted arguments the strict reader refuses: {e}"));
+            assert_eq!(args.as_object(), m.arguments_map().as_ref(), "arguments are not the text's");
+        }
+    }
+    if let Some(msg) = mcp_message("resources/read", Some(text), Some(text), None) {
+        if let Ok(m) = parse(msg.as_bytes()) {
+            assert_eq!(m.method, "resources/read", "a name or URI rewrote the method: {msg}");
+            assert!(m.arguments.is_none(), "a name or URI added arguments: {msg}");
+            assert!(m.name.as_deref().is_none_or(|n| n == text), "the name is not the text: {msg}");
+            assert_eq!(m.uri.as_deref(), Some(text), "the URI is not the text: {msg}");
         }
     }
 }
