@@ -180,41 +180,35 @@ impl CaseMcp {
 }
 
 /// The JSON-RPC request text of a described MCP call (id 1, none for a notification), for the
-/// filter's own strict parser, which judges it as it would a body. `arguments` is spliced in as
+/// filter's own strict parser, which judges it as it would a body. `arguments` is written as
 /// sent, so it must be exactly one JSON value (`None` otherwise): text around it could rewrite
 /// the message (`{}, "name": "other"`). The parser then checks it (an object, strict JSON).
 pub fn mcp_message(method: &str, name: Option<&str>, uri: Option<&str>, arguments: Option<&str>) -> Option<String> {
-    let raw = match arguments {
+    #[derive(Serialize)]
+    struct Message<'a> {
+        jsonrpc: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u8>,
+        method: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        params: Option<Params<'a>>,
+    }
+    #[derive(Serialize)]
+    struct Params<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        uri: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        arguments: Option<&'a serde_json::value::RawValue>,
+    }
+    let arguments = match arguments {
         None => None,
-        Some(text) => Some(serde_json::from_str::<&serde_json::value::RawValue>(text).ok()?.get()),
+        Some(text) => Some(serde_json::from_str::<&serde_json::value::RawValue>(text).ok()?),
     };
-    let quoted = |s: &str| serde_json::to_string(s).ok();
-    let mut m = String::with_capacity(64 + method.len() + name.map_or(0, str::len) + uri.map_or(0, str::len) + raw.map_or(0, str::len));
-    m.push_str(r#"{"jsonrpc":"2.0","#);
-    if !method.starts_with("notifications/") {
-        m.push_str(r#""id":1,"#);
-    }
-    m.push_str(r#""method":"#);
-    m.push_str(&quoted(method)?);
-    let members = [("name", name.map(quoted)), ("uri", uri.map(quoted)), ("arguments", raw.map(|r| Some(r.to_string())))];
-    if members.iter().any(|(_, v)| v.is_some()) {
-        m.push_str(r#","params":{"#);
-        let mut first = true;
-        for (key, value) in members {
-            let Some(value) = value else { continue };
-            if !first {
-                m.push(',');
-            }
-            first = false;
-            m.push('"');
-            m.push_str(key);
-            m.push_str(r#"":"#);
-            m.push_str(&value?);
-        }
-        m.push('}');
-    }
-    m.push('}');
-    Some(m)
+    let params = (name.is_some() || uri.is_some() || arguments.is_some()).then_some(Params { name, uri, arguments });
+    let id = (!method.starts_with("notifications/")).then_some(1);
+    serde_json::to_string(&Message { jsonrpc: "2.0", id, method, params }).ok()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -252,14 +246,15 @@ pub struct CaseResult {
 
 /// Parses `YYYY-MM-DDTHH:MM:SSZ` (UTC only) or Unix seconds.
 pub fn parse_time(s: &str) -> Option<u64> {
-    if let Ok(n) = s.parse::<u64>() {
+    if let Some(n) = Some(s).filter(|s| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).and_then(|s| s.parse::<u64>().ok()) {
         return Some(n);
     }
     let b = s.as_bytes();
     if b.len() != 20 || b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || b.get(10) != Some(&b'T') || b.get(19) != Some(&b'Z') {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<i64>().ok());
+    // Digits only: `parse` alone would take a sign (`2027-+1-01`).
+    let num = |r: std::ops::Range<usize>| s.get(r).filter(|x| x.bytes().all(|c| c.is_ascii_digit())).and_then(|x| x.parse::<i64>().ok());
     let (y, m, d, hh, mm, ss) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
     let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
     let month_days = match m {
@@ -575,6 +570,11 @@ mod tests {
         assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
         // Days a month does not have are refused, not rolled over.
         assert_eq!(parse_time("2027-02-29T00:00:00Z"), None);
+        // Signs are not digits (`str::parse` would take them).
+        assert_eq!(parse_time("2027-+1-01T00:00:00Z"), None);
+        assert_eq!(parse_time("+202-11-25T00:00:00Z"), None);
+        assert_eq!(parse_time("+1795564800"), None);
+        assert_eq!(parse_time(""), None);
         assert_eq!(parse_time("2027-04-31T00:00:00Z"), None);
         assert_eq!(parse_time("1900-02-29T00:00:00Z"), None, "1900 was not a leap year");
         assert!(parse_time("2028-02-29T00:00:00Z").is_some());

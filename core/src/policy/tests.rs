@@ -404,6 +404,7 @@ fn bad_owner_and_review_date_are_refused_naming_the_field() {
         ("review_by", json!("2027-13-01"), "policy.classes[0].review_by"),
         ("review_by", json!("2027-02-30"), "policy.classes[0].review_by"),
         ("review_by", json!("1700000000"), "policy.classes[0].review_by"),
+        ("review_by", json!("2027-+1-01"), "policy.classes[0].review_by"),
         ("review_by", json!("27-01-01"), "policy.classes[0].review_by"),
         ("review_by", json!("2027-01-01T00:00:00Z"), "policy.classes[0].review_by"),
     ] {
